@@ -1,0 +1,108 @@
+"""Settings, read from the environment with the ``TESSERA_`` prefix.
+
+The embedded default needs nothing: a data folder in the working directory holding a SQLite
+database (WAL mode) and the content-addressed image store. Production must say where its
+database is and give a secret key; a missing key is refused there rather than generated,
+because several workers behind a load balancer must share one key.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SECRET_FILE_NAME = "secret_key"
+MIN_SECRET_LENGTH = 32
+
+
+class SettingsError(RuntimeError):
+    """The settings cannot work as given; the message says what to change."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TESSERA_", env_file=None, extra="ignore")
+
+    environment: Literal["development", "test", "production"] = "development"
+    data_dir: Path = Field(default=Path("tessera-data"), description="images, masks, models")
+    database_url: str = Field(default="", description="empty: SQLite file in the data folder")
+    secret_key: str = Field(default="", repr=False)
+
+    # Import limits: a decompression bomb is refused before its pixels are decoded.
+    max_image_bytes: int = 50 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_image_side: int = 16_384
+    min_image_side: int = 16
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    @model_validator(mode="after")
+    def _production_needs_explicit_values(self) -> Settings:
+        if self.environment != "production":
+            return self
+        if not self.secret_key:
+            raise SettingsError(
+                "TESSERA_SECRET_KEY is required in production: generate one with "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(48))'` and share it "
+                "between all workers."
+            )
+        if len(self.secret_key) < MIN_SECRET_LENGTH:
+            raise SettingsError(
+                f"TESSERA_SECRET_KEY must be at least {MIN_SECRET_LENGTH} characters in production."
+            )
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'tessera.db').resolve()}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.resolved_database_url.startswith("sqlite")
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def masks_dir(self) -> Path:
+        return self.data_dir / "masks"
+
+    def ensure_dirs(self) -> None:
+        for path in (self.data_dir, self.images_dir, self.masks_dir):
+            path.mkdir(parents=True, exist_ok=True)
+
+    def resolved_secret_key(self) -> str:
+        """The signing key: given, or generated once into the data folder (not in production)."""
+        if self.secret_key:
+            return self.secret_key
+        self.ensure_dirs()
+        path = self.data_dir / SECRET_FILE_NAME
+        if path.exists():
+            return path.read_text(encoding="utf-8").strip()
+        key = secrets.token_urlsafe(48)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(key)
+        try:
+            # link() fails if another process won the race; then its key is the key.
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path.read_text(encoding="utf-8").strip()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,48 @@
+"""The FastAPI application: ``create_app(settings)``."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from app.api import api_router
+from app.api import health as health_api
+from app.config import Settings, get_settings
+from app.db import engine_for, make_session_factory
+from app.pages import FRONTEND_DIR
+from app.pages import home as home_pages
+from app.services.errors import ConflictError, InvalidInputError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+
+def _error_handlers(app: FastAPI) -> None:
+    statuses = {NotFoundError: 404, ConflictError: 409, InvalidInputError: 422}
+    for exc_type, status in statuses.items():
+
+        def handler(_request: Request, exc: Exception, status: int = status) -> JSONResponse:
+            return JSONResponse(status_code=status, content={"detail": str(exc)})
+
+        app.add_exception_handler(exc_type, handler)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    engine = engine_for(settings)
+    app = FastAPI(
+        title="Tessera",
+        summary="Turn tagged images into segmentation masks with a crowd in the loop.",
+        version="0.1.0",
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = make_session_factory(engine)
+    _error_handlers(app)
+    app.include_router(health_api.router)
+    app.include_router(api_router)
+    app.include_router(home_pages.router)
+    app.mount("/static", StaticFiles(directory=FRONTEND_DIR / "static"), name="static")
+    return app

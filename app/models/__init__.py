@@ -1,0 +1,53 @@
+"""The tables, one module per domain word. Importing this package registers them all."""
+
+from app.models.consensus import Consensus, MaskSource, MaskVersion
+from app.models.image import Image, ImageTag, ImageTagSource, ImageTagStatus
+from app.models.model_version import Job, JobStatus, ModelKind, ModelVersion
+from app.models.project import DEFAULT_PROJECT_SETTINGS, Project
+from app.models.tag import Tag, TagAlias, TagCategory
+from app.models.target import (
+    Cell,
+    CellStatus,
+    RetireReason,
+    Target,
+    TargetState,
+    Window,
+    WindowState,
+)
+from app.models.task import Gold, GoldSource, Task, TaskKind, TaskState, TaskTile, Vote
+from app.models.volunteer import Credibility, Volunteer
+
+__all__ = [
+    "DEFAULT_PROJECT_SETTINGS",
+    "Cell",
+    "CellStatus",
+    "Consensus",
+    "Credibility",
+    "Gold",
+    "GoldSource",
+    "Image",
+    "ImageTag",
+    "ImageTagSource",
+    "ImageTagStatus",
+    "Job",
+    "JobStatus",
+    "MaskSource",
+    "MaskVersion",
+    "ModelKind",
+    "ModelVersion",
+    "Project",
+    "RetireReason",
+    "Tag",
+    "TagAlias",
+    "TagCategory",
+    "Target",
+    "TargetState",
+    "Task",
+    "TaskKind",
+    "TaskState",
+    "TaskTile",
+    "Volunteer",
+    "Vote",
+    "Window",
+    "WindowState",
+]

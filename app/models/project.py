@@ -1,0 +1,38 @@
+"""A project: a set of images, a tag vocabulary and the campaign settings."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db import Base, utcnow
+
+DEFAULT_PROJECT_SETTINGS: dict[str, Any] = {
+    # How deep the grid pyramid may go, and the smallest cell worth asking about.
+    "max_level": 3,
+    "min_cell_px": 12,
+    # Votes per cell before it is retired as uncertain, and the confidence to retire early.
+    "vote_budget": 7,
+    "retire_confidence": 0.95,
+    # Share of tiles that are known (gold), and the reCAPTCHA-style mosaic mix.
+    "gold_rate": 0.15,
+    "mosaic_mix": {"known_true": 3, "known_false": 5, "unknown": 1},
+    "lease_seconds": 300,
+}
+
+
+class Project(Base):
+    __tablename__ = "projects"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    slug: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(Text, default="")
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def setting(self, key: str) -> Any:
+        return {**DEFAULT_PROJECT_SETTINGS, **(self.settings or {})}[key]

@@ -1,0 +1,58 @@
+"""Tags: a label with a category, an optional parent and aliases that resolve to it."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import Float, ForeignKey, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app.db import Base, utcnow
+from app.models._types import str_enum
+
+
+class TagCategory(enum.StrEnum):
+    GENERAL = "general"
+    CHARACTER = "character"
+    ATTRIBUTE = "attribute"
+    COPYRIGHT = "copyright"
+    ARTIST = "artist"
+    META = "meta"
+
+
+class Tag(Base):
+    __tablename__ = "tags"
+    __table_args__ = (UniqueConstraint("project_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(128))
+    display_name: Mapped[str] = mapped_column(String(128))
+    category: Mapped[TagCategory] = mapped_column(
+        str_enum(TagCategory), default=TagCategory.GENERAL
+    )
+    parent_id: Mapped[int | None] = mapped_column(
+        ForeignKey("tags.id", ondelete="SET NULL"), index=True
+    )
+    description: Mapped[str] = mapped_column(Text, default="")
+    # Campaign priority of the tag (project setting per tag); targets inherit it.
+    priority: Mapped[float] = mapped_column(Float, default=1.0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    parent: Mapped[Tag | None] = relationship(remote_side="Tag.id")
+    aliases: Mapped[list[TagAlias]] = relationship(
+        back_populates="tag", cascade="all, delete-orphan"
+    )
+
+
+class TagAlias(Base):
+    __tablename__ = "tag_aliases"
+    __table_args__ = (UniqueConstraint("project_id", "alias"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    alias: Mapped[str] = mapped_column(String(128))
+    tag_id: Mapped[int] = mapped_column(ForeignKey("tags.id", ondelete="CASCADE"), index=True)
+
+    tag: Mapped[Tag] = relationship(back_populates="aliases")

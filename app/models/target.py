@@ -1,0 +1,115 @@
+"""Targets (one image x tag to segment), their pyramid cells and the windows that ask about them.
+
+A cell of level k is one of the 3^k x 3^k squares of the image; a window is a cell of level k-1
+shown as its nine children. Cells hold the hot state the task picker filters on; the posterior
+itself lives in ``consensus``.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import (
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    SmallInteger,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app.db import Base, utcnow
+from app.models._types import str_enum
+
+
+class TargetState(enum.StrEnum):
+    SEEDED = "seeded"
+    COLLECTING = "collecting"
+    COMPLETE = "complete"
+    TRIAGE = "triage"
+
+
+class Target(Base):
+    __tablename__ = "targets"
+    __table_args__ = (
+        UniqueConstraint("image_id", "tag_id"),
+        # The picker walks a project's open targets by priority.
+        Index("ix_targets_project_state_priority", "project_id", "state", "priority"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    tag_id: Mapped[int] = mapped_column(ForeignKey("tags.id", ondelete="CASCADE"), index=True)
+    state: Mapped[TargetState] = mapped_column(str_enum(TargetState), default=TargetState.SEEDED)
+    priority: Mapped[float] = mapped_column(Float, default=1.0)
+    triage_reason: Mapped[str | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    cells: Mapped[list[Cell]] = relationship(back_populates="target", cascade="all")
+
+
+class CellStatus(enum.StrEnum):
+    OPEN = "open"
+    RETIRED = "retired"
+
+
+class RetireReason(enum.StrEnum):
+    CONFIDENT = "confident"
+    BUDGET = "budget"
+    GOLD = "gold"
+    MODEL = "model"
+    CURATOR = "curator"
+
+
+class Cell(Base):
+    __tablename__ = "cells"
+    __table_args__ = (
+        UniqueConstraint("target_id", "level", "row", "col"),
+        Index("ix_cells_target_status", "target_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    target_id: Mapped[int] = mapped_column(ForeignKey("targets.id", ondelete="CASCADE"))
+    level: Mapped[int] = mapped_column(SmallInteger)
+    row: Mapped[int] = mapped_column(Integer)
+    col: Mapped[int] = mapped_column(Integer)
+    # Prior log-odds that the cell shows the tag: flat, then CAM, then the model.
+    prior_logodds: Mapped[float] = mapped_column(Float, default=0.0)
+    status: Mapped[CellStatus] = mapped_column(str_enum(CellStatus), default=CellStatus.OPEN)
+    retire_reason: Mapped[RetireReason | None] = mapped_column(str_enum(RetireReason))
+    uncertain: Mapped[bool] = mapped_column(Boolean, default=False)
+    retired_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    target: Mapped[Target] = relationship(back_populates="cells")
+
+
+class WindowState(enum.StrEnum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class Window(Base):
+    __tablename__ = "windows"
+    __table_args__ = (
+        UniqueConstraint("target_id", "level", "row", "col"),
+        # The picker's hot path: the most valuable open, unleased windows first.
+        Index("ix_windows_state_value", "state", "value"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    target_id: Mapped[int] = mapped_column(ForeignKey("targets.id", ondelete="CASCADE"), index=True)
+    # The parent cell's address; level 0 is the whole image, its children are level 1.
+    level: Mapped[int] = mapped_column(SmallInteger)
+    row: Mapped[int] = mapped_column(Integer)
+    col: Mapped[int] = mapped_column(Integer)
+    state: Mapped[WindowState] = mapped_column(str_enum(WindowState), default=WindowState.OPEN)
+    # priority x uncertainty, kept up to date by the vote path.
+    value: Mapped[float] = mapped_column(Float, default=0.0)
+    leased_until: Mapped[datetime | None] = mapped_column(default=None)
+    opened_at: Mapped[datetime] = mapped_column(default=utcnow)
+    closed_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -1,0 +1,80 @@
+"""Projects: create, find, list with their counts."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.models import Image, Project, Tag, Target
+from app.services.errors import ConflictError, InvalidInputError, NotFoundError
+
+SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+
+
+def slugify(text: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:64]
+    return slug or "project"
+
+
+def find_project(session: Session, *, slug: str) -> Project | None:
+    return session.scalar(select(Project).where(Project.slug == slug))
+
+
+def get_project(session: Session, *, slug: str) -> Project:
+    project = find_project(session, slug=slug)
+    if project is None:
+        raise NotFoundError(f"no project {slug!r}; `tessera project list` shows the projects")
+    return project
+
+
+def create_project(
+    session: Session, *, slug: str, name: str | None = None, description: str = ""
+) -> Project:
+    if not SLUG_RE.match(slug):
+        raise InvalidInputError(
+            f"{slug!r} is not a valid project slug (lower-case letters, digits and '-')"
+        )
+    if find_project(session, slug=slug) is not None:
+        raise ConflictError(f"project {slug!r} already exists")
+    project = Project(slug=slug, name=name or slug, description=description, settings={})
+    session.add(project)
+    session.flush()
+    return project
+
+
+def get_or_create_project(session: Session, *, slug: str, name: str | None = None) -> Project:
+    return find_project(session, slug=slug) or create_project(session, slug=slug, name=name)
+
+
+@dataclass(frozen=True)
+class ProjectSummary:
+    slug: str
+    name: str
+    description: str
+    images: int
+    tags: int
+    targets: int
+
+
+def _counts(session: Session, model: type[Image] | type[Tag] | type[Target]) -> dict[int, int]:
+    rows = session.execute(select(model.project_id, func.count()).group_by(model.project_id))
+    return {project_id: count for project_id, count in rows}
+
+
+def list_project_summaries(session: Session) -> list[ProjectSummary]:
+    images, tags, targets = _counts(session, Image), _counts(session, Tag), _counts(session, Target)
+    projects = session.scalars(select(Project).order_by(Project.created_at, Project.id))
+    return [
+        ProjectSummary(
+            slug=p.slug,
+            name=p.name,
+            description=p.description,
+            images=images.get(p.id, 0),
+            tags=tags.get(p.id, 0),
+            targets=targets.get(p.id, 0),
+        )
+        for p in projects
+    ]

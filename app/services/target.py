@@ -1,0 +1,67 @@
+"""Targets: one (image, tag) to segment, and its versioned masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.models import Image, MaskSource, MaskVersion, Tag, Target, TargetState
+from app.storage import FileStore, encode_mask_png
+
+
+def find_target(session: Session, *, image: Image, tag: Tag) -> Target | None:
+    if image.id is None or tag.id is None:
+        return None
+    return session.scalar(
+        select(Target).where(Target.image_id == image.id, Target.tag_id == tag.id)
+    )
+
+
+def ensure_target(session: Session, *, image: Image, tag: Tag) -> tuple[Target, bool]:
+    """The target for (image, tag), created in the seeded state if new."""
+    session.flush()
+    target = find_target(session, image=image, tag=tag)
+    if target is not None:
+        return target, False
+    target = Target(
+        project_id=image.project_id,
+        image_id=image.id,
+        tag_id=tag.id,
+        state=TargetState.SEEDED,
+        priority=tag.priority,
+    )
+    session.add(target)
+    session.flush()
+    return target, True
+
+
+def add_mask_version(
+    session: Session,
+    *,
+    target: Target,
+    mask: np.ndarray,
+    source: MaskSource,
+    store: FileStore,
+    written: list[Path],
+) -> MaskVersion:
+    """Store a hard mask (H, W) bool as a new version of the target's mask."""
+    path, created = store.put(encode_mask_png(mask), "png")
+    if created:
+        written.append(path)
+    latest = session.scalar(
+        select(func.max(MaskVersion.version)).where(MaskVersion.target_id == target.id)
+    )
+    version = MaskVersion(
+        target_id=target.id,
+        version=(latest or 0) + 1,
+        source=source,
+        soft_path=None,
+        hard_path=str(path.relative_to(store.root.parent)),
+        area_fraction=float(mask.mean()),
+        meta={"height": int(mask.shape[0]), "width": int(mask.shape[1])},
+    )
+    session.add(version)
+    return version

@@ -1,0 +1,82 @@
+"""Migrations reach head on an empty database, and match the models exactly."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, inspect, make_url, text
+
+import app.models  # noqa: F401
+from app.db import Base, make_engine
+from app.migrate import current_revision, head_revision, is_at_head, upgrade_to_head
+
+
+@pytest.fixture
+def empty_engine(database_url: str, tmp_path: Path) -> Iterator[Engine]:
+    """A brand-new empty database of the same backend as the run's."""
+    if database_url.startswith("sqlite"):
+        engine = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")
+        yield engine
+        engine.dispose()
+        return
+    name = f"tessera_mig_{uuid.uuid4().hex[:8]}"
+    admin = make_engine(database_url).execution_options(isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine = make_engine(make_url(database_url).set(database=name).render_as_string(False))
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE "{name}"'))
+        admin.dispose()
+
+
+def test_upgrade_empty_database_to_head(empty_engine: Engine) -> None:
+    assert current_revision(empty_engine) is None
+    upgrade_to_head(empty_engine)
+    assert current_revision(empty_engine) == head_revision(str(empty_engine.url))
+    assert is_at_head(empty_engine)
+    tables = set(inspect(empty_engine).get_table_names())
+    assert set(Base.metadata.tables) <= tables
+
+
+def test_upgrade_is_idempotent(empty_engine: Engine) -> None:
+    upgrade_to_head(empty_engine)
+    upgrade_to_head(empty_engine)
+    assert is_at_head(empty_engine)
+
+
+def test_autogenerate_finds_no_difference(empty_engine: Engine) -> None:
+    upgrade_to_head(empty_engine)
+    with empty_engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        diff = compare_metadata(context, Base.metadata)
+    assert diff == []
+
+
+def test_only_one_active_model_version_per_kind(empty_engine: Engine) -> None:
+    upgrade_to_head(empty_engine)
+    with empty_engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO projects (slug, name, description, settings, created_at) "
+                "VALUES ('p', 'p', '', '{}', CURRENT_TIMESTAMP)"
+            )
+        )
+    insert = text(
+        "INSERT INTO model_versions (project_id, kind, version, path, config, data_snapshot, "
+        "metrics, active, created_at) VALUES (1, 'segmenter', :v, 'x', '{}', '{}', '{}', "
+        ":active, CURRENT_TIMESTAMP)"
+    )
+    with empty_engine.begin() as conn:
+        conn.execute(insert, {"v": 1, "active": True})
+        conn.execute(insert, {"v": 2, "active": False})
+    with pytest.raises(Exception, match=r"(?i)unique"), empty_engine.begin() as conn:
+        conn.execute(insert, {"v": 3, "active": True})

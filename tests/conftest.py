@@ -1,0 +1,66 @@
+"""Shared fixtures: one database per test run (SQLite by default, PostgreSQL when
+TESSERA_TEST_DATABASE_URL says so), migrated with Alembic, and a savepoint per test."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db import Base, make_engine
+from app.migrate import upgrade_to_head
+
+TEST_DATABASE_URL = os.environ.get("TESSERA_TEST_DATABASE_URL", "")
+
+
+def _reset(engine: Engine) -> None:
+    """Drop every table (ours and Alembic's) so the run starts from an empty database."""
+    import app.models  # noqa: F401
+
+    Base.metadata.drop_all(engine)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    if TEST_DATABASE_URL:
+        return TEST_DATABASE_URL
+    return f"sqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
+
+
+@pytest.fixture(scope="session")
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(database_url)
+    _reset(engine)
+    upgrade_to_head(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def session(engine: Engine) -> Iterator[Session]:
+    """A session whose commits land in a savepoint, rolled back after the test."""
+    with engine.connect() as conn:
+        outer = conn.begin()
+        session = Session(bind=conn, join_transaction_mode="create_savepoint")
+        try:
+            yield session
+        finally:
+            session.close()
+            outer.rollback()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    return Settings(
+        environment="test",
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        secret_key="test-secret-key-that-is-long-enough-for-anything",
+    )
