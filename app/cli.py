@@ -32,8 +32,8 @@ project_app = typer.Typer(help="Projects.")
 app.add_typer(db_app, name="db")
 app.add_typer(project_app, name="project")
 
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 EXIT_BAD_INPUT = 2
 DEMO_PROJECT = "demo"

@@ -1,0 +1,102 @@
+"""The `tessera` command in real processes, on the embedded default (SQLite in the data folder)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.builders import files_under, write_image
+
+TESSERA = [sys.executable, "-m", "app.cli"]
+
+
+def _env(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
+    env["TESSERA_DATA_DIR"] = str(data_dir)
+    return env
+
+
+def run(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*TESSERA, *args], env=_env(data_dir), capture_output=True, text=True, timeout=120
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_import_reports_and_names_bad_files(tmp_path: Path) -> None:
+    src = tmp_path / "pets"
+    write_image(src / "a.png", seed=1)
+    (src / "b.png").write_text("not an image")
+    (src / "tags.txt").write_text("a.png cat\nb.png dog\n")
+    result = run(tmp_path / "data", "import", str(src))
+    assert result.returncode == 0, result.stderr
+    assert "images added" in result.stdout and "1" in result.stdout
+    assert "skipped b.png: not an image" in result.stderr
+
+    listing = run(tmp_path / "data", "project", "list")
+    assert "pets" in listing.stdout
+
+
+def test_import_of_unknown_format_fails_with_exit_2_and_writes_nothing(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_image(src / "a.png")
+    (src / "labels.yaml").write_text("a.png: [cat]")
+    result = run(tmp_path / "data", "import", str(src), "--tags", str(src / "labels.yaml"))
+    assert result.returncode == 2
+    assert "unknown tag file format" in result.stderr and "nothing was imported" in result.stderr
+    assert files_under(tmp_path / "data" / "images") == []
+
+
+def test_import_of_missing_path_is_a_clear_error(tmp_path: Path) -> None:
+    result = run(tmp_path / "data", "import", str(tmp_path / "nope"))
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr
+
+
+def test_serve_upgrades_sqlite_by_itself_and_answers(tmp_path: Path) -> None:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [*TESSERA, "serve", "--port", str(port)],
+        env=_env(tmp_path / "data"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                break
+            except httpx.TransportError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    output = proc.stdout.read() if proc.stdout else "no output"
+                    raise AssertionError(output) from None
+                time.sleep(0.2)
+        assert response.json()["database"] == "sqlite"
+        assert "Tessera" in httpx.get(f"http://127.0.0.1:{port}/").text
+        assert (tmp_path / "data" / "tessera.db").exists()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_serve_in_production_without_secret_refuses(tmp_path: Path) -> None:
+    env = _env(tmp_path / "data") | {"TESSERA_ENVIRONMENT": "production"}
+    result = subprocess.run(
+        [*TESSERA, "serve"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "TESSERA_SECRET_KEY is required" in result.stderr
