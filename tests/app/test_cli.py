@@ -100,3 +100,28 @@ def test_serve_in_production_without_secret_refuses(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "TESSERA_SECRET_KEY is required" in result.stderr
+
+
+def test_demo_builds_a_project_with_ground_truth_once(tmp_path: Path) -> None:
+    from sqlalchemy import create_engine, text
+
+    data = tmp_path / "data"
+    first = run(data, "demo", "--no-serve", "--images", "6", "--seed", "3")
+    assert first.returncode == 0, first.stderr
+    assert "images added" in first.stdout
+
+    engine = create_engine(f"sqlite:///{data / 'tessera.db'}")
+    with engine.connect() as conn:
+        images = conn.execute(text("SELECT count(*) FROM images")).scalar_one()
+        targets = conn.execute(text("SELECT count(*) FROM targets")).scalar_one()
+        truths = conn.execute(
+            text("SELECT count(*) FROM mask_versions WHERE source = 'ground_truth'")
+        ).scalar_one()
+        parents = conn.execute(text("SELECT count(*) FROM tags WHERE parent_id IS NOT NULL"))
+        aliases = conn.execute(text("SELECT count(*) FROM tag_aliases")).scalar_one()
+        assert images == 6 and targets > 12 and truths == targets
+        assert parents.scalar_one() >= 5 and aliases >= 3
+    engine.dispose()
+
+    again = run(data, "demo", "--no-serve", "--images", "6", "--seed", "3")
+    assert again.returncode == 0 and "exists already" in again.stdout
