@@ -220,6 +220,32 @@ def demo(
         _serve(settings, host or settings.host, port or settings.port)
 
 
+@app.command("aggregate")
+def aggregate(
+    votes: Annotated[Path, typer.Argument(help="CSV worker,task,label or NPZ votes/masks")],
+    out: Annotated[Path, typer.Option(help="output .csv or .npz")],
+    gold: Annotated[Path | None, typer.Option(help="CSV task,label or NPZ gold")] = None,
+    prior: Annotated[Path | None, typer.Option(help="CSV task,prior or NPZ prior")] = None,
+    method: Annotated[str, typer.Option(help="majority_vote, weighted_majority or dawid_skene")] = (
+        "dawid_skene"
+    ),
+) -> None:
+    """Aggregate a file of votes offline: posteriors per item, credibility per worker."""
+    from ml.aggregation.io import AggregationInputError, aggregate_file
+
+    try:
+        summary = aggregate_file(votes, out=out, gold=gold, prior=prior, method=method)
+    except (AggregationInputError, KeyError, FileNotFoundError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise _fail(str(message)) from exc
+    kind = "masks" if summary.dense else "items"
+    console.print(
+        f"{summary.method}: {summary.n_votes:,} votes by {summary.n_workers:,} workers on "
+        f"{summary.n_items:,} {kind} ({summary.n_gold:,} gold), {summary.iterations} iterations"
+        f"{'' if summary.converged else ' (not converged)'} -> {summary.out}"
+    )
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

@@ -125,3 +125,26 @@ def test_demo_builds_a_project_with_ground_truth_once(tmp_path: Path) -> None:
 
     again = run(data, "demo", "--no-serve", "--images", "6", "--seed", "3")
     assert again.returncode == 0 and "exists already" in again.stdout
+
+
+def test_aggregate_command_writes_posteriors_and_names_bad_rows(tmp_path: Path) -> None:
+    votes = tmp_path / "votes.csv"
+    rows = ["worker,task,label"]
+    for worker in ("w1", "w2", "w3"):
+        rows += [f"{worker},t1,1", f"{worker},t2,0"]
+    votes.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out.csv"
+    result = run(tmp_path / "data", "aggregate", str(votes), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("task,posterior,label")
+    labels = {line.split(",")[0]: line.split(",")[2] for line in lines[1:]}
+    assert labels == {"t1": "1", "t2": "0"}
+
+    votes.write_text("worker,task,label\nw1,t1,maybe\n")
+    bad = run(tmp_path / "data", "aggregate", str(votes), "--out", str(out))
+    assert bad.returncode == 2 and "line 2" in bad.stderr and "maybe" in bad.stderr
+
+    votes.write_text("\n".join(rows) + "\n")
+    unknown = run(tmp_path / "data", "aggregate", str(votes), "--out", str(out), "--method", "x")
+    assert unknown.returncode == 2 and "dawid_skene" in unknown.stderr

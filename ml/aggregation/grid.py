@@ -1,0 +1,228 @@
+"""The grid pyramid: cell addresses, pixel rectangles, mask composition and cell coverage.
+
+Level ``k`` splits an image into ``3**k x 3**k`` cells, so cells follow the image's aspect
+ratio (a 300 x 900 image has 100 x 300 cells at level 1). Level 0 is the whole image. A window
+is one cell of level ``k - 1`` shown as its nine children of level ``k``.
+
+Pixel boundaries are integers, ``edge(i) = floor(i * size / 3**k)`` for ``i = 0 .. 3**k``. They
+partition the image exactly, and since ``edge_k(i) == edge_{k+1}(3 * i)`` the nine children of a
+cell tile their parent exactly, at any image size. When ``size < 3**k`` some cells are empty
+(zero pixels); their coverage is defined as 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+IntArray = npt.NDArray[np.int64]
+
+
+class Cell(NamedTuple):
+    """Address of one cell of the grid pyramid: level k, row and column in ``[0, 3**k)``."""
+
+    level: int
+    row: int
+    col: int
+
+
+class PixelRect(NamedTuple):
+    """Half-open pixel rectangle ``[top, bottom) x [left, right)``."""
+
+    top: int
+    left: int
+    bottom: int
+    right: int
+
+    @property
+    def height(self) -> int:
+        return self.bottom - self.top
+
+    @property
+    def width(self) -> int:
+        return self.right - self.left
+
+
+ROOT = Cell(0, 0, 0)
+
+
+def cells_per_side(level: int) -> int:
+    """Number of cells along each side at ``level`` (``3**level``)."""
+    if level < 0:
+        raise ValueError(f"level must be >= 0, got {level}")
+    return int(3**level)
+
+
+def check_cell(cell: Cell) -> None:
+    """Raise ValueError if ``cell`` is not a valid address."""
+    n = cells_per_side(cell.level)
+    if not (0 <= cell.row < n and 0 <= cell.col < n):
+        raise ValueError(f"cell {cell} out of range: row and col must be in [0, {n})")
+
+
+def edges(level: int, size: int) -> IntArray:
+    """Integer cell boundaries along one axis.
+
+    Args:
+        level: pyramid level k.
+        size: image size along the axis in pixels.
+
+    Returns:
+        ``(3**k + 1,)`` int64 array, ``floor(i * size / 3**k)``; first 0, last ``size``.
+    """
+    n = cells_per_side(level)
+    return (np.arange(n + 1, dtype=np.int64) * size) // n
+
+
+def cell_rect(cell: Cell, height: int, width: int) -> PixelRect:
+    """Pixel rectangle of ``cell`` in an image of ``height x width`` pixels."""
+    check_cell(cell)
+    n = cells_per_side(cell.level)
+    top, bottom = (cell.row * height) // n, ((cell.row + 1) * height) // n
+    left, right = (cell.col * width) // n, ((cell.col + 1) * width) // n
+    return PixelRect(top, left, bottom, right)
+
+
+def children(cell: Cell) -> tuple[Cell, ...]:
+    """The nine children of ``cell`` (its window), row-major."""
+    check_cell(cell)
+    level, r, c = cell.level + 1, 3 * cell.row, 3 * cell.col
+    return tuple(Cell(level, r + dr, c + dc) for dr in range(3) for dc in range(3))
+
+
+def parent(cell: Cell) -> Cell:
+    """The cell one level up that contains ``cell``; the root has no parent."""
+    check_cell(cell)
+    if cell.level == 0:
+        raise ValueError("the level-0 cell (the whole image) has no parent")
+    return Cell(cell.level - 1, cell.row // 3, cell.col // 3)
+
+
+def ancestor(cell: Cell, level: int) -> Cell:
+    """The cell at ``level`` (<= cell.level) that contains ``cell``."""
+    if not 0 <= level <= cell.level:
+        raise ValueError(f"ancestor level {level} must be in [0, {cell.level}]")
+    f = 3 ** (cell.level - level)
+    return Cell(level, cell.row // f, cell.col // f)
+
+
+def cell_arrays(cells: Sequence[Cell]) -> tuple[IntArray, IntArray, IntArray]:
+    """Split a sequence of cells into (levels, rows, cols) int64 arrays, validating each."""
+    arr = np.asarray(cells, dtype=np.int64).reshape(-1, 3)
+    levels, rows, cols = arr[:, 0], arr[:, 1], arr[:, 2]
+    if np.any(levels < 0):
+        raise ValueError("cell levels must be >= 0")
+    n = 3**levels
+    if np.any((rows < 0) | (rows >= n) | (cols < 0) | (cols >= n)):
+        raise ValueError("cell row/col out of range for its level")
+    return levels, rows, cols
+
+
+def _rects(cells: Sequence[Cell], height: int, width: int) -> tuple[IntArray, ...]:
+    levels, rows, cols = cell_arrays(cells)
+    n = 3**levels
+    top, bottom = (rows * height) // n, ((rows + 1) * height) // n
+    left, right = (cols * width) // n, ((cols + 1) * width) // n
+    return top, left, bottom, right
+
+
+def compose(
+    cells: Sequence[Cell],
+    probs: npt.ArrayLike,
+    height: int,
+    width: int,
+    *,
+    fill: float = 0.0,
+    threshold: float = 0.5,
+) -> tuple[npt.NDArray[np.float32], BoolArray]:
+    """Compose retired cells of mixed levels into a soft and a hard mask.
+
+    Finer cells are painted over coarser ones, so a refined cell's children override it.
+
+    Args:
+        cells: retired cells, any levels, any order.
+        probs: posterior probability of each cell.
+        height, width: output resolution (any, not necessarily the image's).
+        fill: soft value of pixels that no cell covers.
+        threshold: hard mask is ``soft >= threshold``.
+
+    Shape:
+        probs: ``(n_cells,)``; soft and hard: ``(height, width)``.
+
+    Returns:
+        ``(soft float32, hard bool)``.
+    """
+    p = np.asarray(probs, dtype=np.float32).reshape(-1)
+    if p.shape[0] != len(cells):
+        raise ValueError(f"got {len(cells)} cells but {p.shape[0]} probabilities")
+    soft = np.full((height, width), fill, dtype=np.float32)
+    if len(cells):
+        top, left, bottom, right = _rects(cells, height, width)
+        order = np.argsort(np.asarray(cells, dtype=np.int64).reshape(-1, 3)[:, 0], kind="stable")
+        for i in order:  # one slice assignment per cell; cells are few (hundreds)
+            soft[top[i] : bottom[i], left[i] : right[i]] = p[i]
+    return soft, soft >= threshold
+
+
+def _integral(mask: npt.ArrayLike) -> FloatArray:
+    m = np.asarray(mask, dtype=np.float64)
+    if m.ndim != 2:
+        raise ValueError(f"mask must be 2-D (height, width), got shape {m.shape}")
+    s = np.zeros((m.shape[0] + 1, m.shape[1] + 1), dtype=np.float64)
+    np.cumsum(np.cumsum(m, axis=0), axis=1, out=s[1:, 1:])
+    return s
+
+
+def cell_coverage(mask: npt.ArrayLike, cells: Sequence[Cell]) -> FloatArray:
+    """Mean of a dense mask over each cell (the fraction of the cell that shows the object).
+
+    Args:
+        mask: hard (bool) or soft (probability) mask of the whole image.
+        cells: cells of any levels.
+
+    Shape:
+        mask: ``(H, W)``; returns ``(n_cells,)``.
+
+    Returns:
+        Coverage in [0, 1] per cell; 0 for empty cells.
+    """
+    s = _integral(mask)
+    h, w = s.shape[0] - 1, s.shape[1] - 1
+    if not len(cells):
+        return np.zeros(0, dtype=np.float64)
+    top, left, bottom, right = _rects(cells, h, w)
+    total = s[bottom, right] - s[top, right] - s[bottom, left] + s[top, left]
+    area = (bottom - top) * (right - left)
+    return np.where(area > 0, total / np.maximum(area, 1), 0.0)
+
+
+def level_coverage(mask: npt.ArrayLike, level: int) -> FloatArray:
+    """Coverage of every cell of one level, as a grid.
+
+    Shape:
+        mask: ``(H, W)``; returns ``(3**level, 3**level)``.
+    """
+    s = _integral(mask)
+    h, w = s.shape[0] - 1, s.shape[1] - 1
+    ry, rx = edges(level, h), edges(level, w)
+    t, b = ry[:-1, None], ry[1:, None]
+    le, r = rx[None, :-1], rx[None, 1:]
+    total = s[b, r] - s[t, r] - s[b, le] + s[t, le]
+    area = (b - t) * (r - le)
+    return np.where(area > 0, total / np.maximum(area, 1), 0.0)
+
+
+def level_cells(level: int) -> list[Cell]:
+    """All cells of one level, row-major."""
+    n = cells_per_side(level)
+    return [Cell(level, r, c) for r in range(n) for c in range(n)]
+
+
+def min_cell_size(level: int, height: int, width: int) -> int:
+    """Smallest side in pixels of any cell at ``level`` (0 when some cells are empty)."""
+    return int(min(np.diff(edges(level, height)).min(), np.diff(edges(level, width)).min()))

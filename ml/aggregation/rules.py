@@ -1,0 +1,186 @@
+"""Retirement and refinement rules.
+
+Retire: stop asking about a cell once its posterior is confident enough
+(``max(q, 1 - q) >= confidence`` after at least ``min_votes`` votes, or at once for gold), or
+once its vote budget is spent, in which case it is flagged *uncertain* (the target may go to
+triage).
+
+Refine: among the leaf retired cells of a target (cells without retired descendants), open a
+window one level deeper on
+
+* positive cells on the object's border: next (8-neighbourhood, at any level) to a retired
+  negative cell, and
+* cells where the prior disagrees with the consensus (``|sigmoid(prior) - label| >= disagreement``),
+
+as long as the children would be at least ``min_cell_px`` pixels on their shorter side and no
+deeper than ``max_level``. Adjacency across levels is decided on the grid of the finest level
+present, where every coarser cell paints its block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from ml.aggregation.grid import Cell, ancestor, cell_arrays, children, min_cell_size
+from ml.aggregation.votes import BoolArray, sigmoid
+
+
+@dataclass(frozen=True)
+class RetirementConfig:
+    """When a cell stops being asked."""
+
+    confidence: float = 0.95
+    min_votes: int = 3
+    max_votes: int = 12
+
+
+@dataclass(frozen=True)
+class Retirement:
+    """Per-cell decision. Shape: each ``(n_cells,)``."""
+
+    retired: BoolArray
+    uncertain: BoolArray
+    label: npt.NDArray[np.int8]
+
+
+def retire(
+    posterior: npt.ArrayLike,
+    n_votes: npt.ArrayLike,
+    *,
+    gold: npt.ArrayLike | None = None,
+    config: RetirementConfig = RetirementConfig(),
+) -> Retirement:
+    """Decide which cells retire.
+
+    Args:
+        posterior: consensus probability per cell.
+        n_votes: votes each cell has received.
+        gold: -1 unknown, else the known answer (gold cells retire at once).
+        config: thresholds.
+
+    Shape:
+        all inputs ``(n_cells,)``.
+    """
+    q = np.asarray(posterior, dtype=np.float64)
+    n = np.asarray(n_votes, dtype=np.int64)
+    g = np.full(q.shape, -1) if gold is None else np.asarray(gold)
+    confident = (np.maximum(q, 1.0 - q) >= config.confidence) & (n >= config.min_votes)
+    spent = n >= config.max_votes
+    known = g >= 0
+    retired = confident | spent | known
+    uncertain = spent & ~confident & ~known
+    label = np.where(known, g, q >= 0.5).astype(np.int8)
+    return Retirement(retired=retired, uncertain=uncertain, label=label)
+
+
+@dataclass(frozen=True)
+class RefinementConfig:
+    """Which retired cells open a deeper window."""
+
+    min_cell_px: int = 16
+    max_level: int = 6
+    disagreement: float = 0.6
+    refine_uncertain: bool = True
+
+
+def leaf_cells(cells: Sequence[Cell]) -> list[bool]:
+    """For each cell, whether no other cell in ``cells`` lies strictly inside it."""
+    present = set(cells)
+    covered: set[Cell] = set()
+    for c in present:
+        for level in range(c.level):
+            covered.add(ancestor(c, level))
+    return [c not in covered for c in cells]
+
+
+def _label_grid(cells: Sequence[Cell], labels: npt.NDArray[np.int8], level: int) -> npt.NDArray:
+    """Paint leaf labels on the grid of ``level``: -1 unknown, 0 negative, 1 positive."""
+    n = 3**level
+    grid = np.full((n, n), -1, dtype=np.int8)
+    levels, rows, cols = cell_arrays(cells)
+    f = 3 ** (level - levels)
+    top, left = rows * f, cols * f
+    for i in np.argsort(levels, kind="stable"):  # finer cells paint last
+        grid[top[i] : top[i] + f[i], left[i] : left[i] + f[i]] = labels[i]
+    return grid
+
+
+def _touches_negative(cells: Sequence[Cell], grid: npt.NDArray, level: int) -> BoolArray:
+    neg = np.pad(grid == 0, 1)
+    near = np.zeros_like(neg)
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            near |= np.roll(np.roll(neg, dr, axis=0), dc, axis=1)
+    near = near[1:-1, 1:-1]
+    s = np.zeros((near.shape[0] + 1, near.shape[1] + 1), dtype=np.int64)
+    s[1:, 1:] = near.cumsum(0).cumsum(1)
+    levels, rows, cols = cell_arrays(cells)
+    f = 3 ** (level - levels)
+    t, b, le, r = rows * f, (rows + 1) * f, cols * f, (cols + 1) * f
+    return np.asarray((s[b, r] - s[t, r] - s[b, le] + s[t, le]) > 0)
+
+
+def choose_refinements(
+    cells: Sequence[Cell],
+    labels: npt.ArrayLike,
+    height: int,
+    width: int,
+    *,
+    prior_logodds: npt.ArrayLike | None = None,
+    uncertain: npt.ArrayLike | None = None,
+    opened: Collection[Cell] = (),
+    config: RefinementConfig = RefinementConfig(),
+) -> list[Cell]:
+    """Retired cells that should open a window one level deeper.
+
+    Args:
+        cells: the target's retired cells, any levels.
+        labels: their consensus labels (0/1).
+        height, width: the image size in pixels.
+        prior_logodds: the prior of each cell (CAM or model), optional.
+        uncertain: cells retired for budget; skipped unless ``config.refine_uncertain``.
+        opened: cells whose window is already open (skipped).
+        config: size limits and the disagreement threshold.
+
+    Shape:
+        labels, prior_logodds, uncertain: ``(n_cells,)``.
+
+    Returns:
+        Cells to open, in input order.
+    """
+    if not len(cells):
+        return []
+    y = np.asarray(labels, dtype=np.int8)
+    leaf = np.asarray(leaf_cells(cells))
+    finest = max(c.level for c in cells)
+    border = _touches_negative(
+        cells,
+        _label_grid([c for c, k in zip(cells, leaf, strict=True) if k], y[leaf], finest),
+        finest,
+    )
+    want = (y == 1) & border
+    if prior_logodds is not None:
+        p = sigmoid(prior_logodds)
+        want |= np.abs(p - y) >= config.disagreement
+    if uncertain is not None and not config.refine_uncertain:
+        want &= ~np.asarray(uncertain, dtype=bool)
+    skip = set(opened)
+    return [
+        c
+        for c, w, k in zip(cells, want, leaf, strict=True)
+        if w and k and c not in skip and _deep_enough(c, height, width, config)
+    ]
+
+
+def _deep_enough(cell: Cell, height: int, width: int, config: RefinementConfig) -> bool:
+    child = cell.level + 1
+    return child <= config.max_level and min_cell_size(child, height, width) >= config.min_cell_px
+
+
+def windows(cells: Sequence[Cell]) -> list[tuple[Cell, tuple[Cell, ...]]]:
+    """Each cell with the nine children its window shows."""
+    return [(c, children(c)) for c in cells]

@@ -1,0 +1,56 @@
+"""Retirement and refinement rules."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ml.aggregation.grid import Cell, children, level_cells
+from ml.aggregation.rules import RefinementConfig, RetirementConfig, choose_refinements, retire
+
+
+def test_retire_confident_budget_and_gold() -> None:
+    r = retire(
+        [0.99, 0.6, 0.6, 0.5, 0.01],
+        [3, 3, 12, 1, 1],
+        gold=[-1, -1, -1, 1, -1],
+        config=RetirementConfig(0.95, 3, 12),
+    )
+    assert r.retired.tolist() == [True, False, True, True, False]
+    assert r.uncertain.tolist() == [False, False, True, False, False]
+    assert r.label.tolist() == [1, 1, 1, 1, 0]
+
+
+def test_border_positive_cells_open_windows() -> None:
+    cells = level_cells(1)
+    labels = np.zeros(9, dtype=np.int8)
+    labels[[0, 1, 3, 4]] = 1  # object in the top-left 2x2 cells
+    chosen = choose_refinements(cells, labels, 900, 900)
+    # (1, 0, 0) has only positive neighbours (the image edge is not a border)
+    assert set(chosen) == {Cell(1, 0, 1), Cell(1, 1, 0), Cell(1, 1, 1)}
+    all_pos = choose_refinements(cells, np.ones(9, dtype=np.int8), 900, 900)
+    assert all_pos == []  # no negative neighbour, no border
+
+
+def test_mixed_levels_leaves_min_size_and_opened() -> None:
+    cells = level_cells(1)
+    labels = [1, 0, 0, 0, 0, 0, 0, 0, 0]
+    kids = list(children(Cell(1, 0, 0)))
+    kid_labels = [1, 1, 0, 1, 1, 0, 0, 0, 0]
+    chosen = choose_refinements(cells + kids, labels + kid_labels, 900, 900)
+    assert Cell(1, 0, 0) not in chosen  # refined already: not a leaf
+    assert chosen == [Cell(2, 0, 1), Cell(2, 1, 0), Cell(2, 1, 1)]
+    tiny = choose_refinements(
+        cells + kids, labels + kid_labels, 900, 900, config=RefinementConfig(min_cell_px=40)
+    )
+    assert tiny == []  # level-3 cells would be 33 px
+    assert Cell(2, 1, 1) not in choose_refinements(
+        cells + kids, labels + kid_labels, 900, 900, opened=[Cell(2, 1, 1)]
+    )
+
+
+def test_prior_disagreement_opens_a_window() -> None:
+    cells = level_cells(1)
+    labels = np.zeros(9, dtype=np.int8)
+    prior = np.full(9, -4.0)
+    prior[8] = 4.0  # the model is sure, the crowd says no
+    assert choose_refinements(cells, labels, 900, 900, prior_logodds=prior) == [Cell(1, 2, 2)]
