@@ -37,6 +37,7 @@ err = Console(stderr=True, soft_wrap=True)
 
 EXIT_BAD_INPUT = 2
 DEMO_PROJECT = "demo"
+DEMO_SETTINGS = {"min_cell_px": 5, "max_level": 4}
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
@@ -195,6 +196,8 @@ def build_demo(settings: Settings, *, seed: int, n_images: int) -> ImportReport 
         assert project is not None
         project.name = "Demo: shapes, colours and textures"
         project.description = f"{n_images} generated scenes (seed {seed}) with exact masks."
+        # The scenes are small (128-512 px) and flat-coloured: small cells still read well.
+        project.settings = {**project.settings, **DEMO_SETTINGS}
         session.commit()
     return report
 

@@ -27,10 +27,16 @@ NAMING_CONVENTION = {
 }
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+WRITE_OPTION = "tessera_writer"
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """SQLite hands datetimes back without their zone; every stored time is UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 class Base(DeclarativeBase):
@@ -51,7 +57,11 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_begin(conn: Any) -> None:
-    conn.exec_driver_sql("BEGIN")
+    # A writer takes the write lock up front (BEGIN IMMEDIATE), waiting its turn under the busy
+    # timeout; a deferred transaction that read first could not upgrade to writing once another
+    # writer had committed (SQLITE_BUSY_SNAPSHOT, which no timeout retries).
+    immediate = conn.get_execution_options().get(WRITE_OPTION, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 def make_engine(url: str) -> Engine:
@@ -71,8 +81,14 @@ def engine_for(settings: Settings) -> Engine:
     return make_engine(settings.resolved_database_url)
 
 
-def make_session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(bind=engine, expire_on_commit=False)
+def make_session_factory(engine: Engine, *, writer: bool = False) -> sessionmaker[Session]:
+    """Sessions on ``engine``; ``writer`` sessions serialise their transactions on SQLite.
+
+    Use writer sessions for read-modify-write units such as leasing a task or taking a
+    submission; PostgreSQL gets row locks for those instead and ignores the option.
+    """
+    bind = engine.execution_options(**{WRITE_OPTION: True}) if writer else engine
+    return sessionmaker(bind=bind, expire_on_commit=False)
 
 
 @contextmanager

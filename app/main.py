@@ -14,19 +14,34 @@ from app.config import Settings, get_settings
 from app.db import engine_for, make_session_factory
 from app.pages import FRONTEND_DIR
 from app.pages import home as home_pages
+from app.security import Signer, TokenError, TokenProblem
 from app.services.errors import ConflictError, InvalidInputError, NotFoundError
+from app.services.submission import ForbiddenError, GoneError
 
 log = logging.getLogger(__name__)
 
 
 def _error_handlers(app: FastAPI) -> None:
-    statuses = {NotFoundError: 404, ConflictError: 409, InvalidInputError: 422}
+    statuses: dict[type[Exception], int] = {
+        NotFoundError: 404,
+        ConflictError: 409,
+        InvalidInputError: 422,
+        ForbiddenError: 403,
+        GoneError: 410,
+    }
     for exc_type, status in statuses.items():
 
         def handler(_request: Request, exc: Exception, status: int = status) -> JSONResponse:
             return JSONResponse(status_code=status, content={"detail": str(exc)})
 
         app.add_exception_handler(exc_type, handler)
+
+    def token_handler(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, TokenError)
+        status = 410 if exc.problem == TokenProblem.EXPIRED else 400
+        return JSONResponse(status_code=status, content={"detail": str(exc)})
+
+    app.add_exception_handler(TokenError, token_handler)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -40,6 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
+    app.state.write_session_factory = make_session_factory(engine, writer=True)
+    app.state.signer = Signer(settings.resolved_secret_key())
     _error_handlers(app)
     app.include_router(health_api.router)
     app.include_router(api_router)

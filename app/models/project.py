@@ -12,8 +12,8 @@ from app.db import Base, utcnow
 
 DEFAULT_PROJECT_SETTINGS: dict[str, Any] = {
     # How deep the grid pyramid may go, and the smallest cell worth asking about.
-    "max_level": 3,
-    "min_cell_px": 12,
+    "max_level": 4,
+    "min_cell_px": 8,
     # Votes per cell before it is retired as uncertain, and the confidence to retire early.
     "vote_budget": 7,
     "retire_confidence": 0.95,
@@ -21,6 +21,11 @@ DEFAULT_PROJECT_SETTINGS: dict[str, Any] = {
     "gold_rate": 0.15,
     "mosaic_mix": {"known_true": 3, "known_false": 5, "unknown": 1},
     "lease_seconds": 300,
+    # Share of targets with ground truth whose truth is served as known tiles (the rest is the
+    # frozen evaluation set), and the share of tasks served as mosaics when gold allows.
+    "control_share": 0.3,
+    "mosaic_share": 0.25,
+    "min_votes": 3,
 }
 
 

@@ -47,6 +47,9 @@ class Target(Base):
     state: Mapped[TargetState] = mapped_column(str_enum(TargetState), default=TargetState.SEEDED)
     priority: Mapped[float] = mapped_column(Float, default=1.0)
     triage_reason: Mapped[str | None] = mapped_column(default=None)
+    # A control target's ground truth is served as known tiles; the others' is held out to
+    # evaluate the crowd and the model (the frozen gold set).
+    control: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -83,6 +86,12 @@ class Cell(Base):
     status: Mapped[CellStatus] = mapped_column(str_enum(CellStatus), default=CellStatus.OPEN)
     retire_reason: Mapped[RetireReason | None] = mapped_column(str_enum(RetireReason))
     uncertain: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The hard answer once retired.
+    label: Mapped[bool | None] = mapped_column(Boolean, default=None)
+    # The window that asks about this cell (its parent cell shown as nine children).
+    window_id: Mapped[int | None] = mapped_column(
+        ForeignKey("windows.id", ondelete="SET NULL"), index=True
+    )
     retired_at: Mapped[datetime | None] = mapped_column(default=None)
 
     target: Mapped[Target] = relationship(back_populates="cells")
@@ -97,11 +106,15 @@ class Window(Base):
     __tablename__ = "windows"
     __table_args__ = (
         UniqueConstraint("target_id", "level", "row", "col"),
-        # The picker's hot path: the most valuable open, unleased windows first.
-        Index("ix_windows_state_value", "state", "value"),
+        # The picker's hot path: a project's (or one tag's) most valuable open windows first.
+        Index("ix_windows_picker", "project_id", "state", "known", "value"),
+        Index("ix_windows_tag_picker", "tag_id", "state", "known", "value"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
+    # Copied from the target so that the picker reads one table.
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    tag_id: Mapped[int] = mapped_column(ForeignKey("tags.id", ondelete="CASCADE"))
     target_id: Mapped[int] = mapped_column(ForeignKey("targets.id", ondelete="CASCADE"), index=True)
     # The parent cell's address; level 0 is the whole image, its children are level 1.
     level: Mapped[int] = mapped_column(SmallInteger)
@@ -111,5 +124,8 @@ class Window(Base):
     # priority x uncertainty, kept up to date by the vote path.
     value: Mapped[float] = mapped_column(Float, default=0.0)
     leased_until: Mapped[datetime | None] = mapped_column(default=None)
+    leased_by: Mapped[int | None] = mapped_column(ForeignKey("volunteers.id", ondelete="SET NULL"))
+    # Windows of control targets are known: served as gold at the gold rate.
+    known: Mapped[bool] = mapped_column(Boolean, default=False)
     opened_at: Mapped[datetime] = mapped_column(default=utcnow)
     closed_at: Mapped[datetime | None] = mapped_column(default=None)

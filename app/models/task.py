@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
+    JSON,
     Boolean,
     ForeignKey,
     Index,
@@ -51,6 +53,8 @@ class Task(Base):
     issued_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column()
     submitted_at: Mapped[datetime | None] = mapped_column(default=None)
+    # What the submission answered, returned again verbatim if the same token comes back.
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
     tiles: Mapped[list[TaskTile]] = relationship(
         back_populates="task", cascade="all", order_by="TaskTile.position"
@@ -114,6 +118,6 @@ class Gold(Base):
     frozen: Mapped[bool] = mapped_column(Boolean, default=False)
     created_by: Mapped[str | None] = mapped_column(String(80))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # Tags look the other way for the picker: known tiles of one tag.
+    # Copied from the target: the mosaic picker looks for known tiles of one tag.
     tag_id: Mapped[int] = mapped_column(ForeignKey("tags.id", ondelete="CASCADE"))
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))

@@ -9,10 +9,6 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, utcnow
 
-# Mildly optimistic prior: a new volunteer is assumed better than chance, not expert.
-PRIOR_ALPHA = 4.0
-PRIOR_BETA = 1.0
-
 
 class Volunteer(Base):
     __tablename__ = "volunteers"
@@ -31,7 +27,13 @@ class Volunteer(Base):
 
 
 class Credibility(Base):
-    """One volunteer's credibility, overall (category '') or for one tag category."""
+    """One volunteer's credibility, overall (category '') or for one tag category.
+
+    The two-coin model of ``ml.aggregation.dawid_skene``: soft counts of the volunteer's yes and
+    no answers on cells believed positive and negative (sensitivity and specificity are their
+    Beta posteriors), and exact counts on gold cells, which decide whether an apparent
+    adversary's answers may be used inverted.
+    """
 
     __tablename__ = "credibility"
     __table_args__ = (UniqueConstraint("volunteer_id", "category"),)
@@ -39,18 +41,20 @@ class Credibility(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     volunteer_id: Mapped[int] = mapped_column(ForeignKey("volunteers.id", ondelete="CASCADE"))
     category: Mapped[str] = mapped_column(String(32), default="")
-    sens_alpha: Mapped[float] = mapped_column(Float, default=PRIOR_ALPHA)
-    sens_beta: Mapped[float] = mapped_column(Float, default=PRIOR_BETA)
-    spec_alpha: Mapped[float] = mapped_column(Float, default=PRIOR_ALPHA)
-    spec_beta: Mapped[float] = mapped_column(Float, default=PRIOR_BETA)
-    gold_answers: Mapped[int] = mapped_column(Integer, default=0)
-    gold_correct: Mapped[int] = mapped_column(Integer, default=0)
+    pos_yes: Mapped[float] = mapped_column(Float, default=0.0)
+    pos_no: Mapped[float] = mapped_column(Float, default=0.0)
+    neg_no: Mapped[float] = mapped_column(Float, default=0.0)
+    neg_yes: Mapped[float] = mapped_column(Float, default=0.0)
+    gold_tp: Mapped[int] = mapped_column(Integer, default=0)
+    gold_fn: Mapped[int] = mapped_column(Integer, default=0)
+    gold_tn: Mapped[int] = mapped_column(Integer, default=0)
+    gold_fp: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     @property
-    def sensitivity(self) -> float:
-        return self.sens_alpha / (self.sens_alpha + self.sens_beta)
+    def gold_answers(self) -> int:
+        return self.gold_tp + self.gold_fn + self.gold_tn + self.gold_fp
 
     @property
-    def specificity(self) -> float:
-        return self.spec_alpha / (self.spec_alpha + self.spec_beta)
+    def gold_correct(self) -> int:
+        return self.gold_tp + self.gold_tn

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.models import Image, ImageTag, ImageTagSource, MaskSource, Project, Tag
+from app.services.campaign import open_seeded_targets
 from app.services.errors import InvalidInputError
 from app.services.image import add_image, image_limits, image_store
 from app.services.import_formats import (
@@ -65,6 +66,7 @@ class ImportReport:
     image_tags_added: int = 0
     targets_created: int = 0
     ground_truth_masks: int = 0
+    targets_opened: int = 0
     files_written: list[Path] = field(default_factory=list)
 
 
@@ -294,7 +296,9 @@ def import_path(
     plan = _read_plan(sources)  # every description file is read before anything is written
     importer = _Importer(session, settings, project)
     try:
-        return importer.run(sources, plan)
+        report = importer.run(sources, plan)
+        report.targets_opened = open_seeded_targets(session, settings=settings, project=project)
+        return report
     except BaseException:
         remove_files(importer.report.files_written)
         raise

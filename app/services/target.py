@@ -46,11 +46,17 @@ def add_mask_version(
     source: MaskSource,
     store: FileStore,
     written: list[Path],
+    soft: np.ndarray | None = None,
 ) -> MaskVersion:
-    """Store a hard mask (H, W) bool as a new version of the target's mask."""
+    """Store a new version of the target's mask: hard (H, W) bool, and soft (H, W) float."""
     path, created = store.put(encode_mask_png(mask), "png")
     if created:
         written.append(path)
+    soft_path = None
+    if soft is not None:
+        soft_path, created = store.put(encode_mask_png(soft.astype(np.float32)), "png")
+        if created:
+            written.append(soft_path)
     latest = session.scalar(
         select(func.max(MaskVersion.version)).where(MaskVersion.target_id == target.id)
     )
@@ -58,7 +64,7 @@ def add_mask_version(
         target_id=target.id,
         version=(latest or 0) + 1,
         source=source,
-        soft_path=None,
+        soft_path=str(soft_path.relative_to(store.root.parent)) if soft_path else None,
         hard_path=str(path.relative_to(store.root.parent)),
         area_fraction=float(mask.mean()),
         meta={"height": int(mask.shape[0]), "width": int(mask.shape[1])},

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, inspect, make_url, text
+from sqlalchemy import Engine, inspect, text
 
 import app.models  # noqa: F401
 from app.db import Base, make_engine
@@ -17,25 +15,11 @@ from app.migrate import current_revision, head_revision, is_at_head, upgrade_to_
 
 
 @pytest.fixture
-def empty_engine(database_url: str, tmp_path: Path) -> Iterator[Engine]:
+def empty_engine(fresh_database_url: str) -> Iterator[Engine]:
     """A brand-new empty database of the same backend as the run's."""
-    if database_url.startswith("sqlite"):
-        engine = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")
-        yield engine
-        engine.dispose()
-        return
-    name = f"tessera_mig_{uuid.uuid4().hex[:8]}"
-    admin = make_engine(database_url).execution_options(isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    engine = make_engine(make_url(database_url).set(database=name).render_as_string(False))
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE "{name}"'))
-        admin.dispose()
+    engine = make_engine(fresh_database_url)
+    yield engine
+    engine.dispose()
 
 
 def test_upgrade_empty_database_to_head(empty_engine: Engine) -> None:

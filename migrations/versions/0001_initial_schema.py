@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 07:37:04.781885
+Create Date: 2026-11-22 07:58:11.804519
 """
 
 from collections.abc import Sequence
@@ -49,12 +49,14 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('volunteer_id', sa.Integer(), nullable=False),
     sa.Column('category', sa.String(length=32), nullable=False),
-    sa.Column('sens_alpha', sa.Float(), nullable=False),
-    sa.Column('sens_beta', sa.Float(), nullable=False),
-    sa.Column('spec_alpha', sa.Float(), nullable=False),
-    sa.Column('spec_beta', sa.Float(), nullable=False),
-    sa.Column('gold_answers', sa.Integer(), nullable=False),
-    sa.Column('gold_correct', sa.Integer(), nullable=False),
+    sa.Column('pos_yes', sa.Float(), nullable=False),
+    sa.Column('pos_no', sa.Float(), nullable=False),
+    sa.Column('neg_no', sa.Float(), nullable=False),
+    sa.Column('neg_yes', sa.Float(), nullable=False),
+    sa.Column('gold_tp', sa.Integer(), nullable=False),
+    sa.Column('gold_fn', sa.Integer(), nullable=False),
+    sa.Column('gold_tn', sa.Integer(), nullable=False),
+    sa.Column('gold_fp', sa.Integer(), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['volunteer_id'], ['volunteers.id'], name=op.f('fk_credibility_volunteer_id_volunteers'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_credibility')),
@@ -170,6 +172,7 @@ def upgrade() -> None:
     sa.Column('state', sa.Enum('seeded', 'collecting', 'complete', 'triage', name='targetstate', native_enum=False, create_constraint=True, length=16), nullable=False),
     sa.Column('priority', sa.Float(), nullable=False),
     sa.Column('triage_reason', sa.String(), nullable=True),
+    sa.Column('control', sa.Boolean(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['image_id'], ['images.id'], name=op.f('fk_targets_image_id_images'), ondelete='CASCADE'),
@@ -181,24 +184,6 @@ def upgrade() -> None:
     with op.batch_alter_table('targets', schema=None) as batch_op:
         batch_op.create_index('ix_targets_project_state_priority', ['project_id', 'state', 'priority'], unique=False)
         batch_op.create_index(batch_op.f('ix_targets_tag_id'), ['tag_id'], unique=False)
-
-    op.create_table('cells',
-    sa.Column('id', sa.Integer(), nullable=False),
-    sa.Column('target_id', sa.Integer(), nullable=False),
-    sa.Column('level', sa.SmallInteger(), nullable=False),
-    sa.Column('row', sa.Integer(), nullable=False),
-    sa.Column('col', sa.Integer(), nullable=False),
-    sa.Column('prior_logodds', sa.Float(), nullable=False),
-    sa.Column('status', sa.Enum('open', 'retired', name='cellstatus', native_enum=False, create_constraint=True, length=16), nullable=False),
-    sa.Column('retire_reason', sa.Enum('confident', 'budget', 'gold', 'model', 'curator', name='retirereason', native_enum=False, create_constraint=True, length=16), nullable=True),
-    sa.Column('uncertain', sa.Boolean(), nullable=False),
-    sa.Column('retired_at', sa.DateTime(timezone=True), nullable=True),
-    sa.ForeignKeyConstraint(['target_id'], ['targets.id'], name=op.f('fk_cells_target_id_targets'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_cells')),
-    sa.UniqueConstraint('target_id', 'level', 'row', 'col', name=op.f('uq_cells_target_id_level_row_col'))
-    )
-    with op.batch_alter_table('cells', schema=None) as batch_op:
-        batch_op.create_index('ix_cells_target_status', ['target_id', 'status'], unique=False)
 
     op.create_table('mask_versions',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -219,6 +204,8 @@ def upgrade() -> None:
 
     op.create_table('windows',
     sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('project_id', sa.Integer(), nullable=False),
+    sa.Column('tag_id', sa.Integer(), nullable=False),
     sa.Column('target_id', sa.Integer(), nullable=False),
     sa.Column('level', sa.SmallInteger(), nullable=False),
     sa.Column('row', sa.Integer(), nullable=False),
@@ -226,15 +213,67 @@ def upgrade() -> None:
     sa.Column('state', sa.Enum('open', 'closed', name='windowstate', native_enum=False, create_constraint=True, length=16), nullable=False),
     sa.Column('value', sa.Float(), nullable=False),
     sa.Column('leased_until', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('leased_by', sa.Integer(), nullable=True),
+    sa.Column('known', sa.Boolean(), nullable=False),
     sa.Column('opened_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('closed_at', sa.DateTime(timezone=True), nullable=True),
+    sa.ForeignKeyConstraint(['leased_by'], ['volunteers.id'], name=op.f('fk_windows_leased_by_volunteers'), ondelete='SET NULL'),
+    sa.ForeignKeyConstraint(['project_id'], ['projects.id'], name=op.f('fk_windows_project_id_projects'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['tag_id'], ['tags.id'], name=op.f('fk_windows_tag_id_tags'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['target_id'], ['targets.id'], name=op.f('fk_windows_target_id_targets'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_windows')),
     sa.UniqueConstraint('target_id', 'level', 'row', 'col', name=op.f('uq_windows_target_id_level_row_col'))
     )
     with op.batch_alter_table('windows', schema=None) as batch_op:
-        batch_op.create_index('ix_windows_state_value', ['state', 'value'], unique=False)
+        batch_op.create_index('ix_windows_picker', ['project_id', 'state', 'known', 'value'], unique=False)
+        batch_op.create_index('ix_windows_tag_picker', ['tag_id', 'state', 'known', 'value'], unique=False)
         batch_op.create_index(batch_op.f('ix_windows_target_id'), ['target_id'], unique=False)
+
+    op.create_table('cells',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('target_id', sa.Integer(), nullable=False),
+    sa.Column('level', sa.SmallInteger(), nullable=False),
+    sa.Column('row', sa.Integer(), nullable=False),
+    sa.Column('col', sa.Integer(), nullable=False),
+    sa.Column('prior_logodds', sa.Float(), nullable=False),
+    sa.Column('status', sa.Enum('open', 'retired', name='cellstatus', native_enum=False, create_constraint=True, length=16), nullable=False),
+    sa.Column('retire_reason', sa.Enum('confident', 'budget', 'gold', 'model', 'curator', name='retirereason', native_enum=False, create_constraint=True, length=16), nullable=True),
+    sa.Column('uncertain', sa.Boolean(), nullable=False),
+    sa.Column('label', sa.Boolean(), nullable=True),
+    sa.Column('window_id', sa.Integer(), nullable=True),
+    sa.Column('retired_at', sa.DateTime(timezone=True), nullable=True),
+    sa.ForeignKeyConstraint(['target_id'], ['targets.id'], name=op.f('fk_cells_target_id_targets'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['window_id'], ['windows.id'], name=op.f('fk_cells_window_id_windows'), ondelete='SET NULL'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_cells')),
+    sa.UniqueConstraint('target_id', 'level', 'row', 'col', name=op.f('uq_cells_target_id_level_row_col'))
+    )
+    with op.batch_alter_table('cells', schema=None) as batch_op:
+        batch_op.create_index('ix_cells_target_status', ['target_id', 'status'], unique=False)
+        batch_op.create_index(batch_op.f('ix_cells_window_id'), ['window_id'], unique=False)
+
+    op.create_table('tasks',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('project_id', sa.Integer(), nullable=False),
+    sa.Column('volunteer_id', sa.Integer(), nullable=False),
+    sa.Column('tag_id', sa.Integer(), nullable=False),
+    sa.Column('kind', sa.Enum('window', 'mosaic', name='taskkind', native_enum=False, create_constraint=True, length=16), nullable=False),
+    sa.Column('window_id', sa.Integer(), nullable=True),
+    sa.Column('nonce', sa.String(length=32), nullable=False),
+    sa.Column('state', sa.Enum('leased', 'submitted', 'expired', 'skipped', name='taskstate', native_enum=False, create_constraint=True, length=16), nullable=False),
+    sa.Column('issued_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('expires_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('submitted_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('result', sa.JSON(), nullable=True),
+    sa.ForeignKeyConstraint(['project_id'], ['projects.id'], name=op.f('fk_tasks_project_id_projects'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['tag_id'], ['tags.id'], name=op.f('fk_tasks_tag_id_tags'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['volunteer_id'], ['volunteers.id'], name=op.f('fk_tasks_volunteer_id_volunteers'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['window_id'], ['windows.id'], name=op.f('fk_tasks_window_id_windows'), ondelete='SET NULL'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_tasks')),
+    sa.UniqueConstraint('nonce', name=op.f('uq_tasks_nonce'))
+    )
+    with op.batch_alter_table('tasks', schema=None) as batch_op:
+        batch_op.create_index('ix_tasks_state_expires', ['state', 'expires_at'], unique=False)
+        batch_op.create_index('ix_tasks_volunteer_state', ['volunteer_id', 'state'], unique=False)
 
     op.create_table('consensus',
     sa.Column('cell_id', sa.Integer(), nullable=False),
@@ -266,29 +305,6 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('gold', schema=None) as batch_op:
         batch_op.create_index('ix_gold_project_tag_label', ['project_id', 'tag_id', 'label'], unique=False)
-
-    op.create_table('tasks',
-    sa.Column('id', sa.Integer(), nullable=False),
-    sa.Column('project_id', sa.Integer(), nullable=False),
-    sa.Column('volunteer_id', sa.Integer(), nullable=False),
-    sa.Column('tag_id', sa.Integer(), nullable=False),
-    sa.Column('kind', sa.Enum('window', 'mosaic', name='taskkind', native_enum=False, create_constraint=True, length=16), nullable=False),
-    sa.Column('window_id', sa.Integer(), nullable=True),
-    sa.Column('nonce', sa.String(length=32), nullable=False),
-    sa.Column('state', sa.Enum('leased', 'submitted', 'expired', 'skipped', name='taskstate', native_enum=False, create_constraint=True, length=16), nullable=False),
-    sa.Column('issued_at', sa.DateTime(timezone=True), nullable=False),
-    sa.Column('expires_at', sa.DateTime(timezone=True), nullable=False),
-    sa.Column('submitted_at', sa.DateTime(timezone=True), nullable=True),
-    sa.ForeignKeyConstraint(['project_id'], ['projects.id'], name=op.f('fk_tasks_project_id_projects'), ondelete='CASCADE'),
-    sa.ForeignKeyConstraint(['tag_id'], ['tags.id'], name=op.f('fk_tasks_tag_id_tags'), ondelete='CASCADE'),
-    sa.ForeignKeyConstraint(['volunteer_id'], ['volunteers.id'], name=op.f('fk_tasks_volunteer_id_volunteers'), ondelete='CASCADE'),
-    sa.ForeignKeyConstraint(['window_id'], ['windows.id'], name=op.f('fk_tasks_window_id_windows'), ondelete='SET NULL'),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_tasks')),
-    sa.UniqueConstraint('nonce', name=op.f('uq_tasks_nonce'))
-    )
-    with op.batch_alter_table('tasks', schema=None) as batch_op:
-        batch_op.create_index('ix_tasks_state_expires', ['state', 'expires_at'], unique=False)
-        batch_op.create_index('ix_tasks_volunteer_state', ['volunteer_id', 'state'], unique=False)
 
     op.create_table('task_tiles',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -337,29 +353,31 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_task_tiles_cell_id'))
 
     op.drop_table('task_tiles')
-    with op.batch_alter_table('tasks', schema=None) as batch_op:
-        batch_op.drop_index('ix_tasks_volunteer_state')
-        batch_op.drop_index('ix_tasks_state_expires')
-
-    op.drop_table('tasks')
     with op.batch_alter_table('gold', schema=None) as batch_op:
         batch_op.drop_index('ix_gold_project_tag_label')
 
     op.drop_table('gold')
     op.drop_table('consensus')
+    with op.batch_alter_table('tasks', schema=None) as batch_op:
+        batch_op.drop_index('ix_tasks_volunteer_state')
+        batch_op.drop_index('ix_tasks_state_expires')
+
+    op.drop_table('tasks')
+    with op.batch_alter_table('cells', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_cells_window_id'))
+        batch_op.drop_index('ix_cells_target_status')
+
+    op.drop_table('cells')
     with op.batch_alter_table('windows', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_windows_target_id'))
-        batch_op.drop_index('ix_windows_state_value')
+        batch_op.drop_index('ix_windows_tag_picker')
+        batch_op.drop_index('ix_windows_picker')
 
     op.drop_table('windows')
     with op.batch_alter_table('mask_versions', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_mask_versions_target_id'))
 
     op.drop_table('mask_versions')
-    with op.batch_alter_table('cells', schema=None) as batch_op:
-        batch_op.drop_index('ix_cells_target_status')
-
-    op.drop_table('cells')
     with op.batch_alter_table('targets', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_targets_tag_id'))
         batch_op.drop_index('ix_targets_project_state_priority')

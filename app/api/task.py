@@ -1,0 +1,195 @@
+"""Grid tasks over JSON: get the next task, fetch its tiles, submit or skip it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse
+from sqlalchemy import select
+
+from app.deps import (
+    KnownVolunteerDep,
+    SessionDep,
+    SettingsDep,
+    SignerDep,
+    VolunteerDep,
+    WriteSessionDep,
+)
+from app.models import Cell, Image, Target, Task, TaskTile
+from app.schemas.task import (
+    SkipCreate,
+    SubmissionCreate,
+    SubmissionRead,
+    TagView,
+    TaskOffer,
+    TaskRead,
+    TileView,
+)
+from app.security import TaskClaims
+from app.services.errors import NotFoundError
+from app.services.picker import Offer, next_task
+from app.services.project import get_project
+from app.services.submission import ForbiddenError, skip, submit
+from app.services.tag import TagResolver
+from app.services.tile import TILE_SIDE, render_tile
+from ml.aggregation import grid
+
+router = APIRouter(tags=["tasks"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "The token is not one this server issued"},
+    403: {"description": "The task belongs to another volunteer, or the volunteer is banned"},
+    404: {"description": "No such project, tag or task"},
+    410: {"description": "The task expired or was skipped"},
+    422: {"description": "Malformed answers (e.g. tile positions out of range)"},
+}
+
+
+def _tile_size(image: Image, cell: Cell) -> tuple[int, int]:
+    rect = grid.cell_rect(grid.Cell(cell.level, cell.row, cell.col), image.height, image.width)
+    scale = TILE_SIDE / max(rect.width, rect.height, 1)
+    return max(1, round(rect.width * scale)), max(1, round(rect.height * scale))
+
+
+def _images(session: SessionDep, cells: list[Cell]) -> dict[int, Image]:
+    """Each cell's image, by target id, in one query."""
+    rows = session.execute(
+        select(Target.id, Image)
+        .join(Image, Image.id == Target.image_id)
+        .where(Target.id.in_({c.target_id for c in cells}))
+    )
+    return {target_id: image for target_id, image in rows}
+
+
+def _task_read(session: SessionDep, signer: SignerDep, offer: Offer, public_id: str) -> TaskRead:
+    task = offer.task
+    images = _images(session, offer.cells)
+    tiles = []
+    for position, cell in enumerate(offer.cells):
+        width, height = _tile_size(images[cell.target_id], cell)
+        url = f"/api/tasks/{task.id}/tiles/{position}"
+        tiles.append(TileView(position=position, url=url, width=width, height=height))
+    return TaskRead(
+        id=task.id,
+        kind=task.kind.value,
+        token=signer.task_token(TaskClaims(task.id, task.nonce, public_id, len(offer.cells))),
+        expires_at=task.expires_at,
+        tag=TagView(
+            name=offer.tag.name,
+            display_name=offer.tag.display_name,
+            description=offer.tag.description,
+        ),
+        prompt=f"Select all squares with {offer.tag.display_name}",
+        tiles=tiles,
+        fallback_reason=offer.fallback_reason,
+    )
+
+
+@router.get(
+    "/projects/{slug}/tasks/next",
+    response_model=TaskOffer,
+    summary="Lease the most valuable task for the current volunteer",
+    responses={404: ERRORS[404], 403: ERRORS[403]},
+)
+def get_next_task(
+    slug: str,
+    session: WriteSessionDep,
+    signer: SignerDep,
+    volunteer: VolunteerDep,
+    tag: Annotated[str | None, Query(description="only this tag (name or alias)")] = None,
+    kind: Annotated[Literal["auto", "window", "mosaic"], Query()] = "auto",
+) -> TaskOffer:
+    project = get_project(session, slug=slug)
+    if volunteer.banned:
+        raise ForbiddenError("this volunteer can no longer take part")
+    tag_row = None
+    if tag is not None:
+        tag_row = TagResolver(session, project).find(tag)
+        if tag_row is None:
+            raise NotFoundError(f"no tag {tag!r} in project {slug!r}")
+    offer = next_task(session, project=project, volunteer=volunteer, tag=tag_row, kind=kind)
+    read = _task_read(session, signer, offer, volunteer.public_id) if offer else None
+    session.commit()
+    if read is None:
+        return TaskOffer(task=None, message="Nothing left to ask right now. Thank you!")
+    return TaskOffer(task=read)
+
+
+@router.get(
+    "/tasks/{task_id}/tiles/{position}",
+    response_class=FileResponse,
+    summary="One tile of a task (JPEG), for the volunteer it was given to",
+    responses={404: ERRORS[404]},
+)
+def get_tile(
+    task_id: int,
+    position: int,
+    session: SessionDep,
+    settings: SettingsDep,
+    volunteer: KnownVolunteerDep,
+) -> FileResponse:
+    task = session.get(Task, task_id)
+    if task is None or volunteer is None or task.volunteer_id != volunteer.id:
+        raise NotFoundError("no such task for this volunteer")
+    row = session.execute(
+        select(Cell, Image)
+        .join(TaskTile, TaskTile.cell_id == Cell.id)
+        .join(Target, Target.id == Cell.target_id)
+        .join(Image, Image.id == Target.image_id)
+        .where(TaskTile.task_id == task_id, TaskTile.position == position)
+    ).one_or_none()
+    if row is None:
+        raise NotFoundError(f"task {task_id} has no tile {position}")
+    cell, image = row
+    return FileResponse(
+        render_tile(settings, image, cell),
+        media_type="image/jpeg",
+        headers={"Cache-Control": "private, max-age=86400"},
+    )
+
+
+@router.post(
+    "/projects/{slug}/tasks/submit",
+    response_model=SubmissionRead,
+    summary="Submit the squares the volunteer selected (idempotent per token)",
+    responses=ERRORS,
+)
+def post_submission(
+    slug: str,
+    body: SubmissionCreate,
+    session: WriteSessionDep,
+    settings: SettingsDep,
+    signer: SignerDep,
+    volunteer: VolunteerDep,
+) -> SubmissionRead:
+    result = submit(
+        session,
+        settings=settings,
+        signer=signer,
+        project=get_project(session, slug=slug),
+        volunteer=volunteer,
+        token=body.token,
+        selected=body.selected,
+        elapsed_ms=body.elapsed_ms,
+    )
+    session.commit()
+    return SubmissionRead.model_validate(result)
+
+
+@router.post(
+    "/projects/{slug}/tasks/skip",
+    status_code=204,
+    summary="Give a task back unanswered",
+    responses=ERRORS,
+)
+def post_skip(
+    slug: str,
+    body: SkipCreate,
+    session: WriteSessionDep,
+    signer: SignerDep,
+    volunteer: VolunteerDep,
+) -> None:
+    project = get_project(session, slug=slug)
+    skip(session, signer=signer, project=project, volunteer=volunteer, token=body.token)
+    session.commit()

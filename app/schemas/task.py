@@ -1,0 +1,66 @@
+"""Task and submission I/O."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class TagView(BaseModel):
+    name: str
+    display_name: str
+    description: str
+
+
+class TileView(BaseModel):
+    position: int = Field(description="0..8, row-major")
+    url: str = Field(description="the tile's image (JPEG), for this volunteer only")
+    width: int = Field(description="tile width in pixels as served")
+    height: int = Field(description="tile height in pixels as served")
+
+
+class TaskRead(BaseModel):
+    id: int
+    kind: Literal["window", "mosaic"]
+    token: str = Field(description="signed; send it back with the answers")
+    expires_at: datetime
+    tag: TagView
+    prompt: str
+    tiles: list[TileView]
+    fallback_reason: str | None = Field(
+        default=None, description="why a mosaic was asked for but a window task is served"
+    )
+
+
+class TaskOffer(BaseModel):
+    task: TaskRead | None
+    message: str | None = Field(default=None, description="why there is no task")
+
+
+class SubmissionCreate(BaseModel):
+    token: str = Field(min_length=1, max_length=2000)
+    selected: list[int] = Field(max_length=9, description="positions (0..8) the volunteer chose")
+    elapsed_ms: int = Field(ge=0, le=3_600_000, description="time from display to answer")
+
+
+class SkipCreate(BaseModel):
+    token: str = Field(min_length=1, max_length=2000)
+
+
+class SubmissionRead(BaseModel):
+    task_id: int
+    votes: int
+    feedback: Literal["ok", "check_again"] | None = Field(
+        description="on known tiles: all right, or please check again (never which tile)"
+    )
+    retired_cells: int
+    windows_opened: int
+    completed_targets: int
+
+
+class VolunteerStatsRead(BaseModel):
+    answers: int
+    tasks: int
+    quality: Literal["new", "learning", "fair", "good", "excellent"]

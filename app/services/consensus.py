@@ -1,0 +1,292 @@
+"""Consensus on the database: cell posteriors, retirement, refinement, completion and full EM.
+
+The numbers come from ``ml.aggregation``; this module loads what they need and writes back what
+they decide. A cell's posterior is recomputed from all its votes whenever it gets a new one
+(``refresh_cells``); ``settle_target`` then retires confident cells, opens deeper windows on the
+object's border, closes answered windows, and completes the target (or sends it to triage)
+when nothing is left open. ``recompute_project`` runs the batch two-coin EM over every vote of
+a project and reconciles credibility and posteriors, leaving banned volunteers out.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db import utcnow
+from app.models import (
+    Cell,
+    CellStatus,
+    Consensus,
+    Credibility,
+    Gold,
+    Image,
+    MaskSource,
+    Project,
+    RetireReason,
+    Target,
+    TargetState,
+    Volunteer,
+    Vote,
+    Window,
+    WindowState,
+)
+from app.services.campaign import (
+    Truth,
+    load_truth,
+    open_window,
+    refinement_config,
+    uncertainty,
+)
+from app.services.target import add_mask_version
+from app.storage import FileStore
+from ml.aggregation import grid
+from ml.aggregation.credibility import WorkerCounts, cells_logodds
+from ml.aggregation.rules import RetirementConfig, choose_refinements, leaf_cells, retire
+
+COUNT_COLUMNS = (
+    "pos_yes",
+    "pos_no",
+    "neg_no",
+    "neg_yes",
+    "gold_tp",
+    "gold_fn",
+    "gold_tn",
+    "gold_fp",
+)
+
+
+def retirement_config(project: Project) -> RetirementConfig:
+    return RetirementConfig(
+        confidence=float(project.setting("retire_confidence")),
+        min_votes=int(project.setting("min_votes")),
+        max_votes=int(project.setting("vote_budget")),
+    )
+
+
+def _counts(session: Session, volunteer_ids: list[int]) -> WorkerCounts:
+    rows = {
+        c.volunteer_id: [getattr(c, k) for k in COUNT_COLUMNS]
+        for c in session.scalars(
+            select(Credibility).where(
+                Credibility.volunteer_id.in_(volunteer_ids), Credibility.category == ""
+            )
+        )
+    }
+    return WorkerCounts.from_rows([rows.get(v, [0.0] * 8) for v in volunteer_ids])
+
+
+def refresh_cells(session: Session, *, cells: list[Cell]) -> None:
+    """Recompute the posteriors of ``cells`` from all their counted votes."""
+    if not cells:
+        return
+    index = {c.id: i for i, c in enumerate(cells)}
+    votes = session.execute(
+        select(Vote.cell_id, Vote.volunteer_id, Vote.label)
+        .join(Volunteer, Volunteer.id == Vote.volunteer_id)
+        .where(Vote.cell_id.in_(index), Volunteer.banned.is_(False))
+    ).all()
+    volunteers = sorted({v for _, v, _ in votes})
+    worker = {v: i for i, v in enumerate(volunteers)}
+    labels = np.array([int(y) for _, _, y in votes], dtype=np.int8)
+    vote_cell = np.array([index[c] for c, _, _ in votes], dtype=np.intp)
+    logodds = cells_logodds(
+        [c.prior_logodds for c in cells],
+        vote_cell,
+        [worker[v] for _, v, _ in votes],
+        labels,
+        _counts(session, volunteers),
+    )
+    n_votes = np.bincount(vote_cell, minlength=len(cells))
+    n_yes = np.bincount(vote_cell, weights=labels, minlength=len(cells))
+    for i, cell in enumerate(cells):
+        session.execute(
+            update(Consensus)
+            .where(Consensus.cell_id == cell.id)
+            .values(
+                logodds=float(logodds[i]),
+                posterior=float(1 / (1 + np.exp(-logodds[i]))),
+                n_votes=int(n_votes[i]),
+                n_yes=int(n_yes[i]),
+                method="online",
+                updated_at=utcnow(),
+            )
+        )
+
+
+@dataclass
+class Settled:
+    retired: int = 0
+    windows_opened: int = 0
+    completed: bool = False
+    triaged: bool = False
+
+
+def _target_state(session: Session, target: Target) -> tuple[list[Cell], dict[int, Consensus]]:
+    cells = list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
+    consensus = {
+        c.cell_id: c
+        for c in session.scalars(
+            select(Consensus).where(Consensus.cell_id.in_([c.id for c in cells]))
+        )
+    }
+    return cells, consensus
+
+
+def _retire_open(project: Project, cells: list[Cell], consensus: dict[int, Consensus]) -> int:
+    open_cells = [c for c in cells if c.status == CellStatus.OPEN]
+    if not open_cells:
+        return 0
+    decision = retire(
+        [consensus[c.id].posterior for c in open_cells],
+        [consensus[c.id].n_votes for c in open_cells],
+        config=retirement_config(project),
+    )
+    now = utcnow()
+    for cell, done, unsure, label in zip(
+        open_cells, decision.retired, decision.uncertain, decision.label, strict=True
+    ):
+        if done:
+            cell.status, cell.label, cell.uncertain = CellStatus.RETIRED, bool(label), bool(unsure)
+            cell.retire_reason = RetireReason.BUDGET if unsure else RetireReason.CONFIDENT
+            cell.retired_at = now
+    return int(decision.retired.sum())
+
+
+def _refine(
+    session: Session,
+    settings: Settings,
+    project: Project,
+    target: Target,
+    image: Image,
+    cells: list[Cell],
+) -> int:
+    retired = [c for c in cells if c.status == CellStatus.RETIRED]
+    windows = session.scalars(select(Window).where(Window.target_id == target.id))
+    opened = {grid.Cell(w.level, w.row, w.col) for w in windows}
+    deeper = choose_refinements(
+        [grid.Cell(c.level, c.row, c.col) for c in retired],
+        [int(bool(c.label)) for c in retired],
+        image.height,
+        image.width,
+        prior_logodds=[c.prior_logodds for c in retired],
+        uncertain=[c.uncertain for c in retired],
+        opened=opened,
+        config=refinement_config(project),
+    )
+    if not deeper:
+        return 0
+    mask = load_truth(session, settings, target)
+    truth = Truth(mask=mask, frozen=True) if mask is not None else None
+    for cell in deeper:
+        open_window(session, target=target, parent=cell, truth=truth)
+    return len(deeper)
+
+
+def _update_windows(
+    session: Session, target: Target, cells: list[Cell], consensus: dict[int, Consensus]
+) -> int:
+    """Close answered windows, re-value the others. Returns how many stay open."""
+    by_window: dict[int, list[Cell]] = defaultdict(list)
+    for cell in cells:
+        if cell.window_id is not None:
+            by_window[cell.window_id].append(cell)
+    still_open = 0
+    for window in session.scalars(
+        select(Window).where(Window.target_id == target.id, Window.state == WindowState.OPEN)
+    ):
+        pending = [c for c in by_window[window.id] if c.status == CellStatus.OPEN]
+        if window.known:
+            continue
+        if not pending and by_window[window.id]:
+            window.state, window.closed_at, window.value = WindowState.CLOSED, utcnow(), 0.0
+            continue
+        window.value = target.priority * uncertainty([consensus[c.id].posterior for c in pending])
+        still_open += 1
+    return still_open
+
+
+def _complete(
+    session: Session, settings: Settings, target: Target, image: Image, cells: list[Cell]
+) -> bool:
+    """Compose the final mask from the finest retired cells. Returns whether it is uncertain."""
+    addresses = [grid.Cell(c.level, c.row, c.col) for c in cells]
+    leaves = [c for c, leaf in zip(cells, leaf_cells(addresses), strict=True) if leaf]
+    posteriors = dict(
+        session.execute(
+            select(Consensus.cell_id, Consensus.posterior).where(
+                Consensus.cell_id.in_([c.id for c in leaves])
+            )
+        ).all()
+    )
+    probs = [
+        float(bool(c.label)) if c.retire_reason == RetireReason.GOLD else posteriors[c.id]
+        for c in leaves
+    ]
+    soft, hard = grid.compose(
+        [grid.Cell(c.level, c.row, c.col) for c in leaves], probs, image.height, image.width
+    )
+    add_mask_version(
+        session,
+        target=target,
+        mask=hard,
+        soft=soft,
+        source=MaskSource.CONSENSUS,
+        store=FileStore(settings.masks_dir),
+        written=[],
+    )
+    return any(c.uncertain for c in leaves)
+
+
+def settle_target(
+    session: Session, *, settings: Settings, project: Project, target: Target
+) -> Settled:
+    """Retire, refine, close windows and complete one target after new votes.
+
+    A control target's pyramid was opened from its truth: its ambiguous cells retire like any
+    other, but it neither refines nor completes (its mask is its truth).
+    """
+    result = Settled()
+    if target.state != TargetState.COLLECTING:
+        return result
+    image = session.get(Image, target.image_id)
+    assert image is not None
+    cells, consensus = _target_state(session, target)
+    result.retired = _retire_open(project, cells, consensus)
+    if not target.control:
+        result.windows_opened = _refine(session, settings, project, target, image, cells)
+    if result.windows_opened:
+        session.flush()
+        cells, consensus = _target_state(session, target)
+    if _update_windows(session, target, cells, consensus) > 0 or target.control:
+        return result
+    uncertain = _complete(session, settings, target, image, cells)
+    target.state = TargetState.TRIAGE if uncertain else TargetState.COMPLETE
+    target.triage_reason = "cells still uncertain after their vote budget" if uncertain else None
+    result.completed, result.triaged = not uncertain, uncertain
+    return result
+
+
+def settle_targets(
+    session: Session, *, settings: Settings, project: Project, target_ids: Iterable[int]
+) -> list[Settled]:
+    targets = session.scalars(
+        select(Target).where(Target.id.in_(sorted(set(target_ids)))).order_by(Target.id)
+    )
+    return [settle_target(session, settings=settings, project=project, target=t) for t in targets]
+
+
+def gold_labels(session: Session, *, cell_ids: Iterable[int]) -> dict[int, bool]:
+    """Known answers of the served (non-frozen) gold among ``cell_ids``."""
+    rows = session.execute(
+        select(Gold.cell_id, Gold.label).where(
+            Gold.cell_id.in_(list(cell_ids)), Gold.frozen.is_(False)
+        )
+    )
+    return dict(rows.all())

@@ -1,0 +1,283 @@
+"""The task picker: the most valuable open work for one volunteer, leased to them.
+
+Value of a window = its target's priority x the uncertainty of its open cells. A volunteer never
+sees a cell they already answered. Known tiles keep at least the project's gold rate of what a
+volunteer answers: window tasks whose cells are all gold, or mosaics of known-true, known-false
+and unknown tiles of one tag (3-5-1 by default, reCAPTCHA's mix). An unknown window is leased to
+one volunteer at a time by a compare-and-set on its lease (with ``SKIP LOCKED`` on PostgreSQL,
+serialised writers on SQLite); an abandoned lease simply runs out.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Literal
+
+from sqlalchemy import Select, case, exists, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.db import utcnow
+from app.models import (
+    Cell,
+    CellStatus,
+    Gold,
+    Project,
+    Tag,
+    Task,
+    TaskKind,
+    TaskState,
+    TaskTile,
+    Volunteer,
+    Vote,
+    Window,
+    WindowState,
+)
+
+TaskKindRequest = Literal["auto", "window", "mosaic"]
+TILES = 9
+CANDIDATE_TRIES = 5
+
+
+@dataclass
+class Offer:
+    task: Task
+    tag: Tag
+    cells: list[Cell]  # in tile order
+    fallback_reason: str | None = None
+    known: list[bool] = field(default_factory=list)
+
+
+def _answered_by(volunteer: Volunteer, cell_id_column: object) -> object:
+    return exists().where(Vote.volunteer_id == volunteer.id, Vote.cell_id == cell_id_column)
+
+
+def known_share(session: Session, *, volunteer: Volunteer) -> float:
+    """Share of known tiles among the tiles this volunteer has been served."""
+    known, total = session.execute(
+        select(func.sum(case((TaskTile.known, 1), else_=0)), func.count())
+        .select_from(TaskTile)
+        .join(Task, Task.id == TaskTile.task_id)
+        .where(Task.volunteer_id == volunteer.id)
+    ).one()
+    return (known or 0) / total if total else 0.0
+
+
+def _window_candidates(
+    project: Project, volunteer: Volunteer, tag: Tag | None, *, known: bool, now: datetime
+) -> Select[int]:
+    answered = (
+        select(Vote.id)
+        .join(Cell, Cell.id == Vote.cell_id)
+        .where(Cell.window_id == Window.id, Vote.volunteer_id == volunteer.id)
+        .exists()
+    )
+    query = select(Window.id).where(
+        Window.project_id == project.id,
+        Window.state == WindowState.OPEN,
+        Window.known == known,
+        ~answered,
+    )
+    if tag is not None:
+        query = query.where(Window.tag_id == tag.id)
+    if not known:
+        query = query.where(or_(Window.leased_until.is_(None), Window.leased_until < now))
+    return query
+
+
+def _lease_unknown_window(
+    session: Session, project: Project, volunteer: Volunteer, tag: Tag | None, now: datetime
+) -> Window | None:
+    until = now + timedelta(seconds=int(project.setting("lease_seconds")))
+    query = (
+        _window_candidates(project, volunteer, tag, known=False, now=now)
+        .order_by(Window.value.desc(), Window.id)
+        .limit(1)
+        .with_for_update(skip_locked=True, of=Window)
+    )
+    for _ in range(CANDIDATE_TRIES):
+        window_id = session.scalar(query)
+        if window_id is None:
+            return None
+        leased = session.execute(
+            update(Window)
+            .where(
+                Window.id == window_id,
+                Window.state == WindowState.OPEN,
+                or_(Window.leased_until.is_(None), Window.leased_until < now),
+            )
+            .values(leased_until=until, leased_by=volunteer.id)
+            .execution_options(synchronize_session=False)
+        )
+        if leased.rowcount == 1:  # type: ignore[attr-defined]
+            return session.get(Window, window_id, populate_existing=True)
+    return None
+
+
+def _known_window(
+    session: Session, project: Project, volunteer: Volunteer, tag: Tag | None, now: datetime
+) -> Window | None:
+    query = _window_candidates(project, volunteer, tag, known=True, now=now)
+    window_id = session.scalar(query.order_by(func.random()).limit(1))
+    return session.get(Window, window_id) if window_id is not None else None
+
+
+def _window_cells(session: Session, window: Window) -> list[Cell]:
+    return list(
+        session.scalars(
+            select(Cell).where(Cell.window_id == window.id).order_by(Cell.row, Cell.col)
+        )
+    )
+
+
+def _gold_ids(session: Session, *, window_cells: list[int]) -> set[int]:
+    rows = session.scalars(
+        select(Gold.cell_id).where(Gold.cell_id.in_(window_cells), Gold.frozen.is_(False))
+    )
+    return set(rows)
+
+
+def _new_task(
+    session: Session,
+    *,
+    project: Project,
+    volunteer: Volunteer,
+    tag_id: int,
+    kind: TaskKind,
+    window: Window | None,
+    cells: list[Cell],
+    known: list[bool],
+    now: datetime,
+) -> Task:
+    task = Task(
+        project_id=project.id,
+        volunteer_id=volunteer.id,
+        tag_id=tag_id,
+        kind=kind,
+        window_id=window.id if window is not None else None,
+        nonce=secrets.token_hex(16),
+        state=TaskState.LEASED,
+        issued_at=now,
+        expires_at=now + timedelta(seconds=int(project.setting("lease_seconds"))),
+    )
+    session.add(task)
+    session.flush()
+    session.add_all(
+        TaskTile(task_id=task.id, position=i, cell_id=c.id, known=k)
+        for i, (c, k) in enumerate(zip(cells, known, strict=True))
+    )
+    return task
+
+
+def _window_offer(
+    session: Session, project: Project, volunteer: Volunteer, tag: Tag | None, now: datetime
+) -> Offer | None:
+    want_known = known_share(session, volunteer=volunteer) < float(project.setting("gold_rate"))
+    window = _known_window(session, project, volunteer, tag, now) if want_known else None
+    window = window or _lease_unknown_window(session, project, volunteer, tag, now)
+    if window is None and not want_known:
+        window = _known_window(session, project, volunteer, tag, now)
+    if window is None:
+        return None
+    cells = _window_cells(session, window)
+    gold = _gold_ids(session, window_cells=[c.id for c in cells])
+    known = [c.id in gold for c in cells]
+    task = _new_task(
+        session,
+        project=project,
+        volunteer=volunteer,
+        tag_id=window.tag_id,
+        kind=TaskKind.WINDOW,
+        window=window,
+        cells=cells,
+        known=known,
+        now=now,
+    )
+    tag_row = session.get(Tag, window.tag_id)
+    assert tag_row is not None
+    return Offer(task=task, tag=tag_row, cells=cells, known=known)
+
+
+def _gold_cells(
+    session: Session, project: Project, volunteer: Volunteer, tag: Tag, label: bool, n: int
+) -> list[Cell]:
+    query = (
+        select(Cell)
+        .join(Gold, Gold.cell_id == Cell.id)
+        .where(
+            Gold.project_id == project.id,
+            Gold.tag_id == tag.id,
+            Gold.label == label,
+            Gold.frozen.is_(False),
+            ~_answered_by(volunteer, Cell.id),  # type: ignore[operator]
+        )
+        .order_by(func.random())
+        .limit(n)
+    )
+    return list(session.scalars(query))
+
+
+def _mosaic_offer(
+    session: Session, project: Project, volunteer: Volunteer, tag: Tag | None, now: datetime
+) -> tuple[Offer | None, str | None]:
+    """A mosaic, or None and why not (then the caller falls back to a window task)."""
+    mix = project.setting("mosaic_mix")
+    window = _lease_unknown_window(session, project, volunteer, tag, now)
+    if window is None:
+        return None, "no open unknown cell to mix into a mosaic"
+    tag_row = session.get(Tag, window.tag_id)
+    assert tag_row is not None
+    true_cells = _gold_cells(session, project, volunteer, tag_row, True, int(mix["known_true"]))
+    false_cells = _gold_cells(session, project, volunteer, tag_row, False, int(mix["known_false"]))
+    # The window's cells are all new to this volunteer (the candidate query saw to it).
+    unknown = [c for c in _window_cells(session, window) if c.status == CellStatus.OPEN]
+    unknown = unknown[: max(1, TILES - len(true_cells) - len(false_cells))]
+    if len(true_cells) < int(mix["known_true"]) or len(false_cells) < int(mix["known_false"]):
+        window.leased_until, window.leased_by = None, None
+        return None, (
+            f"not enough gold for {tag_row.name!r} yet: {len(true_cells)} known-true and "
+            f"{len(false_cells)} known-false cells left for you, a mosaic needs "
+            f"{mix['known_true']} and {mix['known_false']}; serving a window task instead"
+        )
+    tiles = [(c, True) for c in true_cells + false_cells] + [(c, False) for c in unknown]
+    random.shuffle(tiles)
+    cells, known = [c for c, _ in tiles], [k for _, k in tiles]
+    task = _new_task(
+        session,
+        project=project,
+        volunteer=volunteer,
+        tag_id=tag_row.id,
+        kind=TaskKind.MOSAIC,
+        window=window,
+        cells=cells,
+        known=known,
+        now=now,
+    )
+    return Offer(task=task, tag=tag_row, cells=cells, known=known), None
+
+
+def next_task(
+    session: Session,
+    *,
+    project: Project,
+    volunteer: Volunteer,
+    tag: Tag | None = None,
+    kind: TaskKindRequest = "auto",
+    now: datetime | None = None,
+) -> Offer | None:
+    """Lease the most valuable task for this volunteer, or None when nothing is left to ask."""
+    now = now or utcnow()
+    want_mosaic = kind == "mosaic" or (
+        kind == "auto" and random.random() < float(project.setting("mosaic_share"))
+    )
+    reason = None
+    if want_mosaic:
+        offer, reason = _mosaic_offer(session, project, volunteer, tag, now)
+        if offer is not None:
+            return offer
+    offer = _window_offer(session, project, volunteer, tag, now)
+    if offer is not None and kind == "mosaic":
+        offer.fallback_reason = reason
+    return offer

@@ -1,0 +1,178 @@
+"""The periodic full EM pass: re-estimate every posterior and every credibility of a project.
+
+Between passes, posteriors are updated online with the credibility of the moment and
+credibility moves only on gold (``ml.aggregation.credibility``). This pass runs the batch
+two-coin Dawid-Skene over every counted vote of the project (banned volunteers' votes are left
+out, nothing is deleted), writes back posteriors and credibility, updates the labels of cells
+retired on confidence, and settles the targets again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db import utcnow
+from app.models import (
+    Cell,
+    CellStatus,
+    Consensus,
+    Gold,
+    Project,
+    RetireReason,
+    Target,
+    TargetState,
+    Volunteer,
+    Vote,
+)
+from app.services.consensus import COUNT_COLUMNS, settle_targets
+from app.services.volunteer import credibility_of
+from ml.aggregation.dawid_skene import dawid_skene, gold_counts
+from ml.aggregation.votes import Votes, make_votes
+
+
+@dataclass(frozen=True)
+class RecomputeReport:
+    votes: int
+    cells: int
+    volunteers: int
+    iterations: int
+    labels_changed: int
+
+
+def _counted_votes(session: Session, project: Project) -> list[tuple[int, int, bool]]:
+    rows = session.execute(
+        select(Vote.cell_id, Vote.volunteer_id, Vote.label)
+        .join(Cell, Cell.id == Vote.cell_id)
+        .join(Target, Target.id == Cell.target_id)
+        .join(Volunteer, Volunteer.id == Vote.volunteer_id)
+        .where(Target.project_id == project.id, Volunteer.banned.is_(False))
+    )
+    return [(c, v, bool(y)) for c, v, y in rows]
+
+
+def _reset_uncounted(session: Session, project: Project, counted: set[int]) -> None:
+    """Cells whose every vote stopped counting fall back to their prior."""
+    stale = session.execute(
+        select(Consensus.cell_id, Cell.prior_logodds)
+        .join(Cell, Cell.id == Consensus.cell_id)
+        .join(Target, Target.id == Cell.target_id)
+        .where(Target.project_id == project.id, Consensus.n_votes > 0)
+    ).all()
+    for cell_id, prior in stale:
+        if cell_id not in counted:
+            session.execute(
+                update(Consensus)
+                .where(Consensus.cell_id == cell_id)
+                .values(
+                    logodds=prior,
+                    posterior=float(1 / (1 + np.exp(-prior))),
+                    n_votes=0,
+                    n_yes=0,
+                    method="em",
+                    updated_at=utcnow(),
+                )
+            )
+
+
+def recompute_project(session: Session, *, settings: Settings, project: Project) -> RecomputeReport:
+    """Run the batch EM over the project's counted votes and write everything back."""
+    rows = _counted_votes(session, project)
+    cell_ids = sorted({c for c, _, _ in rows})
+    volunteer_ids = sorted({v for _, v, _ in rows})
+    _reset_uncounted(session, project, set(cell_ids))
+    if not rows:
+        return RecomputeReport(0, 0, 0, 0, 0)
+    item = {c: i for i, c in enumerate(cell_ids)}
+    worker = {v: i for i, v in enumerate(volunteer_ids)}
+    votes = make_votes(
+        [worker[v] for _, v, _ in rows],
+        [item[c] for c, _, _ in rows],
+        [int(y) for _, _, y in rows],
+        n_workers=len(volunteer_ids),
+        n_items=len(cell_ids),
+    )
+    gold = np.full(len(cell_ids), -1, dtype=np.int8)
+    for cell_id, label in session.execute(
+        select(Gold.cell_id, Gold.label).where(Gold.cell_id.in_(cell_ids), Gold.frozen.is_(False))
+    ):
+        gold[item[cell_id]] = int(label)
+    cells = {c.id: c for c in session.scalars(select(Cell).where(Cell.id.in_(cell_ids)))}
+    prior = np.array([cells[c].prior_logodds for c in cell_ids])
+    result = dawid_skene(votes, gold=gold, prior_logodds=prior)
+    _write_posteriors(session, cell_ids, votes, result.posterior, result.logodds)
+    _write_credibility(session, volunteer_ids, votes, result.posterior, gold)
+    changed = _relabel(cells, cell_ids, result.posterior)
+    targets = {cells[c].target_id for c in cell_ids}
+    collecting = session.scalars(
+        select(Target.id).where(Target.id.in_(targets), Target.state == TargetState.COLLECTING)
+    )
+    session.flush()
+    settle_targets(session, settings=settings, project=project, target_ids=list(collecting))
+    return RecomputeReport(
+        votes=len(rows),
+        cells=len(cell_ids),
+        volunteers=len(volunteer_ids),
+        iterations=result.iterations,
+        labels_changed=changed,
+    )
+
+
+def _write_posteriors(
+    session: Session, cell_ids: list[int], votes: Votes, posterior: np.ndarray, logodds: np.ndarray
+) -> None:
+    n_votes = np.bincount(votes.item, minlength=len(cell_ids))
+    n_yes = np.bincount(votes.item, weights=votes.label, minlength=len(cell_ids))
+    now = utcnow()
+    for i, cell_id in enumerate(cell_ids):
+        session.execute(
+            update(Consensus)
+            .where(Consensus.cell_id == cell_id)
+            .values(
+                posterior=float(posterior[i]),
+                logodds=float(logodds[i]),
+                n_votes=int(n_votes[i]),
+                n_yes=int(n_yes[i]),
+                method="em",
+                updated_at=now,
+            )
+        )
+
+
+def _write_credibility(
+    session: Session,
+    volunteer_ids: list[int],
+    votes: Votes,
+    posterior: np.ndarray,
+    gold: np.ndarray,
+) -> None:
+    q = posterior[votes.item]
+    y = votes.label.astype(np.float64)
+    n = len(volunteer_ids)
+    soft = [
+        np.bincount(votes.worker, weights=w, minlength=n)
+        for w in (q * y, q * (1 - y), (1 - q) * (1 - y), (1 - q) * y)
+    ]
+    exact = gold_counts(votes, gold)
+    for i, volunteer_id in enumerate(volunteer_ids):
+        row = credibility_of(session, volunteer_id=volunteer_id)
+        for name, value in zip(COUNT_COLUMNS, [*soft, *exact], strict=True):
+            setattr(
+                row, name, float(value[i]) if name.startswith(("pos", "neg")) else int(value[i])
+            )
+
+
+def _relabel(cells: dict[int, Cell], cell_ids: list[int], posterior: np.ndarray) -> int:
+    changed = 0
+    for i, cell_id in enumerate(cell_ids):
+        cell = cells[cell_id]
+        if cell.status != CellStatus.RETIRED or cell.retire_reason == RetireReason.GOLD:
+            continue
+        label = bool(posterior[i] >= 0.5)
+        if cell.label != label:
+            cell.label, changed = label, changed + 1
+    return changed

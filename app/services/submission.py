@@ -1,0 +1,178 @@
+"""Taking a volunteer's answers to a task: checked, stored once, fused at once.
+
+A submission carries the task's signed token. The token is checked (signature, expiry, owner,
+tile range) before anything is stored; the votes are then appended, one per tile; known tiles
+update the volunteer's credibility exactly; the other cells get new posteriors, and their
+targets are settled (retire, refine, complete). The result is stored on the task, so that the
+same token submitted again stores nothing more and returns the same result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db import as_utc, utcnow
+from app.models import Cell, Project, Task, TaskState, TaskTile, Volunteer, Vote, Window
+from app.security import Signer, TaskClaims
+from app.services.consensus import gold_labels, refresh_cells, settle_targets
+from app.services.errors import ConflictError, InvalidInputError, NotFoundError
+from app.services.volunteer import credibility_of
+from ml.aggregation.credibility import gold_credit
+
+TOKEN_GRACE_S = 30
+
+
+class ForbiddenError(PermissionError):
+    """The request is understood but this volunteer may not do it."""
+
+
+class GoneError(LookupError):
+    """The task is no longer open (expired or skipped)."""
+
+
+@dataclass(frozen=True)
+class SubmissionResult:
+    task_id: int
+    votes: int
+    feedback: str | None  # "ok" or "check_again" when known tiles were answered; never which
+    retired_cells: int
+    windows_opened: int
+    completed_targets: int
+
+
+def claims_for(
+    session: Session, *, signer: Signer, project: Project, volunteer: Volunteer, token: str
+) -> tuple[Task, TaskClaims]:
+    """The task a token names, checked against its signature, its owner and its state."""
+    max_age = int(project.setting("lease_seconds")) + TOKEN_GRACE_S
+    claims = signer.read_task_token(token, max_age_s=max_age)
+    task = session.get(Task, claims.task_id, with_for_update=True)
+    if task is None or task.nonce != claims.nonce or task.project_id != project.id:
+        raise NotFoundError("the token does not name a task of this project")
+    if claims.volunteer != volunteer.public_id or task.volunteer_id != volunteer.id:
+        raise ForbiddenError("this task was given to another volunteer")
+    if volunteer.banned:
+        raise ForbiddenError("this volunteer can no longer take part")
+    return task, claims
+
+
+def _check_open(task: Task) -> None:
+    if task.state == TaskState.SKIPPED:
+        raise GoneError("this task was skipped; fetch a new one")
+    if task.state == TaskState.EXPIRED or utcnow() > as_utc(task.expires_at):
+        raise GoneError("this task has expired; fetch a new one")
+
+
+def _store_votes(
+    session: Session, task: Task, volunteer: Volunteer, selected: set[int], elapsed_ms: int
+) -> list[TaskTile]:
+    tiles = list(session.scalars(select(TaskTile).where(TaskTile.task_id == task.id)))
+    session.add_all(
+        Vote(
+            task_id=task.id,
+            volunteer_id=volunteer.id,
+            cell_id=tile.cell_id,
+            position=tile.position,
+            label=tile.position in selected,
+            elapsed_ms=elapsed_ms,
+        )
+        for tile in tiles
+    )
+    return tiles
+
+
+def _credit_known(
+    session: Session, volunteer: Volunteer, tiles: list[TaskTile], selected: set[int]
+) -> str | None:
+    known = gold_labels(session, cell_ids=[t.cell_id for t in tiles if t.known])
+    if not known:
+        return None
+    cred = credibility_of(session, volunteer_id=volunteer.id)
+    right = True
+    for tile in tiles:
+        if tile.cell_id not in known:
+            continue
+        label, truth = int(tile.position in selected), int(known[tile.cell_id])
+        tp, fn, tn, fp = gold_credit(label, truth)
+        cred.gold_tp += tp
+        cred.gold_fn += fn
+        cred.gold_tn += tn
+        cred.gold_fp += fp
+        cred.pos_yes += tp
+        cred.pos_no += fn
+        cred.neg_no += tn
+        cred.neg_yes += fp
+        right = right and label == truth
+    return "ok" if right else "check_again"
+
+
+def _release(session: Session, task: Task, volunteer: Volunteer) -> None:
+    if task.window_id is None:
+        return
+    window = session.get(Window, task.window_id)
+    if window is not None and window.leased_by == volunteer.id:
+        window.leased_until, window.leased_by = None, None
+
+
+def submit(
+    session: Session,
+    *,
+    settings: Settings,
+    signer: Signer,
+    project: Project,
+    volunteer: Volunteer,
+    token: str,
+    selected: Collection[int],
+    elapsed_ms: int,
+) -> dict[str, Any]:
+    """Store and fuse one task's answers. Returns the result (the stored one on a replay)."""
+    task, claims = claims_for(
+        session, signer=signer, project=project, volunteer=volunteer, token=token
+    )
+    if task.state == TaskState.SUBMITTED:
+        return dict(task.result or {})
+    _check_open(task)
+    picked = set(selected)
+    if any(p < 0 or p >= claims.tiles for p in picked):
+        raise InvalidInputError(f"tile positions must be between 0 and {claims.tiles - 1}")
+    if elapsed_ms < 0:
+        raise InvalidInputError("elapsed_ms must not be negative")
+    tiles = _store_votes(session, task, volunteer, picked, elapsed_ms)
+    feedback = _credit_known(session, volunteer, tiles, picked)
+    unknown_ids = [t.cell_id for t in tiles if not t.known]
+    cells = list(session.scalars(select(Cell).where(Cell.id.in_(unknown_ids))))
+    session.flush()
+    refresh_cells(session, cells=cells)
+    settled = settle_targets(
+        session, settings=settings, project=project, target_ids=[c.target_id for c in cells]
+    )
+    _release(session, task, volunteer)
+    result = SubmissionResult(
+        task_id=task.id,
+        votes=len(tiles),
+        feedback=feedback,
+        retired_cells=sum(s.retired for s in settled),
+        windows_opened=sum(s.windows_opened for s in settled),
+        completed_targets=sum(s.completed for s in settled),
+    )
+    task.state, task.submitted_at, task.result = TaskState.SUBMITTED, utcnow(), asdict(result)
+    session.flush()
+    return asdict(result)
+
+
+def skip(
+    session: Session, *, signer: Signer, project: Project, volunteer: Volunteer, token: str
+) -> None:
+    """Give a task back: its cells are free for others at once."""
+    task, _ = claims_for(session, signer=signer, project=project, volunteer=volunteer, token=token)
+    if task.state == TaskState.SUBMITTED:
+        raise ConflictError("this task was already submitted")
+    if task.state == TaskState.LEASED:
+        task.state = TaskState.SKIPPED
+        _release(session, task, volunteer)

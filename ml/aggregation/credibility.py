@@ -1,0 +1,121 @@
+"""Stateless two-coin credibility for a vote path whose state lives in a database.
+
+Model: the two-coin Dawid-Skene of :mod:`ml.aggregation.dawid_skene` (Dawid & Skene 1979;
+Raykar et al. 2010). A volunteer is described by soft counts of their yes and no answers on
+cells believed positive and negative (``pos_yes, pos_no, neg_no, neg_yes``; sensitivity and
+specificity are their Beta posteriors under the config's priors) and by exact counts on gold
+cells (``gold_tp, gold_fn, gold_tn, gold_fp``), which alone may license using an apparent
+adversary's answers inverted; otherwise a volunteer with sensitivity + specificity < 1 weighs 0.
+
+Between batch EM passes (``dawid_skene`` over every vote, run periodically), the web process
+updates a volunteer's counts only on gold, exactly and at once (:func:`gold_credit`), and
+recomputes a cell's log-odds from all its votes with the voters' current credibility
+(:func:`cells_logodds`): this is the E-step of the batch model for that cell, so a cell's online
+posterior equals the batch posterior whenever the credibility is the batch credibility.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from ml.aggregation.dawid_skene import (
+    DEFAULT_CONFIG,
+    DawidSkeneConfig,
+    confirmed_adversary,
+    vote_weights,
+)
+from ml.aggregation.votes import FloatArray
+
+
+@dataclass(frozen=True)
+class WorkerCounts:
+    """Credibility counts of several volunteers. Shape: each ``(n_workers,)``."""
+
+    pos_yes: FloatArray
+    pos_no: FloatArray
+    neg_no: FloatArray
+    neg_yes: FloatArray
+    gold_tp: FloatArray
+    gold_fn: FloatArray
+    gold_tn: FloatArray
+    gold_fp: FloatArray
+
+    @classmethod
+    def from_rows(cls, rows: npt.ArrayLike) -> WorkerCounts:
+        """From an ``(n_workers, 8)`` array in the field order above."""
+        table = np.asarray(rows, dtype=np.float64).reshape(-1, 8)
+        return cls(*(table[:, k].copy() for k in range(8)))
+
+
+def sensitivity_specificity(
+    counts: WorkerCounts, config: DawidSkeneConfig = DEFAULT_CONFIG
+) -> tuple[FloatArray, FloatArray]:
+    """Posterior-mean sensitivity and specificity. Shape: each ``(n_workers,)``."""
+    a_s, b_s = config.sens_prior
+    a_c, b_c = config.spec_prior
+    sens = (a_s + counts.pos_yes) / (a_s + b_s + counts.pos_yes + counts.pos_no)
+    spec = (a_c + counts.neg_no) / (a_c + b_c + counts.neg_no + counts.neg_yes)
+    return sens, spec
+
+
+def worker_llr(
+    counts: WorkerCounts, config: DawidSkeneConfig = DEFAULT_CONFIG
+) -> tuple[FloatArray, FloatArray]:
+    """Log-likelihood ratio of a yes and of a no from each volunteer.
+
+    Returns:
+        ``(llr_yes, llr_no)``, each ``(n_workers,)``; zero for volunteers who answer worse than
+        chance unless their own gold answers confirm it.
+    """
+    sens, spec = sensitivity_specificity(counts, config)
+    invert_ok = confirmed_adversary(
+        counts.gold_tp, counts.gold_fn, counts.gold_tn, counts.gold_fp, config
+    )
+    return vote_weights(sens, spec, invert_ok, config.eps)
+
+
+def cells_logodds(
+    base_logodds: npt.ArrayLike,
+    vote_cell: npt.ArrayLike,
+    vote_worker: npt.ArrayLike,
+    vote_label: npt.ArrayLike,
+    counts: WorkerCounts,
+    config: DawidSkeneConfig = DEFAULT_CONFIG,
+) -> FloatArray:
+    """Posterior log-odds of several cells from all their votes.
+
+    Args:
+        base_logodds: per cell, the class prior plus the weighted prior (CAM or model).
+        vote_cell: per vote, the index of its cell in ``base_logodds``.
+        vote_worker: per vote, the index of its volunteer in ``counts``.
+        vote_label: per vote, 1 = yes, 0 = no.
+
+    Shape:
+        base_logodds ``(n_cells,)``; the vote arrays ``(n_votes,)``.
+
+    Returns:
+        ``(n_cells,)`` log-odds that each cell contains the tag.
+    """
+    base = np.asarray(base_logodds, dtype=np.float64)
+    cell = np.asarray(vote_cell, dtype=np.intp)
+    worker = np.asarray(vote_worker, dtype=np.intp)
+    label = np.asarray(vote_label)
+    llr_yes, llr_no = worker_llr(counts, config)
+    per_vote = np.where(label == 1, llr_yes[worker], llr_no[worker])
+    return base + np.bincount(cell, weights=per_vote, minlength=base.shape[0])
+
+
+def gold_credit(label: int, truth: int) -> tuple[int, int, int, int]:
+    """Increments of ``(gold_tp, gold_fn, gold_tn, gold_fp)`` for one answer on a gold cell.
+
+    The soft counts take the same increments (``pos_yes += tp``, ``pos_no += fn``,
+    ``neg_no += tn``, ``neg_yes += fp``): a gold cell's posterior is its known answer.
+    """
+    if label not in (0, 1) or truth not in (0, 1):
+        raise ValueError(f"label and truth must be 0 or 1, got {label!r} and {truth!r}")
+    if truth == 1:
+        return label, 1 - label, 0, 0
+    return 0, 0, 1 - label, label

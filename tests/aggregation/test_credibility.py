@@ -1,0 +1,98 @@
+"""The stateless credibility used by the database-backed vote path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ml.aggregation.credibility import (
+    WorkerCounts,
+    cells_logodds,
+    gold_credit,
+    sensitivity_specificity,
+    worker_llr,
+)
+from ml.aggregation.dawid_skene import dawid_skene
+from ml.aggregation.votes import make_votes
+
+
+def counts(*rows: tuple[float, ...]) -> WorkerCounts:
+    return WorkerCounts.from_rows(np.array(rows, dtype=float))
+
+
+NEW = (0, 0, 0, 0, 0, 0, 0, 0)
+GOOD = (40, 2, 45, 3, 10, 0, 10, 0)
+ADVERSARY_NO_GOLD = (2, 40, 3, 45, 0, 0, 0, 0)
+ADVERSARY_ON_GOLD = (2, 40, 3, 45, 0, 10, 0, 10)
+
+
+def test_new_volunteer_counts_a_little_a_good_one_a_lot() -> None:
+    llr_yes, llr_no = worker_llr(counts(NEW, GOOD))
+    assert 0 < llr_yes[0] < llr_yes[1]
+    assert llr_no[1] < llr_no[0] < 0
+
+
+def test_adversary_weighs_nothing_until_gold_confirms_the_inversion() -> None:
+    llr_yes, llr_no = worker_llr(counts(ADVERSARY_NO_GOLD, ADVERSARY_ON_GOLD))
+    assert llr_yes[0] == 0 and llr_no[0] == 0
+    assert llr_yes[1] < 0 < llr_no[1]
+
+
+def test_gold_credit() -> None:
+    assert gold_credit(1, 1) == (1, 0, 0, 0)
+    assert gold_credit(0, 1) == (0, 1, 0, 0)
+    assert gold_credit(0, 0) == (0, 0, 1, 0)
+    assert gold_credit(1, 0) == (0, 0, 0, 1)
+    with pytest.raises(ValueError, match="0 or 1"):
+        gold_credit(2, 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    base=st.floats(-3, 3),
+    rows=st.lists(st.tuples(*[st.integers(0, 30)] * 8), min_size=1, max_size=6),
+    labels=st.lists(st.integers(0, 1), min_size=1, max_size=6),
+)
+def test_a_yes_from_a_credible_volunteer_never_lowers_the_cell(
+    base: float, rows: list[tuple[int, ...]], labels: list[int]
+) -> None:
+    c = counts(*rows)
+    n = min(len(rows), len(labels))
+    workers, lab = np.arange(n), np.array(labels[:n])
+    before = cells_logodds([base], np.zeros(n), workers, lab, c)
+    sens, spec = sensitivity_specificity(c)
+    credible = int(np.argmax(sens + spec))
+    after = cells_logodds([base], np.zeros(n + 1), [*workers, credible], [*lab, 1], c)
+    if sens[credible] + spec[credible] >= 1:
+        assert after[0] >= before[0]
+
+
+def test_cell_logodds_equal_the_batch_e_step_with_batch_credibility() -> None:
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 2, 200)
+    workers, items, labels = [], [], []
+    for w in range(8):
+        for i in rng.choice(200, 60, replace=False):
+            flip = rng.random() < (0.1 if w < 6 else 0.5)
+            workers.append(w)
+            items.append(i)
+            labels.append(int(truth[i] ^ flip))
+    votes = make_votes(workers, items, labels, n_workers=8, n_items=200)
+    batch = dawid_skene(votes)
+    q = batch.posterior[votes.item]
+    y = votes.label.astype(float)
+    soft = np.stack(
+        [
+            np.bincount(votes.worker, weights=w, minlength=8)
+            for w in (q * y, q * (1 - y), (1 - q) * (1 - y), (1 - q) * y)
+        ],
+        axis=1,
+    )
+    c = WorkerCounts.from_rows(np.hstack([soft, np.zeros((8, 4))]))
+    base = np.full(200, np.log(batch.class_prior / (1 - batch.class_prior)))
+    online = cells_logodds(base, votes.item, votes.worker, votes.label, c)
+    voted = np.bincount(votes.item, minlength=200) > 0
+    agree = ((online > 0) == (batch.posterior > 0.5))[voted]
+    assert agree.mean() > 0.97

@@ -1,0 +1,82 @@
+"""Simulated volunteers that answer real HTTP tasks from the demo's ground truth."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+from app.models import Cell, Target, TaskTile
+from app.services.campaign import load_truth
+from ml.aggregation import grid
+from ml.aggregation.simulate import VolunteerProfile, answer
+
+
+@dataclass
+class Truths:
+    """True coverage of any served tile, read from the held ground truth."""
+
+    settings: Settings
+    factory: sessionmaker[Session]
+    masks: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def coverage(self, task_id: int) -> np.ndarray:
+        with self.factory() as session:
+            rows = session.execute(
+                select(TaskTile.position, Cell, Target)
+                .join(Cell, Cell.id == TaskTile.cell_id)
+                .join(Target, Target.id == Cell.target_id)
+                .where(TaskTile.task_id == task_id)
+                .order_by(TaskTile.position)
+            ).all()
+            out = np.zeros(len(rows))
+            for position, cell, target in rows:
+                if target.id not in self.masks:
+                    mask = load_truth(session, self.settings, target)
+                    assert mask is not None, "the simulation needs ground truth"
+                    self.masks[target.id] = mask
+                address = grid.Cell(cell.level, cell.row, cell.col)
+                out[position] = grid.cell_coverage(self.masks[target.id], [address])[0]
+        return out
+
+
+@dataclass
+class SimulatedVolunteer:
+    client: TestClient
+    profile: VolunteerProfile
+    rng: np.random.Generator
+    truths: Truths
+    submitted: list[dict[str, Any]] = field(default_factory=list)
+    selections: dict[int, list[int]] = field(default_factory=dict)
+
+    def next_task(self, slug: str, **params: str) -> dict[str, Any] | None:
+        response = self.client.get(f"/api/projects/{slug}/tasks/next", params=params)
+        assert response.status_code == 200, response.text
+        task: dict[str, Any] | None = response.json()["task"]
+        return task
+
+    def answer(self, slug: str, task: dict[str, Any]) -> dict[str, Any]:
+        labels, seconds = answer(self.profile, self.truths.coverage(task["id"]), self.rng)
+        selected = [int(p) for p in np.flatnonzero(labels)]
+        response = self.client.post(
+            f"/api/projects/{slug}/tasks/submit",
+            json={
+                "token": task["token"],
+                "selected": selected,
+                "elapsed_ms": int(seconds.sum() * 1000),
+            },
+        )
+        assert response.status_code == 200, response.text
+        self.selections[task["id"]] = selected
+        result: dict[str, Any] = response.json()
+        self.submitted.append(result)
+        return result
+
+    def step(self, slug: str) -> dict[str, Any] | None:
+        task = self.next_task(slug)
+        return None if task is None else self.answer(slug, task)

@@ -1,0 +1,317 @@
+"""Grid tasks over HTTP on a real, committed database: the whole volunteer path."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from PIL import Image as PILImage
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.cli import run_import
+from app.config import Settings
+from app.db import make_engine, make_session_factory
+from app.main import create_app
+from app.migrate import upgrade_to_head
+from app.models import (
+    Cell,
+    Consensus,
+    MaskSource,
+    MaskVersion,
+    Project,
+    Target,
+    TargetState,
+    TaskTile,
+    Volunteer,
+    Vote,
+)
+from app.services.campaign import load_truth
+from app.services.recompute import recompute_project
+from app.services.volunteer import ban_volunteer
+from app.storage import decode_mask_png
+from ml.aggregation import grid
+from ml.aggregation.rules import leaf_cells
+from ml.aggregation.simulate import PROFILES
+from ml.demo.dataset import write_demo_dataset
+from tests.app.crowd import SimulatedVolunteer, Truths
+
+SLUG = "demo"
+
+
+@dataclass
+class Live:
+    app: FastAPI
+    settings: Settings
+    factory: sessionmaker[Session]
+    truths: Truths
+
+    def volunteer(self, kind: str = "diligent", seed: int = 0) -> SimulatedVolunteer:
+        client = TestClient(self.app)
+        rng = np.random.default_rng(seed)
+        return SimulatedVolunteer(client, PROFILES[kind], rng, self.truths)
+
+    def count(self, model: type) -> int:
+        with self.factory() as session:
+            return session.scalar(select(func.count()).select_from(model)) or 0
+
+
+@pytest.fixture
+def live(fresh_database_url: str, tmp_path: Path) -> Iterator[Live]:
+    settings = Settings(
+        environment="test",
+        data_dir=tmp_path / "data",
+        database_url=fresh_database_url,
+        secret_key="test-secret-key-that-is-long-enough-for-anything",
+    )
+    engine = make_engine(fresh_database_url)
+    upgrade_to_head(engine)
+    write_demo_dataset(tmp_path / "demo", seed=3, n_images=4)
+    factory = make_session_factory(engine)
+    with factory() as session:
+        run_import(
+            session, settings=settings, project_slug=SLUG, path=tmp_path / "demo", tag_file=None
+        )
+    app = create_app(settings)
+    yield Live(app, settings, factory, Truths(settings, factory))
+    app.state.engine.dispose()
+    engine.dispose()
+
+
+def test_first_request_gets_an_anonymous_identity_and_a_task(live: Live) -> None:
+    volunteer = live.volunteer()
+    task = volunteer.next_task(SLUG)
+    assert task is not None and len(task["tiles"]) == 9
+    assert task["prompt"].startswith("Select all squares with ")
+    assert "tessera_volunteer" in volunteer.client.cookies
+    assert live.count(Volunteer) == 1
+    # The same cookie keeps the same identity.
+    volunteer.next_task(SLUG)
+    assert live.count(Volunteer) == 1
+
+
+def test_tiles_are_jpegs_with_the_cells_aspect_and_only_for_their_volunteer(live: Live) -> None:
+    volunteer = live.volunteer()
+    task = volunteer.next_task(SLUG)
+    assert task is not None
+    tile = task["tiles"][4]
+    response = volunteer.client.get(tile["url"])
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/jpeg"
+    assert "max-age" in response.headers["cache-control"]
+    image = PILImage.open(io.BytesIO(response.content))
+    assert image.size == (tile["width"], tile["height"])
+    assert live.volunteer().client.get(tile["url"]).status_code == 404
+
+
+def _oracle_iou(cells: list[Cell], truth: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """IoU of the crowd's mask and of a perfect crowd's mask on the same cells, vs the truth.
+
+    A grid mask cannot be sharper than its finest cells, so the crowd is judged against what
+    perfect answers (select a tile when any of the object shows) would give on the same cells.
+    """
+    h, w = truth.shape
+    addresses = [grid.Cell(c.level, c.row, c.col) for c in cells]
+    leaves = [a for a, leaf in zip(addresses, leaf_cells(addresses), strict=True) if leaf]
+    perfect = grid.cell_coverage(truth, leaves) >= PROFILES["diligent"].coverage_threshold
+    _, oracle = grid.compose(leaves, perfect.astype(float), h, w)
+
+    def iou(a: np.ndarray) -> float:
+        return float((a & truth).sum() / max((a | truth).sum(), 1))
+
+    return iou(mask), iou(oracle)
+
+
+def test_a_diligent_crowd_completes_targets_as_well_as_the_grid_allows(live: Live) -> None:
+    crowd = [live.volunteer("diligent", seed) for seed in range(6)]
+    for _ in range(60):
+        for volunteer in crowd:
+            volunteer.step(SLUG)
+    with live.factory() as session:
+        done = session.execute(
+            select(Target, MaskVersion)
+            .join(MaskVersion, MaskVersion.target_id == Target.id)
+            .where(
+                Target.state == TargetState.COMPLETE,
+                MaskVersion.source == MaskSource.CONSENSUS,
+            )
+        ).all()
+        assert done, "no target completed"
+        scores = []
+        for target, version in done:
+            cells = list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
+            truth = load_truth(session, live.settings, target)
+            assert truth is not None and version.soft_path is not None
+            mask = decode_mask_png(live.settings.data_dir / version.hard_path)
+            scores.append(_oracle_iou(cells, truth, mask))
+    crowd_iou, oracle_iou = np.mean(scores, axis=0)
+    assert crowd_iou >= oracle_iou - 0.05, scores
+
+
+def test_every_bad_token_is_refused_and_nothing_is_stored(live: Live) -> None:
+    alice, bob = live.volunteer(seed=1), live.volunteer(seed=2)
+    task = alice.next_task(SLUG)
+    assert task is not None
+    url = f"/api/projects/{SLUG}/tasks/submit"
+    good = {"token": task["token"], "selected": [0], "elapsed_ms": 1000}
+    cases = [
+        (alice, {**good, "token": task["token"][:-4] + "AAAA"}, 400, "not one this server issued"),
+        (alice, {**good, "token": "garbage"}, 400, "not one this server issued"),
+        (bob, good, 403, "another volunteer"),
+        (alice, {**good, "selected": [9]}, 422, "between 0 and 8"),
+        (alice, {**good, "selected": [-1]}, 422, "between 0 and 8"),
+        (alice, {**good, "elapsed_ms": -5}, 422, "elapsed_ms"),
+    ]
+    for client_of, body, status, message in cases:
+        response = client_of.client.post(url, json=body)
+        assert response.status_code == status, (body, response.text)
+        assert message in response.text
+    assert live.count(Vote) == 0
+    assert alice.client.post(url, json=good).status_code == 200
+    assert live.count(Vote) == 9
+
+
+def test_an_expired_task_is_refused(live: Live) -> None:
+    with live.factory() as session:
+        project = session.scalar(select(Project).where(Project.slug == SLUG))
+        assert project is not None
+        project.settings = {**project.settings, "lease_seconds": 0}
+        session.commit()
+    volunteer = live.volunteer()
+    task = volunteer.next_task(SLUG)
+    assert task is not None
+    response = volunteer.client.post(
+        f"/api/projects/{SLUG}/tasks/submit",
+        json={"token": task["token"], "selected": [], "elapsed_ms": 10},
+    )
+    assert response.status_code == 410 and "expired" in response.text
+    assert live.count(Vote) == 0
+
+
+def test_submitting_the_same_token_twice_stores_once_and_answers_the_same(live: Live) -> None:
+    volunteer = live.volunteer()
+    task = volunteer.next_task(SLUG)
+    assert task is not None
+    body = {"token": task["token"], "selected": [1, 4], "elapsed_ms": 2000}
+    url = f"/api/projects/{SLUG}/tasks/submit"
+    first = volunteer.client.post(url, json=body)
+    second = volunteer.client.post(url, json=body)
+    assert first.status_code == second.status_code == 200
+    assert first.json() == second.json()
+    assert live.count(Vote) == 9
+    with live.factory() as session:
+        labels = dict(session.execute(select(Vote.position, Vote.label)).all())
+    assert [p for p, y in sorted(labels.items()) if y] == [1, 4]
+
+
+def test_concurrent_pickers_never_share_leased_cells(live: Live) -> None:
+    crowd = [live.volunteer(seed=s) for s in range(8)]
+    tasks: list[dict[str, object] | None] = [None] * len(crowd)
+    barrier = threading.Barrier(len(crowd))
+
+    def pick(i: int) -> None:
+        barrier.wait()
+        tasks[i] = crowd[i].next_task(SLUG, kind="window")
+
+    threads = [threading.Thread(target=pick, args=(i,)) for i in range(len(crowd))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = [int(t["id"]) for t in tasks if t is not None]  # type: ignore[call-overload]
+    assert len(ids) == len(crowd)
+    with live.factory() as session:
+        rows = session.execute(
+            select(TaskTile.task_id, TaskTile.cell_id, TaskTile.known).where(
+                TaskTile.task_id.in_(ids)
+            )
+        ).all()
+    unknown = [cell for _, cell, known in rows if not known]
+    assert len(unknown) == len(set(unknown)), "two volunteers leased the same cell"
+
+
+def test_known_tiles_make_up_at_least_the_gold_rate(live: Live) -> None:
+    volunteer = live.volunteer()
+    for _ in range(20):
+        volunteer.step(SLUG)
+    with live.factory() as session:
+        known = session.scalars(select(TaskTile.known)).all()
+    assert np.mean(known) >= 0.15
+
+
+def test_mosaic_mixes_known_and_unknown_tiles_or_says_why_not(live: Live) -> None:
+    volunteer = live.volunteer()
+    task = volunteer.next_task(SLUG, kind="mosaic")
+    assert task is not None
+    with live.factory() as session:
+        known = session.scalars(select(TaskTile.known).where(TaskTile.task_id == task["id"])).all()
+    if task["kind"] == "mosaic":
+        assert sum(known) == 8 and len(known) == 9
+    else:
+        assert "not enough gold" in task["fallback_reason"]
+
+
+def test_a_banned_volunteers_votes_stop_counting_after_recomputation(live: Live) -> None:
+    honest = [live.volunteer("diligent", s) for s in range(3)]
+    adversary = live.volunteer("adversary", 99)
+    for _ in range(8):
+        for v in [*honest, adversary]:
+            v.step(SLUG)
+    with live.factory() as session:
+        project = session.scalar(select(Project).where(Project.slug == SLUG))
+        assert project is not None
+        recompute_project(session, settings=live.settings, project=project)
+        session.commit()
+        before = dict(session.execute(select(Consensus.cell_id, Consensus.n_votes)).all())
+        bad = session.scalar(select(Volunteer).order_by(Volunteer.id.desc()).limit(1))
+        assert bad is not None
+        touched = set(session.scalars(select(Vote.cell_id).where(Vote.volunteer_id == bad.id)))
+        ban_volunteer(session, volunteer=bad, reason="adversarial answers")
+        recompute_project(session, settings=live.settings, project=project)
+        session.commit()
+        after = dict(session.execute(select(Consensus.cell_id, Consensus.n_votes)).all())
+        counted = dict(
+            session.execute(
+                select(Vote.cell_id, func.count())
+                .join(Volunteer, Volunteer.id == Vote.volunteer_id)
+                .where(Volunteer.banned.is_(False))
+                .group_by(Vote.cell_id)
+            ).all()
+        )
+        assert live.count(Vote) > 0  # nothing deleted
+    assert touched
+    for cell in touched:
+        assert after[cell] == counted.get(cell, 0) < before[cell]
+
+
+def test_volunteer_stats_are_coarse(live: Live) -> None:
+    volunteer = live.volunteer()
+    for _ in range(3):
+        volunteer.step(SLUG)
+    stats = volunteer.client.get("/api/volunteers/me").json()
+    assert stats["answers"] == 27 and stats["tasks"] == 3
+    assert stats["quality"] in {"new", "learning", "fair", "good", "excellent"}
+
+
+def test_cells_of_complete_targets_are_all_retired(live: Live) -> None:
+    crowd = [live.volunteer("diligent", s) for s in range(4)]
+    for _ in range(30):
+        for v in crowd:
+            v.step(SLUG)
+    with live.factory() as session:
+        complete = session.scalars(
+            select(Target.id).where(Target.state.in_([TargetState.COMPLETE, TargetState.TRIAGE]))
+        ).all()
+        open_cells = session.scalar(
+            select(func.count())
+            .select_from(Cell)
+            .where(Cell.target_id.in_(complete), Cell.status == "open")
+        )
+    assert open_cells == 0
