@@ -22,6 +22,7 @@ from app.services.importer import ImportReport, import_path, remove_files
 from app.services.project import (
     find_project,
     get_or_create_project,
+    get_project,
     list_project_summaries,
     slugify,
 )
@@ -29,8 +30,10 @@ from app.services.project import (
 app = typer.Typer(help="Tessera: tagged images to segmentation masks, with a crowd in the loop.")
 db_app = typer.Typer(help="Database schema.")
 project_app = typer.Typer(help="Projects.")
+consensus_app = typer.Typer(help="Consensus.")
 app.add_typer(db_app, name="db")
 app.add_typer(project_app, name="project")
+app.add_typer(consensus_app, name="consensus")
 
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -153,6 +156,32 @@ def project_list() -> None:
     for s in summaries:
         table.add_row(s.slug, s.name, str(s.images), str(s.tags), str(s.targets))
     console.print(table)
+
+
+@consensus_app.command("recompute")
+def consensus_recompute(
+    project: Annotated[str | None, typer.Option(help="project slug; default: all")] = None,
+) -> None:
+    """Re-estimate every posterior and credibility by full EM (banned volunteers left out)."""
+    from app.services.recompute import recompute_project
+
+    settings = _settings()
+    factory = make_session_factory(_ready_engine(settings), writer=True)
+    with factory() as session:
+        slugs = [project] if project else [s.slug for s in list_project_summaries(session)]
+    for slug in slugs:
+        with factory() as session:
+            try:
+                target = get_project(session, slug=slug)
+            except NotFoundError as exc:
+                raise _fail(str(exc)) from exc
+            report = recompute_project(session, settings=settings, project=target)
+            session.commit()
+        console.print(
+            f"{slug}: {report.votes:,} votes on {report.cells:,} cells by "
+            f"{report.volunteers:,} volunteers, {report.iterations} EM iterations, "
+            f"{report.labels_changed} retired labels changed"
+        )
 
 
 def _serve(settings: Settings, host: str, port: int) -> None:

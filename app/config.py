@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     max_image_side: int = 16_384
     min_image_side: int = 16
 
+    # The full EM pass reconciles the online estimates every so often (0 turns it off).
+    consensus_interval_s: float = 300.0
+
     host: str = "127.0.0.1"
     port: int = 8000
 

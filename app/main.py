@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.api import api_router
 from app.api import health as health_api
@@ -16,6 +20,8 @@ from app.pages import FRONTEND_DIR
 from app.pages import home as home_pages
 from app.security import Signer, TokenError, TokenProblem
 from app.services.errors import ConflictError, InvalidInputError, NotFoundError
+from app.services.project import get_project, list_project_summaries
+from app.services.recompute import recompute_project
 from app.services.submission import ForbiddenError, GoneError
 
 log = logging.getLogger(__name__)
@@ -44,10 +50,49 @@ def _error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(TokenError, token_handler)
 
 
+class ConsensusTimer:
+    """Runs the full EM pass over every project on a timer, in a background thread."""
+
+    def __init__(self, settings: Settings, factory: sessionmaker[Session]) -> None:
+        self.settings, self.factory = settings, factory
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="consensus-timer", daemon=True)
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.settings.consensus_interval_s):
+            try:
+                recompute_all(self.factory, self.settings)
+            except Exception:  # keep serving; the next round tries again
+                log.exception("the periodic consensus recomputation failed")
+
+
+def recompute_all(factory: sessionmaker[Session], settings: Settings) -> None:
+    with factory() as session:
+        slugs = [p.slug for p in list_project_summaries(session)]
+    for slug in slugs:
+        with factory() as session:
+            report = recompute_project(
+                session, settings=settings, project=get_project(session, slug=slug)
+            )
+            session.commit()
+        log.info("consensus of %s recomputed: %s", slug, report)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     engine = engine_for(settings)
+    write_factory = make_session_factory(engine, writer=True)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        timer = ConsensusTimer(settings, write_factory)
+        if settings.consensus_interval_s > 0:
+            timer.thread.start()
+        yield
+        timer.stop.set()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="Tessera",
         summary="Turn tagged images into segmentation masks with a crowd in the loop.",
         version="0.1.0",
@@ -55,7 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
-    app.state.write_session_factory = make_session_factory(engine, writer=True)
+    app.state.write_session_factory = write_factory
     app.state.signer = Signer(settings.resolved_secret_key())
     _error_handlers(app)
     app.include_router(health_api.router)

@@ -63,6 +63,7 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
         data_dir=tmp_path / "data",
         database_url=database_url,
         secret_key="test-secret-key-that-is-long-enough-for-anything",
+        consensus_interval_s=0,
     )
 
 

@@ -22,6 +22,9 @@ class Volunteer(Base):
     banned: Mapped[bool] = mapped_column(Boolean, default=False)
     banned_at: Mapped[datetime | None] = mapped_column(default=None)
     ban_reason: Mapped[str | None] = mapped_column(Text)
+    # Tiles served, and how many of them were known: the picker keeps the gold rate with these.
+    tiles_served: Mapped[int] = mapped_column(Integer, default=0)
+    known_served: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
 

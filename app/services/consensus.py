@@ -105,19 +105,22 @@ def refresh_cells(session: Session, *, cells: list[Cell]) -> None:
     )
     n_votes = np.bincount(vote_cell, minlength=len(cells))
     n_yes = np.bincount(vote_cell, weights=labels, minlength=len(cells))
-    for i, cell in enumerate(cells):
-        session.execute(
-            update(Consensus)
-            .where(Consensus.cell_id == cell.id)
-            .values(
-                logodds=float(logodds[i]),
-                posterior=float(1 / (1 + np.exp(-logodds[i]))),
-                n_votes=int(n_votes[i]),
-                n_yes=int(n_yes[i]),
-                method="online",
-                updated_at=utcnow(),
-            )
-        )
+    now = utcnow()
+    session.execute(
+        update(Consensus),
+        [
+            {
+                "cell_id": cell.id,
+                "logodds": float(logodds[i]),
+                "posterior": float(1 / (1 + np.exp(-logodds[i]))),
+                "n_votes": int(n_votes[i]),
+                "n_yes": int(n_yes[i]),
+                "method": "online",
+                "updated_at": now,
+            }
+            for i, cell in enumerate(cells)
+        ],
+    )
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import Select, case, exists, func, or_, select, update
+from sqlalchemy import Select, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
@@ -54,15 +54,9 @@ def _answered_by(volunteer: Volunteer, cell_id_column: object) -> object:
     return exists().where(Vote.volunteer_id == volunteer.id, Vote.cell_id == cell_id_column)
 
 
-def known_share(session: Session, *, volunteer: Volunteer) -> float:
+def known_share(volunteer: Volunteer) -> float:
     """Share of known tiles among the tiles this volunteer has been served."""
-    known, total = session.execute(
-        select(func.sum(case((TaskTile.known, 1), else_=0)), func.count())
-        .select_from(TaskTile)
-        .join(Task, Task.id == TaskTile.task_id)
-        .where(Task.volunteer_id == volunteer.id)
-    ).one()
-    return (known or 0) / total if total else 0.0
+    return volunteer.known_served / volunteer.tiles_served if volunteer.tiles_served else 0.0
 
 
 def _window_candidates(
@@ -168,13 +162,15 @@ def _new_task(
         TaskTile(task_id=task.id, position=i, cell_id=c.id, known=k)
         for i, (c, k) in enumerate(zip(cells, known, strict=True))
     )
+    volunteer.tiles_served += len(cells)
+    volunteer.known_served += sum(known)
     return task
 
 
 def _window_offer(
     session: Session, project: Project, volunteer: Volunteer, tag: Tag | None, now: datetime
 ) -> Offer | None:
-    want_known = known_share(session, volunteer=volunteer) < float(project.setting("gold_rate"))
+    want_known = known_share(volunteer) < float(project.setting("gold_rate"))
     window = _known_window(session, project, volunteer, tag, now) if want_known else None
     window = window or _lease_unknown_window(session, project, volunteer, tag, now)
     if window is None and not want_known:
@@ -203,9 +199,12 @@ def _window_offer(
 def _gold_cells(
     session: Session, project: Project, volunteer: Volunteer, tag: Tag, label: bool, n: int
 ) -> list[Cell]:
+    """Known tiles for a mosaic, from fully known or closed windows first: a window that still
+    has cells to ask becomes one this volunteer cannot be given once they saw a tile of it."""
     query = (
         select(Cell)
         .join(Gold, Gold.cell_id == Cell.id)
+        .join(Window, Window.id == Cell.window_id)
         .where(
             Gold.project_id == project.id,
             Gold.tag_id == tag.id,
@@ -213,7 +212,7 @@ def _gold_cells(
             Gold.frozen.is_(False),
             ~_answered_by(volunteer, Cell.id),  # type: ignore[operator]
         )
-        .order_by(func.random())
+        .order_by(or_(Window.known, Window.state == WindowState.CLOSED).desc(), func.random())
         .limit(n)
     )
     return list(session.scalars(query))

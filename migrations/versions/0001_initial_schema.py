@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 07:58:11.804519
+Create Date: 2026-11-22 08:06:57.573993
 """
 
 from collections.abc import Sequence
@@ -37,6 +37,8 @@ def upgrade() -> None:
     sa.Column('banned', sa.Boolean(), nullable=False),
     sa.Column('banned_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('ban_reason', sa.Text(), nullable=True),
+    sa.Column('tiles_served', sa.Integer(), nullable=False),
+    sa.Column('known_served', sa.Integer(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('last_seen_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_volunteers')),

@@ -77,6 +77,6 @@ class SimulatedVolunteer:
         self.submitted.append(result)
         return result
 
-    def step(self, slug: str) -> dict[str, Any] | None:
-        task = self.next_task(slug)
+    def step(self, slug: str, **params: str) -> dict[str, Any] | None:
+        task = self.next_task(slug, **params)
         return None if task is None else self.answer(slug, task)

@@ -148,3 +148,13 @@ def test_aggregate_command_writes_posteriors_and_names_bad_rows(tmp_path: Path) 
     votes.write_text("\n".join(rows) + "\n")
     unknown = run(tmp_path / "data", "aggregate", str(votes), "--out", str(out), "--method", "x")
     assert unknown.returncode == 2 and "dawid_skene" in unknown.stderr
+
+
+def test_consensus_recompute_command(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert run(data, "demo", "--no-serve", "--images", "2", "--seed", "1").returncode == 0
+    result = run(data, "consensus", "recompute")
+    assert result.returncode == 0, result.stderr
+    assert "demo: 0 votes" in result.stdout
+    missing = run(data, "consensus", "recompute", "--project", "nope")
+    assert missing.returncode == 2 and "no project 'nope'" in missing.stderr
