@@ -70,36 +70,93 @@ class DawidSkeneConfig:
 DEFAULT_CONFIG = DawidSkeneConfig()
 
 
-@dataclass(frozen=True)
-class _Split:
-    """Votes laid out once for fast EM steps.
+IntpArray = npt.NDArray[np.intp]
 
-    Votes are sorted by item, so the E-step sums contiguous runs (``np.add.reduceat``) and the
-    M-step spreads item posteriors with ``np.repeat``; ``key = worker + n_workers * (label == 0)``
-    lets one ``np.bincount`` give a worker's yes and no sums together. Indices are ``intp`` since
-    ``np.bincount`` would otherwise copy int32 input on every call.
+# Rank blocks shorter than this, or beyond this many, go to the bincount tail (see _Layout).
+_MIN_BLOCK = 256
+_MAX_BLOCKS = 64
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Votes laid out once for fast EM steps (jagged diagonal storage, as for sparse mat-vecs).
+
+    Items are renumbered by descending vote count (``order[k]`` is the original index of item
+    ``k``). The r-th vote of every item with more than r votes forms the contiguous block r, which
+    covers a *prefix* of the renumbered items, so the E-step sums each item's votes with one
+    vectorised add per block (``ev[:m_r] += per_vote[block r]``, no scatter) and the M-step lays
+    posteriors out per vote by concatenating prefixes of ``q`` (no gather). Ranks that few items
+    reach (a long tail of heavily voted items) use ``np.bincount`` instead, which keeps the Python
+    loop short. ``key = worker + n_workers * (label == 0)`` lets one ``np.bincount`` give a
+    worker's yes and no sums together.
     """
 
-    key: npt.NDArray[np.intp]  # (n_votes,) sorted by item
-    counts: npt.NDArray[np.intp]  # (n_items,) votes per item
-    starts: npt.NDArray[np.intp]  # (n_items_with_votes,) first vote of each such item
-    has_votes: BoolArray  # (n_items,)
+    key: IntpArray  # (n_votes,) block 0, block 1, ..., then the tail
+    blocks: tuple[int, ...]  # m_r: items in block r
+    tail_item: IntpArray  # (n_tail,) renumbered item of each tail vote
+    order: IntpArray | None  # (n_items,) original index of each renumbered item; None: identity
     n_yes: FloatArray  # (n_workers,)
     n_no: FloatArray  # (n_workers,)
 
 
-def _split(votes: Votes) -> _Split:
+def _item_order(item: npt.NDArray[np.int32], n_items: int) -> IntpArray | None:
+    """A stable sort of the votes by item; None when they already are."""
+    if np.all(item[1:] >= item[:-1]):
+        return None
+    shift = max(item.size - 1, 1).bit_length()
+    if shift + max(n_items - 1, 1).bit_length() > 62:
+        return np.argsort(item, kind="stable")
+    # Sorting packed (item, position) keys is several times faster than an argsort and, the
+    # keys being distinct, gives the stable order.
+    packed = item.astype(np.int64) << shift
+    packed |= np.arange(item.size, dtype=np.int64)
+    packed.sort()
+    return np.asarray(packed & ((1 << shift) - 1), dtype=np.intp)
+
+
+def _blocks(counts: IntpArray) -> tuple[IntpArray | None, IntpArray]:
+    """Renumbering of items by descending vote count, and the size of each rank block.
+
+    Shape:
+        counts: ``(n_items,)`` votes per item; returns ``order`` ``(n_items,)`` (None for the
+        identity) and ``blocks`` ``(n_blocks,)``.
+    """
+    order = None if np.all(counts[1:] <= counts[:-1]) else np.argsort(-counts, kind="stable")
+    reached = counts.shape[0] - np.cumsum(np.bincount(counts))[:-1]  # (max count,) > r votes
+    if not reached.size:
+        return order, reached
+    dense = reached >= min(_MIN_BLOCK, int(reached[0]))  # block 0 always
+    return order, reached[: min(int(dense.sum()), _MAX_BLOCKS)]
+
+
+def _layout(votes: Votes) -> _Layout:
+    nw, ni, n = votes.n_workers, votes.n_items, votes.n_votes
+    key = (votes.worker + nw * (votes.label == 0)).astype(np.intp)  # (n,)
+    per_key = np.bincount(key, minlength=2 * nw).astype(np.float64, copy=False)
     item = votes.item
-    order = None if np.all(item[1:] >= item[:-1]) else np.argsort(item, kind="stable")
-    key = votes.worker.astype(np.intp) + votes.n_workers * (votes.label == 0)
+    by_item = _item_order(item, ni)
+    if by_item is not None:
+        key, item = key[by_item], item[by_item]
+    counts = np.bincount(item, minlength=ni)  # (ni,)
+    order, blocks = _blocks(counts)
+    offsets = np.concatenate([[0], np.cumsum(blocks)])  # (n_blocks + 1,)
+    rank = np.arange(n, dtype=np.intp) - np.repeat(np.cumsum(counts) - counts, counts)  # (n,)
+    pos = item.astype(np.intp)  # (n,) renumbered item of each vote
     if order is not None:
-        key = key[order]
-    counts = np.bincount(item, minlength=votes.n_items).astype(np.intp)
-    has = counts > 0
-    starts = (np.cumsum(counts) - counts)[has]
-    per_key = np.bincount(key, minlength=2 * votes.n_workers).astype(np.float64)
-    nw = votes.n_workers
-    return _Split(key, counts, starts, has, per_key[:nw], per_key[nw:])
+        renumber = np.empty(ni, dtype=np.intp)
+        renumber[order] = np.arange(ni, dtype=np.intp)
+        pos = renumber[item]
+    laid = np.empty(n, dtype=np.intp)
+    in_block = rank < blocks.shape[0]
+    if in_block.all():  # the usual case: no tail
+        laid[offsets[rank] + pos] = key
+        tail_item = pos[:0]
+    else:
+        laid[offsets[rank[in_block]] + pos[in_block]] = key[in_block]
+        laid[offsets[-1] :] = key[~in_block]
+        tail_item = pos[~in_block]
+    blocks_ = tuple(int(m) for m in blocks)
+    return _Layout(laid, blocks_, tail_item, order, per_key[:nw], per_key[nw:])
 
 
 def gold_counts(
@@ -110,19 +167,15 @@ def gold_counts(
     Shape:
         gold: ``(n_items,)`` with -1 unknown; each output ``(n_workers,)``.
     """
-    g = gold[votes.item]
-    y = votes.label
+    g = gold[votes.item]  # (n_votes,)
+    on_gold = g >= 0
+    g, y = g[on_gold], votes.label[on_gold]
     nw = votes.n_workers
-
-    def count(mask: BoolArray) -> FloatArray:
-        return np.bincount(votes.worker[mask], minlength=nw).astype(np.float64)
-
-    return (
-        count((g == 1) & (y == 1)),
-        count((g == 1) & (y == 0)),
-        count((g == 0) & (y == 0)),
-        count((g == 0) & (y == 1)),
-    )
+    # 0 true pos, 1 false neg, 2 true neg, 3 false pos: one bincount for all four
+    outcome = 2 * (1 - g.astype(np.intp)) + (g != y)
+    counts = np.bincount(outcome * nw + votes.worker[on_gold], minlength=4 * nw)
+    tp, fn, tn, fp = counts.reshape(4, nw).astype(np.float64)
+    return tp, fn, tn, fp
 
 
 def confirmed_adversary(
@@ -163,22 +216,41 @@ def vote_weights(
     return llr_yes, llr_no
 
 
-def _evidence(sp: _Split, llr_yes: FloatArray, llr_no: FloatArray, n_items: int) -> FloatArray:
-    per_vote = np.concatenate([llr_yes, llr_no])[sp.key]  # (n_votes,)
+def _evidence(lay: _Layout, llr_yes: FloatArray, llr_no: FloatArray, n_items: int) -> FloatArray:
+    per_vote = np.concatenate([llr_yes, llr_no]).take(lay.key)  # (n_votes,)
     ev = np.zeros(n_items, dtype=np.float64)
-    if per_vote.size:
-        ev[sp.has_votes] = np.add.reduceat(per_vote, sp.starts)
-    return ev  # (n_items,)
+    lo = 0
+    for m in lay.blocks:
+        ev[:m] += per_vote[lo : lo + m]
+        lo += m
+    if lay.tail_item.size:
+        m = lay.blocks[-1]  # tail items have more votes than there are blocks: a prefix
+        ev[:m] += np.bincount(lay.tail_item, weights=per_vote[lo:], minlength=m)
+    return ev  # (n_items,) renumbered
 
 
-def _m_step(sp: _Split, q: FloatArray, config: DawidSkeneConfig) -> tuple[FloatArray, FloatArray]:
-    nw = sp.n_yes.shape[0]
-    sums = np.bincount(sp.key, weights=np.repeat(q, sp.counts), minlength=2 * nw)
+def _m_step(lay: _Layout, q: FloatArray, config: DawidSkeneConfig) -> tuple[FloatArray, FloatArray]:
+    nw = lay.n_yes.shape[0]
+    parts = [q[:m] for m in lay.blocks]
+    if lay.tail_item.size:
+        parts.append(q.take(lay.tail_item))
+    q_vote = np.concatenate(parts) if parts else q[:0]  # (n_votes,) laid out like key
+    sums = np.bincount(lay.key, weights=q_vote, minlength=2 * nw).astype(np.float64, copy=False)
     q_yes, q_no = sums[:nw], sums[nw:]  # sum of q over j's yes votes, over j's no votes
+    return _skills(q_yes, q_no, lay.n_yes - q_yes, lay.n_no - q_no, config)
+
+
+def _skills(
+    pos_yes: FloatArray,
+    pos_no: FloatArray,
+    neg_yes: FloatArray,
+    neg_no: FloatArray,
+    config: DawidSkeneConfig,
+) -> tuple[FloatArray, FloatArray]:
+    """Posterior-mean sensitivity and specificity from (soft) counts. Shape: ``(n_workers,)``."""
     a_s, b_s = config.sens_prior
     a_c, b_c = config.spec_prior
-    sens = (a_s + q_yes) / (a_s + b_s + q_yes + q_no)
-    neg_no, neg_yes = sp.n_no - q_no, sp.n_yes - q_yes
+    sens = (a_s + pos_yes) / (a_s + b_s + pos_yes + pos_no)
     spec = (a_c + neg_no) / (a_c + b_c + neg_no + neg_yes)
     return sens, spec
 
@@ -204,11 +276,40 @@ def fit_prior_weight(
     return a
 
 
-def _init_posterior(votes: Votes, sp: _Split, prior: FloatArray) -> FloatArray:
-    yes = np.bincount(votes.item, weights=votes.label, minlength=votes.n_items)
-    total = sp.counts.astype(np.float64)
-    # Smoothed majority vote, shifted by the prior: a starting point, not an estimate.
-    return sigmoid(logit((yes + 0.5) / (total + 1.0)) + prior)
+def _sigmoid(z: FloatArray) -> FloatArray:
+    """Logistic function with one ``exp`` (faster than ``tanh``); clipped so it cannot overflow."""
+    e = np.clip(z, -500.0, 500.0)
+    np.negative(e, out=e)
+    np.exp(e, out=e)
+    e += 1.0
+    return np.reciprocal(e, out=e)
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """What EM keeps fixed, items in the layout's order."""
+
+    lay: _Layout
+    n_items: int
+    prior: FloatArray | None  # (n_items,); None when all zero
+    learn_prior: bool  # fit the prior's weight on gold in each E-step
+    known: IntpArray  # (n_gold,) gold items
+    truth: FloatArray  # (n_gold,) their answers
+    invert_ok: BoolArray  # (n_workers,)
+    config: DawidSkeneConfig
+
+
+def _problem(
+    lay: _Layout, gold: Int8Array, prior: FloatArray, invert_ok: BoolArray, config: DawidSkeneConfig
+) -> _Problem:
+    if lay.order is not None:
+        gold, prior = gold[lay.order], prior[lay.order]
+    known = np.flatnonzero(gold >= 0)
+    has_prior = bool(np.any(prior != 0))
+    learn = config.learn_prior_weight and has_prior and bool(np.any(prior[known] != 0))
+    truth = gold[known].astype(np.float64)
+    p = prior if has_prior else None
+    return _Problem(lay, gold.shape[0], p, learn, known, truth, invert_ok, config)
 
 
 @dataclass
@@ -221,29 +322,31 @@ class _State:
     logodds: FloatArray
 
 
-def _iterate(
-    votes: Votes,
-    sp: _Split,
-    gold: Int8Array,
-    prior: FloatArray,
-    invert_ok: BoolArray,
-    st: _State,
-    config: DawidSkeneConfig,
-) -> _State:
-    known = gold >= 0
-    sens, spec = _m_step(sp, st.q, config)
-    llr_yes, llr_no = vote_weights(sens, spec, invert_ok, config.eps)
-    ev = _evidence(sp, llr_yes, llr_no, votes.n_items)
-    a = st.a
-    if config.learn_prior_weight and known.any() and np.any(prior[known] != 0):
-        base = ev[known] + float(logit(st.pi))
-        a = fit_prior_weight(base, prior[known], gold[known].astype(np.float64), config)
-    logodds = ev + float(logit(st.pi)) + a * prior
-    q = sigmoid(logodds)
-    q[known] = gold[known]
-    a_pi, b_pi = config.class_prior
-    pi = float((a_pi + q.sum()) / (a_pi + b_pi + votes.n_items))
+def _e_step(pb: _Problem, sens: FloatArray, spec: FloatArray, pi: float, a: float) -> _State:
+    cfg = pb.config
+    llr_yes, llr_no = vote_weights(sens, spec, pb.invert_ok, cfg.eps)
+    logodds = _evidence(pb.lay, llr_yes, llr_no, pb.n_items)  # (n_items,)
+    base = float(logit(pi))
+    if pb.prior is not None:
+        if pb.learn_prior:
+            ev = logodds[pb.known] + base
+            a = fit_prior_weight(ev, pb.prior[pb.known], pb.truth, cfg)
+        logodds += a * pb.prior
+    logodds += base
+    q = _sigmoid(logodds)
+    q[pb.known] = pb.truth
+    a_pi, b_pi = cfg.class_prior
+    pi = float((a_pi + q.sum()) / (a_pi + b_pi + q.shape[0]))
     return _State(q, sens, spec, pi, a, logodds)
+
+
+def _restore(st: _State, order: IntpArray | None) -> _State:
+    """Items back in their original order."""
+    if order is None:
+        return st
+    q, logodds = np.empty_like(st.q), np.empty_like(st.logodds)
+    q[order], logodds[order] = st.q, st.logodds
+    return _State(q, st.sens, st.spec, st.pi, st.a, logodds)
 
 
 def dawid_skene(
@@ -269,23 +372,26 @@ def dawid_skene(
     """
     g = check_gold(gold, votes.n_items)
     prior = check_prior(prior_logodds, votes.n_items)
-    sp = _split(votes)
-    invert_ok = confirmed_adversary(*gold_counts(votes, g), config)
-    q0 = _init_posterior(votes, sp, prior)
-    q0[g >= 0] = g[g >= 0]
-    ones = np.ones(votes.n_workers, dtype=np.float64)
-    pi = float(np.clip(q0.mean(), 0.01, 0.99)) if votes.n_items else 0.5
-    st = _State(q0, ones * 0.5, ones * 0.5, pi, config.prior_weight, logit(q0))
+    lay = _layout(votes)
+    tp, fn, tn, fp = gold_counts(votes, g)
+    invert_ok = confirmed_adversary(tp, fn, tn, fp, config)
+    pb = _problem(lay, g, prior, invert_ok, config)
+    # Start from what gold alone says of each worker (the Beta prior where it says nothing): a
+    # gold-aware weighted majority that already ignores random clickers and gold-caught
+    # adversaries, so EM needs fewer rounds than from a plain majority vote.
+    a_pi, b_pi = config.class_prior
+    pi = (a_pi + float(pb.truth.sum())) / (a_pi + b_pi + pb.truth.shape[0])
+    st = _e_step(pb, *_skills(tp, fn, fp, tn, config), pi, config.prior_weight)
     converged = False
     it = 0
     for it in range(1, config.max_iter + 1):  # noqa: B007 - reported as iterations
-        new = _iterate(votes, sp, g, prior, invert_ok, st, config)
+        new = _e_step(pb, *_m_step(lay, st.q, config), st.pi, st.a)
         delta = float(np.max(np.abs(new.q - st.q))) if votes.n_items else 0.0
         st = new
         if delta < config.tol:
             converged = True
             break
-    return _result("dawid_skene", st, invert_ok, it, converged)
+    return _result("dawid_skene", _restore(st, lay.order), invert_ok, it, converged)
 
 
 def _result(

@@ -47,8 +47,16 @@ class Votes:
             raise ValueError(f"worker indices must lie in [0, {self.n_workers})")
         if n and (self.item.min() < 0 or self.item.max() >= self.n_items):
             raise ValueError(f"item indices must lie in [0, {self.n_items})")
-        if n and not np.isin(self.label, (0, 1)).all():
+        if n and not _all_within(self.label, 0, 1):
             raise ValueError("labels must be 0 or 1")
+
+
+def _all_within(a: npt.NDArray[np.generic], low: int, high: int) -> bool:
+    """Whether every value is one of the integers ``low..high`` (two reductions for integer
+    arrays; ``np.isin`` would cost ten times as much on millions of votes)."""
+    if a.dtype.kind in "iub":
+        return bool(a.min() >= low) and bool(a.max() <= high)
+    return bool(np.isin(a, np.arange(low, high + 1)).all())
 
 
 def make_votes(
@@ -122,7 +130,7 @@ def check_gold(gold: npt.ArrayLike | None, n_items: int) -> Int8Array:
     g = np.asarray(gold)
     if g.shape != (n_items,):
         raise ValueError(f"gold must have shape ({n_items},), got {g.shape}")
-    if not np.isin(g, (UNKNOWN, 0, 1)).all():
+    if g.size and not _all_within(g, UNKNOWN, 1):
         raise ValueError("gold values must be -1 (unknown), 0 or 1")
     return g.astype(np.int8)
 
