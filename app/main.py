@@ -18,6 +18,7 @@ from app.config import Settings, get_settings
 from app.db import engine_for, make_session_factory
 from app.pages import FRONTEND_DIR
 from app.pages import home as home_pages
+from app.pages import volunteer as volunteer_pages
 from app.security import Signer, TokenError, TokenProblem
 from app.services.errors import ConflictError, InvalidInputError, NotFoundError
 from app.services.project import get_project, list_project_summaries
@@ -106,5 +107,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health_api.router)
     app.include_router(api_router)
     app.include_router(home_pages.router)
+    app.include_router(volunteer_pages.router)
     app.mount("/static", StaticFiles(directory=FRONTEND_DIR / "static"), name="static")
     return app

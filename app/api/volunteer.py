@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.deps import VolunteerDep, WriteSessionDep
-from app.schemas.task import VolunteerStatsRead
-from app.services.volunteer import volunteer_stats
+from app.schemas.task import VolunteerStatsRead, VolunteerUpdate
+from app.services.volunteer import rename_volunteer, volunteer_stats
 
 router = APIRouter(prefix="/volunteers", tags=["volunteers"])
 
@@ -19,4 +19,14 @@ router = APIRouter(prefix="/volunteers", tags=["volunteers"])
 def read_me(session: WriteSessionDep, volunteer: VolunteerDep) -> VolunteerStatsRead:
     stats = volunteer_stats(session, volunteer=volunteer)
     session.commit()
-    return VolunteerStatsRead(answers=stats.answers, tasks=stats.tasks, quality=stats.quality)
+    return VolunteerStatsRead.model_validate(stats, from_attributes=True)
+
+
+@router.patch("/me", response_model=VolunteerStatsRead, summary="Choose a display name")
+def update_me(
+    body: VolunteerUpdate, session: WriteSessionDep, volunteer: VolunteerDep
+) -> VolunteerStatsRead:
+    rename_volunteer(session, volunteer=volunteer, name=body.display_name)
+    stats = volunteer_stats(session, volunteer=volunteer)
+    session.commit()
+    return VolunteerStatsRead.model_validate(stats, from_attributes=True)

@@ -61,6 +61,14 @@ class SubmissionRead(BaseModel):
 
 
 class VolunteerStatsRead(BaseModel):
+    name: str
     answers: int
     tasks: int
-    quality: Literal["new", "learning", "fair", "good", "excellent"]
+    streak_days: int = Field(description="consecutive days up to today with an answer")
+    quality: Literal["new", "learning", "fair", "good", "excellent"] = Field(
+        description="coarse agreement with known tiles; never says which tiles were known"
+    )
+
+
+class VolunteerUpdate(BaseModel):
+    display_name: str = Field(min_length=2, max_length=40)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import date, timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
 from app.models import Credibility, Task, TaskState, Volunteer, Vote
-from app.services.errors import NotFoundError
+from app.services.errors import InvalidInputError, NotFoundError
 
 
 def find_volunteer(session: Session, *, public_id: str) -> Volunteer | None:
@@ -79,6 +80,8 @@ class VolunteerStats:
     answers: int
     tasks: int
     quality: str  # coarse: never reveals which tiles were known
+    streak_days: int  # consecutive days, up to today, with at least one answer
+    name: str
 
 
 def quality_level(gold_correct: int, gold_answers: int) -> str:
@@ -97,9 +100,70 @@ def volunteer_stats(session: Session, *, volunteer: Volunteer) -> VolunteerStats
         .select_from(Task)
         .where(Task.volunteer_id == volunteer.id, Task.state == TaskState.SUBMITTED)
     )
-    cred = credibility_of(session, volunteer_id=volunteer.id)
+    cred = session.scalar(
+        select(Credibility).where(
+            Credibility.volunteer_id == volunteer.id, Credibility.category == ""
+        )
+    )
     return VolunteerStats(
         answers=answers or 0,
         tasks=tasks or 0,
-        quality=quality_level(cred.gold_correct, cred.gold_answers),
+        quality=quality_level(cred.gold_correct, cred.gold_answers) if cred else "new",
+        streak_days=streak_days(session, volunteer=volunteer),
+        name=display_name(volunteer),
     )
+
+
+def display_name(volunteer: Volunteer) -> str:
+    return volunteer.display_name or f"Volunteer {volunteer.public_id[:6]}"
+
+
+def streak_days(session: Session, *, volunteer: Volunteer, today: date | None = None) -> int:
+    days = {
+        str(d)[:10]
+        for d in session.scalars(
+            select(func.date(Vote.created_at)).where(Vote.volunteer_id == volunteer.id).distinct()
+        )
+    }
+    day, streak = today or utcnow().date(), 0
+    while day.isoformat() in days:
+        streak, day = streak + 1, day - timedelta(days=1)
+    return streak
+
+
+@dataclass(frozen=True)
+class LeaderboardRow:
+    rank: int
+    name: str
+    answers: int
+    is_you: bool
+
+
+def leaderboard(
+    session: Session, *, volunteer: Volunteer | None, limit: int = 20
+) -> list[LeaderboardRow]:
+    """Volunteers by answers given (banned ones left out)."""
+    rows = session.execute(
+        select(Volunteer, func.count(Vote.id).label("answers"))
+        .join(Vote, Vote.volunteer_id == Volunteer.id)
+        .where(Volunteer.banned.is_(False))
+        .group_by(Volunteer.id)
+        .order_by(func.count(Vote.id).desc(), Volunteer.id)
+        .limit(limit)
+    ).all()
+    return [
+        LeaderboardRow(
+            rank=i + 1,
+            name=display_name(v),
+            answers=n,
+            is_you=volunteer is not None and v.id == volunteer.id,
+        )
+        for i, (v, n) in enumerate(rows)
+    ]
+
+
+def rename_volunteer(session: Session, *, volunteer: Volunteer, name: str) -> None:
+    name = " ".join(name.split())
+    if not 2 <= len(name) <= 40:
+        raise InvalidInputError("a display name has 2 to 40 characters")
+    volunteer.display_name = name

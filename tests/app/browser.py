@@ -1,0 +1,91 @@
+"""A real Tessera server on a demo project, and a real headless Chromium, for page tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-features=MediaRouter,OptimizationHints",
+]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    database_url: str
+    data_dir: Path
+
+
+def _tessera(env: dict[str, str], *args: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"tessera {' '.join(args)} failed:\n{result.stderr}")
+
+
+@contextmanager
+def demo_server(data_dir: Path, database_url: str, *, images: int = 4) -> Iterator[Server]:
+    """`tessera demo` then `tessera serve` in real processes; stopped on exit."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
+    env |= {
+        "TESSERA_DATA_DIR": str(data_dir),
+        "TESSERA_DATABASE_URL": database_url,
+        "TESSERA_CONSENSUS_INTERVAL_S": "0",
+    }
+    _tessera(env, "db", "upgrade")
+    _tessera(env, "demo", "--no-serve", "--images", str(images), "--seed", "5")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{url}/healthz", timeout=2).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    output = proc.stdout.read() if proc.stdout else ""
+                    raise RuntimeError(f"the server did not start:\n{output}") from None
+                time.sleep(0.2)
+        yield Server(url=url, database_url=database_url, data_dir=data_dir)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
