@@ -184,13 +184,23 @@ def consensus_recompute(
         )
 
 
-def _serve(settings: Settings, host: str, port: int) -> None:
+def _serve(settings: Settings, host: str, port: int, workers: int = 1) -> None:
     import uvicorn
 
     from app.main import create_app
 
     _ready_engine(settings)
     console.print(f"Tessera is serving on [bold]http://{host}:{port}/[/]  (Ctrl+C stops it)")
+    if workers > 1:  # each worker process builds its app from the same environment
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level="info",
+        )
+        return
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 
 
@@ -198,10 +208,13 @@ def _serve(settings: Settings, host: str, port: int) -> None:
 def serve(
     host: Annotated[str | None, typer.Option(help="address to bind")] = None,
     port: Annotated[int | None, typer.Option(help="port to bind")] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, max=64, help="worker processes (PostgreSQL scales with them)")
+    ] = 1,
 ) -> None:
     """Run the web service (an embedded SQLite database is upgraded first)."""
     settings = _settings()
-    _serve(settings, host or settings.host, port or settings.port)
+    _serve(settings, host or settings.host, port or settings.port, workers)
 
 
 def build_demo(settings: Settings, *, seed: int, n_images: int) -> ImportReport | None:

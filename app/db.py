@@ -7,6 +7,7 @@ plain pooled engine. Route handlers and job steps commit once; services only flu
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -56,12 +57,39 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _sqlite_begin(conn: Any) -> None:
-    # A writer takes the write lock up front (BEGIN IMMEDIATE), waiting its turn under the busy
-    # timeout; a deferred transaction that read first could not upgrade to writing once another
-    # writer had committed (SQLITE_BUSY_SNAPSHOT, which no timeout retries).
-    immediate = conn.get_execution_options().get(WRITE_OPTION, False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+class _WriterGate:
+    """Writers of one SQLite database in this process take turns in arrival order.
+
+    SQLite's busy handler makes a waiting writer sleep and poll, which under load starves some
+    writers for seconds; a lock here queues them instead. Writers in other processes still meet
+    at SQLite's own lock (BEGIN IMMEDIATE and the busy timeout).
+    """
+
+    KEY = "tessera_writer_gate"
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def begin(self, conn: Any) -> None:
+        # A writer takes the write lock up front (BEGIN IMMEDIATE); a deferred transaction that
+        # read first could not upgrade to writing once another writer had committed
+        # (SQLITE_BUSY_SNAPSHOT, which no timeout retries).
+        if not conn.get_execution_options().get(WRITE_OPTION, False):
+            conn.exec_driver_sql("BEGIN")
+            return
+        # The timeout keeps a thread that nests two writers from waiting forever.
+        if self.lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000):
+            conn.info[self.KEY] = self.lock
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            self.end(conn)
+            raise
+
+    def end(self, conn: Any) -> None:
+        lock = conn.info.pop(self.KEY, None)
+        if lock is not None:
+            lock.release()
 
 
 def make_engine(url: str) -> Engine:
@@ -69,8 +97,11 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
         )
+        gate = _WriterGate()
         event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin)
+        event.listen(engine, "begin", gate.begin)
+        event.listen(engine, "commit", gate.end)
+        event.listen(engine, "rollback", gate.end)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 

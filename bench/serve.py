@@ -244,6 +244,7 @@ def bench_tessera(backend: str, args: argparse.Namespace, stack: ExitStack) -> R
     url = env.get("TESSERA_DATABASE_URL") or f"sqlite:///{tmp / 'data' / 'tessera.db'}"
     port = free_port()
     cmd = [TESSERA, "serve", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--workers", str(args.workers)]
     server = Server(cmd, env, tmp / "server.log", port)
     stack.callback(server.stop)
     result = run_phase(f"tessera/{backend}", server, tessera_cycle(args.tiles), args)
@@ -336,6 +337,7 @@ def main() -> int:
     parser.add_argument("--volunteers", type=int, default=16)
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--tiles", action="store_true", help="also fetch the nine tiles")
+    parser.add_argument("--workers", type=int, default=1, help="tessera serve --workers")
     parser.add_argument("--quick", action="store_true", help="5 s per phase, 1 s warm-up")
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()

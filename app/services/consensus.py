@@ -82,10 +82,18 @@ def _counts(session: Session, volunteer_ids: list[int]) -> WorkerCounts:
     return WorkerCounts.from_rows([rows.get(v, [0.0] * 8) for v in volunteer_ids])
 
 
-def refresh_cells(session: Session, *, cells: list[Cell]) -> None:
+@dataclass(frozen=True)
+class Fresh:
+    """New posteriors and vote counts of refreshed cells. Shape: each ``(n_cells,)``."""
+
+    posterior: np.ndarray
+    n_votes: np.ndarray
+
+
+def refresh_cells(session: Session, *, cells: list[Cell]) -> Fresh:
     """Recompute the posteriors of ``cells`` from all their counted votes."""
     if not cells:
-        return
+        return Fresh(np.zeros(0), np.zeros(0, dtype=np.int64))
     index = {c.id: i for i, c in enumerate(cells)}
     votes = session.execute(
         select(Vote.cell_id, Vote.volunteer_id, Vote.label)
@@ -105,6 +113,7 @@ def refresh_cells(session: Session, *, cells: list[Cell]) -> None:
     )
     n_votes = np.bincount(vote_cell, minlength=len(cells))
     n_yes = np.bincount(vote_cell, weights=labels, minlength=len(cells))
+    posterior = 1.0 / (1.0 + np.exp(-logodds))
     now = utcnow()
     session.execute(
         update(Consensus),
@@ -112,7 +121,7 @@ def refresh_cells(session: Session, *, cells: list[Cell]) -> None:
             {
                 "cell_id": cell.id,
                 "logodds": float(logodds[i]),
-                "posterior": float(1 / (1 + np.exp(-logodds[i]))),
+                "posterior": float(posterior[i]),
                 "n_votes": int(n_votes[i]),
                 "n_yes": int(n_yes[i]),
                 "method": "online",
@@ -120,6 +129,57 @@ def refresh_cells(session: Session, *, cells: list[Cell]) -> None:
             }
             for i, cell in enumerate(cells)
         ],
+    )
+    return Fresh(posterior, n_votes)
+
+
+def retire_fresh(project: Project, *, cells: list[Cell], fresh: Fresh) -> tuple[set[int], int]:
+    """Retire the refreshed cells that are now confident or out of budget.
+
+    Returns the targets that had a cell retire (only those need refining and may complete),
+    and how many cells retired.
+    """
+    open_at = [i for i, c in enumerate(cells) if c.status == CellStatus.OPEN]
+    if not open_at:
+        return set(), 0
+    decision = retire(
+        fresh.posterior[open_at], fresh.n_votes[open_at], config=retirement_config(project)
+    )
+    now, touched = utcnow(), set()
+    for k, i in enumerate(open_at):
+        if not decision.retired[k]:
+            continue
+        cell, unsure = cells[i], bool(decision.uncertain[k])
+        cell.status, cell.label, cell.uncertain = (
+            CellStatus.RETIRED,
+            bool(decision.label[k]),
+            unsure,
+        )
+        cell.retire_reason = RetireReason.BUDGET if unsure else RetireReason.CONFIDENT
+        cell.retired_at = now
+        touched.add(cell.target_id)
+    return touched, int(decision.retired.sum())
+
+
+def revalue_windows(session: Session, *, window_ids: set[int]) -> None:
+    """Update the picker's value of open windows from their open cells' posteriors."""
+    if not window_ids:
+        return
+    rows = session.execute(
+        select(Window.id, Target.priority, Consensus.posterior)
+        .join(Target, Target.id == Window.target_id)
+        .join(Cell, Cell.window_id == Window.id)
+        .join(Consensus, Consensus.cell_id == Cell.id)
+        .where(Window.id.in_(window_ids), Cell.status == CellStatus.OPEN)
+    ).all()
+    pending: dict[int, list[float]] = defaultdict(list)
+    priority: dict[int, float] = {}
+    for window_id, prio, q in rows:
+        pending[window_id].append(q)
+        priority[window_id] = prio
+    session.execute(
+        update(Window),
+        [{"id": w, "value": priority[w] * uncertainty(qs)} for w, qs in pending.items()],
     )
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import Select, exists, func, or_, select, update
+from sqlalchemy import Select, exists, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
@@ -158,9 +158,12 @@ def _new_task(
     )
     session.add(task)
     session.flush()
-    session.add_all(
-        TaskTile(task_id=task.id, position=i, cell_id=c.id, known=k)
-        for i, (c, k) in enumerate(zip(cells, known, strict=True))
+    session.execute(
+        insert(TaskTile),
+        [
+            {"task_id": task.id, "position": i, "cell_id": c.id, "known": k}
+            for i, (c, k) in enumerate(zip(cells, known, strict=True))
+        ],
     )
     volunteer.tiles_served += len(cells)
     volunteer.known_served += sum(known)

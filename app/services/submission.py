@@ -13,14 +13,29 @@ from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import as_utc, utcnow
-from app.models import Cell, Project, Task, TaskState, TaskTile, Volunteer, Vote, Window
+from app.models import (
+    Cell,
+    Project,
+    Task,
+    TaskState,
+    TaskTile,
+    Volunteer,
+    Vote,
+    Window,
+)
 from app.security import Signer, TaskClaims
-from app.services.consensus import gold_labels, refresh_cells, settle_targets
+from app.services.consensus import (
+    gold_labels,
+    refresh_cells,
+    retire_fresh,
+    revalue_windows,
+    settle_targets,
+)
 from app.services.errors import ConflictError, InvalidInputError, NotFoundError
 from app.services.volunteer import credibility_of
 from ml.aggregation.credibility import gold_credit
@@ -73,16 +88,22 @@ def _store_votes(
     session: Session, task: Task, volunteer: Volunteer, selected: set[int], elapsed_ms: int
 ) -> list[TaskTile]:
     tiles = list(session.scalars(select(TaskTile).where(TaskTile.task_id == task.id)))
-    session.add_all(
-        Vote(
-            task_id=task.id,
-            volunteer_id=volunteer.id,
-            cell_id=tile.cell_id,
-            position=tile.position,
-            label=tile.position in selected,
-            elapsed_ms=elapsed_ms,
-        )
-        for tile in tiles
+    now = utcnow()
+    # One multi-row INSERT; the (task, position) key refuses a second copy of any vote.
+    session.execute(
+        insert(Vote),
+        [
+            {
+                "task_id": task.id,
+                "volunteer_id": volunteer.id,
+                "cell_id": tile.cell_id,
+                "position": tile.position,
+                "label": tile.position in selected,
+                "elapsed_ms": elapsed_ms,
+                "created_at": now,
+            }
+            for tile in tiles
+        ],
     )
     return tiles
 
@@ -148,16 +169,21 @@ def submit(
     unknown_ids = [t.cell_id for t in tiles if not t.known]
     cells = list(session.scalars(select(Cell).where(Cell.id.in_(unknown_ids))))
     session.flush()
-    refresh_cells(session, cells=cells)
-    settled = settle_targets(
-        session, settings=settings, project=project, target_ids=[c.target_id for c in cells]
+    fresh = refresh_cells(session, cells=cells)
+    changed, retired = retire_fresh(project, cells=cells, fresh=fresh)
+    session.flush()
+    # Targets where a cell retired may refine or complete; elsewhere only window values move.
+    settled = settle_targets(session, settings=settings, project=project, target_ids=changed)
+    revalue_windows(
+        session,
+        window_ids={c.window_id for c in cells if c.window_id and c.target_id not in changed},
     )
     _release(session, task, volunteer)
     result = SubmissionResult(
         task_id=task.id,
         votes=len(tiles),
         feedback=feedback,
-        retired_cells=sum(s.retired for s in settled),
+        retired_cells=retired + sum(s.retired for s in settled),
         windows_opened=sum(s.windows_opened for s in settled),
         completed_targets=sum(s.completed for s in settled),
     )
