@@ -20,6 +20,7 @@ from app.services.errors import ConflictError, InvalidInputError, NotFoundError
 from app.services.import_formats import ImportFormatError
 from app.services.importer import ImportReport, import_path, remove_files
 from app.services.project import (
+    create_project,
     find_project,
     get_or_create_project,
     get_project,
@@ -231,16 +232,17 @@ def build_demo(settings: Settings, *, seed: int, n_images: int) -> ImportReport 
         shutil.rmtree(source)
     write_demo_dataset(source, seed=seed, n_images=n_images)
     with factory() as session:
+        project = create_project(
+            session,
+            slug=DEMO_PROJECT,
+            name="Demo: shapes, colours and textures",
+            description=f"{n_images} generated scenes (seed {seed}) with exact masks.",
+        )
+        # The scenes are small (128-512 px) and flat-coloured: small cells still read well.
+        project.settings = dict(DEMO_SETTINGS)
         report = run_import(
             session, settings=settings, project_slug=DEMO_PROJECT, path=source, tag_file=None
         )
-        project = find_project(session, slug=DEMO_PROJECT)
-        assert project is not None
-        project.name = "Demo: shapes, colours and textures"
-        project.description = f"{n_images} generated scenes (seed {seed}) with exact masks."
-        # The scenes are small (128-512 px) and flat-coloured: small cells still read well.
-        project.settings = {**project.settings, **DEMO_SETTINGS}
-        session.commit()
     return report
 
 
@@ -256,7 +258,8 @@ def demo(
 ) -> None:
     """Generate a demo project of procedural scenes with exact masks, then serve it."""
     settings = _settings()
-    report = build_demo(settings, seed=seed, n_images=images)
+    with console.status(f"Generating {images} demo scenes and importing them (about a minute)"):
+        report = build_demo(settings, seed=seed, n_images=images)
     if report is None:
         console.print(f"project {DEMO_PROJECT!r} exists already; serving it as it is")
     else:

@@ -90,29 +90,35 @@ def _gold_label(coverage: float) -> bool | None:
     return None
 
 
-def open_window(
+def open_windows(
     session: Session,
     *,
     target: Target,
-    parent: grid.Cell,
+    parents: Sequence[grid.Cell],
     truth: Truth | None,
-    prior_logodds: Sequence[float] | None = None,
-) -> Window:
-    """Open the window showing ``parent``'s nine children, with their cells and consensus."""
-    children = grid.children(parent)
-    priors = np.asarray(prior_logodds if prior_logodds is not None else [0.0] * 9, dtype=float)
-    posteriors = 1.0 / (1.0 + np.exp(-priors))
-    window = Window(
-        project_id=target.project_id,
-        tag_id=target.tag_id,
-        target_id=target.id,
-        level=parent.level,
-        row=parent.row,
-        col=parent.col,
-        value=target.priority * uncertainty(list(posteriors)),
-    )
-    session.add(window)
+    prior_logodds: Sequence[Sequence[float]] | None = None,
+) -> list[Window]:
+    """Open the windows showing each parent's nine children, with their cells and consensus.
+
+    Everything is added in two flushes, however many windows open at once.
+    """
+    priors = np.zeros((len(parents), 9)) if prior_logodds is None else np.asarray(prior_logodds)
+    posteriors = 1.0 / (1.0 + np.exp(-priors))  # (n_windows, 9)
+    windows = [
+        Window(
+            project_id=target.project_id,
+            tag_id=target.tag_id,
+            target_id=target.id,
+            level=parent.level,
+            row=parent.row,
+            col=parent.col,
+            value=target.priority * uncertainty(list(q)),
+        )
+        for parent, q in zip(parents, posteriors, strict=True)
+    ]
+    session.add_all(windows)
     session.flush()
+    addresses = [child for parent in parents for child in grid.children(parent)]
     cells = [
         Cell(
             target_id=target.id,
@@ -120,20 +126,22 @@ def open_window(
             row=child.row,
             col=child.col,
             prior_logodds=float(prior),
-            window_id=window.id,
+            window_id=windows[k // 9].id,
             status=CellStatus.OPEN,
         )
-        for child, prior in zip(children, priors, strict=True)
+        for k, (child, prior) in enumerate(zip(addresses, priors.reshape(-1), strict=True))
     ]
     session.add_all(cells)
     session.flush()
     session.add_all(
         Consensus(cell_id=c.id, logodds=c.prior_logodds, posterior=float(q))
-        for c, q in zip(cells, posteriors, strict=True)
+        for c, q in zip(cells, posteriors.reshape(-1), strict=True)
     )
     if truth is not None:
-        window.known = _add_gold(session, target, cells, children, truth) == 9
-    return window
+        served = _add_gold(session, target, cells, addresses, truth)
+        for k, window in enumerate(windows):
+            window.known = bool(served[9 * k : 9 * k + 9].all())
+    return windows
 
 
 def _add_gold(
@@ -142,11 +150,11 @@ def _add_gold(
     cells: list[Cell],
     addresses: Sequence[grid.Cell],
     truth: Truth,
-) -> int:
-    """Gold for the unambiguous cells; served ones retire at once. Returns how many are served."""
-    served = 0
+) -> np.ndarray:
+    """Gold for the unambiguous cells; served ones retire at once. Returns which are served."""
     coverage = grid.cell_coverage(truth.mask, addresses)
-    for cell, cov in zip(cells, coverage, strict=True):
+    served = np.zeros(len(cells), dtype=bool)
+    for i, (cell, cov) in enumerate(zip(cells, coverage, strict=True)):
         label = _gold_label(float(cov))
         if label is None:
             continue
@@ -167,49 +175,62 @@ def _add_gold(
                 RetireReason.GOLD,
                 label,
             )
-            served += 1
+            served[i] = True
     return served
 
 
-def _open_control_pyramid(
-    session: Session, *, target: Target, image: Image, truth: Truth, config: RefinementConfig
-) -> None:
-    """Open a control target's windows along its true border, level by level."""
+def control_pyramid(
+    truth: np.ndarray, height: int, width: int, config: RefinementConfig
+) -> list[grid.Cell]:
+    """The windows a perfect crowd would open on this truth: its border, level by level.
+
+    Returns the parent cells of those windows, the root first.
+    """
     cells = list(grid.children(grid.ROOT))
-    opened = {grid.ROOT}
+    opened = [grid.ROOT]
     while True:
-        labels = (grid.cell_coverage(truth.mask, cells) > 0).astype(np.int8)
-        deeper = choose_refinements(
-            cells, labels, image.height, image.width, opened=opened, config=config
-        )
+        labels = (grid.cell_coverage(truth, cells) > 0).astype(np.int8)
+        deeper = choose_refinements(cells, labels, height, width, opened=set(opened), config=config)
         if not deeper:
-            return
-        for cell in deeper:
-            open_window(session, target=target, parent=cell, truth=truth)
-            opened.add(cell)
-            cells += grid.children(cell)
+            return opened
+        opened += deeper
+        cells += [child for cell in deeper for child in grid.children(cell)]
 
 
 def open_target(
-    session: Session, *, settings: Settings, project: Project, target: Target, image: Image
+    session: Session,
+    *,
+    settings: Settings,
+    project: Project,
+    target: Target,
+    image: Image,
+    truth_mask: np.ndarray | None = None,
 ) -> None:
     """Move a seeded target to collecting: its level-0 window opens (and more for controls)."""
-    mask = load_truth(session, settings, target)
+    mask = truth_mask if truth_mask is not None else load_truth(session, settings, target)
     truth = None
     if mask is not None:
         control = is_control(target.id, float(project.setting("control_share")))
         truth = Truth(mask=mask, frozen=not control)
-    open_window(session, target=target, parent=grid.ROOT, truth=truth)
+    parents = [grid.ROOT]
     if truth is not None and not truth.frozen:
-        _open_control_pyramid(
-            session, target=target, image=image, truth=truth, config=refinement_config(project)
-        )
+        parents = control_pyramid(truth.mask, image.height, image.width, refinement_config(project))
+    open_windows(session, target=target, parents=parents, truth=truth)
     target.state = TargetState.COLLECTING
     target.control = truth is not None and not truth.frozen
 
 
-def open_seeded_targets(session: Session, *, settings: Settings, project: Project) -> int:
-    """Open every seeded target of the project. Returns how many were opened."""
+def open_seeded_targets(
+    session: Session,
+    *,
+    settings: Settings,
+    project: Project,
+    truths: dict[int, np.ndarray] | None = None,
+) -> int:
+    """Open every seeded target of the project. Returns how many were opened.
+
+    ``truths`` holds ground-truth masks by target id that the caller has at hand already.
+    """
     rows = session.execute(
         select(Target, Image)
         .join(Image, Image.id == Target.image_id)
@@ -217,6 +238,13 @@ def open_seeded_targets(session: Session, *, settings: Settings, project: Projec
         .order_by(Target.id)
     ).all()
     for target, image in rows:
-        open_target(session, settings=settings, project=project, target=target, image=image)
+        open_target(
+            session,
+            settings=settings,
+            project=project,
+            target=target,
+            image=image,
+            truth_mask=(truths or {}).get(target.id),
+        )
     session.flush()
     return len(rows)

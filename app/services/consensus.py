@@ -40,7 +40,7 @@ from app.models import (
 from app.services.campaign import (
     Truth,
     load_truth,
-    open_window,
+    open_windows,
     refinement_config,
     uncertainty,
 )
@@ -247,8 +247,7 @@ def _refine(
         return 0
     mask = load_truth(session, settings, target)
     truth = Truth(mask=mask, frozen=True) if mask is not None else None
-    for cell in deeper:
-        open_window(session, target=target, parent=cell, truth=truth)
+    open_windows(session, target=target, parents=deeper, truth=truth)
     return len(deeper)
 
 

@@ -163,6 +163,7 @@ class _Importer:
         self.report = ImportReport(project=project.slug)
         self.seen: dict[str, Image] = {}  # sha256 -> image, for duplicates within the import
         self.pairs: set[tuple[int, int]] = set()
+        self.truths: dict[int, np.ndarray] = {}  # target id -> ground truth, to open targets
 
     def run(self, sources: ImportSources, plan: _Plan) -> ImportReport:
         if sources.vocabulary_file is not None:
@@ -269,6 +270,7 @@ class _Importer:
     def _add_ground_truth(self, image: Image, tag: Tag, mask: np.ndarray) -> None:
         self._attach(image, [tag])
         target, _ = ensure_target(self.session, image=image, tag=tag)
+        self.truths[target.id] = mask
         add_mask_version(
             self.session,
             target=target,
@@ -297,7 +299,9 @@ def import_path(
     importer = _Importer(session, settings, project)
     try:
         report = importer.run(sources, plan)
-        report.targets_opened = open_seeded_targets(session, settings=settings, project=project)
+        report.targets_opened = open_seeded_targets(
+            session, settings=settings, project=project, truths=importer.truths
+        )
         return report
     except BaseException:
         remove_files(importer.report.files_written)
