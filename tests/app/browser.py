@@ -66,10 +66,13 @@ def demo_server(data_dir: Path, database_url: str, *, images: int = 4) -> Iterat
     _tessera(env, "db", "upgrade")
     _tessera(env, "demo", "--no-serve", "--images", str(images), "--seed", "5")
     port = free_port()
+    log_path = data_dir / "serve.log"
+    # A file, not a pipe: an unread pipe fills up and blocks the server.
+    log = log_path.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )
@@ -82,10 +85,15 @@ def demo_server(data_dir: Path, database_url: str, *, images: int = 4) -> Iterat
                 break
             except httpx.HTTPError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    output = proc.stdout.read() if proc.stdout else ""
+                    output = log_path.read_text()
                     raise RuntimeError(f"the server did not start:\n{output}") from None
                 time.sleep(0.2)
         yield Server(url=url, database_url=database_url, data_dir=data_dir)
     finally:
         proc.terminate()
-        proc.wait(timeout=20)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

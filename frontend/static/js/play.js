@@ -34,11 +34,10 @@ function say(message, kind = "info") {
 }
 
 function preload(url) {
-  return new Promise((resolve) => {
-    const img = new Image();
-    img.onload = img.onerror = () => resolve();
-    img.src = url;
-  });
+  const img = new Image();
+  img.src = url;
+  // decode() resolves once the tile is ready to paint; a broken tile must not stall the grid.
+  return img.decode().catch(() => undefined);
 }
 
 async function fetchTask(attempt = 0) {
@@ -172,7 +171,6 @@ function queue(kind, body) {
   const items = outbox();
   items.push({ id: `${Date.now()}-${Math.random()}`, kind, body });
   saveOutbox(items);
-  flush();
 }
 
 // --- actions ---------------------------------------------------------------------------
@@ -188,6 +186,7 @@ async function act(kind) {
       await showNext();
       return;
     }
+    // Kept on the device first, sent once the next grid is up: nothing is lost, nothing waits.
     if (kind === "submit") {
       const elapsed = Math.round(performance.now() - shownAt);
       queue("submit", { token: task.token, selected: [...selected].sort(), elapsed_ms: elapsed });
@@ -197,6 +196,7 @@ async function act(kind) {
       queue("skip", { token: task.token });
     }
     await showNext();
+    flush();
   } finally {
     busy = false;
   }
