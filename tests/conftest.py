@@ -1,5 +1,9 @@
 """Shared fixtures: one database per test run (SQLite by default, PostgreSQL when
-TESSERA_TEST_DATABASE_URL says so), migrated with Alembic, and a savepoint per test."""
+TESSERA_TEST_DATABASE_URL says so), migrated with Alembic, and a savepoint per test.
+
+Against PostgreSQL only the tests that use the database run: every database fixture depends on
+``database_url``, so a test without it (pure numpy, model training, the CLI on its own embedded
+SQLite) would only repeat its SQLite run. They are reported as deselected."""
 
 from __future__ import annotations
 
@@ -16,6 +20,16 @@ from app.db import Base, make_engine
 from app.migrate import upgrade_to_head
 
 TEST_DATABASE_URL = os.environ.get("TESSERA_TEST_DATABASE_URL", "")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not TEST_DATABASE_URL:
+        return
+    uses_db = [i for i in items if "database_url" in getattr(i, "fixturenames", ())]
+    others = [i for i in items if i not in uses_db]
+    if others:
+        config.hook.pytest_deselected(items=others)
+        items[:] = uses_db
 
 
 def _reset(engine: Engine) -> None:

@@ -1,7 +1,7 @@
 """The tables, one module per domain word. Importing this package registers them all."""
 
 from app.models.consensus import Consensus, MaskSource, MaskVersion
-from app.models.image import Image, ImageTag, ImageTagSource, ImageTagStatus
+from app.models.image import Image, ImageEmbedding, ImageTag, ImageTagSource, ImageTagStatus
 from app.models.model_version import Job, JobStatus, ModelKind, ModelVersion
 from app.models.project import DEFAULT_PROJECT_SETTINGS, Project
 from app.models.tag import Tag, TagAlias, TagCategory
@@ -26,6 +26,7 @@ __all__ = [
     "Gold",
     "GoldSource",
     "Image",
+    "ImageEmbedding",
     "ImageTag",
     "ImageTagSource",
     "ImageTagStatus",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import Float, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import Float, ForeignKey, Integer, LargeBinary, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.db import Base, utcnow
@@ -56,6 +56,29 @@ class ImageTag(Base):
     status: Mapped[ImageTagStatus] = mapped_column(
         str_enum(ImageTagStatus), default=ImageTagStatus.ACTIVE
     )
+    # The tagger version that predicted it (classifier tags only).
+    model_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="SET NULL")
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     image: Mapped[Image] = relationship(back_populates="tags")
+
+
+class ImageEmbedding(Base):
+    """The tagger's pooled embedding of an image (float32 bytes), one per tagger version.
+
+    Its presence also records that this version has tagged the image.
+    """
+
+    __tablename__ = "image_embeddings"
+    __table_args__ = (UniqueConstraint("image_id", "model_version_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    model_version_id: Mapped[int] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="CASCADE"), index=True
+    )
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

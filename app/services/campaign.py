@@ -2,10 +2,12 @@
 
 A seeded target opens its level-0 window (the whole image as nine level-1 cells) with a flat
 prior until CAM or a model gives a better one. A target with ground truth is either a *control*
-target (a deterministic share of them), whose unambiguous cells become gold served as known
-tiles, or an *evaluation* target, whose truth is frozen: never shown, only used to measure the
-crowd and the model. A control target's pyramid is opened along its true border at once, so
-that known tiles exist at every level the crowd will see.
+target (those of a deterministic share of the images), whose unambiguous cells become gold
+served as known tiles, or an *evaluation* target, whose truth is frozen: never shown, never
+trained on, only used to measure the crowd and the model. Whole images are control or
+evaluation, so that no model is trained on an image whose other tags are frozen. A control
+target's pyramid is opened along its true border at once, so that known tiles exist at every
+level the crowd will see.
 """
 
 from __future__ import annotations
@@ -48,9 +50,13 @@ def refinement_config(project: Project) -> RefinementConfig:
     )
 
 
-def is_control(target_id: int, share: float) -> bool:
-    """A deterministic, well-spread choice of control targets (Knuth's multiplicative hash)."""
-    return ((target_id * 2654435761) % 2**32) / 2**32 < share
+def is_control(image_id: int, share: float) -> bool:
+    """A deterministic, well-spread choice of control images (Knuth's multiplicative hash).
+
+    Whole images are control or held out, so that the frozen evaluation set is a set of images
+    a model can be scored on without having seen any of their masks.
+    """
+    return ((image_id * 2654435761) % 2**32) / 2**32 < share
 
 
 def uncertainty(posteriors: Sequence[float]) -> float:
@@ -205,17 +211,21 @@ def open_target(
     target: Target,
     image: Image,
     truth_mask: np.ndarray | None = None,
+    root_prior: Sequence[float] | None = None,
 ) -> None:
     """Move a seeded target to collecting: its level-0 window opens (and more for controls)."""
     mask = truth_mask if truth_mask is not None else load_truth(session, settings, target)
     truth = None
     if mask is not None:
-        control = is_control(target.id, float(project.setting("control_share")))
+        control = is_control(target.image_id, float(project.setting("control_share")))
         truth = Truth(mask=mask, frozen=not control)
     parents = [grid.ROOT]
     if truth is not None and not truth.frozen:
         parents = control_pyramid(truth.mask, image.height, image.width, refinement_config(project))
-    open_windows(session, target=target, parents=parents, truth=truth)
+    priors = None
+    if root_prior is not None:  # the level-1 cells get the CAM; deeper control windows, flat
+        priors = [list(root_prior)] + [[0.0] * 9 for _ in parents[1:]]
+    open_windows(session, target=target, parents=parents, truth=truth, prior_logodds=priors)
     target.state = TargetState.COLLECTING
     target.control = truth is not None and not truth.frozen
 

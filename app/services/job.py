@@ -8,6 +8,8 @@ far it got; ``fail_job`` records the error.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -56,3 +58,23 @@ def finish_job(job: Job, *, result: dict[str, Any]) -> None:
 def fail_job(job: Job, *, error: str) -> None:
     log_job(job, f"failed: {error}")
     job.status, job.finished_at = JobStatus.FAILED, utcnow()
+
+
+@contextmanager
+def job_run(
+    session: Session, *, project: Project | None, kind: str, params: dict[str, Any]
+) -> Iterator[Job]:
+    """Start a job, commit it and yield it; the body finishes it (``finish_job``) and commits.
+
+    If the body raises (a ``KeyboardInterrupt`` too), its uncommitted work is rolled back and the
+    job is marked failed with the error, committed, and the exception goes on.
+    """
+    job = start_job(session, project=project, kind=kind, params=params)
+    session.commit()
+    try:
+        yield job
+    except BaseException as exc:
+        session.rollback()
+        fail_job(job, error=str(exc) or type(exc).__name__)
+        session.commit()
+        raise

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 08:06:57.573993
+Create Date: 2026-11-22 08:40:56.403371
 """
 
 from collections.abc import Sequence
@@ -137,6 +137,21 @@ def upgrade() -> None:
     with op.batch_alter_table('tags', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_tags_parent_id'), ['parent_id'], unique=False)
 
+    op.create_table('image_embeddings',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('image_id', sa.Integer(), nullable=False),
+    sa.Column('model_version_id', sa.Integer(), nullable=False),
+    sa.Column('dim', sa.Integer(), nullable=False),
+    sa.Column('vector', sa.LargeBinary(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['image_id'], ['images.id'], name=op.f('fk_image_embeddings_image_id_images'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['model_version_id'], ['model_versions.id'], name=op.f('fk_image_embeddings_model_version_id_model_versions'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_image_embeddings')),
+    sa.UniqueConstraint('image_id', 'model_version_id', name=op.f('uq_image_embeddings_image_id_model_version_id'))
+    )
+    with op.batch_alter_table('image_embeddings', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_image_embeddings_model_version_id'), ['model_version_id'], unique=False)
+
     op.create_table('image_tags',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('image_id', sa.Integer(), nullable=False),
@@ -144,8 +159,10 @@ def upgrade() -> None:
     sa.Column('source', sa.Enum('import', 'classifier', 'curator', name='imagetagsource', native_enum=False, create_constraint=True, length=16), nullable=False),
     sa.Column('probability', sa.Float(), nullable=False),
     sa.Column('status', sa.Enum('active', 'disputed', 'rejected', name='imagetagstatus', native_enum=False, create_constraint=True, length=16), nullable=False),
+    sa.Column('model_version_id', sa.Integer(), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['image_id'], ['images.id'], name=op.f('fk_image_tags_image_id_images'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['model_version_id'], ['model_versions.id'], name=op.f('fk_image_tags_model_version_id_model_versions'), ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['tag_id'], ['tags.id'], name=op.f('fk_image_tags_tag_id_tags'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_image_tags')),
     sa.UniqueConstraint('image_id', 'tag_id', 'source', name=op.f('uq_image_tags_image_id_tag_id_source'))
@@ -393,6 +410,10 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_image_tags_tag_id'))
 
     op.drop_table('image_tags')
+    with op.batch_alter_table('image_embeddings', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_image_embeddings_model_version_id'))
+
+    op.drop_table('image_embeddings')
     with op.batch_alter_table('tags', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_tags_parent_id'))
 

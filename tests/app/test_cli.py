@@ -158,3 +158,39 @@ def test_consensus_recompute_command(tmp_path: Path) -> None:
     assert "demo: 0 votes" in result.stdout
     missing = run(data, "consensus", "recompute", "--project", "nope")
     assert missing.returncode == 2 and "no project 'nope'" in missing.stderr
+
+
+def test_model_commands_train_seed_list_export_and_refuse_bad_input(tmp_path: Path) -> None:
+    src = tmp_path / "pets"
+    for i in range(4):
+        write_image(src / f"{i}.png", seed=i)
+    (src / "tags.txt").write_text("0.png cat\n1.png dog\n2.png cat\n3.png dog cat\n")
+    data = tmp_path / "data"
+    assert run(data, "import", str(src)).returncode == 0
+
+    none_yet = run(data, "seed", "--project", "pets", "--device", "cpu")
+    assert none_yet.returncode == 2 and "no active tagger" in none_yet.stderr
+
+    small = ["--project", "pets", "--epochs", "1", "--size", "64", "--device", "cpu"]
+    trained = run(data, "train", "tagger", *small, "--backbone", "resnet10t")
+    assert trained.returncode == 0, trained.stderr
+    assert "tagger version 1" in trained.stdout and "promoted" in trained.stdout
+
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not torch")
+    refused = run(data, "train", "tagger", *small, "--init-weights", str(bad))
+    assert refused.returncode == 2 and "--init-weights" in refused.stderr
+
+    seeded = run(data, "seed", "--project", "pets", "--device", "cpu")
+    assert seeded.returncode == 0, seeded.stderr
+
+    listing = run(data, "model", "list", "--project", "pets")
+    assert listing.returncode == 0 and "tagger" in listing.stdout
+
+    out = tmp_path / "onnx" / "tagger.onnx"
+    exported = run(data, "export-model", "tagger", "--project", "pets", "--out", str(out))
+    assert exported.returncode == 0, exported.stderr
+    assert [p.name for p in out.parent.iterdir()] == ["tagger.onnx"]  # no temporary left
+
+    no_segmenter = run(data, "predict", "--project", "pets", "--device", "cpu")
+    assert no_segmenter.returncode == 2 and "segmenter" in no_segmenter.stderr

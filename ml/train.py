@@ -1,0 +1,398 @@
+"""Training loops of the tagger and the segmenter: small, seeded, device-agnostic.
+
+``train_tagger(config, train_items, val_items, device=..., progress=...)`` fits the tagger with
+a loss from ``ml.losses`` (BCE with positive weights from the training split, or ASL), then
+tunes a threshold per tag for F1 on the validation split and reports mAP and per-tag
+precision/recall/F1 there. ``train_segmenter`` fits BCE + Dice weighted per pixel and reports
+IoU, mIoU and boundary F1 on the validation split, at the model's input resolution.
+
+Both use AdamW with a cosine schedule; on a GPU they run in bf16 autocast with channels_last
+(``amp``/``channels_last`` in the config; ignored on the CPU). Progress goes to a callback, one
+call per optimisation step and one per finished epoch; nothing is printed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ml.data import Augment, SegmenterDataset, SegmenterItem, TaggerDataset, TaggerItem
+from ml.hierarchy import close_hierarchy
+from ml.losses import get_loss, positive_weights
+from ml.metrics import (
+    apply_thresholds,
+    average_precision,
+    mean_average_precision,
+    tag_scores,
+    tune_thresholds,
+)
+from ml.segmenter import (
+    SegmentationMeter,
+    SegmentationScores,
+    Segmenter,
+    SegmenterConfig,
+    build_segmenter,
+    weighted_bce_dice,
+)
+from ml.tagger import Tagger, TaggerConfig, build_tagger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress report: ``step`` of ``steps`` overall, in ``epoch`` (1-based) of ``epochs``."""
+
+    task: str  # "tagger" | "segmenter"
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    loss: float
+    epoch_done: bool = False
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class TaggerTrainConfig:
+    model: TaggerConfig
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    loss: str = "asl"  # a key of ml.losses.LOSSES
+    seed: int = 0
+    augment: Augment = field(default_factory=Augment)
+    num_workers: int = 0
+    amp: bool = True  # bf16 autocast, GPU only
+    channels_last: bool = True  # GPU only
+
+
+@dataclass(frozen=True)
+class SegmenterTrainConfig:
+    model: SegmenterConfig
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    dice_weight: float = 1.0
+    seed: int = 0
+    augment: Augment = field(default_factory=Augment)
+    num_workers: int = 0
+    amp: bool = True
+    channels_last: bool = True
+
+
+@dataclass(frozen=True)
+class TaggerMetrics:
+    """Validation metrics; per-tag arrays are ``(T,)``, in tag order."""
+
+    map: float
+    ap: npt.NDArray[np.float64]
+    precision: npt.NDArray[np.float64]
+    recall: npt.NDArray[np.float64]
+    f1: npt.NDArray[np.float64]
+    macro_f1: float
+    macro_f1_at_half: float  # the same with a single 0.5 threshold, for comparison
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (NaN becomes None)."""
+
+        def clean(a: npt.NDArray[np.float64]) -> list[float | None]:
+            return [None if np.isnan(v) else float(v) for v in a]
+
+        return {
+            "map": None if np.isnan(self.map) else self.map,
+            "ap": clean(self.ap),
+            "precision": clean(self.precision),
+            "recall": clean(self.recall),
+            "f1": clean(self.f1),
+            "macro_f1": self.macro_f1,
+            "macro_f1_at_half": self.macro_f1_at_half,
+        }
+
+
+@dataclass(frozen=True)
+class TaggerResult:
+    model: Tagger
+    metrics: TaggerMetrics
+    thresholds: npt.NDArray[np.float64]
+    losses: list[float]  # mean training loss per epoch
+
+
+@dataclass(frozen=True)
+class SegmenterResult:
+    model: Segmenter
+    metrics: SegmentationScores
+    losses: list[float]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU; ``cuda`` without a GPU is an error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but no GPU is visible; use 'cpu' or 'auto'")
+    return resolved
+
+
+def _autocast(device: torch.device, amp: bool) -> AbstractContextManager[Any]:
+    if device.type == "cuda" and amp:
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _prepare(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    model.to(device)
+    if device.type == "cuda" and channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _loader(
+    dataset: Dataset[Any], batch_size: int, *, shuffle: bool, seed: int, workers: int
+) -> DataLoader[Any]:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        generator=generator,
+        drop_last=False,
+    )
+
+
+def _fit(
+    model: nn.Module,
+    batches: Callable[[], Iterable[tuple[Tensor, ...]]],
+    step_loss: Callable[[tuple[Tensor, ...]], Tensor],
+    *,
+    task: str,
+    epochs: int,
+    steps_per_epoch: int,
+    lr: float,
+    weight_decay: float,
+    progress: ProgressCallback | None,
+) -> list[float]:
+    """The shared loop: AdamW, cosine schedule, one progress call per step and per epoch."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    total = max(1, epochs * steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    losses: list[float] = []
+    step = 0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        running = []
+        for batch in batches():
+            loss = step_loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            running.append(float(loss.detach()))
+            if progress:
+                progress(Progress(task, epoch, epochs, step, total, running[-1]))
+        losses.append(float(np.mean(running)) if running else float("nan"))
+        log.info("%s epoch %d/%d: loss %.4f", task, epoch, epochs, losses[-1])
+        if progress:
+            progress(Progress(task, epoch, epochs, step, total, losses[-1], epoch_done=True))
+    return losses
+
+
+def _tagger_probabilities(
+    model: Tagger, loader: DataLoader[Any], device: torch.device, amp: bool
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    model.eval()
+    probs, labels = [], []
+    with torch.inference_mode(), _autocast(device, amp):
+        for images, y in loader:
+            probs.append(torch.sigmoid(model(images.to(device))).float().cpu())
+            labels.append(y)
+    if not probs:
+        return np.zeros((0, model.config.n_tags)), np.zeros((0, model.config.n_tags))
+    return torch.cat(probs).double().numpy(), torch.cat(labels).double().numpy()
+
+
+def evaluate_tagger(
+    probabilities: npt.NDArray[np.float64],
+    labels: npt.NDArray[np.float64],
+    parents: npt.ArrayLike,
+) -> tuple[TaggerMetrics, npt.NDArray[np.float64]]:
+    """Tune per-tag thresholds on a split and score it there (hierarchy closed).
+
+    Shape:
+        probabilities, labels ``(N, T)``; returns the metrics and the thresholds ``(T,)``.
+    """
+    thresholds = tune_thresholds(probabilities, labels)
+    tuned = tag_scores(
+        close_hierarchy(apply_thresholds(probabilities, thresholds), parents), labels
+    )
+    at_half = tag_scores(close_hierarchy(probabilities >= 0.5, parents), labels)
+    metrics = TaggerMetrics(
+        map=mean_average_precision(probabilities, labels),
+        ap=average_precision(probabilities, labels),
+        precision=tuned.precision,
+        recall=tuned.recall,
+        f1=tuned.f1,
+        macro_f1=tuned.macro_f1,
+        macro_f1_at_half=at_half.macro_f1,
+    )
+    return metrics, thresholds
+
+
+def train_tagger(
+    config: TaggerTrainConfig,
+    train_items: Sequence[TaggerItem],
+    val_items: Sequence[TaggerItem],
+    *,
+    device: str | torch.device = "auto",
+    progress: ProgressCallback | None = None,
+    model: Tagger | None = None,
+) -> TaggerResult:
+    """Train (or fine-tune ``model``) and tune thresholds on ``val_items``.
+
+    Without validation items the thresholds stay 0.5 and the metrics are NaN.
+    """
+    seed_everything(config.seed)
+    dev = resolve_device(device)
+    net = model if model is not None else build_tagger(config.model)
+    _prepare(net, dev, config.channels_last)
+    labels = np.stack([np.asarray(item.labels, np.float32) for item in train_items])
+    loss_fn = get_loss(config.loss, pos_weight=positive_weights(labels)).to(dev)
+    size = config.model.input_size
+    train_loader = _loader(
+        TaggerDataset(train_items, size, config.augment),
+        config.batch_size,
+        shuffle=True,
+        seed=config.seed,
+        workers=config.num_workers,
+    )
+    memory = torch.channels_last if dev.type == "cuda" and config.channels_last else None
+
+    def step_loss(batch: tuple[Tensor, ...]) -> Tensor:
+        images, targets = batch[0].to(dev), batch[1].to(dev)
+        if memory is not None:
+            images = images.contiguous(memory_format=memory)
+        with _autocast(dev, config.amp):
+            logits = net(images)
+        return loss_fn(logits.float(), targets)
+
+    losses = _fit(
+        net,
+        lambda: train_loader,
+        step_loss,
+        task="tagger",
+        epochs=config.epochs,
+        steps_per_epoch=len(train_loader),
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        progress=progress,
+    )
+    val_loader = _loader(
+        TaggerDataset(val_items, size),
+        config.batch_size,
+        shuffle=False,
+        seed=0,
+        workers=config.num_workers,
+    )
+    probs, val_labels = _tagger_probabilities(net, val_loader, dev, config.amp)
+    metrics, thresholds = evaluate_tagger(probs, val_labels, config.model.parent_array())
+    return TaggerResult(net, metrics, thresholds, losses)
+
+
+def evaluate_segmenter(
+    model: Segmenter,
+    items: Sequence[SegmenterItem],
+    *,
+    device: str | torch.device = "auto",
+    batch_size: int = 8,
+    amp: bool = True,
+) -> SegmentationScores:
+    """IoU per tag, mIoU and boundary F1 on ``items``, at the model's input resolution."""
+    dev = resolve_device(device)
+    cfg = model.config
+    loader = _loader(
+        SegmenterDataset(items, cfg.n_tags, cfg.input_size),
+        batch_size,
+        shuffle=False,
+        seed=0,
+        workers=0,
+    )
+    meter = SegmentationMeter(cfg.n_tags)
+    model.eval()
+    with torch.inference_mode(), _autocast(dev, amp):
+        for images, masks, weights in loader:
+            probs = torch.sigmoid(model(images.to(dev)).float())
+            meter.update(probs, masks, weights)
+    return meter.scores()
+
+
+def train_segmenter(
+    config: SegmenterTrainConfig,
+    train_items: Sequence[SegmenterItem],
+    val_items: Sequence[SegmenterItem],
+    *,
+    device: str | torch.device = "auto",
+    progress: ProgressCallback | None = None,
+    model: Segmenter | None = None,
+) -> SegmenterResult:
+    """Train (or fine-tune ``model``) on weighted masks; score on ``val_items``."""
+    seed_everything(config.seed)
+    dev = resolve_device(device)
+    net = model if model is not None else build_segmenter(config.model)
+    _prepare(net, dev, config.channels_last)
+    cfg = config.model
+    train_loader = _loader(
+        SegmenterDataset(train_items, cfg.n_tags, cfg.input_size, config.augment),
+        config.batch_size,
+        shuffle=True,
+        seed=config.seed,
+        workers=config.num_workers,
+    )
+    memory = torch.channels_last if dev.type == "cuda" and config.channels_last else None
+
+    def step_loss(batch: tuple[Tensor, ...]) -> Tensor:
+        images, masks, weights = (t.to(dev) for t in batch)
+        if memory is not None:
+            images = images.contiguous(memory_format=memory)
+        with _autocast(dev, config.amp):
+            logits = net(images)
+        return weighted_bce_dice(logits, masks, weights, dice_weight=config.dice_weight)
+
+    losses = _fit(
+        net,
+        lambda: train_loader,
+        step_loss,
+        task="segmenter",
+        epochs=config.epochs,
+        steps_per_epoch=len(train_loader),
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        progress=progress,
+    )
+    scores = evaluate_segmenter(
+        net, val_items, device=dev, batch_size=config.batch_size, amp=config.amp
+    )
+    return SegmenterResult(net, scores, losses)
