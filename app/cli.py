@@ -218,6 +218,7 @@ def _train(
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from app.jobs import train
+    from app.jobs.lock import JobBusyError
     from ml.train import Progress as TrainProgress
 
     settings = _settings()
@@ -244,7 +245,12 @@ def _train(
 
         try:
             outcome = runner(factory, settings, slug=slug, options=options, on_progress=on_progress)
-        except (train.NotEnoughDataError, NotFoundError, train.PretrainedWeightsError) as exc:
+        except (
+            train.NotEnoughDataError,
+            NotFoundError,
+            train.PretrainedWeightsError,
+            JobBusyError,
+        ) as exc:
             raise _fail(str(exc)) from exc
     verdict = "promoted" if outcome.promoted else f"kept the active one ({outcome.active_score})"
     console.print(
@@ -315,6 +321,35 @@ def predict(project: ProjectOption = DEMO_PROJECT, device: Device = "auto") -> N
     from app.jobs.predict import run_predict
 
     _batch_job("predicting masks", run_predict, project, device)
+
+
+@app.command("retrain")
+def retrain(
+    project: ProjectOption = DEMO_PROJECT,
+    epochs: Annotated[int, typer.Option(min=1, help="segmenter epochs")] = 20,
+    tagger_epochs: Annotated[int, typer.Option(min=1, help="tagger fine-tuning epochs")] = 5,
+    size: Annotated[int, typer.Option(min=32, help="input side, a multiple of 32")] = 256,
+    device: Device = "auto",
+) -> None:
+    """One round of the learning loop: train, promote if better, model priors, re-tag, re-rank."""
+    from app.jobs.lock import JobBusyError
+    from app.jobs.retrain import RetrainOptions, run_retrain
+    from app.jobs.train import TrainOptions
+
+    settings = _settings()
+    factory = make_session_factory(_ready_engine(settings))
+    options = RetrainOptions(
+        segmenter=TrainOptions(epochs=epochs, size=size),
+        tagger=TrainOptions(epochs=tagger_epochs, size=size),
+        device=device,
+    )
+    try:
+        report = run_retrain(
+            factory, settings, slug=project, options=options, on_step=console.print
+        )
+    except (JobBusyError, NotFoundError) as exc:
+        raise _fail(str(exc)) from exc
+    console.print(report)
 
 
 @model_app.command("list")

@@ -322,6 +322,28 @@ def train_tagger(
     return TaggerResult(net, metrics, thresholds, losses)
 
 
+def score_tagger(
+    model: Tagger,
+    items: Sequence[TaggerItem],
+    *,
+    device: str | torch.device = "auto",
+    batch_size: int = 32,
+    amp: bool = True,
+) -> TaggerMetrics:
+    """mAP and per-tag scores of a trained tagger on ``items`` (thresholds tuned there)."""
+    dev = resolve_device(device)
+    model.to(dev)
+    loader = _loader(
+        TaggerDataset(items, model.config.input_size),
+        batch_size,
+        shuffle=False,
+        seed=0,
+        workers=0,
+    )
+    probs, labels = _tagger_probabilities(model, loader, dev, amp)
+    return evaluate_tagger(probs, labels, model.config.parent_array())[0]
+
+
 def evaluate_segmenter(
     model: Segmenter,
     items: Sequence[SegmenterItem],

@@ -74,6 +74,7 @@ class SeedReport:
     priors_set: int = 0
     calibrated: bool = False
     pairs: list[Pair] = field(default_factory=list, repr=False)
+    image_ids: list[int] = field(default_factory=list, repr=False)  # the images tagged
 
 
 def _unseen_images(session: Session, project: Project, version: ModelVersion) -> list[Image]:
@@ -211,7 +212,8 @@ def run_seed(
             session, project=project, kind="seed", params={"version": version.version}
         ) as job:
             report = _seed(session, settings, project, version, device, on_batch)
-            finish_job(job, result={k: v for k, v in vars(report).items() if k != "pairs"})
+            result = {k: v for k, v in vars(report).items() if k not in ("pairs", "image_ids")}
+            finish_job(job, result=result)
             session.commit()
     return report
 
@@ -234,7 +236,7 @@ def _seed(
     tags = [by_name[name] for name in model.config.tags]
     thresholds = np.asarray(checkpoint.extra.get("thresholds") or [0.5] * len(tags))
     images = _unseen_images(session, project, version)
-    report = SeedReport(images=len(images))
+    report = SeedReport(images=len(images), image_ids=[i.id for i in images])
     for start in range(0, len(images), BATCH):
         batch = images[start : start + BATCH]
         report.pairs += _tag_batch(session, settings, model, thresholds, tags, batch, version)

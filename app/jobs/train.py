@@ -8,7 +8,7 @@ there is no active one or it scores better than the active one on the same valid
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,17 +18,21 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.jobs.datasets import segmenter_items, tagger_items, vocabulary
+from app.jobs.lock import models_dir, project_lock
 from app.models import Job, ModelKind, ModelVersion, Project
 from app.services.job import finish_job, job_run, log_job
 from app.services.model_version import active_model, promote, register_model_version
 from app.services.project import get_project
-from ml.checkpoints import config_to_dict, load_pretrained, save_checkpoint
+from ml.checkpoints import config_to_dict, load_checkpoint, load_pretrained, save_checkpoint
 from ml.segmenter import Segmenter, SegmenterConfig, build_segmenter
 from ml.tagger import Tagger, TaggerConfig, build_tagger
 from ml.train import (
     Progress,
     SegmenterTrainConfig,
     TaggerTrainConfig,
+    evaluate_segmenter,
+    resolve_device,
+    score_tagger,
     train_segmenter,
     train_tagger,
 )
@@ -81,15 +85,27 @@ class TrainOutcome:
     active_score: float | None
 
 
-def models_dir(settings: Settings, project: Project) -> Path:
-    return settings.data_dir / "models" / project.slug
-
-
-def _better(score: float | None, active: ModelVersion | None, metric: str) -> bool:
-    if active is None:
-        return True
-    current = active.metrics.get(metric)
-    return score is not None and (current is None or score > current)
+def _incumbent_score(
+    active: ModelVersion | None, config: Any, items: Sequence[Any], device: str
+) -> float | None:
+    """The active model's score on the candidate's evaluation items, or None when the two
+    cannot be compared that way (no active model, another vocabulary, no items, a lost file)."""
+    if active is None or not items:
+        return None
+    kind = "tagger" if isinstance(config, TaggerConfig) else "segmenter"
+    try:
+        checkpoint = load_checkpoint(active.path, device=resolve_device(device), kind=kind)
+    except (OSError, ValueError):
+        return None
+    if tuple(checkpoint.config.tags) != tuple(config.tags):
+        return None
+    model = checkpoint.model
+    if isinstance(model, Tagger):
+        score = score_tagger(model, items, device=device).map
+    else:
+        assert isinstance(model, Segmenter)
+        score = evaluate_segmenter(model, items, device=device).miou
+    return None if np.isnan(score) else float(score)
 
 
 def _record(
@@ -102,7 +118,24 @@ def _record(
     snapshot: dict[str, Any],
     metrics: dict[str, Any],
     metric: str,
+    eval_items: Sequence[Any],
+    device: str,
 ) -> tuple[ModelVersion, bool, float | None]:
+    """Register the candidate and promote it if it beats the active model.
+
+    Both are scored on the candidate's evaluation items (the frozen gold set for the segmenter,
+    the validation split for the tagger); the active model's recorded score is the fallback
+    when it cannot be rescored. Returns the version, whether it was promoted, and the score of
+    the active model it was held against.
+    """
+    current = active_model(session, project=project, kind=kind)
+    rescored = _incumbent_score(current, config, eval_items, device)
+    recorded = current.metrics.get(metric) if current else None
+    held_against = rescored if rescored is not None else recorded
+    score = metrics.get(metric)
+    promoted = current is None or (
+        score is not None and (held_against is None or score > held_against)
+    )
     version = register_model_version(
         session,
         project=project,
@@ -110,14 +143,11 @@ def _record(
         path=path,
         config=config_to_dict(config),
         data_snapshot=snapshot,
-        metrics=metrics,
+        metrics={**metrics, "active_score_on_same_data": rescored},
     )
-    current = active_model(session, project=project, kind=kind)
-    score = metrics.get(metric)
-    promoted = _better(score, current, metric)
     if promoted:
         promote(session, version=version)
-    return version, promoted, current.metrics.get(metric) if current else None
+    return version, promoted, held_against
 
 
 def _run(
@@ -130,9 +160,12 @@ def _run(
 ) -> TrainOutcome:
     with factory() as session:
         project = get_project(session, slug=slug)
-        with job_run(
-            session, project=project, kind=f"train-{kind.value}", params=vars(options).copy()
-        ) as job:
+        with (
+            project_lock(session, settings, project),
+            job_run(
+                session, project=project, kind=f"train-{kind.value}", params=vars(options).copy()
+            ) as job,
+        ):
             return body(session, project, job)
 
 
@@ -206,6 +239,8 @@ def run_train_tagger(
             snapshot=snapshot,
             metrics=metrics,
             metric="map",
+            eval_items=val,
+            device=options.device,
         )
         finish_job(
             job, result={"version": version.version, "promoted": promoted, "map": metrics["map"]}
@@ -273,6 +308,8 @@ def run_train_segmenter(
             snapshot=snapshot,
             metrics=metrics,
             metric="miou",
+            eval_items=evaluation,
+            device=options.device,
         )
         finish_job(job, result={"version": version.version, "promoted": promoted, **metrics})
         session.commit()

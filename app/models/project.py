@@ -26,6 +26,10 @@ DEFAULT_PROJECT_SETTINGS: dict[str, Any] = {
     "control_share": 0.3,
     "mosaic_share": 0.25,
     "min_votes": 3,
+    # Votes that confirm a cell whose model prior is already sure (instead of min_votes).
+    "model_confirm_votes": 1,
+    # How the learning loop ranks targets: uncertainty, disagreement or random (the baseline).
+    "acquisition": "uncertainty",
 }
 
 

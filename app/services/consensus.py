@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -48,7 +49,13 @@ from app.services.target import add_mask_version
 from app.storage import FileStore
 from ml.aggregation import grid
 from ml.aggregation.credibility import WorkerCounts, cells_logodds
-from ml.aggregation.rules import RetirementConfig, choose_refinements, leaf_cells, retire
+from ml.aggregation.rules import (
+    RetirementConfig,
+    choose_refinements,
+    confirmation_votes,
+    leaf_cells,
+    retire,
+)
 
 COUNT_COLUMNS = (
     "pos_yes",
@@ -140,21 +147,38 @@ def retire_fresh(project: Project, *, cells: list[Cell], fresh: Fresh) -> tuple[
     and how many cells retired.
     """
     open_at = [i for i, c in enumerate(cells) if c.status == CellStatus.OPEN]
-    if not open_at:
+    return _retire(
+        project,
+        [cells[i] for i in open_at],
+        fresh.posterior[open_at],
+        fresh.n_votes[open_at],
+    )
+
+
+def _retire(
+    project: Project, cells: list[Cell], posterior: npt.ArrayLike, n_votes: npt.ArrayLike
+) -> tuple[set[int], int]:
+    """Retire the open ``cells`` that are confident (after enough votes) or out of budget."""
+    if not cells:
         return set(), 0
+    config = retirement_config(project)
     decision = retire(
-        fresh.posterior[open_at], fresh.n_votes[open_at], config=retirement_config(project)
+        posterior,
+        n_votes,
+        config=config,
+        min_votes=confirmation_votes(
+            [c.prior_logodds for c in cells],
+            config,
+            confirm_votes=int(project.setting("model_confirm_votes")),
+        ),
     )
     now, touched = utcnow(), set()
-    for k, i in enumerate(open_at):
-        if not decision.retired[k]:
+    for cell, done, unsure, label in zip(
+        cells, decision.retired, decision.uncertain, decision.label, strict=True
+    ):
+        if not done:
             continue
-        cell, unsure = cells[i], bool(decision.uncertain[k])
-        cell.status, cell.label, cell.uncertain = (
-            CellStatus.RETIRED,
-            bool(decision.label[k]),
-            unsure,
-        )
+        cell.status, cell.label, cell.uncertain = CellStatus.RETIRED, bool(label), bool(unsure)
         cell.retire_reason = RetireReason.BUDGET if unsure else RetireReason.CONFIDENT
         cell.retired_at = now
         touched.add(cell.target_id)
@@ -204,22 +228,12 @@ def _target_state(session: Session, target: Target) -> tuple[list[Cell], dict[in
 
 def _retire_open(project: Project, cells: list[Cell], consensus: dict[int, Consensus]) -> int:
     open_cells = [c for c in cells if c.status == CellStatus.OPEN]
-    if not open_cells:
-        return 0
-    decision = retire(
+    return _retire(
+        project,
+        open_cells,
         [consensus[c.id].posterior for c in open_cells],
         [consensus[c.id].n_votes for c in open_cells],
-        config=retirement_config(project),
-    )
-    now = utcnow()
-    for cell, done, unsure, label in zip(
-        open_cells, decision.retired, decision.uncertain, decision.label, strict=True
-    ):
-        if done:
-            cell.status, cell.label, cell.uncertain = CellStatus.RETIRED, bool(label), bool(unsure)
-            cell.retire_reason = RetireReason.BUDGET if unsure else RetireReason.CONFIDENT
-            cell.retired_at = now
-    return int(decision.retired.sum())
+    )[1]
 
 
 def _refine(

@@ -53,6 +53,7 @@ def retire(
     *,
     gold: npt.ArrayLike | None = None,
     config: RetirementConfig = RetirementConfig(),
+    min_votes: npt.ArrayLike | None = None,
 ) -> Retirement:
     """Decide which cells retire.
 
@@ -61,6 +62,9 @@ def retire(
         n_votes: votes each cell has received.
         gold: -1 unknown, else the known answer (gold cells retire at once).
         config: thresholds.
+        min_votes: per-cell votes needed before a confident cell retires, instead of
+            ``config.min_votes`` (a cell whose model prior is already sure needs only a small
+            confirmation sample: see ``confirmation_votes``).
 
     Shape:
         all inputs ``(n_cells,)``.
@@ -68,13 +72,31 @@ def retire(
     q = np.asarray(posterior, dtype=np.float64)
     n = np.asarray(n_votes, dtype=np.int64)
     g = np.full(q.shape, -1) if gold is None else np.asarray(gold)
-    confident = (np.maximum(q, 1.0 - q) >= config.confidence) & (n >= config.min_votes)
+    needed = config.min_votes if min_votes is None else np.asarray(min_votes, dtype=np.int64)
+    confident = (np.maximum(q, 1.0 - q) >= config.confidence) & (n >= needed)
     spent = n >= config.max_votes
     known = g >= 0
     retired = confident | spent | known
     uncertain = spent & ~confident & ~known
     label = np.where(known, g, q >= 0.5).astype(np.int8)
     return Retirement(retired=retired, uncertain=uncertain, label=label)
+
+
+def confirmation_votes(
+    prior_logodds: npt.ArrayLike, config: RetirementConfig, *, confirm_votes: int
+) -> npt.NDArray[np.int64]:
+    """Votes each cell needs before it may retire on confidence.
+
+    A cell whose prior alone reaches the retirement confidence (a model that is sure) needs
+    ``confirm_votes`` agreeing votes (a disagreeing vote pulls the posterior back under the bar,
+    so the cell stays open for more); every other cell needs ``config.min_votes``.
+
+    Shape:
+        prior_logodds ``(n_cells,)``; returns ``(n_cells,)``.
+    """
+    bar = np.log(config.confidence) - np.log1p(-config.confidence)
+    sure = np.abs(np.asarray(prior_logodds, dtype=np.float64)) >= bar
+    return np.where(sure, min(confirm_votes, config.min_votes), config.min_votes).astype(np.int64)
 
 
 @dataclass(frozen=True)

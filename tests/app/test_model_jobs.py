@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
 
 from app.cli import run_import
 from app.config import Settings
@@ -42,43 +39,14 @@ from app.models import (
 from app.services.campaign import load_truth
 from app.services.errors import NotFoundError
 from ml.aggregation import grid
-from ml.demo.dataset import write_demo_dataset
+from tests.app.conftest import SLUG, World
 
 pytestmark = pytest.mark.slow
-SLUG = "demo"
+
+
 TINY = TrainOptions(epochs=6, size=64, backbone="resnet18", batch_size=8, device="cpu")
 # A tagger whose Grad-CAM localises after a few seconds on the CPU (see tests/ml).
 TINY_TAGGER = TrainOptions(epochs=10, size=96, backbone="resnet10t", batch_size=8, device="cpu")
-
-
-@dataclass
-class World:
-    settings: Settings
-    factory: sessionmaker[Session]
-
-
-@pytest.fixture
-def world(
-    request: pytest.FixtureRequest, fresh_database_url: str, tmp_path: Path
-) -> Iterator[World]:
-    """A migrated database with a demo project of ``request.param`` images (10 by default)."""
-    settings = Settings(
-        environment="test",
-        data_dir=tmp_path / "data",
-        database_url=fresh_database_url,
-        secret_key="test-secret-key-that-is-long-enough-for-anything",
-        consensus_interval_s=0,
-    )
-    engine = make_engine(fresh_database_url)
-    upgrade_to_head(engine)
-    write_demo_dataset(tmp_path / "demo", seed=11, n_images=getattr(request, "param", 10))
-    factory = make_session_factory(engine)
-    with factory() as session:
-        run_import(
-            session, settings=settings, project_slug=SLUG, path=tmp_path / "demo", tag_file=None
-        )
-    yield World(settings, factory)
-    engine.dispose()
 
 
 def count(world: World, model: type, *where: object) -> int:

@@ -1,0 +1,142 @@
+"""The learning loop's round on a small demo project (CPU, tiny inputs): training behind the
+promotion gate, model priors, re-tagging, re-ranking, the lock, and a real kill mid-training."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from app.jobs.lock import JobBusyError
+from app.jobs.retrain import RetrainOptions, run_retrain
+from app.jobs.train import TrainOptions, run_train_segmenter
+from app.models import Cell, Job, JobStatus, ModelKind, ModelVersion, Target, TargetState
+from app.services.model_version import active_model
+from app.services.project import get_project
+from ml.demo.dataset import write_demo_dataset
+from tests.app.conftest import SLUG, World
+
+pytestmark = pytest.mark.slow
+SEGMENTER = TrainOptions(epochs=6, size=64, backbone="resnet18", batch_size=8)
+TAGGER = TrainOptions(epochs=3, size=64, backbone="resnet10t", batch_size=8)
+TINY = RetrainOptions(segmenter=SEGMENTER, tagger=TAGGER, device="cpu")
+
+
+def test_a_round_trains_promotes_sets_model_priors_retags_and_reranks(world: World) -> None:
+    report = run_retrain(world.factory, world.settings, slug=SLUG, options=TINY)
+    assert report.segmenter is not None and report.segmenter.promoted
+    assert report.tagger is not None and report.tagger.promoted
+    assert report.images_retagged == 10 and report.reranked > 0
+    assert report.model_weight is not None and report.priors_set > 0
+    with world.factory() as session:
+        job = session.get(Job, report.job_id)
+        assert job is not None and job.status == JobStatus.SUCCEEDED and job.progress == 1.0
+        assert "model priors on open cells" in job.log
+        informed = session.scalar(
+            select(func.count())
+            .select_from(Cell)
+            .join(Target, Target.id == Cell.target_id)
+            .where(Target.control.is_(False), Cell.prior_logodds != 0.0)
+        )
+        assert informed and informed >= report.priors_set // 2
+        states = set(session.scalars(select(Target.state)))
+        assert TargetState.COLLECTING in states
+
+    # The next round fine-tunes the active tagger instead of starting over.
+    again = run_retrain(world.factory, world.settings, slug=SLUG, options=TINY)
+    with world.factory() as session:
+        job = session.get(Job, again.job_id)
+        assert job is not None and "fine-tuning the tagger" in job.log
+        train_jobs = session.scalars(select(Job).where(Job.kind == "train-tagger")).all()
+        assert "backbone initialised from" in train_jobs[-1].log
+
+
+def test_a_worse_model_is_not_promoted(world: World) -> None:
+    good = run_train_segmenter(
+        world.factory, world.settings, slug=SLUG, options=replace(SEGMENTER, epochs=8, device="cpu")
+    )
+    assert good.promoted
+    worse = run_train_segmenter(
+        world.factory, world.settings, slug=SLUG, options=replace(SEGMENTER, epochs=1, device="cpu")
+    )
+    assert worse.score is not None and worse.active_score is not None
+    assert worse.score < worse.active_score and not worse.promoted
+    with world.factory() as session:
+        project = get_project(session, slug=SLUG)
+        active = active_model(session, project=project, kind=ModelKind.SEGMENTER)
+        assert active is not None and active.version == good.version
+        assert session.scalar(select(func.count()).select_from(ModelVersion)) == 2  # both kept
+
+
+def test_a_second_job_on_the_project_is_refused_while_one_runs(world: World) -> None:
+    folder = world.settings.data_dir / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{SLUG}.lock", "a+") as held:  # another process's lock, as flock sees it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(JobBusyError, match="already running"):
+            run_retrain(world.factory, world.settings, slug=SLUG, options=TINY)
+
+
+def _cli(data: Path, *args: str, wait: bool = True) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
+    env["TESSERA_DATA_DIR"] = str(data)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    if wait:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, (out, err)
+    return process
+
+
+def _jobs(db: Path) -> list[tuple[str, str, str]]:
+    with sqlite3.connect(db) as connection:
+        return connection.execute("SELECT kind, status, log FROM jobs ORDER BY id").fetchall()
+
+
+def test_a_retrain_killed_mid_training_leaves_the_active_model_and_no_partial_files(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    write_demo_dataset(tmp_path / "demo", seed=5, n_images=8)
+    _cli(data, "import", str(tmp_path / "demo"), "--project", SLUG)
+    small = ["--project", SLUG, "--size", "64", "--device", "cpu"]
+    _cli(data, "train", "segmenter", *small, "--epochs", "1")
+    models = data / "models" / SLUG
+    before = sorted(p.name for p in models.iterdir())
+    db = data / "tessera.db"
+
+    victim = _cli(data, "retrain", *small, "--epochs", "500", wait=False)
+    deadline = time.monotonic() + 120
+    while not any(k == "train-segmenter" and "epoch 1/500" in log for k, _, log in _jobs(db)):
+        assert victim.poll() is None and time.monotonic() < deadline, victim.communicate()
+        time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+
+    assert sorted(p.name for p in models.iterdir()) == before  # nothing new, nothing partial
+    with sqlite3.connect(db) as connection:
+        active = connection.execute(
+            "SELECT version FROM model_versions WHERE active AND kind = 'segmenter'"
+        ).fetchall()
+    assert active == [(1,)]
+
+    # The next job finds the killed ones, marks them failed, and runs.
+    _cli(data, "retrain", *small, "--epochs", "1", "--tagger-epochs", "1")
+    jobs = _jobs(db)
+    killed = [j for j in jobs if j[0] in ("retrain", "train-segmenter") and j[1] == "failed"]
+    assert len(killed) == 2 and all("killed?" in log for _, _, log in killed)
+    assert [s for k, s, _ in jobs if k == "retrain"] == ["failed", "succeeded"]
