@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import subprocess
+import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -163,6 +167,73 @@ def project_list() -> None:
     for s in summaries:
         table.add_row(s.slug, s.name, str(s.images), str(s.tags), str(s.targets))
     console.print(table)
+
+
+@project_app.command("set")
+def project_set(
+    slug: Annotated[str, typer.Argument(help="project slug")],
+    key: Annotated[str, typer.Argument(help="setting name, e.g. acquisition or retrain")],
+    value: Annotated[
+        str, typer.Argument(help='JSON value, e.g. \'"random"\' or \'{"every": "6h"}\'')
+    ],
+) -> None:
+    """Change one campaign setting of a project (checked before it is saved)."""
+    from app.jobs.retrain import ACQUISITIONS
+    from app.jobs.schedule import schedule_of
+    from app.models.project import DEFAULT_PROJECT_SETTINGS
+
+    known = {*DEFAULT_PROJECT_SETTINGS, "retrain"}
+    if key not in known:
+        raise _fail(f"unknown setting {key!r}; known: {', '.join(sorted(known))}")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise _fail(f"{value!r} is not JSON ({exc.msg}); quote strings: '\"random\"'") from exc
+    if key == "acquisition" and parsed not in ACQUISITIONS:
+        raise _fail(f"acquisition must be one of {', '.join(ACQUISITIONS)}")
+    with make_session_factory(_ready_engine(_settings()))() as session:
+        try:
+            project = get_project(session, slug=slug)
+        except NotFoundError as exc:
+            raise _fail(str(exc)) from exc
+        project.settings = {**(project.settings or {}), key: parsed}
+        if key == "retrain":
+            try:
+                schedule_of(project)
+            except ValueError as exc:
+                raise _fail(str(exc)) from exc
+        session.commit()
+    console.print(f"{slug}: {key} = {json.dumps(parsed)}")
+
+
+@app.command("schedule")
+def schedule(
+    project: Annotated[
+        list[str] | None, typer.Option("--project", help="only these projects (repeatable)")
+    ] = None,
+) -> None:
+    """Run the retraining schedule in the foreground (each retrain in its own process)."""
+    from app.jobs.schedule import RetrainScheduler
+
+    scheduler = RetrainScheduler(make_session_factory(_ready_engine(_settings())))
+    try:
+        plans = scheduler.add_projects(project)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    if not plans:
+        raise _fail(
+            "no project has a retrain schedule: set one, e.g. "
+            '`tessera project set demo retrain \'{"every": "6h"}\'`'
+        )
+    for slug, plan in plans.items():
+        console.print(f"{slug}: {plan}")
+    scheduler.start()
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        scheduler.shutdown()
 
 
 @consensus_app.command("recompute")
@@ -452,10 +523,19 @@ def serve(
     workers: Annotated[
         int, typer.Option(min=1, max=64, help="worker processes (PostgreSQL scales with them)")
     ] = 1,
+    scheduler: Annotated[
+        bool, typer.Option("--scheduler", help="also run `tessera schedule` as a child process")
+    ] = False,
 ) -> None:
     """Run the web service (an embedded SQLite database is upgraded first)."""
     settings = _settings()
-    _serve(settings, host or settings.host, port or settings.port, workers)
+    child = subprocess.Popen([sys.executable, "-m", "app.cli", "schedule"]) if scheduler else None
+    try:
+        _serve(settings, host or settings.host, port or settings.port, workers)
+    finally:
+        if child is not None:
+            child.terminate()
+            child.wait(timeout=30)
 
 
 def build_demo(settings: Settings, *, seed: int, n_images: int) -> ImportReport | None:

@@ -194,3 +194,22 @@ def test_model_commands_train_seed_list_export_and_refuse_bad_input(tmp_path: Pa
 
     no_segmenter = run(data, "predict", "--project", "pets", "--device", "cpu")
     assert no_segmenter.returncode == 2 and "segmenter" in no_segmenter.stderr
+
+
+def test_project_settings_and_schedule_commands_check_their_input(tmp_path: Path) -> None:
+    src = tmp_path / "pets"
+    write_image(src / "a.png", seed=1)
+    (src / "tags.txt").write_text("a.png cat\n")
+    data = tmp_path / "data"
+    assert run(data, "import", str(src)).returncode == 0
+
+    nothing = run(data, "schedule")
+    assert nothing.returncode == 2 and "no project has a retrain schedule" in nothing.stderr
+    unknown = run(data, "project", "set", "pets", "colour", '"red"')
+    assert unknown.returncode == 2 and "unknown setting 'colour'" in unknown.stderr
+    not_json = run(data, "project", "set", "pets", "acquisition", "random")
+    assert not_json.returncode == 2 and "not JSON" in not_json.stderr
+    bad_plan = run(data, "project", "set", "pets", "retrain", '{"every": "soon"}')
+    assert bad_plan.returncode == 2 and "not a duration" in bad_plan.stderr
+    good = run(data, "project", "set", "pets", "acquisition", '"random"')
+    assert good.returncode == 0 and 'acquisition = "random"' in good.stdout
