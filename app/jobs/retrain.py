@@ -297,8 +297,27 @@ def _retag(
     seeded = run_seed(factory, settings, slug=project.slug, device=device)
     report.images_retagged, report.targets_created = seeded.images, seeded.targets_created
     predicted = {(p.image.id, p.tag.id) for p in seeded.pairs}
-    retagged = set(seeded.image_ids)
     session.expire_all()
+    report.triaged = triage_unsupported(
+        session, project=project, retagged=set(seeded.image_ids), predicted=predicted
+    )
+    session.commit()
+
+
+def triage_unsupported(
+    session: Session,
+    *,
+    project: Project,
+    retagged: set[int],
+    predicted: set[tuple[int, int]],
+) -> int:
+    """Send to triage the targets the evidence no longer supports; returns how many.
+
+    - an open target of a classifier tag that the tagger, re-run on its image (``retagged``),
+      no longer predicts (``predicted``: (image id, tag id) pairs), unless an import or a
+      curator confirmed the tag;
+    - a complete target whose mask has no positive cell: the tag contradicts its mask.
+    """
     stale = session.execute(
         select(ImageTag, Target)
         .join(
@@ -316,16 +335,20 @@ def _retag(
     confirmed = {
         (t.image_id, t.tag_id)
         for t in session.scalars(
-            select(ImageTag).where(
-                ImageTag.source.in_([ImageTagSource.IMPORT, ImageTagSource.CURATOR])
+            select(ImageTag)
+            .join(Image, Image.id == ImageTag.image_id)
+            .where(
+                Image.project_id == project.id,
+                ImageTag.source.in_([ImageTagSource.IMPORT, ImageTagSource.CURATOR]),
             )
         )
     }
+    triaged = 0
     for image_tag, target in stale:
         key = (image_tag.image_id, image_tag.tag_id)
         if image_tag.image_id in retagged and key not in predicted and key not in confirmed:
-            target.state = TargetState.TRIAGE  # the tagger no longer sees this tag here
-            report.triaged += 1
+            target.state = TargetState.TRIAGE
+            triaged += 1
     empty = session.scalars(
         select(Target).where(
             Target.project_id == project.id,
@@ -334,9 +357,10 @@ def _retag(
         )
     ).all()
     for target in empty:
-        target.state = TargetState.TRIAGE  # a tag whose mask is empty contradicts the image
-        report.triaged += 1
-    session.commit()
+        target.state = TargetState.TRIAGE
+        triaged += 1
+    session.flush()
+    return triaged
 
 
 def rerank(session: Session, *, project: Project, seed: int = 0) -> int:

@@ -17,11 +17,24 @@ import pytest
 from sqlalchemy import func, select
 
 from app.jobs.lock import JobBusyError
-from app.jobs.retrain import RetrainOptions, run_retrain
+from app.jobs.retrain import RetrainOptions, run_retrain, triage_unsupported
 from app.jobs.train import TrainOptions, run_train_segmenter
-from app.models import Cell, Job, JobStatus, ModelKind, ModelVersion, Target, TargetState
+from app.models import (
+    Cell,
+    Image,
+    ImageTag,
+    ImageTagSource,
+    Job,
+    JobStatus,
+    ModelKind,
+    ModelVersion,
+    Tag,
+    Target,
+    TargetState,
+)
 from app.services.model_version import active_model
 from app.services.project import get_project
+from app.services.target import ensure_target
 from ml.demo.dataset import write_demo_dataset
 from tests.app.conftest import SLUG, World
 
@@ -140,3 +153,55 @@ def test_a_retrain_killed_mid_training_leaves_the_active_model_and_no_partial_fi
     killed = [j for j in jobs if j[0] in ("retrain", "train-segmenter") and j[1] == "failed"]
     assert len(killed) == 2 and all("killed?" in log for _, _, log in killed)
     assert [s for k, s, _ in jobs if k == "retrain"] == ["failed", "succeeded"]
+
+
+def test_tags_that_lost_support_and_empty_masks_go_to_triage(world: World) -> None:
+    with world.factory() as session:
+        project = get_project(session, slug=SLUG)
+        image = session.scalars(select(Image).where(Image.project_id == project.id)).first()
+        assert image is not None
+        imported = session.scalars(
+            select(ImageTag).where(
+                ImageTag.image_id == image.id, ImageTag.source == ImageTagSource.IMPORT
+            )
+        ).all()
+        on_image = {t.tag_id for t in imported}
+        other = session.scalars(
+            select(Tag).where(Tag.project_id == project.id, Tag.id.not_in(on_image))
+        ).first()
+        assert other is not None and imported
+        # a classifier's guess that the new tagger no longer makes, and one an import confirms
+        for tag_id in (other.id, imported[0].tag_id):
+            session.add(
+                ImageTag(
+                    image_id=image.id,
+                    tag_id=tag_id,
+                    source=ImageTagSource.CLASSIFIER,
+                    probability=0.6,
+                )
+            )
+        guess, _ = ensure_target(session, image=image, tag=other)
+        guess.state = TargetState.COLLECTING
+        confirmed = session.scalar(
+            select(Target).where(Target.image_id == image.id, Target.tag_id == imported[0].tag_id)
+        )
+        assert confirmed is not None
+        confirmed.state = TargetState.COLLECTING
+        # a complete target whose every cell came out negative
+        empty = session.scalars(
+            select(Target).where(Target.project_id == project.id, Target.image_id != image.id)
+        ).first()
+        assert empty is not None
+        empty.state = TargetState.COMPLETE
+        for cell in session.scalars(select(Cell).where(Cell.target_id == empty.id)):
+            cell.label = False
+        session.flush()
+
+        assert triage_unsupported(session, project=project, retagged=set(), predicted=set()) == 1
+        assert guess.state == TargetState.COLLECTING  # its image was not re-tagged
+        assert empty.state == TargetState.TRIAGE
+        triaged = triage_unsupported(
+            session, project=project, retagged={image.id}, predicted={(image.id, 999)}
+        )
+        assert triaged == 1 and guess.state == TargetState.TRIAGE
+        assert confirmed.state == TargetState.COLLECTING
