@@ -199,11 +199,21 @@ def _window_offer(
     return Offer(task=task, tag=tag_row, cells=cells, known=known)
 
 
+MOSAIC_SAMPLE = 8  # gold cells drawn per tile wanted, to find enough distinct targets
+
+
 def _gold_cells(
-    session: Session, project: Project, volunteer: Volunteer, tag: Tag, label: bool, n: int
+    session: Session,
+    project: Project,
+    volunteer: Volunteer,
+    tag: Tag,
+    label: bool,
+    n: int,
+    used_targets: set[int],
 ) -> list[Cell]:
-    """Known tiles for a mosaic, from fully known or closed windows first: a window that still
-    has cells to ask becomes one this volunteer cannot be given once they saw a tile of it."""
+    """Known tiles for a mosaic, one per target not in ``used_targets`` (which grows) as far as
+    the project allows, from fully known or closed windows first: a window that still has
+    cells to ask becomes one this volunteer cannot be given once they saw a tile of it."""
     query = (
         select(Cell)
         .join(Gold, Gold.cell_id == Cell.id)
@@ -216,9 +226,18 @@ def _gold_cells(
             ~_answered_by(volunteer, Cell.id),  # type: ignore[operator]
         )
         .order_by(or_(Window.known, Window.state == WindowState.CLOSED).desc(), func.random())
-        .limit(n)
+        .limit(n * MOSAIC_SAMPLE)
     )
-    return list(session.scalars(query))
+    sample = list(session.scalars(query))
+    chosen: list[Cell] = []
+    for cell in sample:  # one tile per target while there are enough targets
+        if cell.target_id not in used_targets and len(chosen) < n:
+            used_targets.add(cell.target_id)
+            chosen.append(cell)
+    for cell in sample:  # a small project: more tiles of targets already shown
+        if cell not in chosen and len(chosen) < n:
+            chosen.append(cell)
+    return chosen
 
 
 def _mosaic_offer(
@@ -231,8 +250,13 @@ def _mosaic_offer(
         return None, "no open unknown cell to mix into a mosaic"
     tag_row = session.get(Tag, window.tag_id)
     assert tag_row is not None
-    true_cells = _gold_cells(session, project, volunteer, tag_row, True, int(mix["known_true"]))
-    false_cells = _gold_cells(session, project, volunteer, tag_row, False, int(mix["known_false"]))
+    used = {window.target_id}  # tiles from different targets, none from the unknown's
+    true_cells = _gold_cells(
+        session, project, volunteer, tag_row, True, int(mix["known_true"]), used
+    )
+    false_cells = _gold_cells(
+        session, project, volunteer, tag_row, False, int(mix["known_false"]), used
+    )
     # The window's cells are all new to this volunteer (the candidate query saw to it).
     unknown = [c for c in _window_cells(session, window) if c.status == CellStatus.OPEN]
     unknown = unknown[: max(1, TILES - len(true_cells) - len(false_cells))]

@@ -69,7 +69,9 @@ def test_a_round_trains_promotes_sets_model_priors_retags_and_reranks(world: Wor
     with world.factory() as session:
         job = session.get(Job, again.job_id)
         assert job is not None and "fine-tuning the tagger" in job.log
-        train_jobs = session.scalars(select(Job).where(Job.kind == "train-tagger")).all()
+        train_jobs = session.scalars(
+            select(Job).where(Job.kind == "train-tagger").order_by(Job.id)
+        ).all()
         assert "backbone initialised from" in train_jobs[-1].log
 
 
