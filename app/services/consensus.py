@@ -288,10 +288,11 @@ def _update_windows(
     return still_open
 
 
-def _complete(
-    session: Session, settings: Settings, target: Target, image: Image, cells: list[Cell]
-) -> bool:
-    """Compose the final mask from the finest retired cells. Returns whether it is uncertain."""
+def compose_cells(
+    session: Session, *, image: Image, cells: list[Cell]
+) -> tuple[np.ndarray, np.ndarray]:
+    """A target's mask from its finest cells, retired or not: gold answers as 0/1, every other
+    cell its posterior. Shape: returns soft ``(H, W)`` float and hard ``(H, W)`` bool."""
     addresses = [grid.Cell(c.level, c.row, c.col) for c in cells]
     leaves = [c for c, leaf in zip(cells, leaf_cells(addresses), strict=True) if leaf]
     posteriors = dict(
@@ -305,9 +306,16 @@ def _complete(
         float(bool(c.label)) if c.retire_reason == RetireReason.GOLD else posteriors[c.id]
         for c in leaves
     ]
-    soft, hard = grid.compose(
+    return grid.compose(
         [grid.Cell(c.level, c.row, c.col) for c in leaves], probs, image.height, image.width
     )
+
+
+def _complete(
+    session: Session, settings: Settings, target: Target, image: Image, cells: list[Cell]
+) -> bool:
+    """Compose the final mask from the finest retired cells. Returns whether it is uncertain."""
+    soft, hard = compose_cells(session, image=image, cells=cells)
     add_mask_version(
         session,
         target=target,
@@ -317,7 +325,8 @@ def _complete(
         store=FileStore(settings.masks_dir),
         written=[],
     )
-    return any(c.uncertain for c in leaves)
+    is_leaf = leaf_cells([grid.Cell(c.level, c.row, c.col) for c in cells])
+    return any(c.uncertain for c, leaf in zip(cells, is_leaf, strict=True) if leaf)
 
 
 def settle_target(

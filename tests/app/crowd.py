@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.models import Cell, Target, TaskTile
+from app.models import Cell, Image, Target, TaskTile
 from app.services.campaign import load_truth
 from ml.aggregation import grid
 from ml.aggregation.simulate import VolunteerProfile, answer
@@ -24,6 +24,8 @@ class Truths:
     settings: Settings
     factory: sessionmaker[Session]
     masks: dict[int, np.ndarray] = field(default_factory=dict)
+    # Complete ground truth (the demo's): a target without a mask is a tag the image lacks.
+    absent_is_empty: bool = False
 
     def coverage(self, task_id: int) -> np.ndarray:
         with self.factory() as session:
@@ -38,6 +40,10 @@ class Truths:
             for position, cell, target in rows:
                 if target.id not in self.masks:
                     mask = load_truth(session, self.settings, target)
+                    if mask is None and self.absent_is_empty:
+                        image = session.get(Image, target.image_id)
+                        assert image is not None
+                        mask = np.zeros((image.height, image.width), dtype=bool)
                     assert mask is not None, "the simulation needs ground truth"
                     self.masks[target.id] = mask
                 address = grid.Cell(cell.level, cell.row, cell.col)
