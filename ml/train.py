@@ -262,6 +262,44 @@ def evaluate_tagger(
     return metrics, thresholds
 
 
+def _train(
+    net: nn.Module,
+    dataset: Dataset[Any],
+    config: TaggerTrainConfig | SegmenterTrainConfig,
+    dev: torch.device,
+    *,
+    task: str,
+    loss_of: Callable[[Tensor, list[Tensor]], Tensor],
+    progress: ProgressCallback | None,
+) -> list[float]:
+    """Shuffle ``dataset`` into batches ``(images, *targets)`` and fit ``net`` on
+    ``loss_of(logits, targets)``, in bf16 autocast and channels_last on a GPU."""
+    loader = _loader(
+        dataset, config.batch_size, shuffle=True, seed=config.seed, workers=config.num_workers
+    )
+    memory = torch.channels_last if dev.type == "cuda" and config.channels_last else None
+
+    def step_loss(batch: tuple[Tensor, ...]) -> Tensor:
+        images, *targets = (t.to(dev) for t in batch)
+        if memory is not None:
+            images = images.contiguous(memory_format=memory)
+        with _autocast(dev, config.amp):
+            logits = net(images)
+        return loss_of(logits, targets)
+
+    return _fit(
+        net,
+        lambda: loader,
+        step_loss,
+        task=task,
+        epochs=config.epochs,
+        steps_per_epoch=len(loader),
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        progress=progress,
+    )
+
+
 def train_tagger(
     config: TaggerTrainConfig,
     train_items: Sequence[TaggerItem],
@@ -282,43 +320,16 @@ def train_tagger(
     labels = np.stack([np.asarray(item.labels, np.float32) for item in train_items])
     loss_fn = get_loss(config.loss, pos_weight=positive_weights(labels)).to(dev)
     size = config.model.input_size
-    train_loader = _loader(
-        TaggerDataset(train_items, size, config.augment),
-        config.batch_size,
-        shuffle=True,
-        seed=config.seed,
-        workers=config.num_workers,
-    )
-    memory = torch.channels_last if dev.type == "cuda" and config.channels_last else None
-
-    def step_loss(batch: tuple[Tensor, ...]) -> Tensor:
-        images, targets = batch[0].to(dev), batch[1].to(dev)
-        if memory is not None:
-            images = images.contiguous(memory_format=memory)
-        with _autocast(dev, config.amp):
-            logits = net(images)
-        return loss_fn(logits.float(), targets)
-
-    losses = _fit(
+    losses = _train(
         net,
-        lambda: train_loader,
-        step_loss,
+        TaggerDataset(train_items, size, config.augment),
+        config,
+        dev,
         task="tagger",
-        epochs=config.epochs,
-        steps_per_epoch=len(train_loader),
-        lr=config.lr,
-        weight_decay=config.weight_decay,
+        loss_of=lambda logits, targets: loss_fn(logits.float(), targets[0]),
         progress=progress,
     )
-    val_loader = _loader(
-        TaggerDataset(val_items, size),
-        config.batch_size,
-        shuffle=False,
-        seed=0,
-        workers=config.num_workers,
-    )
-    probs, val_labels = _tagger_probabilities(net, val_loader, dev, config.amp)
-    metrics, thresholds = evaluate_tagger(probs, val_labels, config.model.parent_array())
+    metrics, thresholds = _score_tagger(net, val_items, dev, config.batch_size, config.amp)
     return TaggerResult(net, metrics, thresholds, losses)
 
 
@@ -333,6 +344,12 @@ def score_tagger(
     """mAP and per-tag scores of a trained tagger on ``items`` (thresholds tuned there)."""
     dev = resolve_device(device)
     model.to(dev)
+    return _score_tagger(model, items, dev, batch_size, amp)[0]
+
+
+def _score_tagger(
+    model: Tagger, items: Sequence[TaggerItem], dev: torch.device, batch_size: int, amp: bool
+) -> tuple[TaggerMetrics, npt.NDArray[np.float64]]:
     loader = _loader(
         TaggerDataset(items, model.config.input_size),
         batch_size,
@@ -341,7 +358,7 @@ def score_tagger(
         workers=0,
     )
     probs, labels = _tagger_probabilities(model, loader, dev, amp)
-    return evaluate_tagger(probs, labels, model.config.parent_array())[0]
+    return evaluate_tagger(probs, labels, model.config.parent_array())
 
 
 def evaluate_segmenter(
@@ -386,32 +403,15 @@ def train_segmenter(
     net = model if model is not None else build_segmenter(config.model)
     _prepare(net, dev, config.channels_last)
     cfg = config.model
-    train_loader = _loader(
-        SegmenterDataset(train_items, cfg.n_tags, cfg.input_size, config.augment),
-        config.batch_size,
-        shuffle=True,
-        seed=config.seed,
-        workers=config.num_workers,
-    )
-    memory = torch.channels_last if dev.type == "cuda" and config.channels_last else None
-
-    def step_loss(batch: tuple[Tensor, ...]) -> Tensor:
-        images, masks, weights = (t.to(dev) for t in batch)
-        if memory is not None:
-            images = images.contiguous(memory_format=memory)
-        with _autocast(dev, config.amp):
-            logits = net(images)
-        return weighted_bce_dice(logits, masks, weights, dice_weight=config.dice_weight)
-
-    losses = _fit(
+    losses = _train(
         net,
-        lambda: train_loader,
-        step_loss,
+        SegmenterDataset(train_items, cfg.n_tags, cfg.input_size, config.augment),
+        config,
+        dev,
         task="segmenter",
-        epochs=config.epochs,
-        steps_per_epoch=len(train_loader),
-        lr=config.lr,
-        weight_decay=config.weight_decay,
+        loss_of=lambda logits, targets: weighted_bce_dice(
+            logits, targets[0], targets[1], dice_weight=config.dice_weight
+        ),
         progress=progress,
     )
     scores = evaluate_segmenter(
