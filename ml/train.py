@@ -312,7 +312,12 @@ def train_tagger(
     """Train (or fine-tune ``model``) and tune thresholds on ``val_items``.
 
     Without validation items the thresholds stay 0.5 and the metrics are NaN.
+
+    Raises:
+        ValueError: there are no training items.
     """
+    if not train_items:
+        raise ValueError("the tagger needs at least one training item")
     seed_everything(config.seed)
     dev = resolve_device(device)
     net = model if model is not None else build_tagger(config.model)
@@ -397,7 +402,13 @@ def train_segmenter(
     progress: ProgressCallback | None = None,
     model: Segmenter | None = None,
 ) -> SegmenterResult:
-    """Train (or fine-tune ``model``) on weighted masks; score on ``val_items``."""
+    """Train (or fine-tune ``model``) on weighted masks; score on ``val_items``.
+
+    Raises:
+        ValueError: there are no training items.
+    """
+    if not train_items:
+        raise ValueError("the segmenter needs at least one training item")
     seed_everything(config.seed)
     dev = resolve_device(device)
     net = model if model is not None else build_segmenter(config.model)

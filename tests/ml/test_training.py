@@ -114,3 +114,12 @@ def test_resolve_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no GPU"):
             resolve_device("cuda")
+
+
+def test_training_without_items_says_so() -> None:
+    tagger = TaggerTrainConfig(tiny_tagger_config(("a",)))
+    with pytest.raises(ValueError, match="tagger needs at least one training item"):
+        train_tagger(tagger, [], [], device="cpu")
+    segmenter = SegmenterTrainConfig(tiny_segmenter_config(("a",)))
+    with pytest.raises(ValueError, match="segmenter needs at least one training item"):
+        train_segmenter(segmenter, [], [], device="cpu")
