@@ -48,7 +48,7 @@ from app.services.campaign import (
 from app.services.target import add_mask_version
 from app.storage import FileStore
 from ml.aggregation import grid
-from ml.aggregation.credibility import WorkerCounts, cells_logodds
+from ml.aggregation.credibility import COUNT_FIELDS, WorkerCounts, cells_logodds
 from ml.aggregation.rules import (
     RetirementConfig,
     choose_refinements,
@@ -57,16 +57,7 @@ from ml.aggregation.rules import (
     retire,
 )
 
-COUNT_COLUMNS = (
-    "pos_yes",
-    "pos_no",
-    "neg_no",
-    "neg_yes",
-    "gold_tp",
-    "gold_fn",
-    "gold_tn",
-    "gold_fp",
-)
+COUNT_COLUMNS = COUNT_FIELDS  # Credibility's columns are WorkerCounts' fields
 
 
 def retirement_config(project: Project) -> RetirementConfig:
@@ -86,7 +77,7 @@ def _counts(session: Session, volunteer_ids: list[int]) -> WorkerCounts:
             )
         )
     }
-    return WorkerCounts.from_rows([rows.get(v, [0.0] * 8) for v in volunteer_ids])
+    return WorkerCounts.from_rows([rows.get(v, [0.0] * len(COUNT_FIELDS)) for v in volunteer_ids])
 
 
 @dataclass(frozen=True)

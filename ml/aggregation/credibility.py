@@ -16,7 +16,7 @@ posterior equals the batch posterior whenever the credibility is the batch credi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import numpy.typing as npt
@@ -46,8 +46,12 @@ class WorkerCounts:
     @classmethod
     def from_rows(cls, rows: npt.ArrayLike) -> WorkerCounts:
         """From an ``(n_workers, 8)`` array in the field order above."""
-        table = np.asarray(rows, dtype=np.float64).reshape(-1, 8)
-        return cls(*(table[:, k].copy() for k in range(8)))
+        table = np.asarray(rows, dtype=np.float64).reshape(-1, len(COUNT_FIELDS))
+        return cls(*(table[:, k].copy() for k in range(len(COUNT_FIELDS))))
+
+
+# The field names in order: the columns of a stored credibility row.
+COUNT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(WorkerCounts))
 
 
 def sensitivity_specificity(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from ml.aggregation.credibility import COUNT_FIELDS
 from ml.aggregation.dawid_skene import (
     DEFAULT_CONFIG,
     DawidSkeneConfig,
@@ -90,16 +91,7 @@ class OnlineDawidSkene:
         """Make room for worker indices < n_workers and item indices < n_items."""
         if n_workers > self.n_workers:
             extra = n_workers - self.n_workers
-            for name in (
-                "pos_yes",
-                "pos_no",
-                "neg_no",
-                "neg_yes",
-                "gold_tp",
-                "gold_fn",
-                "gold_tn",
-                "gold_fp",
-            ):
+            for name in COUNT_FIELDS:
                 setattr(self, name, np.concatenate([getattr(self, name), np.zeros(extra)]))
         if n_items > self.n_items:
             extra = n_items - self.n_items

@@ -18,6 +18,17 @@ from ml.demo.dataset import write_demo_dataset
 SLUG = "demo"
 
 
+def app_settings(data_dir: Path, database_url: str) -> Settings:
+    """Settings of an app under test: its own data folder and database, consensus at once."""
+    return Settings(
+        environment="test",
+        data_dir=data_dir,
+        database_url=database_url,
+        secret_key="test-secret-key-that-is-long-enough-for-anything",
+        consensus_interval_s=0,
+    )
+
+
 @dataclass
 class World:
     settings: Settings
@@ -29,13 +40,7 @@ def world(
     request: pytest.FixtureRequest, fresh_database_url: str, tmp_path: Path
 ) -> Iterator[World]:
     """A migrated database with a demo project of ``request.param`` images (10 by default)."""
-    settings = Settings(
-        environment="test",
-        data_dir=tmp_path / "data",
-        database_url=fresh_database_url,
-        secret_key="test-secret-key-that-is-long-enough-for-anything",
-        consensus_interval_s=0,
-    )
+    settings = app_settings(tmp_path / "data", fresh_database_url)
     engine = make_engine(fresh_database_url)
     upgrade_to_head(engine)
     write_demo_dataset(tmp_path / "demo", seed=11, n_images=getattr(request, "param", 10))

@@ -44,6 +44,7 @@ from ml.aggregation import grid
 from ml.aggregation.rules import leaf_cells
 from ml.aggregation.simulate import PROFILES
 from ml.demo.dataset import write_demo_dataset
+from tests.app.conftest import app_settings
 from tests.app.crowd import SimulatedVolunteer, Truths
 
 SLUG = "demo"
@@ -69,13 +70,7 @@ class Live:
 @pytest.fixture
 def live(fresh_database_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Live]:
     """The demo project (4 scenes) on a fresh database; ``indirect`` params set its settings."""
-    settings = Settings(
-        environment="test",
-        data_dir=tmp_path / "data",
-        database_url=fresh_database_url,
-        secret_key="test-secret-key-that-is-long-enough-for-anything",
-        consensus_interval_s=0,
-    )
+    settings = app_settings(tmp_path / "data", fresh_database_url)
     engine = make_engine(fresh_database_url)
     upgrade_to_head(engine)
     write_demo_dataset(tmp_path / "demo", seed=3, n_images=4)
