@@ -45,8 +45,9 @@ pytestmark = pytest.mark.slow
 
 
 TINY = TrainOptions(epochs=6, size=64, backbone="resnet18", batch_size=8, device="cpu")
-# A tagger whose Grad-CAM localises after a few seconds on the CPU (see tests/ml).
-TINY_TAGGER = TrainOptions(epochs=10, size=96, backbone="resnet10t", batch_size=8, device="cpu")
+# A tagger whose Grad-CAM localises after a few seconds on the CPU (see tests/ml); 128 px gives
+# it 4x4 feature maps, which localise more steadily than 96 px's 3x3.
+TINY_TAGGER = TrainOptions(epochs=10, size=128, backbone="resnet10t", batch_size=8, device="cpu")
 
 
 def count(world: World, model: type, *where: object) -> int:
@@ -73,7 +74,9 @@ def test_tagger_training_seeding_and_priors_that_peak_inside_objects(world: Worl
     # Seeding again finds nothing new: every image has been seen by this tagger version.
     assert run_seed(world.factory, world.settings, slug=SLUG, device="cpu").images == 0
 
-    hits, chance, n = 0.0, 0.0, 0
+    # Each target's prior peaks in one level-1 cell: inside the object with probability p_i by
+    # chance (the share of its cells that the object touches). Compare the hits with a z-score.
+    hits, chance, variance, n = 0.0, 0.0, 0.0, 0
     with world.factory() as session:
         for target in session.scalars(select(Target).where(Target.control.is_(False))):
             cells = session.scalars(
@@ -88,11 +91,15 @@ def test_tagger_training_seeding_and_priors_that_peak_inside_objects(world: Worl
             inside = grid.level_coverage(truth, 1).ravel() > 0
             hits += inside[int(np.argmax(priors))]
             chance += inside.mean()
+            variance += inside.mean() * (1 - inside.mean())
             n += 1
     assert n >= 40
-    # Measured: about 0.60 of the peaks inside against 0.32 by chance (n ~ 90).
-    assert hits / n > chance / n + 0.1, (
-        f"prior peaks inside the object {hits}/{n}, chance {chance / n}"
+    z = (hits - chance) / np.sqrt(variance)
+    # Measured here at 128 px (seeds 0-2, one and two threads): 0.47-0.58 of the peaks inside
+    # against 0.32-0.33 by chance, z 3.1-4.9. At 96 px the same runs gave 0.48-0.65, and 0.41
+    # (z 1.8) on the CI machine: a tiny tagger's Grad-CAM is fragile, 3x3 feature maps more so.
+    assert z > 2.0 and hits / n > chance / n + 0.05, (
+        f"prior peaks inside the object {hits}/{n}, chance {chance / n:.3f}, z {z:.2f}"
     )
 
 
