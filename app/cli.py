@@ -44,6 +44,8 @@ app.add_typer(project_app, name="project")
 app.add_typer(consensus_app, name="consensus")
 app.add_typer(train_app, name="train")
 app.add_typer(model_app, name="model")
+user_app = typer.Typer(help="Accounts of curators and admins.")
+app.add_typer(user_app, name="user")
 
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -260,6 +262,72 @@ def consensus_recompute(
             f"{report.volunteers:,} volunteers, {report.iterations} EM iterations, "
             f"{report.labels_changed} retired labels changed"
         )
+
+
+@user_app.command("add")
+def user_add(
+    name: Annotated[str, typer.Argument(help="login name")],
+    role: Annotated[str, typer.Option(help="volunteer, curator or admin")] = "curator",
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="read the password from standard input")
+    ] = False,
+) -> None:
+    """Add an account; the password is asked for (twice) unless given on standard input."""
+    from app.models import Role
+    from app.services.account import create_account
+
+    try:
+        chosen = Role(role)
+    except ValueError:
+        raise _fail(f"unknown role {role!r}: volunteer, curator or admin") from None
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    settings = _settings()
+    factory = make_session_factory(_ready_engine(settings), writer=True)
+    with factory() as session:
+        try:
+            create_account(session, name=name, password=password, role=chosen)
+        except (ConflictError, InvalidInputError) as exc:
+            raise _fail(str(exc)) from exc
+        session.commit()
+    console.print(f"account [bold]{name}[/] added as {chosen}")
+
+
+@user_app.command("list")
+def user_list() -> None:
+    """List the accounts and their roles."""
+    from app.services.account import list_accounts
+
+    settings = _settings()
+    with make_session_factory(_ready_engine(settings))() as session:
+        table = Table("name", "role", "last login")
+        for account in list_accounts(session):
+            table.add_row(account.name, account.role, str(account.last_login_at or "never"))
+    console.print(table)
+
+
+@app.command("export")
+def export_command(
+    out: Annotated[Path, typer.Option(help="the .zip archive to write")],
+    project: Annotated[str, typer.Option("--project", help="project slug")] = DEMO_PROJECT,
+    tag: Annotated[str | None, typer.Option(help="only this tag")] = None,
+) -> None:
+    """Write finished masks: COCO instances (RLE), PNG masks and soft masks, in one zip."""
+    from app.services.export import export_project
+
+    settings = _settings()
+    with make_session_factory(_ready_engine(settings))() as session:
+        try:
+            target = get_project(session, slug=project)
+        except NotFoundError as exc:
+            raise _fail(str(exc)) from exc
+        report = export_project(session, settings=settings, project=target, out=out, tag=tag)
+    console.print(
+        f"wrote {report.path}: {report.images} images, {report.annotations} annotations, "
+        f"{report.masks} masks"
+    )
 
 
 Device = Annotated[str, typer.Option(help="cpu, cuda or auto")]

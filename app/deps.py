@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Annotated
+import hmac
+import secrets
+from collections.abc import Callable, Iterator
+from typing import Annotated, TypeVar
 
 from fastapi import Cookie, Depends, Request, Response
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.models import Volunteer
-from app.security import VOLUNTEER_COOKIE, Signer
+from app.models import Account, Role, Volunteer
+from app.security import (
+    CSRF_COOKIE,
+    CSRF_FIELD,
+    CSRF_HEADER,
+    SESSION_COOKIE,
+    VOLUNTEER_COOKIE,
+    Signer,
+)
+from app.services.account import has_role
+from app.services.errors import ForbiddenError, UnauthorizedError
 from app.services.volunteer import find_volunteer, get_or_create_volunteer
 
+ResponseT = TypeVar("ResponseT", bound=Response)
 COOKIE_MAX_AGE_S = 400 * 24 * 3600  # browsers cap cookies at about 400 days
 
 
@@ -89,3 +101,92 @@ def known_volunteer(
 
 
 KnownVolunteerDep = Annotated[Volunteer | None, Depends(known_volunteer)]
+
+
+def logged_in_account(
+    session: SessionDep,
+    signer: SignerDep,
+    cookie: Annotated[str | None, Cookie(alias=SESSION_COOKIE)] = None,
+) -> Account | None:
+    """The account of the login session, if any (a disabled account counts as logged out)."""
+    account_id = signer.read_session_cookie(cookie)
+    account = session.get(Account, account_id) if account_id is not None else None
+    return account if account is not None and not account.disabled else None
+
+
+AccountDep = Annotated[Account | None, Depends(logged_in_account)]
+
+
+def require_role(role: Role) -> Callable[[Account | None], Account]:
+    """A dependency: the logged-in account if it has ``role`` or more; 401 or 403 if not."""
+
+    def check(account: AccountDep) -> Account:
+        if account is None:
+            raise UnauthorizedError("log in first: this page is for curators")
+        if not has_role(account, role):
+            raise ForbiddenError(f"this needs the {role} role; you are a {account.role}")
+        return account
+
+    return check
+
+
+CuratorDep = Annotated[Account, Depends(require_role(Role.CURATOR))]
+AdminDep = Annotated[Account, Depends(require_role(Role.ADMIN))]
+
+
+def csrf_token(
+    request: Request,
+    signer: SignerDep,
+    cookie: Annotated[str | None, Cookie(alias=CSRF_COOKIE)] = None,
+) -> str:
+    """The CSRF token to render into this page's forms.
+
+    On a first visit a new one is made; ``with_csrf_cookie`` puts its cookie on the page's
+    response (a dependency's ``Response`` is not merged into a response the route returns).
+    """
+    nonce = signer.read_csrf_cookie(cookie)
+    if nonce is None:
+        nonce = secrets.token_urlsafe(24)
+        request.state.new_csrf_cookie = signer.csrf_cookie(nonce)
+    return nonce
+
+
+def with_csrf_cookie(request: Request, response: ResponseT) -> ResponseT:
+    """Set the CSRF cookie that ``csrf_token`` made for this request, if it made one."""
+    value = getattr(request.state, "new_csrf_cookie", None)
+    if value is not None:
+        settings: Settings = request.app.state.settings
+        response.set_cookie(
+            CSRF_COOKIE,
+            value,
+            httponly=True,
+            samesite="lax",
+            secure=settings.environment == "production",
+        )
+    return response
+
+
+CsrfTokenDep = Annotated[str, Depends(csrf_token)]
+
+
+async def check_csrf(
+    request: Request,
+    signer: SignerDep,
+    cookie: Annotated[str | None, Cookie(alias=CSRF_COOKIE)] = None,
+) -> None:
+    """Refuse a state-changing request whose token does not match its signed cookie (403)."""
+    expected = signer.read_csrf_cookie(cookie)
+    sent = request.headers.get(CSRF_HEADER)
+    if sent is None and request.headers.get("content-type", "").startswith(
+        ("application/x-www-form-urlencoded", "multipart/form-data")
+    ):
+        form = await request.form()
+        value = form.get(CSRF_FIELD)
+        sent = value if isinstance(value, str) else None
+    if expected is None or sent is None or not hmac.compare_digest(expected, sent):
+        raise ForbiddenError(
+            "the form's security token is missing or stale: reload the page and try again"
+        )
+
+
+CsrfChecked = Depends(check_csrf)

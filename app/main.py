@@ -6,9 +6,10 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -16,14 +17,21 @@ from app.api import api_router
 from app.api import health as health_api
 from app.config import Settings, get_settings
 from app.db import engine_for, make_session_factory
-from app.pages import FRONTEND_DIR
+from app.pages import FRONTEND_DIR, templates
+from app.pages import curate as curate_pages
 from app.pages import home as home_pages
 from app.pages import volunteer as volunteer_pages
 from app.security import Signer, TokenError, TokenProblem
-from app.services.errors import ConflictError, InvalidInputError, NotFoundError
+from app.services.errors import (
+    ConflictError,
+    ForbiddenError,
+    InvalidInputError,
+    NotFoundError,
+    UnauthorizedError,
+)
 from app.services.project import get_project, list_project_summaries
 from app.services.recompute import recompute_project
-from app.services.submission import ForbiddenError, GoneError
+from app.services.submission import GoneError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +57,21 @@ def _error_handlers(app: FastAPI) -> None:
         return JSONResponse(status_code=status, content={"detail": str(exc)})
 
     app.add_exception_handler(TokenError, token_handler)
+
+    def login_handler(request: Request, exc: Exception) -> Response:
+        """A page asked for without a login shows the login form (401); the API says why."""
+        wants_page = "text/html" in request.headers.get("accept", "")
+        if request.url.path.startswith("/api") or not wants_page:
+            return JSONResponse(status_code=401, content={"detail": str(exc)})
+        login_url = "/login?" + urlencode({"next": request.url.path})
+        return templates.TemplateResponse(
+            request,
+            "unauthorized.html",
+            {"message": str(exc), "login_url": login_url},
+            status_code=401,
+        )
+
+    app.add_exception_handler(UnauthorizedError, login_handler)
 
 
 class ConsensusTimer:
@@ -108,5 +131,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_router)
     app.include_router(home_pages.router)
     app.include_router(volunteer_pages.router)
+    app.include_router(curate_pages.router)
     app.mount("/static", StaticFiles(directory=FRONTEND_DIR / "static"), name="static")
     return app

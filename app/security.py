@@ -1,7 +1,13 @@
-"""Signed values: the anonymous volunteer cookie and the task tokens.
+"""Signed values: the anonymous volunteer cookie, the task tokens, the login session and CSRF.
 
-Both are signed with the project's secret key (itsdangerous, HMAC-SHA1 over a salted key
+All are signed with the project's secret key (itsdangerous, HMAC-SHA1 over a salted key
 derivation), with a different salt each, so that a cookie can never pass as a token.
+
+CSRF: the signed double-submit pattern. Every page that has a form sets a ``tessera_csrf``
+cookie (HttpOnly, SameSite=Lax) holding a signed random value and renders the value into its
+forms; a state-changing request must send the value back (form field ``csrf_token`` or header
+``X-CSRF-Token``) next to the cookie. Another site can make the browser send the cookie but can
+neither read it nor forge its signature.
 """
 
 from __future__ import annotations
@@ -12,6 +18,11 @@ from dataclasses import dataclass
 from itsdangerous import BadSignature, SignatureExpired, URLSafeSerializer, URLSafeTimedSerializer
 
 VOLUNTEER_COOKIE = "tessera_volunteer"
+SESSION_COOKIE = "tessera_session"
+CSRF_COOKIE = "tessera_csrf"
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "X-CSRF-Token"
+SESSION_MAX_AGE_S = 12 * 3600
 
 
 class TokenProblem(enum.StrEnum):
@@ -38,6 +49,33 @@ class Signer:
     def __init__(self, secret: str) -> None:
         self._cookie = URLSafeSerializer(secret, salt="tessera.volunteer")
         self._task = URLSafeTimedSerializer(secret, salt="tessera.task")
+        self._session = URLSafeTimedSerializer(secret, salt="tessera.session")
+        self._csrf = URLSafeSerializer(secret, salt="tessera.csrf")
+
+    def session_cookie(self, account_id: int) -> str:
+        return self._session.dumps(account_id)
+
+    def read_session_cookie(self, value: str | None) -> int | None:
+        """The account id of a login session, or None when missing, forged or too old."""
+        if not value:
+            return None
+        try:
+            account_id = self._session.loads(value, max_age=SESSION_MAX_AGE_S)
+        except BadSignature:  # SignatureExpired is a BadSignature
+            return None
+        return account_id if isinstance(account_id, int) else None
+
+    def csrf_cookie(self, nonce: str) -> str:
+        return self._csrf.dumps(nonce)
+
+    def read_csrf_cookie(self, value: str | None) -> str | None:
+        if not value:
+            return None
+        try:
+            nonce = self._csrf.loads(value)
+        except BadSignature:
+            return None
+        return nonce if isinstance(nonce, str) else None
 
     def volunteer_cookie(self, public_id: str) -> str:
         return self._cookie.dumps(public_id)

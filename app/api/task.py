@@ -27,10 +27,10 @@ from app.schemas.task import (
     TileView,
 )
 from app.security import TaskClaims
-from app.services.errors import NotFoundError
+from app.services.errors import ForbiddenError, NotFoundError
 from app.services.picker import Offer, next_task
 from app.services.project import get_project
-from app.services.submission import ForbiddenError, skip, submit
+from app.services.submission import skip, submit
 from app.services.tag import TagResolver
 from app.services.tile import TILE_SIDE, render_tile
 from ml.aggregation import grid

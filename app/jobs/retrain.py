@@ -53,6 +53,8 @@ from app.models import (
     ImageTag,
     ImageTagSource,
     ImageTagStatus,
+    MaskSource,
+    MaskVersion,
     ModelKind,
     Project,
     Tag,
@@ -348,16 +350,22 @@ def triage_unsupported(
         key = (image_tag.image_id, image_tag.tag_id)
         if image_tag.image_id in retagged and key not in predicted and key not in confirmed:
             target.state = TargetState.TRIAGE
+            target.triage_reason = "the tagger no longer predicts this tag"
             triaged += 1
     empty = session.scalars(
         select(Target).where(
             Target.project_id == project.id,
             Target.state == TargetState.COMPLETE,
             ~select(Cell.id).where(Cell.target_id == Target.id, Cell.label.is_(True)).exists(),
+            # A curator's decision (an accepted or rejected tag) is final.
+            ~select(MaskVersion.id)
+            .where(MaskVersion.target_id == Target.id, MaskVersion.source == MaskSource.CURATOR)
+            .exists(),
         )
     ).all()
     for target in empty:
         target.state = TargetState.TRIAGE
+        target.triage_reason = "the mask came out empty: is the tag really there?"
         triaged += 1
     session.flush()
     return triaged

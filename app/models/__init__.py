@@ -1,5 +1,6 @@
 """The tables, one module per domain word. Importing this package registers them all."""
 
+from app.models.account import Account, Role
 from app.models.consensus import Consensus, MaskSource, MaskVersion
 from app.models.image import Image, ImageEmbedding, ImageTag, ImageTagSource, ImageTagStatus
 from app.models.model_version import Job, JobStatus, ModelKind, ModelVersion
@@ -19,6 +20,7 @@ from app.models.volunteer import Credibility, Volunteer
 
 __all__ = [
     "DEFAULT_PROJECT_SETTINGS",
+    "Account",
     "Cell",
     "CellStatus",
     "Consensus",
@@ -38,6 +40,7 @@ __all__ = [
     "ModelVersion",
     "Project",
     "RetireReason",
+    "Role",
     "Tag",
     "TagAlias",
     "TagCategory",

@@ -282,8 +282,10 @@ def _update_windows(
 def compose_cells(
     session: Session, *, image: Image, cells: list[Cell]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A target's mask from its finest cells, retired or not: gold answers as 0/1, every other
-    cell its posterior. Shape: returns soft ``(H, W)`` float and hard ``(H, W)`` bool."""
+    """A target's mask from its finest cells, retired or not: gold and curator answers as 0/1,
+    every other cell its posterior.
+
+    Shape: returns soft ``(H, W)`` float and hard ``(H, W)`` bool."""
     addresses = [grid.Cell(c.level, c.row, c.col) for c in cells]
     leaves = [c for c, leaf in zip(cells, leaf_cells(addresses), strict=True) if leaf]
     posteriors = dict(
@@ -294,7 +296,9 @@ def compose_cells(
         ).all()
     )
     probs = [
-        float(bool(c.label)) if c.retire_reason == RetireReason.GOLD else posteriors[c.id]
+        float(bool(c.label))
+        if c.retire_reason in (RetireReason.GOLD, RetireReason.CURATOR)
+        else posteriors[c.id]
         for c in leaves
     ]
     return grid.compose(

@@ -11,3 +11,11 @@ class ConflictError(ValueError):
 
 class InvalidInputError(ValueError):
     """The input is malformed; the message says what to fix."""
+
+
+class UnauthorizedError(PermissionError):
+    """Nobody is logged in, or the credentials are wrong: log in first."""
+
+
+class ForbiddenError(PermissionError):
+    """The request is understood, but this volunteer or account may not do it."""

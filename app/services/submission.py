@@ -36,15 +36,11 @@ from app.services.consensus import (
     revalue_windows,
     settle_targets,
 )
-from app.services.errors import ConflictError, InvalidInputError, NotFoundError
+from app.services.errors import ConflictError, ForbiddenError, InvalidInputError, NotFoundError
 from app.services.volunteer import credibility_of
 from ml.aggregation.credibility import gold_credit
 
 TOKEN_GRACE_S = 30
-
-
-class ForbiddenError(PermissionError):
-    """The request is understood but this volunteer may not do it."""
 
 
 class GoneError(LookupError):

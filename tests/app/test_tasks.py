@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
-from fastapi import FastAPI
-from fastapi.testclient import TestClient
 from PIL import Image as PILImage
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
 
-from app.cli import run_import
-from app.config import Settings
-from app.db import make_engine, make_session_factory
-from app.main import create_app
-from app.migrate import upgrade_to_head
 from app.models import (
     Cell,
     CellStatus,
@@ -36,56 +25,15 @@ from app.models import (
     Vote,
 )
 from app.services.campaign import load_truth
-from app.services.project import create_project
 from app.services.recompute import recompute_project
 from app.services.volunteer import ban_volunteer
 from app.storage import decode_mask_png
 from ml.aggregation import grid
 from ml.aggregation.rules import leaf_cells
 from ml.aggregation.simulate import PROFILES
-from ml.demo.dataset import write_demo_dataset
-from tests.app.conftest import app_settings
-from tests.app.crowd import SimulatedVolunteer, Truths
+from tests.app.conftest import Live
 
 SLUG = "demo"
-
-
-@dataclass
-class Live:
-    app: FastAPI
-    settings: Settings
-    factory: sessionmaker[Session]
-    truths: Truths
-
-    def volunteer(self, kind: str = "diligent", seed: int = 0) -> SimulatedVolunteer:
-        client = TestClient(self.app)
-        rng = np.random.default_rng(seed)
-        return SimulatedVolunteer(client, PROFILES[kind], rng, self.truths)
-
-    def count(self, model: type) -> int:
-        with self.factory() as session:
-            return session.scalar(select(func.count()).select_from(model)) or 0
-
-
-@pytest.fixture
-def live(fresh_database_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Live]:
-    """The demo project (4 scenes) on a fresh database; ``indirect`` params set its settings."""
-    settings = app_settings(tmp_path / "data", fresh_database_url)
-    engine = make_engine(fresh_database_url)
-    upgrade_to_head(engine)
-    write_demo_dataset(tmp_path / "demo", seed=3, n_images=4)
-    factory = make_session_factory(engine)
-    with factory() as session:
-        project = create_project(session, slug=SLUG)
-        project.settings = dict(getattr(request, "param", {}))
-        session.commit()
-        run_import(
-            session, settings=settings, project_slug=SLUG, path=tmp_path / "demo", tag_file=None
-        )
-    app = create_app(settings)
-    yield Live(app, settings, factory, Truths(settings, factory))
-    app.state.engine.dispose()
-    engine.dispose()
 
 
 def test_first_request_gets_an_anonymous_identity_and_a_task(live: Live) -> None:

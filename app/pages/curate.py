@@ -1,0 +1,321 @@
+"""The curator's workspace: login, the triage queue, one target, volunteers, export.
+
+Every route checks the role (``CuratorDep``/``AdminDep``: 401 without a login, 403 with too
+small a role), and every state-changing form is CSRF-checked. Forms post and redirect back
+(post/redirect/get), so the pages work without JavaScript.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from starlette.background import BackgroundTask
+
+from app.deps import (
+    AccountDep,
+    AdminDep,
+    CsrfChecked,
+    CsrfTokenDep,
+    CuratorDep,
+    SessionDep,
+    SettingsDep,
+    SignerDep,
+    WriteSessionDep,
+    with_csrf_cookie,
+)
+from app.models import Project, Role
+from app.pages import templates
+from app.security import SESSION_COOKIE, SESSION_MAX_AGE_S
+from app.services.account import authenticate, create_account, list_accounts
+from app.services.curation import (
+    accept_target,
+    get_target,
+    reject_target,
+    set_cell,
+    target_view,
+    triage_queue,
+    triage_reasons,
+)
+from app.services.errors import InvalidInputError, NotFoundError, UnauthorizedError
+from app.services.export import export_project
+from app.services.image import image_path
+from app.services.project import get_project, list_project_summaries
+from app.services.recompute import recompute_project
+from app.services.volunteer import ban_volunteer
+from app.services.volunteer_review import (
+    get_volunteer_by_id,
+    projects_of_volunteer,
+    review_volunteers,
+    unban_volunteer,
+)
+
+router = APIRouter(include_in_schema=False)
+
+
+def _page(
+    request: Request, name: str, context: dict[str, Any], status_code: int = 200
+) -> HTMLResponse:
+    response = templates.TemplateResponse(request, name, context, status_code=status_code)
+    return with_csrf_cookie(request, response)
+
+
+def _safe_next(target: str | None) -> str:
+    """Only local paths: a login form must not bounce the curator to another site."""
+    if target and target.startswith("/") and not target.startswith("//"):
+        return target
+    return "/curate"
+
+
+def _back(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303)
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_form(
+    request: Request, csrf: CsrfTokenDep, account: AccountDep, next: str | None = None
+) -> HTMLResponse:
+    return _page(
+        request,
+        "login.html",
+        {"csrf": csrf, "next": _safe_next(next), "account": account, "error": None},
+    )
+
+
+@router.post("/login", dependencies=[CsrfChecked], response_model=None)
+def login(
+    request: Request,
+    session: WriteSessionDep,
+    signer: SignerDep,
+    settings: SettingsDep,
+    csrf: CsrfTokenDep,
+    name: Annotated[str, Form()],
+    password: Annotated[str, Form()],
+    next: Annotated[str | None, Form()] = None,
+) -> HTMLResponse | RedirectResponse:
+    try:
+        account = authenticate(session, name=name.strip(), password=password)
+    except UnauthorizedError as exc:
+        return _page(
+            request,
+            "login.html",
+            {"csrf": csrf, "next": _safe_next(next), "account": None, "error": str(exc)},
+            status_code=401,
+        )
+    session.commit()
+    response = _back(_safe_next(next) if account.role != Role.VOLUNTEER else "/")
+    response.set_cookie(
+        SESSION_COOKIE,
+        signer.session_cookie(account.id),
+        max_age=SESSION_MAX_AGE_S,
+        httponly=True,
+        samesite="lax",
+        secure=settings.environment == "production",
+    )
+    return response
+
+
+@router.post("/logout", dependencies=[CsrfChecked])
+def logout() -> RedirectResponse:
+    response = _back("/login")
+    response.delete_cookie(SESSION_COOKIE)
+    return response
+
+
+def _project(session: SessionDep, slug: str | None) -> Project | None:
+    if slug:
+        return get_project(session, slug=slug)
+    summaries = list_project_summaries(session)
+    return get_project(session, slug=summaries[0].slug) if summaries else None
+
+
+@router.get("/curate", response_class=HTMLResponse)
+def queue(
+    request: Request,
+    session: SessionDep,
+    curator: CuratorDep,
+    csrf: CsrfTokenDep,
+    project: str | None = None,
+    tag: str | None = None,
+    reason: str | None = None,
+) -> HTMLResponse:
+    current = _project(session, project)
+    items = triage_queue(session, project=current, tag=tag, reason=reason) if current else []
+    return _page(
+        request,
+        "curate.html",
+        {
+            "account": curator,
+            "csrf": csrf,
+            "projects": list_project_summaries(session),
+            "project": current,
+            "items": items,
+            "reasons": triage_reasons(session, project=current) if current else [],
+            "tag": tag or "",
+            "reason": reason or "",
+        },
+    )
+
+
+@router.get("/curate/targets/{target_id}", response_class=HTMLResponse)
+def target_page(
+    request: Request, target_id: int, session: SessionDep, curator: CuratorDep, csrf: CsrfTokenDep
+) -> HTMLResponse:
+    view = target_view(session, target=get_target(session, target_id=target_id))
+    return _page(request, "curate_target.html", {"account": curator, "csrf": csrf, "view": view})
+
+
+@router.get("/curate/images/{target_id}")
+def target_image(
+    target_id: int, session: SessionDep, settings: SettingsDep, _curator: CuratorDep
+) -> FileResponse:
+    view = target_view(session, target=get_target(session, target_id=target_id))
+    return FileResponse(
+        image_path(settings, view.image), headers={"Cache-Control": "private, max-age=3600"}
+    )
+
+
+@router.post("/curate/targets/{target_id}/cells/{cell_id}", dependencies=[CsrfChecked])
+def set_cell_route(
+    target_id: int,
+    cell_id: int,
+    session: WriteSessionDep,
+    curator: CuratorDep,
+    label: Annotated[str, Form()],
+) -> RedirectResponse:
+    if label not in ("yes", "no"):
+        raise InvalidInputError("label must be 'yes' or 'no'")
+    target = get_target(session, target_id=target_id)
+    set_cell(session, target=target, cell_id=cell_id, label=label == "yes", curator=curator.name)
+    session.commit()
+    return _back(f"/curate/targets/{target_id}")
+
+
+def _next_item(session: SessionDep, project: Project) -> str:
+    items = triage_queue(session, project=project, limit=1)
+    if items:
+        return f"/curate/targets/{items[0].target_id}"
+    return "/curate?" + urlencode({"project": project.slug})
+
+
+@router.post("/curate/targets/{target_id}/{decision}", dependencies=[CsrfChecked])
+def decide(
+    target_id: int,
+    decision: str,
+    session: WriteSessionDep,
+    settings: SettingsDep,
+    curator: CuratorDep,
+) -> RedirectResponse:
+    if decision not in ("accept", "reject"):
+        raise NotFoundError(f"no decision {decision!r}: accept or reject")
+    target = get_target(session, target_id=target_id)
+    project = session.get(Project, target.project_id)
+    assert project is not None
+    decide_fn = accept_target if decision == "accept" else reject_target
+    decide_fn(session, settings=settings, project=project, target=target, curator=curator.name)
+    session.commit()
+    return _back(_next_item(session, project))
+
+
+@router.get("/curate/volunteers", response_class=HTMLResponse)
+def volunteers_page(
+    request: Request,
+    session: SessionDep,
+    curator: CuratorDep,
+    csrf: CsrfTokenDep,
+    project: str | None = None,
+) -> HTMLResponse:
+    current = get_project(session, slug=project) if project else None
+    return _page(
+        request,
+        "curate_volunteers.html",
+        {
+            "account": curator,
+            "csrf": csrf,
+            "rows": review_volunteers(session, project=current),
+            "projects": list_project_summaries(session),
+            "project": current,
+        },
+    )
+
+
+@router.post("/curate/volunteers/{volunteer_id}/{action}", dependencies=[CsrfChecked])
+def ban_route(
+    volunteer_id: int,
+    action: str,
+    session: WriteSessionDep,
+    settings: SettingsDep,
+    curator: CuratorDep,
+    reason: Annotated[str, Form()] = "",
+) -> RedirectResponse:
+    volunteer = get_volunteer_by_id(session, volunteer_id=volunteer_id)
+    if action == "ban":
+        ban_volunteer(session, volunteer=volunteer, reason=reason or f"banned by {curator.name}")
+    elif action == "unban":
+        unban_volunteer(session, volunteer=volunteer)
+    else:
+        raise NotFoundError(f"no action {action!r}: ban or unban")
+    session.flush()
+    for project_id in projects_of_volunteer(session, volunteer=volunteer):
+        project = session.get(Project, project_id)
+        assert project is not None
+        recompute_project(session, settings=settings, project=project)
+    session.commit()
+    return _back("/curate/volunteers")
+
+
+@router.get("/curate/export/{slug}.zip")
+def export_download(
+    slug: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    _curator: CuratorDep,
+    tag: str | None = None,
+) -> FileResponse:
+    project = get_project(session, slug=slug)
+    folder = Path(tempfile.mkdtemp(prefix="tessera-export-"))
+    out = folder / f"{slug}.zip"
+    export_project(session, settings=settings, project=project, out=out, tag=tag or None)
+
+    def cleanup() -> None:
+        out.unlink(missing_ok=True)
+        folder.rmdir()
+
+    return FileResponse(
+        out,
+        media_type="application/zip",
+        filename=f"tessera-{slug}{'-' + tag if tag else ''}.zip",
+        background=BackgroundTask(cleanup),
+    )
+
+
+@router.get("/admin/accounts", response_class=HTMLResponse)
+def accounts_page(
+    request: Request, session: SessionDep, admin: AdminDep, csrf: CsrfTokenDep
+) -> HTMLResponse:
+    return _page(
+        request,
+        "admin_accounts.html",
+        {"account": admin, "csrf": csrf, "accounts": list_accounts(session), "roles": list(Role)},
+    )
+
+
+@router.post("/admin/accounts", dependencies=[CsrfChecked])
+def add_account(
+    session: WriteSessionDep,
+    _admin: AdminDep,
+    name: Annotated[str, Form()],
+    password: Annotated[str, Form()],
+    role: Annotated[str, Form()],
+) -> RedirectResponse:
+    try:
+        chosen = Role(role)
+    except ValueError:
+        raise InvalidInputError(f"unknown role {role!r}") from None
+    create_account(session, name=name.strip(), password=password, role=chosen)
+    session.commit()
+    return _back("/admin/accounts")

@@ -1,0 +1,78 @@
+"""Accounts: creation, password checks (argon2id) and roles."""
+
+from __future__ import annotations
+
+import re
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.db import utcnow
+from app.models import Account, Role
+from app.services.errors import ConflictError, InvalidInputError, NotFoundError, UnauthorizedError
+
+MIN_PASSWORD_LENGTH = 10
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{2,80}$")
+# argon2-cffi's defaults (RFC 9106's low-memory profile): 64 MiB, 3 passes.
+_hasher = PasswordHasher()
+# Verifying against this keeps a login for an unknown name as slow as one with a wrong password.
+_DUMMY_HASH = _hasher.hash("not a password anyone has")
+
+
+def hash_password(password: str) -> str:
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise InvalidInputError(f"the password needs at least {MIN_PASSWORD_LENGTH} characters")
+    return _hasher.hash(password)
+
+
+def find_account(session: Session, *, name: str) -> Account | None:
+    return session.scalar(select(Account).where(Account.name == name))
+
+
+def get_account(session: Session, *, account_id: int) -> Account:
+    account = session.get(Account, account_id)
+    if account is None:
+        raise NotFoundError(f"no account {account_id}")
+    return account
+
+
+def list_accounts(session: Session) -> list[Account]:
+    return list(session.scalars(select(Account).order_by(Account.name)))
+
+
+def create_account(session: Session, *, name: str, password: str, role: Role) -> Account:
+    if not NAME_PATTERN.match(name):
+        raise InvalidInputError(
+            "an account name is 2-80 letters, digits, dots, dashes or underscores"
+        )
+    if find_account(session, name=name) is not None:
+        raise ConflictError(f"an account called {name!r} exists already")
+    account = Account(name=name, password_hash=hash_password(password), role=role)
+    session.add(account)
+    session.flush()
+    return account
+
+
+def set_password(session: Session, *, account: Account, password: str) -> None:
+    account.password_hash = hash_password(password)
+
+
+def authenticate(session: Session, *, name: str, password: str) -> Account:
+    """The account with these credentials; one message for every failure (no name probing)."""
+    account = find_account(session, name=name)
+    try:
+        _hasher.verify(account.password_hash if account else _DUMMY_HASH, password)
+    except (VerificationError, InvalidHashError):
+        account = None
+    if account is None or account.disabled:
+        raise UnauthorizedError("wrong name or password")
+    if _hasher.check_needs_rehash(account.password_hash):
+        account.password_hash = _hasher.hash(password)
+    account.last_login_at = utcnow()
+    return account
+
+
+def has_role(account: Account | None, role: Role) -> bool:
+    return account is not None and not account.disabled and account.role.rank >= role.rank

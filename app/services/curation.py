@@ -1,0 +1,398 @@
+"""The curator's use cases: the triage queue, one target's cells and votes, curator decisions.
+
+A curator decision is gold: setting a cell stores a ``Gold`` row (source ``curator``) and retires
+the cell with that answer, so that volunteers are scored against it from then on. Accepting a
+target composes its mask from the finest cells (curator and gold cells as 0/1, the others their
+posterior), stores it as a curator mask version and completes the target; rejecting the tag marks
+the image tag rejected and stores the empty mask as the truth. Both recompute the project's
+consensus so that the new gold re-weighs every volunteer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db import utcnow
+from app.models import (
+    Cell,
+    CellStatus,
+    Consensus,
+    Gold,
+    GoldSource,
+    Image,
+    ImageTag,
+    ImageTagStatus,
+    MaskSource,
+    MaskVersion,
+    Project,
+    RetireReason,
+    Tag,
+    Target,
+    TargetState,
+    Volunteer,
+    Vote,
+    Window,
+    WindowState,
+)
+from app.services.campaign import uncertainty
+from app.services.consensus import compose_cells
+from app.services.errors import InvalidInputError, NotFoundError
+from app.services.recompute import recompute_project
+from app.services.target import add_mask_version
+from app.services.volunteer import credibility_of, display_name
+from app.storage import FileStore
+from ml.aggregation import grid
+from ml.aggregation.rules import leaf_cells
+
+UNCERTAIN_REASON = "cells still uncertain after their vote budget"
+
+
+@dataclass(frozen=True)
+class TriageItem:
+    target_id: int
+    image_id: int
+    image_name: str
+    tag: str
+    reason: str
+    uncertainty: float  # 1 = nothing known, 0 = every cell settled
+    cells: int
+
+
+def _leaf_posteriors(session: Session, target_ids: list[int]) -> dict[int, list[float]]:
+    """Per target, the posteriors of its finest cells (gold and curator cells as 0/1)."""
+    rows = session.execute(
+        select(Cell, Consensus.posterior)
+        .join(Consensus, Consensus.cell_id == Cell.id, isouter=True)
+        .where(Cell.target_id.in_(target_ids))
+    ).all()
+    by_target: dict[int, list[tuple[Cell, float]]] = {}
+    for cell, posterior in rows:
+        by_target.setdefault(cell.target_id, []).append(
+            (cell, 0.5 if posterior is None else float(posterior))
+        )
+    out = {}
+    for target_id, pairs in by_target.items():
+        leaves = leaf_cells([grid.Cell(c.level, c.row, c.col) for c, _ in pairs])
+        out[target_id] = [
+            float(bool(c.label)) if c.retire_reason in SETTLED else p
+            for (c, p), leaf in zip(pairs, leaves, strict=True)
+            if leaf
+        ]
+    return out
+
+
+SETTLED = (RetireReason.GOLD, RetireReason.CURATOR)
+
+
+def triage_reasons(session: Session, *, project: Project) -> list[str]:
+    rows = session.scalars(
+        select(Target.triage_reason)
+        .where(Target.project_id == project.id, Target.state == TargetState.TRIAGE)
+        .distinct()
+    )
+    return sorted(r or "unspecified" for r in rows)
+
+
+def triage_queue(
+    session: Session,
+    *,
+    project: Project,
+    tag: str | None = None,
+    reason: str | None = None,
+    limit: int = 100,
+) -> list[TriageItem]:
+    """The project's targets in triage, least certain first, optionally of one tag or reason."""
+    query = (
+        select(Target, Image.file_name, Tag.name)
+        .join(Image, Image.id == Target.image_id)
+        .join(Tag, Tag.id == Target.tag_id)
+        .where(Target.project_id == project.id, Target.state == TargetState.TRIAGE)
+    )
+    if tag:
+        query = query.where(Tag.name == tag)
+    if reason == "unspecified":
+        query = query.where(Target.triage_reason.is_(None))
+    elif reason:
+        query = query.where(Target.triage_reason == reason)
+    rows = session.execute(query).all()
+    posteriors = _leaf_posteriors(session, [t.id for t, _, _ in rows])
+    items = [
+        TriageItem(
+            target_id=t.id,
+            image_id=t.image_id,
+            image_name=name,
+            tag=tag_name,
+            reason=t.triage_reason or "unspecified",
+            uncertainty=uncertainty(posteriors.get(t.id, [])),
+            cells=len(posteriors.get(t.id, [])),
+        )
+        for t, name, tag_name in rows
+    ]
+    items.sort(key=lambda item: (-item.uncertainty, item.target_id))
+    return items[:limit]
+
+
+@dataclass(frozen=True)
+class VoteView:
+    volunteer: str
+    volunteer_id: int
+    label: bool
+    elapsed_ms: int
+    sensitivity: float
+    specificity: float
+    banned: bool
+
+
+@dataclass
+class CellView:
+    id: int
+    level: int
+    row: int
+    col: int
+    posterior: float
+    prior: float  # the prior as a probability
+    status: str
+    label: bool | None
+    source: str  # how it was decided: open, confident, budget, gold, model, curator
+    uncertain: bool
+    # Where the cell lies, in percent of the image's width and height (for overlays).
+    box: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # left, top, width, height
+    votes: list[VoteView] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TargetView:
+    target: Target
+    image: Image
+    tag: Tag
+    cells: list[CellView]  # the finest cells, row-major within their level
+    levels: int  # the deepest level with cells
+    masks: list[MaskVersion]
+
+
+def get_target(session: Session, *, target_id: int) -> Target:
+    target = session.get(Target, target_id)
+    if target is None:
+        raise NotFoundError(f"no target {target_id}")
+    return target
+
+
+def _vote_views(session: Session, cell_ids: list[int]) -> dict[int, list[VoteView]]:
+    rows = session.execute(
+        select(Vote, Volunteer)
+        .join(Volunteer, Volunteer.id == Vote.volunteer_id)
+        .where(Vote.cell_id.in_(cell_ids))
+        .order_by(Vote.id)
+    ).all()
+    out: dict[int, list[VoteView]] = {}
+    for vote, volunteer in rows:
+        cred = credibility_of(session, volunteer_id=volunteer.id)
+        sens = (cred.pos_yes + 1) / (cred.pos_yes + cred.pos_no + 2)
+        spec = (cred.neg_no + 1) / (cred.neg_no + cred.neg_yes + 2)
+        out.setdefault(vote.cell_id, []).append(
+            VoteView(
+                display_name(volunteer),
+                volunteer.id,
+                vote.label,
+                vote.elapsed_ms,
+                sens,
+                spec,
+                volunteer.banned,
+            )
+        )
+    return out
+
+
+def _box(cell: Cell, image: Image) -> tuple[float, float, float, float]:
+    r = grid.cell_rect(grid.Cell(cell.level, cell.row, cell.col), image.height, image.width)
+    return (
+        100 * r.left / image.width,
+        100 * r.top / image.height,
+        100 * (r.right - r.left) / image.width,
+        100 * (r.bottom - r.top) / image.height,
+    )
+
+
+def target_view(session: Session, *, target: Target) -> TargetView:
+    image = session.get(Image, target.image_id)
+    tag = session.get(Tag, target.tag_id)
+    assert image is not None and tag is not None
+    cells = list(
+        session.scalars(
+            select(Cell).where(Cell.target_id == target.id).order_by(Cell.level, Cell.row, Cell.col)
+        )
+    )
+    leaves = leaf_cells([grid.Cell(c.level, c.row, c.col) for c in cells])
+    finest = [c for c, leaf in zip(cells, leaves, strict=True) if leaf]
+    posterior = dict(
+        session.execute(
+            select(Consensus.cell_id, Consensus.posterior).where(
+                Consensus.cell_id.in_([c.id for c in finest])
+            )
+        ).all()
+    )
+    votes = _vote_views(session, [c.id for c in finest])
+    views = [
+        CellView(
+            id=c.id,
+            level=c.level,
+            row=c.row,
+            col=c.col,
+            posterior=float(bool(c.label))
+            if c.retire_reason in SETTLED
+            else posterior.get(c.id, 0.5),
+            prior=float(1 / (1 + np.exp(-c.prior_logodds))),
+            status=c.status.value,
+            label=c.label,
+            source=c.retire_reason.value if c.retire_reason else "open",
+            uncertain=c.uncertain,
+            box=_box(c, image),
+            votes=votes.get(c.id, []),
+        )
+        for c in finest
+    ]
+    masks = list(
+        session.scalars(
+            select(MaskVersion)
+            .where(MaskVersion.target_id == target.id)
+            .order_by(MaskVersion.version.desc())
+        )
+    )
+    return TargetView(target, image, tag, views, max((c.level for c in cells), default=1), masks)
+
+
+def _descendants(cells: list[Cell], cell: Cell) -> list[Cell]:
+    """``cell`` and every finer cell of the target inside it."""
+    out = []
+    for other in cells:
+        scale = 3 ** (other.level - cell.level)
+        if scale >= 1 and other.row // scale == cell.row and other.col // scale == cell.col:
+            out.append(other)
+    return out
+
+
+def set_cell(session: Session, *, target: Target, cell_id: int, label: bool, curator: str) -> int:
+    """A curator's answer for one cell (and every finer cell inside it): gold from now on.
+
+    Returns how many cells were set.
+    """
+    cells = list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
+    cell = next((c for c in cells if c.id == cell_id), None)
+    if cell is None:
+        raise InvalidInputError(f"cell {cell_id} is not a cell of target {target.id}")
+    changed = _descendants(cells, cell)
+    existing = {
+        g.cell_id: g
+        for g in session.scalars(select(Gold).where(Gold.cell_id.in_([c.id for c in changed])))
+    }
+    now = utcnow()
+    for c in changed:
+        c.status, c.retire_reason, c.label, c.uncertain = (
+            CellStatus.RETIRED,
+            RetireReason.CURATOR,
+            label,
+            False,
+        )
+        c.retired_at = c.retired_at or now
+        gold = existing.get(c.id)
+        if gold is None:
+            gold = Gold(
+                cell_id=c.id, tag_id=target.tag_id, project_id=target.project_id, frozen=False
+            )
+            session.add(gold)
+        gold.label, gold.source, gold.created_by, gold.coverage = (
+            label,
+            GoldSource.CURATOR,
+            curator,
+            None,
+        )
+    session.flush()
+    return len(changed)
+
+
+def _close(session: Session, target: Target) -> None:
+    for window in session.scalars(
+        select(Window).where(Window.target_id == target.id, Window.state == WindowState.OPEN)
+    ):
+        window.state, window.closed_at, window.leased_until = WindowState.CLOSED, utcnow(), None
+
+
+def _image_tag(session: Session, target: Target) -> ImageTag | None:
+    return session.scalar(
+        select(ImageTag).where(
+            ImageTag.image_id == target.image_id, ImageTag.tag_id == target.tag_id
+        )
+    )
+
+
+def accept_target(
+    session: Session, *, settings: Settings, project: Project, target: Target, curator: str
+) -> MaskVersion:
+    """Accept the target's mask as it stands now (after the curator's fixes) and complete it."""
+    image = session.get(Image, target.image_id)
+    assert image is not None
+    cells = list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
+    soft, hard = compose_cells(session, image=image, cells=cells)
+    version = add_mask_version(
+        session,
+        target=target,
+        mask=hard,
+        soft=soft,
+        source=MaskSource.CURATOR,
+        store=FileStore(settings.masks_dir),
+        written=[],
+    )
+    version.meta = {**version.meta, "curator": curator}
+    _close(session, target)
+    target.state, target.triage_reason = TargetState.COMPLETE, None
+    image_tag = _image_tag(session, target)
+    if image_tag is not None:
+        image_tag.status = ImageTagStatus.ACTIVE
+    session.flush()
+    recompute_project(session, settings=settings, project=project)
+    return version
+
+
+def reject_target(
+    session: Session, *, settings: Settings, project: Project, target: Target, curator: str
+) -> MaskVersion:
+    """The tag is not in the image: every cell is a known 'no' and the mask is empty."""
+    image = session.get(Image, target.image_id)
+    assert image is not None
+    roots = session.scalars(select(Cell).where(Cell.target_id == target.id, Cell.level == 1)).all()
+    for cell in roots:
+        set_cell(session, target=target, cell_id=cell.id, label=False, curator=curator)
+    version = add_mask_version(
+        session,
+        target=target,
+        mask=np.zeros((image.height, image.width), dtype=bool),
+        source=MaskSource.CURATOR,
+        store=FileStore(settings.masks_dir),
+        written=[],
+    )
+    version.meta = {**version.meta, "curator": curator, "rejected": True}
+    _close(session, target)
+    target.state, target.triage_reason = TargetState.COMPLETE, None
+    image_tag = _image_tag(session, target)
+    if image_tag is not None:
+        image_tag.status = ImageTagStatus.REJECTED
+    session.flush()
+    recompute_project(session, settings=settings, project=project)
+    return version
+
+
+def curator_gold_count(session: Session, *, target: Target) -> int:
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(Gold)
+            .join(Cell, Cell.id == Gold.cell_id)
+            .where(Cell.target_id == target.id, Gold.source == GoldSource.CURATOR)
+        )
+        or 0
+    )

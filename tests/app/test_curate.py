@@ -1,0 +1,345 @@
+"""The curator's workspace: accounts and roles, CSRF, triage, cell fixes, bans and export."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image as PILImage
+from pycocotools import mask as mask_utils
+from sqlalchemy import func, select
+
+from app.models import (
+    Account,
+    Cell,
+    Gold,
+    GoldSource,
+    ImageTag,
+    ImageTagStatus,
+    MaskSource,
+    MaskVersion,
+    Project,
+    Role,
+    Target,
+    TargetState,
+    Volunteer,
+)
+from app.services.account import authenticate, create_account
+from app.services.errors import ConflictError, InvalidInputError, UnauthorizedError
+from app.services.recompute import recompute_project
+from app.services.volunteer_review import suspicion_flags
+from app.storage import decode_mask_png
+from tests.app.conftest import SLUG, Live
+
+PASSWORD = "correct horse battery"
+
+
+def add_account(live: Live, name: str, role: Role) -> None:
+    with live.factory() as session:
+        create_account(session, name=name, password=PASSWORD, role=role)
+        session.commit()
+
+
+def csrf_of(page: str) -> str:
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert match, "the page has no CSRF token"
+    return match.group(1)
+
+
+def logged_in(live: Live, role: Role | None) -> TestClient:
+    """A client logged in with an account of ``role`` (None: nobody logged in)."""
+    client = TestClient(live.app, follow_redirects=False)
+    if role is None:
+        return client
+    name = f"{role}-user"
+    with live.factory() as session:
+        if session.scalar(select(Account).where(Account.name == name)) is None:
+            create_account(session, name=name, password=PASSWORD, role=role)
+            session.commit()
+    token = csrf_of(client.get("/login").text)
+    response = client.post("/login", data={"name": name, "password": PASSWORD, "csrf_token": token})
+    assert response.status_code == 303, response.text
+    return client
+
+
+def triage_some(live: Live, n: int = 2) -> list[int]:
+    """Send the first ``n`` evaluation targets to triage, as an exhausted vote budget would."""
+    with live.factory() as session:
+        targets = session.scalars(
+            select(Target).where(Target.control.is_(False)).order_by(Target.id).limit(n)
+        ).all()
+        for target in targets:
+            target.state = TargetState.TRIAGE
+            target.triage_reason = "cells still uncertain after their vote budget"
+        session.commit()
+        return [t.id for t in targets]
+
+
+def test_passwords_are_hashed_and_checked(live: Live) -> None:
+    with live.factory() as session:
+        account = create_account(session, name="ada", password=PASSWORD, role=Role.CURATOR)
+        assert account.password_hash.startswith("$argon2id$")
+        assert PASSWORD not in account.password_hash
+        assert authenticate(session, name="ada", password=PASSWORD).id == account.id
+        with pytest.raises(UnauthorizedError, match="wrong name or password"):
+            authenticate(session, name="ada", password="wrong password!")
+        with pytest.raises(UnauthorizedError, match="wrong name or password"):
+            authenticate(session, name="nobody", password=PASSWORD)
+        with pytest.raises(ConflictError):
+            create_account(session, name="ada", password=PASSWORD, role=Role.ADMIN)
+        with pytest.raises(InvalidInputError, match="at least 10"):
+            create_account(session, name="bob", password="short", role=Role.CURATOR)
+
+
+# Every curator and admin route, with the least role that may use it.
+ROUTES = [
+    ("GET", "/curate", Role.CURATOR),
+    ("GET", "/curate/targets/{target}", Role.CURATOR),
+    ("GET", "/curate/images/{target}", Role.CURATOR),
+    ("POST", "/curate/targets/{target}/cells/{cell}", Role.CURATOR),
+    ("POST", "/curate/targets/{target}/accept", Role.CURATOR),
+    ("POST", "/curate/targets/{target}/reject", Role.CURATOR),
+    ("GET", "/curate/volunteers", Role.CURATOR),
+    ("POST", "/curate/volunteers/{volunteer}/ban", Role.CURATOR),
+    ("POST", "/curate/volunteers/{volunteer}/unban", Role.CURATOR),
+    ("GET", "/curate/export/demo.zip", Role.CURATOR),
+    ("GET", "/admin/accounts", Role.ADMIN),
+    ("POST", "/admin/accounts", Role.ADMIN),
+]
+
+
+@pytest.mark.parametrize("role", [None, Role.VOLUNTEER, Role.CURATOR, Role.ADMIN])
+def test_the_role_matrix(live: Live, role: Role | None) -> None:
+    live.volunteer().step(SLUG)  # one volunteer with votes, to ban and unban
+    with live.factory() as session:
+        volunteer = session.scalar(select(Volunteer.id))
+    client = logged_in(live, role)
+    token = csrf_of(client.get("/login").text)
+    for method, template, needed in ROUTES:
+        target = triage_some(live, 1)[0]
+        with live.factory() as session:
+            cell = session.scalar(select(Cell.id).where(Cell.target_id == target, Cell.level == 1))
+        path = template.format(target=target, cell=cell, volunteer=volunteer)
+        data = {"csrf_token": token, "label": "yes", "reason": "test"}
+        if path == "/admin/accounts":
+            data |= {"name": f"new-{role}", "password": PASSWORD, "role": "curator"}
+        response = client.request(method, path, data=data if method == "POST" else None)
+        allowed = role is not None and role.rank >= needed.rank
+        expected = {200, 303} if allowed else ({401} if role is None else {403})
+        assert response.status_code in expected, (method, path, role, response.text[:200])
+
+
+def test_a_page_without_login_offers_the_login(live: Live) -> None:
+    client = TestClient(live.app, follow_redirects=False)
+    page = client.get("/curate", headers={"accept": "text/html"})
+    assert page.status_code == 401
+    assert "/login?next=%2Fcurate" in page.text
+
+
+def test_csrf_is_required_on_every_state_change(live: Live) -> None:
+    target = triage_some(live, 1)[0]
+    client = logged_in(live, Role.CURATOR)
+    token = csrf_of(client.get("/curate").text)
+    for data in ({}, {"csrf_token": "forged"}, {"csrf_token": token + "x"}):
+        response = client.post(f"/curate/targets/{target}/accept", data=data)
+        assert response.status_code == 403 and "security token" in response.text
+    # A login form posted from elsewhere (no cookie) is refused too.
+    stranger = TestClient(live.app, follow_redirects=False)
+    add_account(live, "eve", Role.CURATOR)
+    response = stranger.post(
+        "/login", data={"name": "eve", "password": PASSWORD, "csrf_token": token}
+    )
+    assert response.status_code == 403
+    with live.factory() as session:
+        assert session.get(Target, target).state == TargetState.TRIAGE  # type: ignore[union-attr]
+    assert (
+        client.post(f"/curate/targets/{target}/accept", headers={"X-CSRF-Token": token}).status_code
+        == 303
+    )
+
+
+def test_a_wrong_password_is_refused_with_a_message(live: Live) -> None:
+    add_account(live, "ada", Role.CURATOR)
+    client = TestClient(live.app, follow_redirects=False)
+    token = csrf_of(client.get("/login").text)
+    response = client.post("/login", data={"name": "ada", "password": "nope", "csrf_token": token})
+    assert response.status_code == 401 and "wrong name or password" in response.text
+    assert "tessera_session" not in client.cookies
+
+
+def test_triage_fix_accept_makes_gold_and_a_curator_mask(live: Live) -> None:
+    first, second = triage_some(live, 2)
+    client = logged_in(live, Role.CURATOR)
+    queue = client.get("/curate")
+    assert queue.status_code == 200
+    assert f"/curate/targets/{first}" in queue.text and f"/curate/targets/{second}" in queue.text
+    page = client.get(f"/curate/targets/{first}")
+    assert page.status_code == 200
+    token = csrf_of(page.text)
+    with live.factory() as session:
+        cells = session.scalars(
+            select(Cell).where(Cell.target_id == first, Cell.level == 1).order_by(Cell.id)
+        ).all()
+        yes, no = cells[0].id, cells[1].id
+    for cell, label in ((yes, "yes"), (no, "no")):
+        response = client.post(
+            f"/curate/targets/{first}/cells/{cell}", data={"label": label, "csrf_token": token}
+        )
+        assert response.status_code == 303
+    response = client.post(f"/curate/targets/{first}/accept", data={"csrf_token": token})
+    assert response.status_code == 303
+    assert response.headers["location"] == f"/curate/targets/{second}"  # the next item
+    with live.factory() as session:
+        target = session.get(Target, first)
+        assert target is not None and target.state == TargetState.COMPLETE
+        gold = dict(
+            session.execute(
+                select(Gold.cell_id, Gold.label).where(Gold.source == GoldSource.CURATOR)
+            ).all()
+        )
+        assert gold[yes] is True and gold[no] is False
+        version = session.scalar(
+            select(MaskVersion).where(
+                MaskVersion.target_id == first, MaskVersion.source == MaskSource.CURATOR
+            )
+        )
+        assert version is not None
+        mask = decode_mask_png(live.settings.data_dir / version.hard_path)
+        image_cells = session.get(Cell, yes), session.get(Cell, no)
+    from ml.aggregation import grid
+
+    coverage = grid.level_coverage(mask, 1).ravel()
+    index = [c.row * 3 + c.col for c in image_cells if c is not None]
+    assert coverage[index[0]] == 1.0 and coverage[index[1]] == 0.0
+    queue = client.get("/curate")
+    assert f"/curate/targets/{first}" not in queue.text
+
+
+def test_rejecting_a_tag_stores_an_empty_truth(live: Live) -> None:
+    (target_id,) = triage_some(live, 1)
+    client = logged_in(live, Role.CURATOR)
+    token = csrf_of(client.get(f"/curate/targets/{target_id}").text)
+    assert (
+        client.post(f"/curate/targets/{target_id}/reject", data={"csrf_token": token}).status_code
+        == 303
+    )
+    with live.factory() as session:
+        target = session.get(Target, target_id)
+        assert target is not None and target.state == TargetState.COMPLETE
+        tag = session.scalar(
+            select(ImageTag).where(
+                ImageTag.image_id == target.image_id, ImageTag.tag_id == target.tag_id
+            )
+        )
+        assert tag is not None and tag.status == ImageTagStatus.REJECTED
+        labels = session.scalars(select(Gold.label).join(Cell).where(Cell.target_id == target_id))
+        assert set(labels) == {False}
+
+
+def test_ban_and_unban_from_the_volunteers_page_recompute(live: Live) -> None:
+    honest = [live.volunteer("diligent", s) for s in range(2)]
+    adversary = live.volunteer("adversary", 9)
+    for _ in range(6):
+        for v in [*honest, adversary]:
+            v.step(SLUG)
+    client = logged_in(live, Role.CURATOR)
+    page = client.get("/curate/volunteers")
+    assert page.status_code == 200
+    with live.factory() as session:
+        bad = session.scalar(select(Volunteer).order_by(Volunteer.id.desc()).limit(1))
+        assert bad is not None
+        bad_id = bad.id
+    assert f'data-volunteer="{bad_id}"' in page.text
+    token = csrf_of(page.text)
+
+    def counted_votes() -> int:
+        from app.models import Consensus
+
+        with live.factory() as session:
+            return session.scalar(select(func.sum(Consensus.n_votes))) or 0
+
+    with live.factory() as session:  # the full EM pass, as the periodic timer runs it
+        project = session.scalar(select(Project).where(Project.slug == SLUG))
+        assert project is not None
+        recompute_project(session, settings=live.settings, project=project)
+        session.commit()
+    before = counted_votes()
+    response = client.post(
+        f"/curate/volunteers/{bad_id}/ban", data={"csrf_token": token, "reason": "adversary"}
+    )
+    assert response.status_code == 303
+    with live.factory() as session:
+        volunteer = session.get(Volunteer, bad_id)
+        assert volunteer is not None and volunteer.banned and volunteer.ban_reason == "adversary"
+    banned = counted_votes()
+    assert banned < before
+    client.post(f"/curate/volunteers/{bad_id}/unban", data={"csrf_token": token})
+    assert counted_votes() == before
+
+
+def test_suspicion_flags_need_evidence() -> None:
+    assert suspicion_flags(20, 0.2, 9000, 10) == ("adversarial",)
+    assert suspicion_flags(20, 0.5, 9000, 10) == ("random clicking",)
+    assert suspicion_flags(20, 0.95, 800, 10) == ("inhuman speed",)
+    assert suspicion_flags(3, 0.0, 800, 2) == ()
+
+
+def test_export_round_trips_through_pycocotools(live: Live, tmp_path: Path) -> None:
+    targets = triage_some(live, 3)
+    client = logged_in(live, Role.CURATOR)
+    token = csrf_of(client.get("/curate").text)
+    for target in targets:  # accept them as they stand: their posteriors make the masks
+        client.post(f"/curate/targets/{target}/accept", data={"csrf_token": token})
+    with live.factory() as session:
+        expected = {}
+        for target in targets:
+            version = session.scalar(
+                select(MaskVersion)
+                .where(MaskVersion.target_id == target)
+                .order_by(MaskVersion.version.desc())
+                .limit(1)
+            )
+            assert version is not None
+            expected[target] = decode_mask_png(live.settings.data_dir / version.hard_path)
+        project = session.scalar(select(Project).where(Project.slug == SLUG))
+        assert project is not None
+    response = client.get(f"/curate/export/{SLUG}.zip")
+    assert response.status_code == 200 and response.headers["content-type"] == "application/zip"
+    archive = zipfile.ZipFile(io.BytesIO(response.content))
+    coco = json.loads(archive.read("annotations.json"))
+    assert len([n for n in archive.namelist() if n.startswith("masks/")]) == len(targets)
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    with live.factory() as session:
+        for target_id, truth in expected.items():
+            target = session.get(Target, target_id)
+            assert target is not None
+            anns = [
+                a
+                for a in coco["annotations"]
+                if a["image_id"] == target.image_id
+                and names[a["category_id"]] == target_tag_name(session, target)
+            ]
+            if not truth.any():
+                assert not anns
+                continue
+            (ann,) = anns
+            rle = dict(ann["segmentation"], counts=ann["segmentation"]["counts"].encode())
+            decoded = mask_utils.decode(rle).astype(bool)
+            assert np.array_equal(decoded, truth)
+            assert ann["area"] == int(truth.sum())
+    png = next(n for n in archive.namelist() if n.startswith("masks/"))
+    assert PILImage.open(io.BytesIO(archive.read(png))).mode == "1"
+
+
+def target_tag_name(session: object, target: Target) -> str:
+    from app.models import Tag
+
+    tag = session.get(Tag, target.tag_id)  # type: ignore[attr-defined]
+    assert tag is not None
+    return str(tag.name)
