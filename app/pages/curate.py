@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from starlette.background import BackgroundTask
 
@@ -28,7 +28,7 @@ from app.deps import (
     WriteSessionDep,
     with_csrf_cookie,
 )
-from app.models import Project, Role
+from app.models import Image, MaskVersion, Project, Role
 from app.pages import templates
 from app.security import SESSION_COOKIE, SESSION_MAX_AGE_S
 from app.services.account import authenticate, create_account, list_accounts
@@ -44,6 +44,12 @@ from app.services.curation import (
 from app.services.errors import InvalidInputError, NotFoundError, UnauthorizedError
 from app.services.export import export_project
 from app.services.image import image_path
+from app.services.mask_edit import (
+    MAX_MASK_BYTES,
+    add_curator_tag,
+    decode_painted_mask,
+    save_painted_mask,
+)
 from app.services.project import get_project, list_project_summaries
 from app.services.recompute import recompute_project
 from app.services.volunteer import ban_volunteer
@@ -177,6 +183,55 @@ def target_image(
     return FileResponse(
         image_path(settings, view.image), headers={"Cache-Control": "private, max-age=3600"}
     )
+
+
+@router.get("/curate/masks/{version_id}.png")
+def mask_png(
+    version_id: int, session: SessionDep, settings: SettingsDep, _curator: CuratorDep
+) -> FileResponse:
+    version = session.get(MaskVersion, version_id)
+    if version is None:
+        raise NotFoundError(f"no mask version {version_id}")
+    return FileResponse(
+        settings.data_dir / version.hard_path,
+        media_type="image/png",
+        headers={"Cache-Control": "private, max-age=86400"},  # versions never change
+    )
+
+
+@router.post("/curate/targets/{target_id}/mask", dependencies=[CsrfChecked])
+async def save_mask(
+    target_id: int,
+    session: WriteSessionDep,
+    settings: SettingsDep,
+    curator: CuratorDep,
+    mask: Annotated[UploadFile, File(description="the painted mask, a PNG the image's size")],
+) -> RedirectResponse:
+    target = get_target(session, target_id=target_id)
+    image = session.get(Image, target.image_id)
+    assert image is not None
+    data = await mask.read(MAX_MASK_BYTES + 1)
+    pixels = decode_painted_mask(data, height=image.height, width=image.width)
+    save_painted_mask(session, settings=settings, target=target, mask=pixels, curator=curator.name)
+    session.commit()
+    return _back(f"/curate/targets/{target_id}")
+
+
+@router.post("/curate/targets/{target_id}/tags", dependencies=[CsrfChecked])
+def add_tag(
+    target_id: int,
+    session: WriteSessionDep,
+    settings: SettingsDep,
+    _curator: CuratorDep,
+    tag: Annotated[str, Form()],
+) -> RedirectResponse:
+    target = get_target(session, target_id=target_id)
+    image = session.get(Image, target.image_id)
+    project = session.get(Project, target.project_id)
+    assert image is not None and project is not None
+    added = add_curator_tag(session, settings=settings, project=project, image=image, name=tag)
+    session.commit()
+    return _back(f"/curate/targets/{added.id}")
 
 
 @router.post("/curate/targets/{target_id}/cells/{cell_id}", dependencies=[CsrfChecked])

@@ -11,7 +11,7 @@ from sqlalchemy import Engine, select, update
 
 from app.db import make_engine
 from app.models import Project, Task, TaskState, Vote
-from tests.app.browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, Server, demo_server
+from tests.app.browser import CHROMIUM, Server, browser, demo_server, new_page, screenshot
 
 pytestmark = [
     pytest.mark.browser,
@@ -20,7 +20,7 @@ pytestmark = [
     ),
 ]
 
-playwright_api = pytest.importorskip("playwright.sync_api")
+__all__ = ["browser"]  # the fixture, imported
 
 
 @pytest.fixture
@@ -34,26 +34,6 @@ def db(server: Server) -> Iterator[Engine]:
     engine = make_engine(server.database_url)
     yield engine
     engine.dispose()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    with playwright_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-def new_page(browser: object, server: Server, **options: object) -> object:
-    context = browser.new_context(**options)  # type: ignore[attr-defined]
-    # Nothing leaves localhost.
-    context.route(
-        "**/*",
-        lambda route: (
-            route.continue_() if route.request.url.startswith(server.url) else route.abort()
-        ),
-    )
-    return context.new_page()
 
 
 def shown_task(page: object, previous: str | None = None) -> str:
@@ -81,11 +61,6 @@ def votes_of(db: Engine, task_id: int, timeout_s: float = 10) -> dict[int, bool]
         if rows or time.monotonic() > deadline:
             return {p: bool(y) for p, y in rows}
         time.sleep(0.1)
-
-
-def screenshot(page: object, name: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / name), full_page=True)  # type: ignore[attr-defined]
 
 
 def test_landing_page_starts_a_first_time_volunteer_in_one_click(

@@ -1,0 +1,178 @@
+"""The curator's workspace in a real headless Chromium against a real uvicorn on the demo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import Engine, select, update
+
+from app.db import make_engine
+from app.models import Cell, Gold, GoldSource, MaskSource, MaskVersion, Target, TargetState
+from tests.app.browser import CHROMIUM, Server, browser, demo_server, new_page, screenshot
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="needs Debian's chromium (.ci/run installs it)"
+    ),
+]
+__all__ = ["browser"]  # the fixture, imported
+
+PASSWORD = "a long curator password"
+
+
+@pytest.fixture
+def server(fresh_database_url: str, tmp_path: Path) -> Iterator[Server]:
+    with demo_server(tmp_path / "data", fresh_database_url) as running:
+        yield running
+
+
+def add_curator(server: Server, name: str) -> None:
+    """`tessera user add NAME --role curator --password-stdin`, in a real process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
+    env |= {"TESSERA_DATA_DIR": str(server.data_dir), "TESSERA_DATABASE_URL": server.database_url}
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "user", "add", name, "--password-stdin"],
+        input=PASSWORD + "\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    again = subprocess.run(
+        [sys.executable, "-m", "app.cli", "user", "add", name, "--password-stdin"],
+        input=PASSWORD + "\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 2 and "exists already" in again.stderr
+
+
+def test_a_curator_logs_in_fixes_cells_and_accepts_a_triage_item(
+    browser: object, server: Server
+) -> None:
+    add_curator(server, "curie")
+    engine: Engine = make_engine(server.database_url)
+    with engine.begin() as conn:
+        target_id = conn.scalar(
+            select(Target.id).where(Target.control.is_(False)).order_by(Target.id).limit(1)
+        )
+        conn.execute(
+            update(Target)
+            .where(Target.id == target_id)
+            .values(state=TargetState.TRIAGE, triage_reason="cells still uncertain")
+        )
+        cells = conn.execute(
+            select(Cell.id, Cell.row, Cell.col)
+            .where(Cell.target_id == target_id, Cell.level == 1)
+            .order_by(Cell.row, Cell.col)
+        ).all()
+    page = new_page(browser, server, viewport={"width": 1200, "height": 900})
+    page.goto(f"{server.url}/curate")  # type: ignore[attr-defined]
+    page.get_by_role("link", name="Log in").click()  # type: ignore[attr-defined]
+    page.get_by_label("Name").fill("curie")  # type: ignore[attr-defined]
+    page.get_by_label("Password").fill(PASSWORD)  # type: ignore[attr-defined]
+    page.get_by_role("button", name="Log in").click()  # type: ignore[attr-defined]
+    page.wait_for_url(f"{server.url}/curate")  # type: ignore[attr-defined]
+    screenshot(page, "curate-queue.png")
+    page.get_by_role("link", name="Open").first.click()  # type: ignore[attr-defined]
+    page.wait_for_url(f"{server.url}/curate/targets/{target_id}")  # type: ignore[attr-defined]
+
+    # Fix two squares: the top-left one and the centre one, each flipped from what it shows.
+    flipped = {}
+    for cell_id, row, col in (cells[0], cells[4]):
+        button = page.locator(f'button[data-cell="1,{row},{col}"]')  # type: ignore[attr-defined]
+        flipped[cell_id] = button.get_attribute("data-label") != "yes"
+        button.click()
+        page.wait_for_load_state()  # type: ignore[attr-defined]
+        after = page.locator(f'button[data-cell="1,{row},{col}"]')  # type: ignore[attr-defined]
+        assert after.get_attribute("data-source") == "curator"
+        assert (after.get_attribute("data-label") == "yes") == flipped[cell_id]
+    page.get_by_label("prior (CAM or model)").check()  # type: ignore[attr-defined]
+    assert page.locator(".target-view").get_attribute("data-overlay") == "prior"  # type: ignore[attr-defined]
+    page.get_by_label("crowd posterior").check()  # type: ignore[attr-defined]
+    screenshot(page, "curate-target.png")
+    page.get_by_role("button", name="Accept the mask").click()  # type: ignore[attr-defined]
+    page.wait_for_url(f"{server.url}/curate?project=demo")  # type: ignore[attr-defined]
+    assert "Nothing waits for a curator" in page.content()  # type: ignore[attr-defined]
+
+    with engine.connect() as conn:
+        state = conn.scalar(select(Target.state).where(Target.id == target_id))
+        gold = dict(
+            conn.execute(
+                select(Gold.cell_id, Gold.label).where(Gold.source == GoldSource.CURATOR)
+            ).all()
+        )
+        curator_masks = conn.scalar(
+            select(MaskVersion.id).where(
+                MaskVersion.target_id == target_id, MaskVersion.source == MaskSource.CURATOR
+            )
+        )
+    engine.dispose()
+    assert state == TargetState.COMPLETE
+    assert {k: gold.get(k) for k in flipped} == flipped
+    assert curator_masks is not None
+
+
+def test_a_curator_paints_a_pixel_fix(browser: object, server: Server) -> None:
+    add_curator(server, "hopper")
+    engine: Engine = make_engine(server.database_url)
+    with engine.connect() as conn:
+        target_id = conn.scalar(
+            select(Target.id).where(Target.control.is_(False)).order_by(Target.id).limit(1)
+        )
+    page = new_page(browser, server, viewport={"width": 1200, "height": 900})
+    page.goto(f"{server.url}/login?next=/curate/targets/{target_id}")  # type: ignore[attr-defined]
+    page.get_by_label("Name").fill("hopper")  # type: ignore[attr-defined]
+    page.get_by_label("Password").fill(PASSWORD)  # type: ignore[attr-defined]
+    page.get_by_role("button", name="Log in").click()  # type: ignore[attr-defined]
+    page.wait_for_url(f"{server.url}/curate/targets/{target_id}")  # type: ignore[attr-defined]
+    page.get_by_role("button", name="Paint", exact=True).click()  # type: ignore[attr-defined]
+    # Painting starts once the current mask is loaded into the brush's canvas.
+    page.wait_for_function("() => !document.getElementById('paint-save').disabled")  # type: ignore[attr-defined]
+    canvas = page.locator("canvas.paint")  # type: ignore[attr-defined]
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    # One horizontal stroke across the middle of the image.
+    page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.5)  # type: ignore[attr-defined]
+    page.mouse.down()  # type: ignore[attr-defined]
+    for step in range(1, 21):
+        x = box["x"] + box["width"] * (0.2 + 0.6 * step / 20)
+        page.mouse.move(x, box["y"] + box["height"] * 0.5)  # type: ignore[attr-defined]
+    page.mouse.up()  # type: ignore[attr-defined]
+    screenshot(page, "curate-paint.png")
+    page.get_by_role("button", name="Save painted mask").click()  # type: ignore[attr-defined]
+    page.wait_for_function(  # type: ignore[attr-defined]
+        "() => document.body.textContent.includes('curator,')"
+    )
+    with engine.connect() as conn:
+        version = conn.execute(
+            select(MaskVersion.hard_path, MaskVersion.meta).where(
+                MaskVersion.target_id == target_id, MaskVersion.source == MaskSource.CURATOR
+            )
+        ).one()
+        state = conn.scalar(select(Target.state).where(Target.id == target_id))
+        start = conn.scalar(  # the brush starts from the latest mask: here the ground truth
+            select(MaskVersion.hard_path).where(
+                MaskVersion.target_id == target_id, MaskVersion.source == MaskSource.GROUND_TRUTH
+            )
+        )
+    engine.dispose()
+    from app.storage import decode_mask_png
+
+    mask = decode_mask_png(server.data_dir / version.hard_path)
+    before = decode_mask_png(server.data_dir / str(start))
+    h, w = mask.shape
+    assert version.meta["painted"] and state == TargetState.COMPLETE
+    assert mask[h // 2, w // 2] and mask[h // 2, int(w * 0.7)]  # painted along the stroke
+    far = np.r_[0 : h // 4, h - h // 4 : h]
+    assert np.array_equal(mask[far], before[far])  # and nothing changed far from it
