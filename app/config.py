@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
 
+    # When set, /metrics asks for it as a bearer token (Prometheus' `authorization` setting).
+    metrics_token: str = Field(default="", repr=False)
+
     @model_validator(mode="after")
     def _production_needs_explicit_values(self) -> Settings:
         if self.environment != "production":

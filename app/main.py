@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.api import api_router
 from app.api import health as health_api
+from app.api import metrics as metrics_api
 from app.config import Settings, get_settings
 from app.db import engine_for, make_session_factory
 from app.pages import FRONTEND_DIR, templates
@@ -29,6 +32,7 @@ from app.services.errors import (
     NotFoundError,
     UnauthorizedError,
 )
+from app.services.metrics import DatabaseCollector, RequestMetrics
 from app.services.project import get_project, list_project_summaries
 from app.services.recompute import recompute_project
 from app.services.submission import GoneError
@@ -90,6 +94,15 @@ class ConsensusTimer:
                 log.exception("the periodic consensus recomputation failed")
 
 
+def route_template(request: Request) -> str:
+    """The request's path with its path parameters named (``/api/tasks/{task_id}/...``), so that
+    metric labels stay few. Every variable part of a Tessera URL is a path parameter."""
+    names = {str(value): name for name, value in request.path_params.items()}
+    return "/".join(
+        f"{{{names[part]}}}" if part in names else part for part in request.url.path.split("/")
+    )
+
+
 def recompute_all(factory: sessionmaker[Session], settings: Settings) -> None:
     with factory() as session:
         slugs = [p.slug for p in list_project_summaries(session)]
@@ -127,7 +140,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.write_session_factory = write_factory
     app.state.signer = Signer(settings.resolved_secret_key())
     _error_handlers(app)
+    registry = CollectorRegistry()
+    registry.register(DatabaseCollector(app.state.session_factory))
+    app.state.metrics_registry = registry
+    request_metrics = RequestMetrics(registry)
+
+    @app.middleware("http")
+    async def count_requests(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        template = route_template(request) if request.scope.get("route") else "unmatched"
+        request_metrics.requests.labels(request.method, template, str(response.status_code)).inc()
+        request_metrics.latency.labels(template).observe(time.perf_counter() - start)
+        return response
+
     app.include_router(health_api.router)
+    app.include_router(metrics_api.router)
     app.include_router(api_router)
     app.include_router(home_pages.router)
     app.include_router(volunteer_pages.router)

@@ -30,6 +30,7 @@ from app.deps import (
 )
 from app.models import Image, MaskVersion, Project, Role
 from app.pages import templates
+from app.pages.charts import line_chart
 from app.security import SESSION_COOKIE, SESSION_MAX_AGE_S
 from app.services.account import authenticate, create_account, list_accounts
 from app.services.curation import (
@@ -41,6 +42,7 @@ from app.services.curation import (
     triage_queue,
     triage_reasons,
 )
+from app.services.dashboard import project_dashboard
 from app.services.errors import InvalidInputError, NotFoundError, UnauthorizedError
 from app.services.export import export_project
 from app.services.image import image_path
@@ -274,6 +276,67 @@ def decide(
     decide_fn(session, settings=settings, project=project, target=target, curator=curator.name)
     session.commit()
     return _back(_next_item(session, project))
+
+
+PRIMARY_METRICS = {"tagger": "map", "segmenter": "miou"}
+
+
+@router.get("/curate/dashboard", response_class=HTMLResponse)
+def dashboard_page(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    curator: CuratorDep,
+    csrf: CsrfTokenDep,
+    project: str | None = None,
+) -> HTMLResponse:
+    current = _project(session, project)
+    board = project_dashboard(session, settings=settings, project=current) if current else None
+    charts = []
+    if board is not None:
+        charts.append(
+            line_chart(
+                {"mean IoU": board.gold_iou},
+                title="Mask IoU on gold",
+                x_label="targets completed",
+                y_label="mean IoU",
+                y_range=(0.0, 1.0),
+            )
+        )
+        charts.append(
+            line_chart(
+                {"human-seconds": [(t / 60, h) for t, h in board.effort]},
+                title="Human-seconds spent",
+                x_label="minutes since the first answer",
+                y_label="human-seconds",
+            )
+        )
+        by_kind: dict[str, list[tuple[float, float]]] = {}
+        for m in board.models:
+            metric = PRIMARY_METRICS.get(m.kind)
+            if metric in m.metrics:
+                by_kind.setdefault(f"{m.kind} {metric}", []).append((m.version, m.metrics[metric]))
+        charts.append(
+            line_chart(
+                by_kind,
+                title="Model metrics by version",
+                x_label="version",
+                y_label="score",
+                y_range=(0.0, 1.0),
+            )
+        )
+    return _page(
+        request,
+        "curate_dashboard.html",
+        {
+            "account": curator,
+            "csrf": csrf,
+            "projects": list_project_summaries(session),
+            "project": current,
+            "board": board,
+            "charts": charts,
+        },
+    )
 
 
 @router.get("/curate/volunteers", response_class=HTMLResponse)

@@ -108,6 +108,7 @@ ROUTES = [
     ("POST", "/curate/targets/{target}/tags", Role.CURATOR),
     ("GET", "/curate/masks/{mask}.png", Role.CURATOR),
     ("GET", "/curate/volunteers", Role.CURATOR),
+    ("GET", "/curate/dashboard", Role.CURATOR),
     ("POST", "/curate/volunteers/{volunteer}/ban", Role.CURATOR),
     ("POST", "/curate/volunteers/{volunteer}/unban", Role.CURATOR),
     ("GET", "/curate/export/demo.zip", Role.CURATOR),
@@ -419,3 +420,59 @@ def test_a_missing_tag_is_added_and_opened(live: Live) -> None:
         f"/curate/targets/{target_id}/tags", data={"csrf_token": token, "tag": "no_such_tag"}
     )
     assert unknown.status_code == 422 and "vocabulary" in unknown.text
+
+
+def test_dashboard_shows_progress_effort_and_gold_iou(live: Live) -> None:
+    crowd = [live.volunteer("diligent", s) for s in range(2)]
+    for _ in range(4):
+        for v in crowd:
+            v.step(SLUG)
+    targets = triage_some(live, 2)
+    client = logged_in(live, Role.CURATOR)
+    token = csrf_of(client.get("/curate").text)
+    for target in targets:
+        client.post(f"/curate/targets/{target}/accept", data={"csrf_token": token})
+    page = client.get("/curate/dashboard")
+    assert page.status_code == 200
+    assert page.text.count("<svg") >= 2  # IoU on gold and human-seconds
+    with live.factory() as session:
+        from app.models import Task, TaskState, Vote
+
+        seconds = sum(
+            ms / 1000
+            for (ms,) in session.execute(
+                select(func.max(Vote.elapsed_ms))
+                .join(Task, Task.id == Vote.task_id)
+                .where(Task.state == TaskState.SUBMITTED)
+                .group_by(Task.id)
+            )
+        )
+    shown = re.search(r'id="human-seconds">(\d+)<', page.text)
+    assert shown and int(shown.group(1)) == round(seconds) > 0
+    assert 'data-state="complete">2<' in page.text
+
+
+def test_metrics_report_what_the_database_holds(live: Live) -> None:
+    volunteer = live.volunteer()
+    for _ in range(2):
+        volunteer.step(SLUG)
+    client = TestClient(live.app)
+    body = client.get("/metrics")
+    assert body.status_code == 200 and body.headers["content-type"].startswith("text/plain")
+    with live.factory() as session:
+        from app.models import Vote
+
+        votes = session.scalar(select(func.count()).select_from(Vote))
+    assert f'tessera_votes_total{{project="{SLUG}"}} {float(votes)}' in body.text
+    assert 'tessera_open_windows{project="demo"}' in body.text
+    assert 'route="/api/projects/{slug}/tasks/submit"' in body.text
+    assert "tessera_targets{" in body.text
+
+
+def test_metrics_can_ask_for_a_token(live: Live) -> None:
+    live.app.state.settings = live.settings.model_copy(update={"metrics_token": "s3cret"})
+    client = TestClient(live.app)
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers={"authorization": "Bearer nope"}).status_code == 401
+    ok = client.get("/metrics", headers={"authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
