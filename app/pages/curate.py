@@ -14,6 +14,7 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from sqlalchemy import select
 from starlette.background import BackgroundTask
 
 from app.deps import (
@@ -28,7 +29,7 @@ from app.deps import (
     WriteSessionDep,
     with_csrf_cookie,
 )
-from app.models import Image, MaskVersion, Project, Role
+from app.models import Image, MaskVersion, Project, Role, Tag
 from app.pages import templates
 from app.pages.charts import line_chart
 from app.security import SESSION_COOKIE, SESSION_MAX_AGE_S
@@ -54,6 +55,7 @@ from app.services.mask_edit import (
 )
 from app.services.project import get_project, list_project_summaries
 from app.services.recompute import recompute_project
+from app.services.similar import similar_images
 from app.services.volunteer import ban_volunteer
 from app.services.volunteer_review import (
     get_volunteer_by_id,
@@ -184,6 +186,53 @@ def target_image(
     view = target_view(session, target=get_target(session, target_id=target_id))
     return FileResponse(
         image_path(settings, view.image), headers={"Cache-Control": "private, max-age=3600"}
+    )
+
+
+@router.get("/curate/files/{image_id}")
+def image_file(
+    image_id: int, session: SessionDep, settings: SettingsDep, _curator: CuratorDep
+) -> FileResponse:
+    image = session.get(Image, image_id)
+    if image is None:
+        raise NotFoundError(f"no image {image_id}")
+    return FileResponse(
+        image_path(settings, image), headers={"Cache-Control": "private, max-age=3600"}
+    )
+
+
+@router.get("/curate/similar/{image_id}", response_class=HTMLResponse)
+def similar_page(
+    request: Request,
+    image_id: int,
+    session: SessionDep,
+    curator: CuratorDep,
+    csrf: CsrfTokenDep,
+    swap_from: str | None = None,
+    swap_to: str | None = None,
+) -> HTMLResponse:
+    image = session.get(Image, image_id)
+    if image is None:
+        raise NotFoundError(f"no image {image_id}")
+    project = session.get(Project, image.project_id)
+    assert project is not None
+    swap = (swap_from, swap_to) if swap_from and swap_to else None  # both, or a plain search
+    hits = similar_images(session, project=project, image_id=image_id, swap=swap)
+    tags = sorted(
+        session.scalars(select(Tag.name).where(Tag.project_id == project.id)), key=str.lower
+    )
+    return _page(
+        request,
+        "curate_similar.html",
+        {
+            "account": curator,
+            "csrf": csrf,
+            "image": image,
+            "hits": hits,
+            "tags": tags,
+            "swap_from": swap_from or "",
+            "swap_to": swap_to or "",
+        },
     )
 
 

@@ -109,6 +109,8 @@ ROUTES = [
     ("GET", "/curate/masks/{mask}.png", Role.CURATOR),
     ("GET", "/curate/volunteers", Role.CURATOR),
     ("GET", "/curate/dashboard", Role.CURATOR),
+    ("GET", "/curate/similar/{image}", Role.CURATOR),
+    ("GET", "/curate/files/{image}", Role.CURATOR),
     ("POST", "/curate/volunteers/{volunteer}/ban", Role.CURATOR),
     ("POST", "/curate/volunteers/{volunteer}/unban", Role.CURATOR),
     ("GET", "/curate/export/demo.zip", Role.CURATOR),
@@ -129,7 +131,10 @@ def test_the_role_matrix(live: Live, role: Role | None) -> None:
         with live.factory() as session:
             cell = session.scalar(select(Cell.id).where(Cell.target_id == target, Cell.level == 1))
             mask = session.scalar(select(MaskVersion.id).limit(1))
-        path = template.format(target=target, cell=cell, volunteer=volunteer, mask=mask)
+            image = session.scalar(select(Target.image_id).where(Target.id == target))
+        path = template.format(
+            target=target, cell=cell, volunteer=volunteer, mask=mask, image=image
+        )
         data = {"csrf_token": token, "label": "yes", "reason": "test", "tag": "red"}
         if path == "/admin/accounts":
             data |= {"name": f"new-{role}", "password": PASSWORD, "role": "curator"}
@@ -476,3 +481,83 @@ def test_metrics_can_ask_for_a_token(live: Live) -> None:
     assert client.get("/metrics", headers={"authorization": "Bearer nope"}).status_code == 401
     ok = client.get("/metrics", headers={"authorization": "Bearer s3cret"})
     assert ok.status_code == 200
+
+
+def fake_tagger_embeddings(live: Live, *, dim: int = 32, noise: float = 0.05) -> None:
+    """A tagger version whose embedding of an image is the sum of its tags' vectors + noise."""
+    from app.models import Image, ImageEmbedding, ModelKind, ModelVersion, Tag
+
+    rng = np.random.default_rng(0)
+    with live.factory() as session:
+        project = session.scalar(select(Project).where(Project.slug == SLUG))
+        assert project is not None
+        version = ModelVersion(
+            project_id=project.id, kind=ModelKind.TAGGER, version=1, path="x", active=True
+        )
+        session.add(version)
+        session.flush()
+        basis = {t.id: rng.normal(size=dim) for t in session.scalars(select(Tag))}
+        for image in session.scalars(select(Image)):
+            tags = session.scalars(select(ImageTag.tag_id).where(ImageTag.image_id == image.id))
+            vector = sum((basis[t] for t in tags), rng.normal(scale=noise, size=dim))
+            session.add(
+                ImageEmbedding(
+                    image_id=image.id,
+                    model_version_id=version.id,
+                    dim=dim,
+                    vector=np.asarray(vector, dtype=np.float32).tobytes(),
+                )
+            )
+        session.commit()
+
+
+def test_find_similar_with_a_tag_swapped() -> None:
+    from app.services.similar import EmbeddingIndex, nearest
+
+    rng = np.random.default_rng(1)
+    red, blue, circle, square = (rng.normal(size=16) for _ in range(4))
+    rows = [red + circle, blue + circle, red + square, blue + square]
+    vectors = np.stack(rows).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = EmbeddingIndex(
+        image_ids=[1, 2, 3, 4],
+        vectors=vectors,
+        tags={"red": {0, 2}, "blue": {1, 3}, "circle": {0, 1}, "square": {2, 3}},
+        version=1,
+    )
+    assert 1 not in [i for i, _ in nearest(index, 1, k=3)]  # never the query itself
+    assert nearest(index, 1, k=1, swap=("red", "blue"))[0][0] == 2  # a blue circle
+    assert nearest(index, 1, k=1, swap=("circle", "square"))[0][0] == 3  # a red square
+    with pytest.raises(InvalidInputError, match="no embedded image carries"):
+        nearest(index, 1, swap=("red", "green"))
+
+
+def test_the_similar_page_searches_the_stored_embeddings(live: Live) -> None:
+    client = logged_in(live, Role.CURATOR)
+    with live.factory() as session:
+        image_id = session.scalar(select(ImageTag.image_id).limit(1))
+    assert client.get(f"/curate/similar/{image_id}").status_code == 404  # nothing embedded yet
+    fake_tagger_embeddings(live)
+    page = client.get(f"/curate/similar/{image_id}")
+    assert page.status_code == 200
+    shown = [int(i) for i in re.findall(r'<li data-image="(\d+)"', page.text)]
+    assert shown and image_id not in shown
+    with live.factory() as session:
+        from app.models import Tag
+
+        mine = set(
+            session.scalars(select(Tag.name).join(ImageTag).where(ImageTag.image_id == image_id))
+        )
+        other = session.scalar(select(Tag.name).where(Tag.name.not_in(mine)).limit(1))
+    swapped = client.get(
+        f"/curate/similar/{image_id}", params={"swap_from": sorted(mine)[0], "swap_to": other}
+    )
+    assert swapped.status_code == 200
+    top = int(re.findall(r'<li data-image="(\d+)"', swapped.text)[0])
+    with live.factory() as session:
+        from app.models import Tag
+
+        top_tags = set(
+            session.scalars(select(Tag.name).join(ImageTag).where(ImageTag.image_id == top))
+        )
+    assert other in top_tags  # the swap found an image that has the new tag
