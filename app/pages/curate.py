@@ -173,9 +173,14 @@ def queue(
 
 @router.get("/curate/targets/{target_id}", response_class=HTMLResponse)
 def target_page(
-    request: Request, target_id: int, session: SessionDep, curator: CuratorDep, csrf: CsrfTokenDep
+    request: Request,
+    target_id: int,
+    session: SessionDep,
+    curator: CuratorDep,
+    csrf: CsrfTokenDep,
+    level: int | None = None,
 ) -> HTMLResponse:
-    view = target_view(session, target=get_target(session, target_id=target_id))
+    view = target_view(session, target=get_target(session, target_id=target_id), level=level)
     return _page(request, "curate_target.html", {"account": curator, "csrf": csrf, "view": view})
 
 
@@ -292,13 +297,15 @@ def set_cell_route(
     session: WriteSessionDep,
     curator: CuratorDep,
     label: Annotated[str, Form()],
+    level: Annotated[int | None, Form()] = None,
 ) -> RedirectResponse:
     if label not in ("yes", "no"):
         raise InvalidInputError("label must be 'yes' or 'no'")
     target = get_target(session, target_id=target_id)
     set_cell(session, target=target, cell_id=cell_id, label=label == "yes", curator=curator.name)
     session.commit()
-    return _back(f"/curate/targets/{target_id}")
+    back = f"/curate/targets/{target_id}"
+    return _back(f"{back}?level={level}" if level is not None else back)
 
 
 def _next_item(session: SessionDep, project: Project) -> str:

@@ -26,6 +26,7 @@ from app.models import (
     GoldSource,
     Image,
     ImageTag,
+    ImageTagSource,
     ImageTagStatus,
     MaskSource,
     MaskVersion,
@@ -89,13 +90,80 @@ def _leaf_posteriors(session: Session, target_ids: list[int]) -> dict[int, list[
 SETTLED = (RetireReason.GOLD, RetireReason.CURATOR)
 
 
-def triage_reasons(session: Session, *, project: Project) -> list[str]:
-    rows = session.scalars(
-        select(Target.triage_reason)
-        .where(Target.project_id == project.id, Target.state == TargetState.TRIAGE)
-        .distinct()
+DISAGREE = "volunteers disagree"
+PRIOR_VS_CROWD = "the prior (CAM or model) and the crowd disagree"
+TAGGER_UNSURE = "the tagger is unsure of the tag"
+RETAG_CONFLICT = "re-tagging conflict"
+# A cell is disputed with this many votes, a yes-share in this band, or a prior this far away.
+MIN_VOTES_TO_DISPUTE = 4
+DISPUTED_SHARE = (0.3, 0.7)
+PRIOR_GAP = 0.6
+UNSURE_PROBABILITY = 0.6
+
+
+def _cell_flags(session: Session, project: Project) -> dict[int, str]:
+    """Collecting targets whose cells show disagreement, by target id."""
+    rows = session.execute(
+        select(Cell.target_id, Cell.prior_logodds, Consensus.n_votes, Consensus.n_yes)
+        .add_columns(Consensus.posterior)
+        .join(Consensus, Consensus.cell_id == Cell.id)
+        .join(Target, Target.id == Cell.target_id)
+        .where(
+            Target.project_id == project.id,
+            Target.state == TargetState.COLLECTING,
+            Target.control.is_(False),
+            Cell.status == CellStatus.OPEN,
+            Consensus.n_votes >= 3,
+        )
+    ).all()
+    flags: dict[int, str] = {}
+    for target_id, prior, n_votes, n_yes, posterior in rows:
+        share = n_yes / n_votes
+        if n_votes >= MIN_VOTES_TO_DISPUTE and DISPUTED_SHARE[0] <= share <= DISPUTED_SHARE[1]:
+            flags.setdefault(target_id, DISAGREE)
+        elif prior != 0 and abs(1 / (1 + np.exp(-prior)) - posterior) >= PRIOR_GAP:
+            flags.setdefault(target_id, PRIOR_VS_CROWD)
+    return flags
+
+
+def _tag_flags(session: Session, project: Project) -> dict[int, str]:
+    """Open targets whose image tag the tagger is unsure of, or that re-tagging disputed."""
+    rows = session.execute(
+        select(Target.id, ImageTag.source, ImageTag.status, ImageTag.probability)
+        .join(
+            ImageTag,
+            (ImageTag.image_id == Target.image_id) & (ImageTag.tag_id == Target.tag_id),
+        )
+        .where(
+            Target.project_id == project.id,
+            Target.state.in_([TargetState.SEEDED, TargetState.COLLECTING]),
+        )
+    ).all()
+    flags: dict[int, str] = {}
+    for target_id, source, status, probability in rows:
+        if status == ImageTagStatus.DISPUTED:
+            flags[target_id] = RETAG_CONFLICT
+        elif source == ImageTagSource.CLASSIFIER and probability < UNSURE_PROBABILITY:
+            flags[target_id] = TAGGER_UNSURE
+    return flags
+
+
+def _candidates(session: Session, project: Project) -> dict[int, str]:
+    """Every target a curator should see, with why: triaged ones, then flagged open ones."""
+    triaged = dict(
+        session.execute(
+            select(Target.id, Target.triage_reason).where(
+                Target.project_id == project.id, Target.state == TargetState.TRIAGE
+            )
+        ).all()
     )
-    return sorted(r or "unspecified" for r in rows)
+    out = {**_tag_flags(session, project), **_cell_flags(session, project)}
+    out.update({t: reason or "unspecified" for t, reason in triaged.items()})
+    return out
+
+
+def triage_reasons(session: Session, *, project: Project) -> list[str]:
+    return sorted(set(_candidates(session, project).values()))
 
 
 def triage_queue(
@@ -106,19 +174,22 @@ def triage_queue(
     reason: str | None = None,
     limit: int = 100,
 ) -> list[TriageItem]:
-    """The project's targets in triage, least certain first, optionally of one tag or reason."""
+    """What waits for a curator, least certain first, optionally of one tag or reason.
+
+    Targets in triage (out of budget, disputed by re-tagging, an empty mask), and open targets
+    whose volunteers disagree, whose prior and crowd disagree, or whose tag the tagger doubts.
+    """
+    reasons = {
+        t: why for t, why in _candidates(session, project).items() if not reason or why == reason
+    }
     query = (
         select(Target, Image.file_name, Tag.name)
         .join(Image, Image.id == Target.image_id)
         .join(Tag, Tag.id == Target.tag_id)
-        .where(Target.project_id == project.id, Target.state == TargetState.TRIAGE)
+        .where(Target.id.in_(list(reasons)))
     )
     if tag:
         query = query.where(Tag.name == tag)
-    if reason == "unspecified":
-        query = query.where(Target.triage_reason.is_(None))
-    elif reason:
-        query = query.where(Target.triage_reason == reason)
     rows = session.execute(query).all()
     posteriors = _leaf_posteriors(session, [t.id for t, _, _ in rows])
     items = [
@@ -127,7 +198,7 @@ def triage_queue(
             image_id=t.image_id,
             image_name=name,
             tag=tag_name,
-            reason=t.triage_reason or "unspecified",
+            reason=reasons[t.id],
             uncertainty=uncertainty(posteriors.get(t.id, [])),
             cells=len(posteriors.get(t.id, [])),
         )
@@ -170,9 +241,18 @@ class TargetView:
     target: Target
     image: Image
     tag: Tag
-    cells: list[CellView]  # the finest cells, row-major within their level
-    levels: int  # the deepest level with cells
-    masks: list[MaskVersion]
+    cells: list[CellView]  # the finest cells (or those of ``level``), row-major per level
+    levels: list[int]  # the levels that have cells
+    level: int | None  # the level shown; None: the finest cells
+    masks: list[MaskVersion]  # newest first
+
+    @property
+    def final_mask(self) -> MaskVersion | None:
+        return next((m for m in self.masks if m.source != MaskSource.MODEL), None)
+
+    @property
+    def model_mask(self) -> MaskVersion | None:
+        return next((m for m in self.masks if m.source == MaskSource.MODEL), None)
 
 
 def get_target(session: Session, *, target_id: int) -> Target:
@@ -218,7 +298,7 @@ def _box(cell: Cell, image: Image) -> tuple[float, float, float, float]:
     )
 
 
-def target_view(session: Session, *, target: Target) -> TargetView:
+def target_view(session: Session, *, target: Target, level: int | None = None) -> TargetView:
     image = session.get(Image, target.image_id)
     tag = session.get(Tag, target.tag_id)
     assert image is not None and tag is not None
@@ -227,8 +307,14 @@ def target_view(session: Session, *, target: Target) -> TargetView:
             select(Cell).where(Cell.target_id == target.id).order_by(Cell.level, Cell.row, Cell.col)
         )
     )
-    leaves = leaf_cells([grid.Cell(c.level, c.row, c.col) for c in cells])
-    finest = [c for c, leaf in zip(cells, leaves, strict=True) if leaf]
+    levels = sorted({c.level for c in cells})
+    if level is None:
+        leaves = leaf_cells([grid.Cell(c.level, c.row, c.col) for c in cells])
+        finest = [c for c, leaf in zip(cells, leaves, strict=True) if leaf]
+    elif level in levels:
+        finest = [c for c in cells if c.level == level]
+    else:
+        raise InvalidInputError(f"the target has no cells of level {level}; it has {levels}")
     posterior = dict(
         session.execute(
             select(Consensus.cell_id, Consensus.posterior).where(
@@ -263,7 +349,7 @@ def target_view(session: Session, *, target: Target) -> TargetView:
             .order_by(MaskVersion.version.desc())
         )
     )
-    return TargetView(target, image, tag, views, max((c.level for c in cells), default=1), masks)
+    return TargetView(target, image, tag, views, levels, level, masks)
 
 
 def _descendants(cells: list[Cell], cell: Cell) -> list[Cell]:

@@ -561,3 +561,48 @@ def test_the_similar_page_searches_the_stored_embeddings(live: Live) -> None:
             session.scalars(select(Tag.name).join(ImageTag).where(ImageTag.image_id == top))
         )
     assert other in top_tags  # the swap found an image that has the new tag
+
+
+def test_open_targets_with_disagreement_or_a_doubtful_tag_are_queued(live: Live) -> None:
+    from app.models import Consensus, ImageTagSource
+    from app.services.curation import DISAGREE, TAGGER_UNSURE, triage_queue
+
+    with live.factory() as session:
+        open_targets = session.scalars(
+            select(Target)
+            .where(Target.state == TargetState.COLLECTING, Target.control.is_(False))
+            .order_by(Target.id)
+            .limit(2)
+        ).all()
+        split, doubtful = open_targets
+        cell = session.scalar(select(Cell).where(Cell.target_id == split.id, Cell.level == 1))
+        assert cell is not None
+        consensus = session.get(Consensus, cell.id)
+        assert consensus is not None
+        consensus.n_votes, consensus.n_yes, consensus.posterior = 6, 3, 0.5
+        tag = session.scalar(
+            select(ImageTag).where(
+                ImageTag.image_id == doubtful.image_id, ImageTag.tag_id == doubtful.tag_id
+            )
+        )
+        assert tag is not None
+        tag.source, tag.probability = ImageTagSource.CLASSIFIER, 0.41
+        session.commit()
+        project = session.scalar(select(Project).where(Project.slug == SLUG))
+        assert project is not None
+        reasons = {i.target_id: i.reason for i in triage_queue(session, project=project)}
+        assert reasons[split.id] == DISAGREE and reasons[doubtful.id] == TAGGER_UNSURE
+        only = triage_queue(session, project=project, reason=TAGGER_UNSURE)
+        assert [i.target_id for i in only] == [doubtful.id]
+    client = logged_in(live, Role.CURATOR)
+    page = client.get("/curate", params={"reason": DISAGREE})
+    assert f"/curate/targets/{split.id}" in page.text
+    assert f"/curate/targets/{doubtful.id}" not in page.text
+
+
+def test_the_target_view_shows_any_level(live: Live) -> None:
+    (target_id,) = triage_some(live, 1)
+    client = logged_in(live, Role.CURATOR)
+    page = client.get(f"/curate/targets/{target_id}", params={"level": 1})
+    assert page.status_code == 200 and page.text.count('data-cell="1,') == 9
+    assert client.get(f"/curate/targets/{target_id}", params={"level": 7}).status_code == 422
