@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
 
+    # Task requests (next, submit, skip) a minute, per volunteer and per client address; 0: off.
+    # A person answers a grid in 3 s or more: 2 requests each, so 180 leaves room to spare.
+    rate_limit_volunteer_per_minute: int = Field(default=180, ge=0)
+    rate_limit_address_per_minute: int = Field(default=1200, ge=0)
+
     # When set, /metrics asks for it as a bearer token (Prometheus' `authorization` setting).
     metrics_token: str = Field(default="", repr=False)
 

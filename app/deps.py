@@ -7,11 +7,12 @@ import secrets
 from collections.abc import Callable, Iterator
 from typing import Annotated, TypeVar
 
-from fastapi import Cookie, Depends, Request, Response
+from fastapi import Cookie, Depends, Path, Request, Response
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.models import Account, Role, Volunteer
+from app.ratelimit import RateLimiter
 from app.security import (
     CSRF_COOKIE,
     CSRF_FIELD,
@@ -57,6 +58,9 @@ def get_write_session(request: Request) -> Iterator[Session]:
     yield from _session(request.app.state.write_session_factory)
 
 
+# A row id in a URL: the databases' 64-bit integer range (larger ones would fail inside the driver).
+RowId = Annotated[int, Path(ge=1, le=2**63 - 1, description="a row id")]
+
 SessionDep = Annotated[Session, Depends(get_session)]
 WriteSessionDep = Annotated[Session, Depends(get_write_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
@@ -88,6 +92,23 @@ def current_volunteer(
 
 
 VolunteerDep = Annotated[Volunteer, Depends(current_volunteer)]
+
+
+def limit_address(request: Request) -> None:
+    """Count a task request against its client address (before any volunteer is made)."""
+    limiter: RateLimiter = request.app.state.address_limiter
+    limiter.hit(request.client.host if request.client else "unknown")
+
+
+def limited_volunteer(request: Request, volunteer: VolunteerDep) -> Volunteer:
+    """The current volunteer, after counting this task request against their limit."""
+    limiter: RateLimiter = request.app.state.volunteer_limiter
+    limiter.hit(volunteer.public_id)
+    return volunteer
+
+
+AddressLimited = Depends(limit_address)
+LimitedVolunteerDep = Annotated[Volunteer, Depends(limited_volunteer)]
 
 
 def known_volunteer(

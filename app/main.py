@@ -24,6 +24,7 @@ from app.pages import FRONTEND_DIR, templates
 from app.pages import curate as curate_pages
 from app.pages import home as home_pages
 from app.pages import volunteer as volunteer_pages
+from app.ratelimit import RateLimiter, RateLimitExceeded
 from app.security import Signer, TokenError, TokenProblem
 from app.services.errors import (
     ConflictError,
@@ -76,6 +77,16 @@ def _error_handlers(app: FastAPI) -> None:
         )
 
     app.add_exception_handler(UnauthorizedError, login_handler)
+
+    def rate_handler(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RateLimitExceeded)
+        return JSONResponse(
+            status_code=429,
+            content={"detail": str(exc)},
+            headers={"Retry-After": str(exc.retry_after_s)},
+        )
+
+    app.add_exception_handler(RateLimitExceeded, rate_handler)
 
 
 class ConsensusTimer:
@@ -139,6 +150,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = make_session_factory(engine)
     app.state.write_session_factory = write_factory
     app.state.signer = Signer(settings.resolved_secret_key())
+    app.state.volunteer_limiter = RateLimiter(settings.rate_limit_volunteer_per_minute, "volunteer")
+    app.state.address_limiter = RateLimiter(settings.rate_limit_address_per_minute, "address")
     _error_handlers(app)
     registry = CollectorRegistry()
     registry.register(DatabaseCollector(app.state.session_factory))

@@ -237,6 +237,11 @@ def run_phase(name: str, server: Server, step: Step, args: argparse.Namespace) -
 def bench_tessera(backend: str, args: argparse.Namespace, stack: ExitStack) -> Result:
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"tessera-{backend}-")))
     env = {**os.environ, "TESSERA_DATA_DIR": str(tmp / "data"), "TESSERA_ENVIRONMENT": "test"}
+    # A load test: every simulated volunteer comes from this one address, at machine speed.
+    env |= {
+        "TESSERA_RATE_LIMIT_VOLUNTEER_PER_MINUTE": "0",
+        "TESSERA_RATE_LIMIT_ADDRESS_PER_MINUTE": "0",
+    }
     if backend == "postgres":
         env["TESSERA_DATABASE_URL"] = start_postgres(stack, tmp)
         run_ok([TESSERA, "db", "upgrade"], env)

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 
 from app.deps import (
+    AddressLimited,
     KnownVolunteerDep,
+    LimitedVolunteerDep,
+    RowId,
     SessionDep,
     SettingsDep,
     SignerDep,
-    VolunteerDep,
     WriteSessionDep,
 )
 from app.models import Cell, Image, Target, Task, TaskTile
@@ -88,6 +90,7 @@ def _task_read(session: SessionDep, signer: SignerDep, offer: Offer, public_id: 
 
 @router.get(
     "/projects/{slug}/tasks/next",
+    dependencies=[AddressLimited],
     response_model=TaskOffer,
     summary="Lease the most valuable task for the current volunteer",
     responses={404: ERRORS[404], 403: ERRORS[403]},
@@ -96,7 +99,7 @@ def get_next_task(
     slug: str,
     session: WriteSessionDep,
     signer: SignerDep,
-    volunteer: VolunteerDep,
+    volunteer: LimitedVolunteerDep,
     tag: Annotated[str | None, Query(description="only this tag (name or alias)")] = None,
     kind: Annotated[Literal["auto", "window", "mosaic"], Query()] = "auto",
 ) -> TaskOffer:
@@ -123,8 +126,8 @@ def get_next_task(
     responses={404: ERRORS[404]},
 )
 def get_tile(
-    task_id: int,
-    position: int,
+    task_id: RowId,
+    position: Annotated[int, Path(ge=0, le=8, description="tile position, 0-8 row-major")],
     session: SessionDep,
     settings: SettingsDep,
     volunteer: KnownVolunteerDep,
@@ -151,6 +154,7 @@ def get_tile(
 
 @router.post(
     "/projects/{slug}/tasks/submit",
+    dependencies=[AddressLimited],
     response_model=SubmissionRead,
     summary="Submit the squares the volunteer selected (idempotent per token)",
     responses=ERRORS,
@@ -161,7 +165,7 @@ def post_submission(
     session: WriteSessionDep,
     settings: SettingsDep,
     signer: SignerDep,
-    volunteer: VolunteerDep,
+    volunteer: LimitedVolunteerDep,
 ) -> SubmissionRead:
     result = submit(
         session,
@@ -179,6 +183,7 @@ def post_submission(
 
 @router.post(
     "/projects/{slug}/tasks/skip",
+    dependencies=[AddressLimited],
     status_code=204,
     summary="Give a task back unanswered",
     responses=ERRORS,
@@ -188,7 +193,7 @@ def post_skip(
     body: SkipCreate,
     session: WriteSessionDep,
     signer: SignerDep,
-    volunteer: VolunteerDep,
+    volunteer: LimitedVolunteerDep,
 ) -> None:
     project = get_project(session, slug=slug)
     skip(session, signer=signer, project=project, volunteer=volunteer, token=body.token)

@@ -23,6 +23,7 @@ from app.deps import (
     CsrfChecked,
     CsrfTokenDep,
     CuratorDep,
+    RowId,
     SessionDep,
     SettingsDep,
     SignerDep,
@@ -174,7 +175,7 @@ def queue(
 @router.get("/curate/targets/{target_id}", response_class=HTMLResponse)
 def target_page(
     request: Request,
-    target_id: int,
+    target_id: RowId,
     session: SessionDep,
     curator: CuratorDep,
     csrf: CsrfTokenDep,
@@ -186,7 +187,7 @@ def target_page(
 
 @router.get("/curate/images/{target_id}")
 def target_image(
-    target_id: int, session: SessionDep, settings: SettingsDep, _curator: CuratorDep
+    target_id: RowId, session: SessionDep, settings: SettingsDep, _curator: CuratorDep
 ) -> FileResponse:
     view = target_view(session, target=get_target(session, target_id=target_id))
     return FileResponse(
@@ -196,7 +197,7 @@ def target_image(
 
 @router.get("/curate/files/{image_id}")
 def image_file(
-    image_id: int, session: SessionDep, settings: SettingsDep, _curator: CuratorDep
+    image_id: RowId, session: SessionDep, settings: SettingsDep, _curator: CuratorDep
 ) -> FileResponse:
     image = session.get(Image, image_id)
     if image is None:
@@ -209,7 +210,7 @@ def image_file(
 @router.get("/curate/similar/{image_id}", response_class=HTMLResponse)
 def similar_page(
     request: Request,
-    image_id: int,
+    image_id: RowId,
     session: SessionDep,
     curator: CuratorDep,
     csrf: CsrfTokenDep,
@@ -243,7 +244,7 @@ def similar_page(
 
 @router.get("/curate/masks/{version_id}.png")
 def mask_png(
-    version_id: int, session: SessionDep, settings: SettingsDep, _curator: CuratorDep
+    version_id: RowId, session: SessionDep, settings: SettingsDep, _curator: CuratorDep
 ) -> FileResponse:
     version = session.get(MaskVersion, version_id)
     if version is None:
@@ -257,7 +258,7 @@ def mask_png(
 
 @router.post("/curate/targets/{target_id}/mask", dependencies=[CsrfChecked])
 async def save_mask(
-    target_id: int,
+    target_id: RowId,
     session: WriteSessionDep,
     settings: SettingsDep,
     curator: CuratorDep,
@@ -275,7 +276,7 @@ async def save_mask(
 
 @router.post("/curate/targets/{target_id}/tags", dependencies=[CsrfChecked])
 def add_tag(
-    target_id: int,
+    target_id: RowId,
     session: WriteSessionDep,
     settings: SettingsDep,
     _curator: CuratorDep,
@@ -292,8 +293,8 @@ def add_tag(
 
 @router.post("/curate/targets/{target_id}/cells/{cell_id}", dependencies=[CsrfChecked])
 def set_cell_route(
-    target_id: int,
-    cell_id: int,
+    target_id: RowId,
+    cell_id: RowId,
     session: WriteSessionDep,
     curator: CuratorDep,
     label: Annotated[str, Form()],
@@ -317,7 +318,7 @@ def _next_item(session: SessionDep, project: Project) -> str:
 
 @router.post("/curate/targets/{target_id}/{decision}", dependencies=[CsrfChecked])
 def decide(
-    target_id: int,
+    target_id: RowId,
     decision: str,
     session: WriteSessionDep,
     settings: SettingsDep,
@@ -419,7 +420,7 @@ def volunteers_page(
 
 @router.post("/curate/volunteers/{volunteer_id}/{action}", dependencies=[CsrfChecked])
 def ban_route(
-    volunteer_id: int,
+    volunteer_id: RowId,
     action: str,
     session: WriteSessionDep,
     settings: SettingsDep,

@@ -34,6 +34,9 @@ def app_settings(data_dir: Path, database_url: str) -> Settings:
         database_url=database_url,
         secret_key="test-secret-key-that-is-long-enough-for-anything",
         consensus_interval_s=0,
+        # Simulated crowds answer far faster than people; the limits have tests of their own.
+        rate_limit_volunteer_per_minute=0,
+        rate_limit_address_per_minute=0,
     )
 
 
