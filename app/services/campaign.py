@@ -59,6 +59,17 @@ def is_control(image_id: int, share: float) -> bool:
     return ((image_id * 2654435761) % 2**32) / 2**32 < share
 
 
+# A control target's mask is known: its ambiguous cells (neither clearly in nor out, so not
+# gold) are worth asking about only when no real target has open work.
+CONTROL_WINDOW_WEIGHT = 0.05
+
+
+def window_value(priority: float, posteriors: Sequence[float], *, control: bool) -> float:
+    """The picker's value of an open window: priority x uncertainty of its open cells."""
+    weight = CONTROL_WINDOW_WEIGHT if control else 1.0
+    return priority * uncertainty(posteriors) * weight
+
+
 def uncertainty(posteriors: Sequence[float]) -> float:
     """Mean closeness to 0.5 of the open cells' posteriors: 1 = unknown, 0 = settled."""
     if not posteriors:
@@ -118,7 +129,9 @@ def open_windows(
             level=parent.level,
             row=parent.row,
             col=parent.col,
-            value=target.priority * uncertainty(list(q)),
+            value=window_value(
+                target.priority, list(q), control=truth is not None and not truth.frozen
+            ),
         )
         for parent, q in zip(parents, posteriors, strict=True)
     ]

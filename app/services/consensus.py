@@ -43,16 +43,19 @@ from app.services.campaign import (
     load_truth,
     open_windows,
     refinement_config,
-    uncertainty,
+    window_value,
 )
 from app.services.target import add_mask_version
 from app.storage import FileStore
 from ml.aggregation import grid
 from ml.aggregation.credibility import COUNT_FIELDS, WorkerCounts, cells_logodds
 from ml.aggregation.rules import (
+    INHERIT_CLIP,
+    INHERIT_SHRINK,
     RetirementConfig,
     choose_refinements,
     confirmation_votes,
+    inherited_prior,
     leaf_cells,
     retire,
 )
@@ -181,21 +184,22 @@ def revalue_windows(session: Session, *, window_ids: set[int]) -> None:
     if not window_ids:
         return
     rows = session.execute(
-        select(Window.id, Target.priority, Consensus.posterior)
+        select(Window.id, Target.priority, Target.control, Consensus.posterior)
         .join(Target, Target.id == Window.target_id)
         .join(Cell, Cell.window_id == Window.id)
         .join(Consensus, Consensus.cell_id == Cell.id)
         .where(Window.id.in_(window_ids), Cell.status == CellStatus.OPEN)
     ).all()
     pending: dict[int, list[float]] = defaultdict(list)
-    priority: dict[int, float] = {}
-    for window_id, prio, q in rows:
+    target_of: dict[int, tuple[float, bool]] = {}
+    for window_id, prio, control, q in rows:
         pending[window_id].append(q)
-        priority[window_id] = prio
-    session.execute(
-        update(Window),
-        [{"id": w, "value": priority[w] * uncertainty(qs)} for w, qs in pending.items()],
-    )
+        target_of[window_id] = (prio, control)
+    values = [
+        {"id": w, "value": window_value(target_of[w][0], qs, control=target_of[w][1])}
+        for w, qs in pending.items()
+    ]
+    session.execute(update(Window), values)
 
 
 @dataclass
@@ -252,7 +256,22 @@ def _refine(
         return 0
     mask = load_truth(session, settings, target)
     truth = Truth(mask=mask, frozen=True) if mask is not None else None
-    open_windows(session, target=target, parents=deeper, truth=truth)
+    by_address = {grid.Cell(c.level, c.row, c.col): c for c in retired}
+    logodds = dict(
+        session.execute(
+            select(Consensus.cell_id, Consensus.logodds).where(
+                Consensus.cell_id.in_([by_address[p].id for p in deeper])
+            )
+        ).all()
+    )
+    parent_logodds = [
+        (INHERIT_CLIP / INHERIT_SHRINK) * (1 if by_address[p].label else -1)
+        if by_address[p].retire_reason in (RetireReason.GOLD, RetireReason.CURATOR)
+        else logodds.get(by_address[p].id, 0.0)
+        for p in deeper
+    ]
+    priors = [[float(v)] * 9 for v in inherited_prior(parent_logodds)]
+    open_windows(session, target=target, parents=deeper, truth=truth, prior_logodds=priors)
     return len(deeper)
 
 
@@ -274,7 +293,9 @@ def _update_windows(
         if not pending and by_window[window.id]:
             window.state, window.closed_at, window.value = WindowState.CLOSED, utcnow(), 0.0
             continue
-        window.value = target.priority * uncertainty([consensus[c.id].posterior for c in pending])
+        window.value = window_value(
+            target.priority, [consensus[c.id].posterior for c in pending], control=target.control
+        )
         still_open += 1
     return still_open
 

@@ -54,9 +54,10 @@ def _answered_by(volunteer: Volunteer, cell_id_column: object) -> object:
     return exists().where(Vote.volunteer_id == volunteer.id, Vote.cell_id == cell_id_column)
 
 
-def known_share(volunteer: Volunteer) -> float:
-    """Share of known tiles among the tiles this volunteer has been served."""
-    return volunteer.known_served / volunteer.tiles_served if volunteer.tiles_served else 0.0
+def needs_known(volunteer: Volunteer, gold_rate: float) -> bool:
+    """Whether the next task must be known, so that the volunteer's share of known tiles stays
+    at or above ``gold_rate`` even after it: looking one task ahead, not only at the past."""
+    return volunteer.known_served < gold_rate * (volunteer.tiles_served + TILES)
 
 
 def _window_candidates(
@@ -176,7 +177,7 @@ def _new_task(
 def _window_offer(
     session: Session, project: Project, volunteer: Volunteer, tag: Tag | None, now: datetime
 ) -> Offer | None:
-    want_known = known_share(volunteer) < float(project.setting("gold_rate"))
+    want_known = needs_known(volunteer, float(project.setting("gold_rate")))
     window = _known_window(session, project, volunteer, tag, now) if want_known else None
     window = window or _lease_unknown_window(session, project, volunteer, tag, now)
     if window is None and not want_known:

@@ -15,6 +15,12 @@ window one level deeper on
 as long as the children would be at least ``min_cell_px`` pixels on their shorter side and no
 deeper than ``max_level``. Adjacency across levels is decided on the grid of the finest level
 present, where every coarser cell paints its block.
+
+Children inherit a prior from their parent (``inherited_prior``): half its posterior log-odds,
+clipped to +-3. The crowd has said the parent shows the object, so before anyone looks at a
+child it more likely shows it than not; the shrinkage says that a border cell's children are
+mixed, and keeps a single credible vote able to overturn it. Without it a refined object would
+drop out of its own mask (its finest cells at 0.5) until every child had been answered.
 """
 
 from __future__ import annotations
@@ -107,6 +113,20 @@ class RefinementConfig:
     max_level: int = 6
     disagreement: float = 0.6
     refine_uncertain: bool = True
+
+
+INHERIT_SHRINK = 0.5
+INHERIT_CLIP = 3.0
+
+
+def inherited_prior(parent_logodds: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """The prior log-odds of a refined cell's children, from the parent's posterior log-odds.
+
+    Shape:
+        parent_logodds ``(n,)``; returns ``(n,)`` (one value for all nine children of each).
+    """
+    x = np.asarray(parent_logodds, dtype=np.float64)
+    return np.clip(INHERIT_SHRINK * x, -INHERIT_CLIP, INHERIT_CLIP)
 
 
 def leaf_cells(cells: Sequence[Cell]) -> list[bool]:

@@ -54,3 +54,11 @@ def test_prior_disagreement_opens_a_window() -> None:
     prior = np.full(9, -4.0)
     prior[8] = 4.0  # the model is sure, the crowd says no
     assert choose_refinements(cells, labels, 900, 900, prior_logodds=prior) == [Cell(1, 2, 2)]
+
+
+def test_children_inherit_a_shrunk_prior_from_their_parent() -> None:
+    from ml.aggregation.rules import inherited_prior
+
+    out = inherited_prior([4.0, -1.0, 0.0, 40.0])
+    assert np.allclose(out, [2.0, -0.5, 0.0, 3.0])  # half, clipped to +-3
+    assert np.all(np.abs(out) <= np.abs([4.0, -1.0, 0.0, 40.0]))  # never more sure than the parent

@@ -91,11 +91,14 @@ def test_a_diligent_crowd_completes_targets_as_well_as_the_grid_allows(live: Liv
             select(Target, MaskVersion)
             .join(MaskVersion, MaskVersion.target_id == Target.id)
             .where(
-                Target.state == TargetState.COMPLETE,
+                # Finished: complete, or in triage because border cells stayed uncertain after
+                # their budget (partly covered cells split diligent volunteers too); both get
+                # the consensus mask.
+                Target.state.in_([TargetState.COMPLETE, TargetState.TRIAGE]),
                 MaskVersion.source == MaskSource.CONSENSUS,
             )
         ).all()
-        assert done, "no target completed"
+        assert done, "no target finished"
         scores = []
         for target, version in done:
             cells = list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
