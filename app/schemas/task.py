@@ -71,4 +71,10 @@ class VolunteerStatsRead(BaseModel):
 
 
 class VolunteerUpdate(BaseModel):
-    display_name: str = Field(min_length=2, max_length=40)
+    # No control characters, and no space at either end: what the service keeps after it
+    # collapses inner runs of spaces is then 2-40 characters too (the schema says it all).
+    display_name: str = Field(
+        min_length=2,
+        max_length=40,
+        pattern=r"^[^\x00-\x1f\x7f\s](?:[^\x00-\x1f\x7f]*[^\x00-\x1f\x7f\s])?$",
+    )
