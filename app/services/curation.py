@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -416,6 +416,38 @@ def _image_tag(session: Session, target: Target) -> ImageTag | None:
     )
 
 
+def _finish(
+    session: Session,
+    *,
+    settings: Settings,
+    project: Project,
+    target: Target,
+    mask: np.ndarray,
+    soft: np.ndarray | None,
+    meta: dict[str, object],
+    tag_status: ImageTagStatus,
+) -> MaskVersion:
+    """Store a curator's mask, complete the target and recompute the project's consensus."""
+    version = add_mask_version(
+        session,
+        target=target,
+        mask=mask,
+        soft=soft,
+        source=MaskSource.CURATOR,
+        store=FileStore(settings.masks_dir),
+        written=[],
+    )
+    version.meta = {**version.meta, **meta}
+    _close(session, target)
+    target.state, target.triage_reason = TargetState.COMPLETE, None
+    image_tag = _image_tag(session, target)
+    if image_tag is not None:
+        image_tag.status = tag_status
+    session.flush()
+    recompute_project(session, settings=settings, project=project)
+    return version
+
+
 def accept_target(
     session: Session, *, settings: Settings, project: Project, target: Target, curator: str
 ) -> MaskVersion:
@@ -424,24 +456,16 @@ def accept_target(
     assert image is not None
     cells = list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
     soft, hard = compose_cells(session, image=image, cells=cells)
-    version = add_mask_version(
+    return _finish(
         session,
+        settings=settings,
+        project=project,
         target=target,
         mask=hard,
         soft=soft,
-        source=MaskSource.CURATOR,
-        store=FileStore(settings.masks_dir),
-        written=[],
+        meta={"curator": curator},
+        tag_status=ImageTagStatus.ACTIVE,
     )
-    version.meta = {**version.meta, "curator": curator}
-    _close(session, target)
-    target.state, target.triage_reason = TargetState.COMPLETE, None
-    image_tag = _image_tag(session, target)
-    if image_tag is not None:
-        image_tag.status = ImageTagStatus.ACTIVE
-    session.flush()
-    recompute_project(session, settings=settings, project=project)
-    return version
 
 
 def reject_target(
@@ -453,32 +477,13 @@ def reject_target(
     roots = session.scalars(select(Cell).where(Cell.target_id == target.id, Cell.level == 1)).all()
     for cell in roots:
         set_cell(session, target=target, cell_id=cell.id, label=False, curator=curator)
-    version = add_mask_version(
+    return _finish(
         session,
+        settings=settings,
+        project=project,
         target=target,
         mask=np.zeros((image.height, image.width), dtype=bool),
-        source=MaskSource.CURATOR,
-        store=FileStore(settings.masks_dir),
-        written=[],
-    )
-    version.meta = {**version.meta, "curator": curator, "rejected": True}
-    _close(session, target)
-    target.state, target.triage_reason = TargetState.COMPLETE, None
-    image_tag = _image_tag(session, target)
-    if image_tag is not None:
-        image_tag.status = ImageTagStatus.REJECTED
-    session.flush()
-    recompute_project(session, settings=settings, project=project)
-    return version
-
-
-def curator_gold_count(session: Session, *, target: Target) -> int:
-    return (
-        session.scalar(
-            select(func.count())
-            .select_from(Gold)
-            .join(Cell, Cell.id == Gold.cell_id)
-            .where(Cell.target_id == target.id, Gold.source == GoldSource.CURATOR)
-        )
-        or 0
+        soft=None,
+        meta={"curator": curator, "rejected": True},
+        tag_status=ImageTagStatus.REJECTED,
     )

@@ -33,11 +33,11 @@ def server(fresh_database_url: str, tmp_path: Path) -> Iterator[Server]:
         yield running
 
 
-def add_curator(server: Server, name: str) -> None:
+def user_add(server: Server, name: str) -> subprocess.CompletedProcess[str]:
     """`tessera user add NAME --role curator --password-stdin`, in a real process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
     env |= {"TESSERA_DATA_DIR": str(server.data_dir), "TESSERA_DATABASE_URL": server.database_url}
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "app.cli", "user", "add", name, "--password-stdin"],
         input=PASSWORD + "\n",
         env=env,
@@ -45,15 +45,12 @@ def add_curator(server: Server, name: str) -> None:
         text=True,
         timeout=120,
     )
+
+
+def add_curator(server: Server, name: str) -> None:
+    result = user_add(server, name)
     assert result.returncode == 0, result.stderr
-    again = subprocess.run(
-        [sys.executable, "-m", "app.cli", "user", "add", name, "--password-stdin"],
-        input=PASSWORD + "\n",
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    again = user_add(server, name)
     assert again.returncode == 2 and "exists already" in again.stderr
 
 
