@@ -58,8 +58,9 @@ def get_write_session(request: Request) -> Iterator[Session]:
     yield from _session(request.app.state.write_session_factory)
 
 
-# A row id in a URL: the databases' 64-bit integer range (larger ones would fail inside the driver).
-RowId = Annotated[int, Path(ge=1, le=2**63 - 1, description="a row id")]
+# A row id in a URL, within the id columns' range (INTEGER: 32 bits on PostgreSQL); a larger
+# one would fail inside the database driver instead of being refused with a 422.
+RowId = Annotated[int, Path(ge=1, le=2**31 - 1, description="a row id")]
 
 SessionDep = Annotated[Session, Depends(get_session)]
 WriteSessionDep = Annotated[Session, Depends(get_write_session)]

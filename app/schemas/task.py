@@ -71,10 +71,15 @@ class VolunteerStatsRead(BaseModel):
 
 
 class VolunteerUpdate(BaseModel):
-    # No control characters, and no space at either end: what the service keeps after it
-    # collapses inner runs of spaces is then 2-40 characters too (the schema says it all).
+    # No control characters (C0, DEL, C1), and no white space at either end (listed, not \s:
+    # regex engines disagree on what \s is): what the service keeps after it collapses inner
+    # runs of spaces is then 2-40 characters too, so the schema says all the service checks.
     display_name: str = Field(
         min_length=2,
         max_length=40,
-        pattern=r"^[^\x00-\x1f\x7f\s](?:[^\x00-\x1f\x7f]*[^\x00-\x1f\x7f\s])?$",
+        pattern=(
+            "^[^\\x00-\\x20\\x7f-\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
+            "[^\\x00-\\x1f\\x7f-\\x9f]*"
+            "[^\\x00-\\x20\\x7f-\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]$"
+        ),
     )
