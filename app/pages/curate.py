@@ -15,6 +15,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
 from app.deps import (
@@ -30,7 +31,7 @@ from app.deps import (
     WriteSessionDep,
     with_csrf_cookie,
 )
-from app.models import Image, MaskVersion, Project, Role, Tag
+from app.models import Image, MaskVersion, Project, Role, Tag, Target
 from app.pages import templates
 from app.pages.charts import line_chart
 from app.security import SESSION_COOKIE, SESSION_MAX_AGE_S
@@ -256,6 +257,12 @@ def mask_png(
     )
 
 
+def _image_and_project(session: Session, target: Target) -> tuple[Image, Project]:
+    image, project = session.get(Image, target.image_id), session.get(Project, target.project_id)
+    assert image is not None and project is not None  # foreign keys
+    return image, project
+
+
 @router.post("/curate/targets/{target_id}/mask", dependencies=[CsrfChecked])
 async def save_mask(
     target_id: RowId,
@@ -265,11 +272,17 @@ async def save_mask(
     mask: Annotated[UploadFile, File(description="the painted mask, a PNG the image's size")],
 ) -> RedirectResponse:
     target = get_target(session, target_id=target_id)
-    image = session.get(Image, target.image_id)
-    assert image is not None
+    image, project = _image_and_project(session, target)
     data = await mask.read(MAX_MASK_BYTES + 1)
     pixels = decode_painted_mask(data, height=image.height, width=image.width)
-    save_painted_mask(session, settings=settings, target=target, mask=pixels, curator=curator.name)
+    save_painted_mask(
+        session,
+        settings=settings,
+        project=project,
+        target=target,
+        mask=pixels,
+        curator=curator.name,
+    )
     session.commit()
     return _back(f"/curate/targets/{target_id}")
 
@@ -283,9 +296,7 @@ def add_tag(
     tag: Annotated[str, Form()],
 ) -> RedirectResponse:
     target = get_target(session, target_id=target_id)
-    image = session.get(Image, target.image_id)
-    project = session.get(Project, target.project_id)
-    assert image is not None and project is not None
+    image, project = _image_and_project(session, target)
     added = add_curator_tag(session, settings=settings, project=project, image=image, name=tag)
     session.commit()
     return _back(f"/curate/targets/{added.id}")

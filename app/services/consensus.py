@@ -48,7 +48,12 @@ from app.services.campaign import (
 from app.services.target import add_mask_version
 from app.storage import FileStore
 from ml.aggregation import grid
-from ml.aggregation.credibility import COUNT_FIELDS, WorkerCounts, cells_logodds
+from ml.aggregation.credibility import (
+    COUNT_FIELDS,
+    WorkerCounts,
+    cells_logodds,
+    sensitivity_specificity,
+)
 from ml.aggregation.rules import (
     INHERIT_CLIP,
     INHERIT_SHRINK,
@@ -71,7 +76,8 @@ def retirement_config(project: Project) -> RetirementConfig:
     )
 
 
-def _counts(session: Session, volunteer_ids: list[int]) -> WorkerCounts:
+def worker_counts(session: Session, volunteer_ids: list[int]) -> WorkerCounts:
+    """The stored credibility counts of these volunteers, in their order (zeros if none)."""
     rows = {
         c.volunteer_id: [getattr(c, k) for k in COUNT_COLUMNS]
         for c in session.scalars(
@@ -81,6 +87,14 @@ def _counts(session: Session, volunteer_ids: list[int]) -> WorkerCounts:
         )
     }
     return WorkerCounts.from_rows([rows.get(v, [0.0] * len(COUNT_FIELDS)) for v in volunteer_ids])
+
+
+def credibility_estimates(
+    session: Session, volunteer_ids: list[int]
+) -> dict[int, tuple[float, float]]:
+    """Posterior-mean (sensitivity, specificity) per volunteer, with the model's own priors."""
+    sens, spec = sensitivity_specificity(worker_counts(session, volunteer_ids))
+    return {v: (float(a), float(b)) for v, a, b in zip(volunteer_ids, sens, spec, strict=True)}
 
 
 @dataclass(frozen=True)
@@ -110,7 +124,7 @@ def refresh_cells(session: Session, *, cells: list[Cell]) -> Fresh:
         vote_cell,
         [worker[v] for _, v, _ in votes],
         labels,
-        _counts(session, volunteers),
+        worker_counts(session, volunteers),
     )
     n_votes = np.bincount(vote_cell, minlength=len(cells))
     n_yes = np.bincount(vote_cell, weights=labels, minlength=len(cells))

@@ -41,11 +41,11 @@ from app.models import (
     WindowState,
 )
 from app.services.campaign import uncertainty
-from app.services.consensus import compose_cells
+from app.services.consensus import compose_cells, credibility_estimates
 from app.services.errors import InvalidInputError, NotFoundError
 from app.services.recompute import recompute_project
 from app.services.target import add_mask_version
-from app.services.volunteer import credibility_of, display_name
+from app.services.volunteer import display_name
 from app.storage import FileStore
 from ml.aggregation import grid
 from ml.aggregation.rules import leaf_cells
@@ -269,11 +269,10 @@ def _vote_views(session: Session, cell_ids: list[int]) -> dict[int, list[VoteVie
         .where(Vote.cell_id.in_(cell_ids))
         .order_by(Vote.id)
     ).all()
+    estimates = credibility_estimates(session, sorted({v.id for _, v in rows}))
     out: dict[int, list[VoteView]] = {}
     for vote, volunteer in rows:
-        cred = credibility_of(session, volunteer_id=volunteer.id)
-        sens = (cred.pos_yes + 1) / (cred.pos_yes + cred.pos_no + 2)
-        spec = (cred.neg_no + 1) / (cred.neg_no + cred.neg_yes + 2)
+        sens, spec = estimates[volunteer.id]
         out.setdefault(vote.cell_id, []).append(
             VoteView(
                 display_name(volunteer),
@@ -416,7 +415,7 @@ def _image_tag(session: Session, target: Target) -> ImageTag | None:
     )
 
 
-def _finish(
+def finish_target(
     session: Session,
     *,
     settings: Settings,
@@ -427,7 +426,8 @@ def _finish(
     meta: dict[str, object],
     tag_status: ImageTagStatus,
 ) -> MaskVersion:
-    """Store a curator's mask, complete the target and recompute the project's consensus."""
+    """Store a curator's mask, close the target's windows, complete it and recompute the
+    project's consensus (every curator decision ends here: accept, reject, a painted mask)."""
     version = add_mask_version(
         session,
         target=target,
@@ -456,7 +456,7 @@ def accept_target(
     assert image is not None
     cells = list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
     soft, hard = compose_cells(session, image=image, cells=cells)
-    return _finish(
+    return finish_target(
         session,
         settings=settings,
         project=project,
@@ -477,7 +477,7 @@ def reject_target(
     roots = session.scalars(select(Cell).where(Cell.target_id == target.id, Cell.level == 1)).all()
     for cell in roots:
         set_cell(session, target=target, cell_id=cell.id, label=False, curator=curator)
-    return _finish(
+    return finish_target(
         session,
         settings=settings,
         project=project,

@@ -16,17 +16,16 @@ from app.models import (
     ImageTag,
     ImageTagSource,
     ImageTagStatus,
-    MaskSource,
     MaskVersion,
     Project,
     Target,
     TargetState,
 )
 from app.services.campaign import open_target
+from app.services.curation import finish_target
 from app.services.errors import ConflictError, InvalidInputError
 from app.services.tag import TagResolver
-from app.services.target import add_mask_version, ensure_target
-from app.storage import FileStore
+from app.services.target import ensure_target
 
 MAX_MASK_BYTES = 8 * 1024 * 1024
 
@@ -50,21 +49,25 @@ def decode_painted_mask(data: bytes, *, height: int, width: int) -> np.ndarray:
 
 
 def save_painted_mask(
-    session: Session, *, settings: Settings, target: Target, mask: np.ndarray, curator: str
+    session: Session,
+    *,
+    settings: Settings,
+    project: Project,
+    target: Target,
+    mask: np.ndarray,
+    curator: str,
 ) -> MaskVersion:
     """Store a painted mask as the target's curator mask and complete the target."""
-    version = add_mask_version(
+    return finish_target(
         session,
+        settings=settings,
+        project=project,
         target=target,
         mask=mask,
-        source=MaskSource.CURATOR,
-        store=FileStore(settings.masks_dir),
-        written=[],
+        soft=None,
+        meta={"curator": curator, "painted": True},
+        tag_status=ImageTagStatus.ACTIVE,
     )
-    version.meta = {**version.meta, "curator": curator, "painted": True}
-    target.state, target.triage_reason = TargetState.COMPLETE, None
-    session.flush()
-    return version
 
 
 def add_curator_tag(

@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.models import Credibility, Project, Task, TaskState, Volunteer, Vote
+from app.services.consensus import credibility_estimates
 from app.services.errors import NotFoundError
 from app.services.volunteer import display_name
 
@@ -32,7 +33,7 @@ class VolunteerReview:
     name: str
     answers: int
     tasks: int
-    sensitivity: float  # Beta(1, 1) posterior means of the two-coin model
+    sensitivity: float  # posterior means of the two-coin model, with its priors
     specificity: float
     gold_answers: int
     gold_agreement: float | None
@@ -95,11 +96,11 @@ def review_volunteers(
             )
         )
     }
+    estimates = credibility_estimates(session, sorted(answers))
     out = []
     for volunteer in session.scalars(select(Volunteer).where(Volunteer.id.in_(list(answers)))):
         cred = creds.get(volunteer.id)
-        sens = (cred.pos_yes + 1) / (cred.pos_yes + cred.pos_no + 2) if cred else 0.5
-        spec = (cred.neg_no + 1) / (cred.neg_no + cred.neg_yes + 2) if cred else 0.5
+        sens, spec = estimates[volunteer.id]
         gold_n = cred.gold_answers if cred else 0
         agreement = cred.gold_correct / gold_n if cred and gold_n else None
         own = times.get(volunteer.id)

@@ -389,6 +389,14 @@ def test_a_painted_mask_must_fit_the_image(live: Live) -> None:
     assert post(png(*size)) == 303
     with live.factory() as session:
         assert session.get(Target, target_id).state == TargetState.COMPLETE  # type: ignore[union-attr]
+        from app.models import Window, WindowState
+
+        still_open = (
+            select(func.count())
+            .select_from(Window)
+            .where(Window.target_id == target_id, Window.state == WindowState.OPEN)
+        )
+        assert session.scalar(still_open) == 0  # no longer served to the crowd
 
 
 def test_a_missing_tag_is_added_and_opened(live: Live) -> None:
