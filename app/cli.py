@@ -16,21 +16,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import Engine
-from sqlalchemy.orm import Session
 
 from app.config import Settings, SettingsError, get_settings
 from app.db import engine_for, make_session_factory
 from app.migrate import current_revision, head_revision, is_at_head, upgrade_to_head
 from app.services.errors import ConflictError, InvalidInputError, NotFoundError
 from app.services.import_formats import ImportFormatError
-from app.services.importer import ImportReport, import_path, remove_files
+from app.services.importer import ImportReport, default_project_slug, run_import
 from app.services.project import (
     create_project,
     find_project,
-    get_or_create_project,
     get_project,
     list_project_summaries,
-    slugify,
 )
 
 app = typer.Typer(help="Tessera: tagged images to segmentation masks, with a crowd in the loop.")
@@ -116,37 +113,21 @@ def _print_report(report: ImportReport) -> None:
         err.print(f"[yellow]warning[/] {warning}")
 
 
-def run_import(
-    session: Session, *, settings: Settings, project_slug: str, path: Path, tag_file: Path | None
-) -> ImportReport:
-    """Import and commit once; on any failure nothing stays: rows rolled back, files removed."""
-    report: ImportReport | None = None
-    try:
-        project = get_or_create_project(session, slug=project_slug)
-        report = import_path(
-            session, settings=settings, project=project, path=path, tag_file=tag_file
-        )
-        session.commit()
-    except BaseException:
-        session.rollback()
-        if report is not None:
-            remove_files(report.files_written)
-        raise
-    return report
-
-
 @app.command("import")
 def import_command(
-    path: Annotated[Path, typer.Argument(help="a folder, a tag file or a COCO instances JSON")],
+    path: Annotated[
+        Path, typer.Argument(help="a folder, a zip/tar of one, a tag file or a COCO JSON")
+    ],
     project: Annotated[
-        str | None, typer.Option(help="project slug (created if new); default: folder name")
+        str | None,
+        typer.Option(help="project slug (created if new); default: the folder's or archive's name"),
     ] = None,
     tags: Annotated[Path | None, typer.Option(help="tag file, if not tags.txt/csv/json")] = None,
 ) -> None:
     """Import images with their tags (Danbooru lines, CSV, JSON) and/or COCO masks."""
     settings = _settings()
     engine = _ready_engine(settings)
-    slug = project or slugify(path.resolve().name if path.is_dir() else path.resolve().parent.name)
+    slug = project or default_project_slug(path)
     with make_session_factory(engine)() as session:
         try:
             report = run_import(
@@ -155,8 +136,6 @@ def import_command(
         except (ImportFormatError, InvalidInputError, ConflictError, NotFoundError) as exc:
             raise _fail(f"{exc}\nnothing was imported") from exc
     _print_report(report)
-    if report.images_added + report.images_already_present == 0:
-        raise _fail("no image could be imported", code=1)
 
 
 @project_app.command("list")

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     max_image_pixels: int = 40_000_000
     max_image_side: int = 16_384
     min_image_side: int = 16
+    # Archives (zip, tar) given to the importer or uploaded by a curator: inflated size, count.
+    max_archive_bytes: int = Field(default=4 * 1024**3, gt=0)
+    max_archive_members: int = Field(default=200_000, gt=0)
+    max_upload_bytes: int = Field(default=1024**3, gt=0)
 
     # The full EM pass reconciles the online estimates every so often (0 turns it off).
     consensus_interval_s: float = 300.0
@@ -86,6 +90,11 @@ class Settings(BaseSettings):
     @property
     def masks_dir(self) -> Path:
         return self.data_dir / "masks"
+
+    @property
+    def scratch_dir(self) -> Path:
+        """Private working folders (unpacked archives, uploads); emptied after each use."""
+        return self.data_dir / "scratch"
 
     def ensure_dirs(self) -> None:
         for path in (self.data_dir, self.images_dir, self.masks_dir):

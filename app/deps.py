@@ -22,7 +22,12 @@ from app.security import (
     Signer,
 )
 from app.services.account import has_role
-from app.services.errors import ForbiddenError, UnauthorizedError
+from app.services.errors import (
+    ForbiddenError,
+    LengthRequiredError,
+    TooLargeError,
+    UnauthorizedError,
+)
 from app.services.volunteer import find_volunteer, get_or_create_volunteer
 
 ResponseT = TypeVar("ResponseT", bound=Response)
@@ -212,3 +217,18 @@ async def check_csrf(
 
 
 CsrfChecked = Depends(check_csrf)
+
+
+def check_upload_length(request: Request, settings: SettingsDep) -> None:
+    """Refuse an upload by its declared length, before a byte of its body is read or spooled."""
+    length = request.headers.get("content-length")
+    if length is None or not length.isdigit():
+        raise LengthRequiredError("an upload must say its length (Content-Length)")
+    if int(length) > settings.max_upload_bytes:
+        raise TooLargeError(
+            f"the upload is {int(length):,} bytes, more than {settings.max_upload_bytes:,} "
+            "(TESSERA_MAX_UPLOAD_BYTES); import a larger archive with `tessera import`"
+        )
+
+
+UploadLengthChecked = Depends(check_upload_length)

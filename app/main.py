@@ -22,6 +22,7 @@ from app.config import Settings, get_settings
 from app.db import engine_for, make_session_factory
 from app.pages import FRONTEND_DIR, templates
 from app.pages import curate as curate_pages
+from app.pages import curate_import as curate_import_pages
 from app.pages import home as home_pages
 from app.pages import volunteer as volunteer_pages
 from app.ratelimit import RateLimiter, RateLimitExceeded
@@ -30,7 +31,9 @@ from app.services.errors import (
     ConflictError,
     ForbiddenError,
     InvalidInputError,
+    LengthRequiredError,
     NotFoundError,
+    TooLargeError,
     UnauthorizedError,
 )
 from app.services.metrics import DatabaseCollector, RequestMetrics
@@ -46,6 +49,8 @@ def _error_handlers(app: FastAPI) -> None:
         NotFoundError: 404,
         ConflictError: 409,
         InvalidInputError: 422,
+        TooLargeError: 413,
+        LengthRequiredError: 411,
         ForbiddenError: 403,
         GoneError: 410,
     }
@@ -175,5 +180,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(home_pages.router)
     app.include_router(volunteer_pages.router)
     app.include_router(curate_pages.router)
+    app.include_router(curate_import_pages.router)
     app.mount("/static", StaticFiles(directory=FRONTEND_DIR / "static"), name="static")
     return app

@@ -59,6 +59,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+        raise
 
 
 def _check_header(data: bytes, limits: ImageLimits) -> tuple[str, int, int]:

@@ -13,6 +13,14 @@ class InvalidInputError(ValueError):
     """The input is malformed; the message says what to fix."""
 
 
+class TooLargeError(InvalidInputError):
+    """The request or file is bigger than the configured limit, which the message names."""
+
+
+class LengthRequiredError(InvalidInputError):
+    """A request body of unknown length where the limit must be checked first."""
+
+
 class UnauthorizedError(PermissionError):
     """Nobody is logged in, or the credentials are wrong: log in first."""
 

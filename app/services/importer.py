@@ -9,7 +9,11 @@ so that nothing half-imported stays behind.
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.models import Image, ImageTag, ImageTagSource, MaskSource, Project, Tag
+from app.services.archive import ArchiveLimits, archive_suffix, is_archive, unpack_archive
 from app.services.campaign import open_seeded_targets
 from app.services.errors import InvalidInputError
 from app.services.image import add_image, image_limits, image_store
@@ -33,6 +38,7 @@ from app.services.import_formats import (
     read_tag_file,
     read_vocabulary,
 )
+from app.services.project import get_or_create_project, slugify
 from app.services.tag import TagResolver, apply_vocabulary
 from app.services.target import add_mask_version, ensure_target
 from app.storage import BadImageError, FileStore, inspect_image
@@ -292,8 +298,14 @@ def import_path(
 ) -> ImportReport:
     """Import PATH into ``project``. Flushes; the caller commits, or rolls back on error.
 
-    On an error the files this import wrote are removed before the error propagates.
+    PATH is a folder, a tag file, a COCO JSON, or an archive (zip, tar) of a folder. On an error
+    the files this import wrote are removed before the error propagates.
     """
+    if is_archive(path):
+        with unpacked(settings, path) as root:
+            return import_path(
+                session, settings=settings, project=project, path=root, tag_file=tag_file
+            )
     sources = find_sources(path, tag_file=tag_file)
     plan = _read_plan(sources)  # every description file is read before anything is written
     importer = _Importer(session, settings, project)
@@ -306,6 +318,64 @@ def import_path(
     except BaseException:
         remove_files(importer.report.files_written)
         raise
+
+
+def default_project_slug(path: Path) -> str:
+    """The project an import goes to when none is named: the folder's or the archive's name."""
+    resolved = path.resolve()
+    if resolved.is_dir():
+        return slugify(resolved.name)
+    if is_archive(resolved):
+        suffix = archive_suffix(resolved.name)
+        return slugify(resolved.name[: len(resolved.name) - len(suffix)])
+    return slugify(resolved.parent.name)
+
+
+def run_import(
+    session: Session, *, settings: Settings, project_slug: str, path: Path, tag_file: Path | None
+) -> ImportReport:
+    """Import and commit once; on any failure nothing stays: rows rolled back, files removed.
+
+    The one service that commits: the files can only be undone after the rollback, so the
+    commit, the rollback and the undo belong together (the CLI and the upload page share it).
+    """
+    report: ImportReport | None = None
+    try:
+        project = get_or_create_project(session, slug=project_slug)
+        report = import_path(
+            session, settings=settings, project=project, path=path, tag_file=tag_file
+        )
+        if report.images_added + report.images_already_present == 0:
+            raise InvalidInputError(_nothing_imported(report))
+        session.commit()
+    except BaseException:
+        session.rollback()
+        if report is not None:
+            remove_files(report.files_written)
+        raise
+    return report
+
+
+def _nothing_imported(report: ImportReport) -> str:
+    if not report.skipped:
+        return "no image found to import"
+    shown = "; ".join(f"{name}: {reason}" for name, reason in report.skipped[:5])
+    more = f" (and {len(report.skipped) - 5} more)" if len(report.skipped) > 5 else ""
+    return f"no image could be imported: {shown}{more}"
+
+
+@contextmanager
+def unpacked(settings: Settings, archive: Path) -> Iterator[Path]:
+    """The archive unpacked into a private scratch folder, removed afterwards whatever happens."""
+    settings.scratch_dir.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="unpack-", dir=settings.scratch_dir))
+    limits = ArchiveLimits(
+        max_members=settings.max_archive_members, max_total_bytes=settings.max_archive_bytes
+    )
+    try:
+        yield unpack_archive(archive, folder, limits)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def remove_files(paths: list[Path]) -> None:

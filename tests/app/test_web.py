@@ -9,9 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from app.cli import run_import
 from app.config import Settings
 from app.main import create_app
+from app.services.importer import run_import
 from tests.builders import write_image
 
 

@@ -1,0 +1,187 @@
+"""Unpack an import archive (zip or tar, optionally compressed) into a private folder, safely.
+
+An archive is untrusted input. Nothing in it may land outside the folder it is unpacked into,
+so a member is refused when its name is absolute, has a drive letter or a ``..`` part, or when
+it is anything but a plain file or folder (links, devices, fifos). A decompression bomb is
+refused twice: by the sizes the archive declares, before anything is written, and by counting
+the bytes actually inflated, because a crafted archive can lie about its sizes. Any refusal
+names the member and the limit, and leaves nothing behind: the caller's folder is emptied.
+"""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import IO
+
+from app.services.errors import InvalidInputError
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+CHUNK = 1024 * 1024
+UNIX = 3  # a zip member's create_system
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    max_members: int
+    max_total_bytes: int  # inflated, all members together
+
+
+@dataclass(frozen=True)
+class _Member:
+    name: PurePosixPath
+    is_dir: bool
+    size: int  # as declared
+    open: object  # the library's member object, for _open
+
+
+def archive_suffix(name: str) -> str:
+    """The archive suffix NAME ends with (``.tar.gz``), or ``""``."""
+    return next((s for s in ARCHIVE_SUFFIXES if name.lower().endswith(s)), "")
+
+
+def is_archive(path: Path) -> bool:
+    """Whether PATH names an archive the importer unpacks (by its name, then by its content)."""
+    if not path.is_file():
+        return False
+    if archive_suffix(path.name):
+        return True
+    return zipfile.is_zipfile(path) or tarfile.is_tarfile(path)
+
+
+def _safe_name(raw: str) -> PurePosixPath:
+    """The member's name as a relative path inside the folder, or an error saying why not."""
+    name = raw.replace("\\", "/")
+    if not name or "\x00" in name:
+        raise InvalidInputError(f"archive member {raw!r}: empty or NUL in its name")
+    if name.startswith("/") or PureWindowsPath(raw).drive:
+        raise InvalidInputError(f"archive member {raw!r}: absolute path; nothing was imported")
+    parts = PurePosixPath(name).parts
+    if ".." in parts:
+        raise InvalidInputError(f"archive member {raw!r}: '..' leaves the archive's folder")
+    clean = PurePosixPath(*[p for p in parts if p != "."]) if parts else PurePosixPath()
+    if not clean.parts:
+        raise InvalidInputError(f"archive member {raw!r}: no file name")
+    return clean
+
+
+def _zip_members(archive: zipfile.ZipFile) -> list[_Member]:
+    members = []
+    for info in archive.infolist():
+        # Unix zips keep st_mode in the high bytes; a file type there other than file or folder
+        # is a link or a device (other systems, and zips written without one, leave it 0).
+        kind = stat.S_IFMT(info.external_attr >> 16) if info.create_system == UNIX else 0
+        if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+            raise InvalidInputError(
+                f"archive member {info.filename!r}: a link or special file; only plain files "
+                "and folders are imported"
+            )
+        if info.flag_bits & 0x1:
+            raise InvalidInputError(f"archive member {info.filename!r}: encrypted")
+        members.append(_Member(_safe_name(info.filename), info.is_dir(), info.file_size, info))
+    return members
+
+
+def _tar_members(archive: tarfile.TarFile) -> list[_Member]:
+    members = []
+    for info in archive.getmembers():
+        if not (info.isfile() or info.isdir()):
+            raise InvalidInputError(
+                f"archive member {info.name!r}: a link or special file; only plain files and "
+                "folders are imported"
+            )
+        members.append(_Member(_safe_name(info.name), info.isdir(), info.size, info))
+    return members
+
+
+def _check_declared(members: list[_Member], limits: ArchiveLimits) -> None:
+    if len(members) > limits.max_members:
+        raise InvalidInputError(
+            f"the archive has {len(members):,} members, more than {limits.max_members:,} "
+            "(TESSERA_MAX_ARCHIVE_MEMBERS)"
+        )
+    declared = sum(m.size for m in members)
+    if declared > limits.max_total_bytes:
+        raise InvalidInputError(
+            f"the archive unpacks to {declared:,} bytes, more than {limits.max_total_bytes:,} "
+            "(TESSERA_MAX_ARCHIVE_BYTES); refused as a possible decompression bomb"
+        )
+    seen: dict[PurePosixPath, bool] = {}
+    for m in members:
+        if seen.get(m.name, m.is_dir) != m.is_dir or (not m.is_dir and m.name in seen):
+            raise InvalidInputError(f"archive member {str(m.name)!r} appears twice")
+        seen[m.name] = m.is_dir
+
+
+def _copy(source: IO[bytes], target: Path, budget: int, name: PurePosixPath) -> int:
+    """Copy up to ``budget`` bytes; more is a bomb that lied about its size."""
+    written = 0
+    with target.open("xb") as out:
+        while chunk := source.read(CHUNK):
+            written += len(chunk)
+            if written > budget:
+                raise InvalidInputError(
+                    f"archive member {str(name)!r} inflates past the archive's limit "
+                    "(TESSERA_MAX_ARCHIVE_BYTES); refused as a decompression bomb"
+                )
+            out.write(chunk)
+    return written
+
+
+@contextmanager
+def _opened(path: Path) -> Iterator[tuple[list[_Member], object]]:
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                yield _zip_members(z), z
+            return
+        with tarfile.open(path) as t:
+            yield _tar_members(t), t
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        # Corrupt or truncated data surfaces as any of these, often only while inflating.
+        raise InvalidInputError(f"{path.name}: the archive cannot be unpacked ({exc})") from exc
+
+
+def _open_member(archive: object, member: _Member) -> IO[bytes]:
+    if isinstance(archive, zipfile.ZipFile):
+        assert isinstance(member.open, zipfile.ZipInfo)
+        return archive.open(member.open)
+    assert isinstance(archive, tarfile.TarFile) and isinstance(member.open, tarfile.TarInfo)
+    handle = archive.extractfile(member.open)
+    assert handle is not None  # a regular file
+    return handle
+
+
+def unpack_archive(path: Path, dest: Path, limits: ArchiveLimits) -> Path:
+    """Unpack PATH into the empty folder DEST; returns the folder to import from.
+
+    That is DEST itself, or its only subfolder when the archive wraps everything in one folder
+    (``photos.zip`` holding ``photos/...``). On any error DEST is emptied and the error raised.
+    """
+    try:
+        with _opened(path) as (members, archive):
+            _check_declared(members, limits)
+            budget = limits.max_total_bytes
+            for member in members:
+                target = dest.joinpath(*member.name.parts)
+                if member.is_dir:
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with _open_member(archive, member) as source:
+                    budget -= _copy(source, target, budget, member.name)
+    except BaseException:
+        for child in dest.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        raise
+    entries = [p for p in dest.iterdir() if not p.name.startswith((".", "__MACOSX"))]
+    if len(entries) == 1 and entries[0].is_dir():
+        return entries[0]
+    return dest
