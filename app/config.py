@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     max_archive_members: int = Field(default=200_000, gt=0)
     max_upload_bytes: int = Field(default=1024**3, gt=0)
 
+    # Each task's tiles vary slightly (shift, colour, noise, JPEG quality) so that known tiles
+    # cannot be memorised or matched by hash; off only to look at exact crops.
+    tile_augmentation: bool = True
+
     # The full EM pass reconciles the online estimates every so often (0 turns it off).
     consensus_interval_s: float = 300.0
 

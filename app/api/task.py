@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query
-from fastapi.responses import FileResponse
+from fastapi.responses import Response
 from sqlalchemy import select
 
 from app.deps import (
@@ -34,8 +34,7 @@ from app.services.picker import Offer, next_task
 from app.services.project import get_project
 from app.services.submission import skip, submit
 from app.services.tag import TagResolver
-from app.services.tile import TILE_SIDE, render_tile
-from ml.aggregation import grid
+from app.services.tile import DEFAULT_AUGMENTATION, PLAIN, render_tile, tile_seed, tile_size
 
 router = APIRouter(tags=["tasks"])
 
@@ -46,12 +45,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     410: {"description": "The task expired or was skipped"},
     422: {"description": "Malformed answers (e.g. tile positions out of range)"},
 }
-
-
-def _tile_size(image: Image, cell: Cell) -> tuple[int, int]:
-    rect = grid.cell_rect(grid.Cell(cell.level, cell.row, cell.col), image.height, image.width)
-    scale = TILE_SIDE / max(rect.width, rect.height, 1)
-    return max(1, round(rect.width * scale)), max(1, round(rect.height * scale))
 
 
 def _images(session: SessionDep, cells: list[Cell]) -> dict[int, Image]:
@@ -69,7 +62,7 @@ def _task_read(session: SessionDep, signer: SignerDep, offer: Offer, public_id: 
     images = _images(session, offer.cells)
     tiles = []
     for position, cell in enumerate(offer.cells):
-        width, height = _tile_size(images[cell.target_id], cell)
+        width, height = tile_size(images[cell.target_id], cell)
         url = f"/api/tasks/{task.id}/tiles/{position}"
         tiles.append(TileView(position=position, url=url, width=width, height=height))
     return TaskRead(
@@ -121,9 +114,9 @@ def get_next_task(
 
 @router.get(
     "/tasks/{task_id}/tiles/{position}",
-    response_class=FileResponse,
+    response_class=Response,
     summary="One tile of a task (JPEG), for the volunteer it was given to",
-    responses={404: ERRORS[404]},
+    responses={200: {"content": {"image/jpeg": {}}, "description": "The tile"}, 404: ERRORS[404]},
 )
 def get_tile(
     task_id: RowId,
@@ -131,7 +124,7 @@ def get_tile(
     session: SessionDep,
     settings: SettingsDep,
     volunteer: KnownVolunteerDep,
-) -> FileResponse:
+) -> Response:
     task = session.get(Task, task_id)
     if task is None or volunteer is None or task.volunteer_id != volunteer.id:
         raise NotFoundError("no such task for this volunteer")
@@ -145,10 +138,12 @@ def get_tile(
     if row is None:
         raise NotFoundError(f"task {task_id} has no tile {position}")
     cell, image = row
-    return FileResponse(
-        render_tile(settings, image, cell),
-        media_type="image/jpeg",
-        headers={"Cache-Control": "private, max-age=86400"},
+    augmentation = DEFAULT_AUGMENTATION if settings.tile_augmentation else PLAIN
+    jpeg = render_tile(
+        settings, image, cell, seed=tile_seed(task.nonce, position), augmentation=augmentation
+    )
+    return Response(
+        jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"}
     )
 
 

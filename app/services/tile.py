@@ -1,16 +1,26 @@
-"""Tile images: server-side crops of one cell, resized for display, cached on disk.
+"""Tile images: server-side crops of one cell, resized for display, lightly varied per task.
 
 The crop keeps the cell's aspect ratio (cells follow the image's); the long side is scaled to
-``TILE_SIDE`` pixels. Tiles are cached under ``data/tiles`` by image hash and cell address, so
-the same tile is cut once whatever task shows it.
+``TILE_SIDE`` pixels. The cell is cut once, with a margin, into a cache under ``data/tiles``
+(by image hash and cell address). Each task then gets its own rendering of it: the window
+shifted by a few percent of the cell, brightness, contrast and saturation changed by a few
+percent, a little noise, and a random JPEG quality. A known tile therefore never comes twice
+as the same bytes or the same pixels, so it cannot be memorised or matched by a hash, while it
+shows what the cell shows. The rendering is a function of the task's secret nonce and the
+tile's position: the same task's tile is the same on every fetch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image as PILImage
+from PIL import ImageEnhance
 
 from app.config import Settings
 from app.models import Cell, Image
@@ -19,26 +29,105 @@ from app.storage import atomic_write_bytes
 from ml.aggregation import grid
 
 TILE_SIDE = 192
-JPEG_QUALITY = 88
+BASE_QUALITY = 95  # the cached cut, re-encoded once per task
 
 
-def tile_path(settings: Settings, image: Image, cell: Cell, side: int = TILE_SIDE) -> Path:
-    name = f"{cell.level}-{cell.row}-{cell.col}-{side}.jpg"
+@dataclass(frozen=True)
+class Augmentation:
+    """How much one task's rendering of a tile may differ from the cell's plain crop."""
+
+    shift: float = 0.03  # of the cell's width/height, each way
+    colour: float = 0.06  # brightness, contrast and saturation factors within 1 +- this
+    noise: float = 2.0  # Gaussian sigma, in 8-bit levels
+    quality: tuple[int, int] = (80, 92)  # JPEG quality, inclusive range
+
+
+DEFAULT_AUGMENTATION = Augmentation()
+PLAIN = Augmentation(shift=0.0, colour=0.0, noise=0.0, quality=(88, 88))
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    cell: grid.PixelRect
+    outer: grid.PixelRect  # the cell plus the margin the shift may use, inside the image
+    scale: float  # tile pixels per image pixel
+
+
+def _geometry(image: Image, cell: Cell, side: int, shift: float) -> _Geometry:
+    rect = grid.cell_rect(grid.Cell(cell.level, cell.row, cell.col), image.height, image.width)
+    mx, my = math.ceil(rect.width * shift), math.ceil(rect.height * shift)
+    outer = grid.PixelRect(
+        max(0, rect.top - my),
+        max(0, rect.left - mx),
+        min(image.height, rect.bottom + my),
+        min(image.width, rect.right + mx),
+    )
+    return _Geometry(rect, outer, side / max(rect.width, rect.height, 1))
+
+
+def tile_size(image: Image, cell: Cell, side: int = TILE_SIDE) -> tuple[int, int]:
+    """(width, height) of the cell's tile: its aspect, the long side ``side``."""
+    g = _geometry(image, cell, side, 0.0)
+    return max(1, round(g.cell.width * g.scale)), max(1, round(g.cell.height * g.scale))
+
+
+def _base_path(settings: Settings, image: Image, cell: Cell, side: int, shift: float) -> Path:
+    name = f"{cell.level}-{cell.row}-{cell.col}-{side}-m{round(shift * 1000)}.jpg"
     return settings.data_dir / "tiles" / image.sha256[:2] / image.sha256 / name
 
 
-def render_tile(settings: Settings, image: Image, cell: Cell, side: int = TILE_SIDE) -> Path:
-    """The cached JPEG of one cell, cut and written (atomically) on first use."""
-    path = tile_path(settings, image, cell, side)
-    if path.exists():
-        return path
-    rect = grid.cell_rect(grid.Cell(cell.level, cell.row, cell.col), image.height, image.width)
-    with PILImage.open(image_path(settings, image)) as img:
-        crop = img.convert("RGB").crop((rect.left, rect.top, rect.right, rect.bottom))
-    scale = side / max(crop.width, crop.height, 1)
-    size = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
-    crop = crop.resize(size, PILImage.Resampling.LANCZOS)
+def _base(
+    settings: Settings, image: Image, cell: Cell, g: _Geometry, side: int, shift: float
+) -> PILImage.Image:
+    """The cached cut of the cell and its margin at tile scale, written on first use."""
+    path = _base_path(settings, image, cell, side, shift)
+    if not path.exists():
+        o = g.outer
+        with PILImage.open(image_path(settings, image)) as img:
+            crop = img.convert("RGB").crop((o.left, o.top, o.right, o.bottom))
+        size = (max(1, round(o.width * g.scale)), max(1, round(o.height * g.scale)))
+        buf = io.BytesIO()
+        crop.resize(size, PILImage.Resampling.LANCZOS).save(
+            buf, format="JPEG", quality=BASE_QUALITY
+        )
+        atomic_write_bytes(path, buf.getvalue())
+    with PILImage.open(path) as cached:
+        return cached.convert("RGB")
+
+
+def tile_seed(nonce: str, position: int) -> int:
+    """The rendering's seed: private to the task (its nonce), stable across fetches."""
+    return int.from_bytes(hashlib.blake2b(f"{nonce}:{position}".encode(), digest_size=8).digest())
+
+
+def render_tile(
+    settings: Settings,
+    image: Image,
+    cell: Cell,
+    *,
+    seed: int,
+    augmentation: Augmentation = DEFAULT_AUGMENTATION,
+    side: int = TILE_SIDE,
+) -> bytes:
+    """The JPEG of one cell as one task shows it (``PLAIN``: the cell exactly, unvaried)."""
+    rng = np.random.default_rng(seed)
+    a = augmentation
+    g = _geometry(image, cell, side, a.shift)
+    base = _base(settings, image, cell, g, side, a.shift)
+    # The cell's box in the cut, shifted by up to `shift` of the cell and kept inside the cut.
+    sx, sy = base.width / g.outer.width, base.height / g.outer.height
+    left, top = (g.cell.left - g.outer.left) * sx, (g.cell.top - g.outer.top) * sy
+    width, height = g.cell.width * sx, g.cell.height * sy
+    dx = float(np.clip(rng.uniform(-a.shift, a.shift) * width, -left, base.width - left - width))
+    dy = float(np.clip(rng.uniform(-a.shift, a.shift) * height, -top, base.height - top - height))
+    box = (left + dx, top + dy, left + dx + width, top + dy + height)
+    tile = base.resize(tile_size(image, cell, side), PILImage.Resampling.BICUBIC, box=box)
+    for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        tile = enhancer(tile).enhance(1.0 + rng.uniform(-a.colour, a.colour))
+    if a.noise > 0:
+        pixels = np.asarray(tile, dtype=np.float32)  # (H, W, 3)
+        noisy = pixels + rng.normal(0.0, a.noise, pixels.shape)
+        tile = PILImage.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8))
     buf = io.BytesIO()
-    crop.save(buf, format="JPEG", quality=JPEG_QUALITY)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    tile.save(buf, format="JPEG", quality=int(rng.integers(a.quality[0], a.quality[1] + 1)))
+    return buf.getvalue()
