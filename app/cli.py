@@ -661,10 +661,17 @@ def aggregate(
     )
 
 
+from app import cli_maintenance  # noqa: E402, F401  (registers doctor, backup, restore)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m app.cli` runs this file as __main__; the commands of app.cli_maintenance are
+    # registered on the importable app.cli, so run that one.
+    from app.cli import main as importable_main
+
+    importable_main()

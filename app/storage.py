@@ -136,6 +136,9 @@ class FileStore:
         """Store ``data`` under its hash. Returns the path and whether it was new."""
         path = self.path(sha256 or hashlib.sha256(data).hexdigest(), extension)
         if path.exists():
+            # Freshly in use again: `tessera doctor --repair` spares files younger than its
+            # grace period, and this one may be an orphan that a new import is about to claim.
+            os.utime(path)
             return path, False
         atomic_write_bytes(path, data)
         return path, True

@@ -56,7 +56,7 @@ def is_archive(path: Path) -> bool:
     return zipfile.is_zipfile(path) or tarfile.is_tarfile(path)
 
 
-def _safe_name(raw: str) -> PurePosixPath:
+def safe_member_name(raw: str) -> PurePosixPath:
     """The member's name as a relative path inside the folder, or an error saying why not."""
     name = raw.replace("\\", "/")
     if not name or "\x00" in name:
@@ -85,7 +85,9 @@ def _zip_members(archive: zipfile.ZipFile) -> list[_Member]:
             )
         if info.flag_bits & 0x1:
             raise InvalidInputError(f"archive member {info.filename!r}: encrypted")
-        members.append(_Member(_safe_name(info.filename), info.is_dir(), info.file_size, info))
+        members.append(
+            _Member(safe_member_name(info.filename), info.is_dir(), info.file_size, info)
+        )
     return members
 
 
@@ -97,7 +99,7 @@ def _tar_members(archive: tarfile.TarFile) -> list[_Member]:
                 f"archive member {info.name!r}: a link or special file; only plain files and "
                 "folders are imported"
             )
-        members.append(_Member(_safe_name(info.name), info.isdir(), info.size, info))
+        members.append(_Member(safe_member_name(info.name), info.isdir(), info.size, info))
     return members
 
 

@@ -55,19 +55,33 @@ def _tessera(env: dict[str, str], *args: str) -> None:
         raise RuntimeError(f"tessera {' '.join(args)} failed:\n{result.stderr}")
 
 
-@contextmanager
-def demo_server(data_dir: Path, database_url: str, *, images: int = 4) -> Iterator[Server]:
-    """`tessera demo` then `tessera serve` in real processes; stopped on exit."""
+def tessera_env(data_dir: Path, database_url: str, **settings: str) -> dict[str, str]:
+    """The environment of a `tessera` process on this data folder and database."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
     env |= {
         "TESSERA_DATA_DIR": str(data_dir),
         "TESSERA_DATABASE_URL": database_url,
         "TESSERA_CONSENSUS_INTERVAL_S": "0",
     }
+    return env | {f"TESSERA_{k.upper()}": v for k, v in settings.items()}
+
+
+@contextmanager
+def demo_server(data_dir: Path, database_url: str, *, images: int = 4) -> Iterator[Server]:
+    """`tessera demo` then `tessera serve` in real processes; stopped on exit."""
+    env = tessera_env(data_dir, database_url)
     _tessera(env, "db", "upgrade")
     _tessera(env, "demo", "--no-serve", "--images", str(images), "--seed", "5")
+    with serve(env) as (server, _proc):
+        yield server
+
+
+@contextmanager
+def serve(env: dict[str, str]) -> Iterator[tuple[Server, subprocess.Popen[str]]]:
+    """`tessera serve` in a real process on ENV's data; stopped on exit unless already dead."""
+    data_dir = Path(env["TESSERA_DATA_DIR"])
     port = free_port()
-    log_path = data_dir / "serve.log"
+    log_path = data_dir / f"serve-{port}.log"
     # A file, not a pipe: an unread pipe fills up and blocks the server.
     log = log_path.open("w")
     proc = subprocess.Popen(
@@ -89,7 +103,8 @@ def demo_server(data_dir: Path, database_url: str, *, images: int = 4) -> Iterat
                     output = log_path.read_text()
                     raise RuntimeError(f"the server did not start:\n{output}") from None
                 time.sleep(0.2)
-        yield Server(url=url, database_url=database_url, data_dir=data_dir)
+        server = Server(url=url, database_url=env["TESSERA_DATABASE_URL"], data_dir=data_dir)
+        yield server, proc
     finally:
         proc.terminate()
         try:

@@ -1,0 +1,92 @@
+"""Maintenance commands: ``tessera doctor``, ``tessera backup`` and ``tessera restore``.
+
+Registered on the main ``tessera`` app by ``app.cli`` (which imports this module last).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.cli import _fail, _ready_engine, _settings, app, console, err
+from app.db import make_session_factory
+from app.services.backup import create_backup, restore_backup
+from app.services.doctor import DEFAULT_GRACE_S, check, repair
+from app.services.errors import ConflictError, InvalidInputError
+
+EXIT_UNHEALTHY = 1
+
+
+@app.command("doctor")
+def doctor_command(
+    fix: Annotated[
+        bool, typer.Option("--repair", help="remove crash debris older than --grace")
+    ] = False,
+    grace: Annotated[
+        float, typer.Option(help="seconds a file must be old to count as debris", min=0)
+    ] = DEFAULT_GRACE_S,
+) -> None:
+    """Check that the database and the data folder agree; exit 1 when something is wrong."""
+    settings = _settings()
+    engine = _ready_engine(settings)
+    with make_session_factory(engine)() as session:
+        result = check(session, settings=settings)
+    if fix:
+        repair(result, grace_s=grace)
+    removed = set(result.repaired)
+    for label, paths in (("temporary", result.temporary), ("orphan", result.orphans)):
+        for path in paths:
+            state = "removed" if path in removed else "found"
+            (console if path in removed else err).print(f"{state} {label} file {path}")
+    for line in (*result.missing, *result.database):
+        err.print(f"[bold red]damaged[/] {line}")
+    console.print(
+        f"{len(result.temporary)} temporary and {len(result.orphans)} orphan files "
+        f"({len(removed)} removed, {result.young} younger than {grace:.0f} s kept), "
+        f"{len(result.missing)} missing files, database check "
+        f"{'ok' if not result.database else 'FAILED'}"
+    )
+    if not result.healthy:
+        hint = "" if fix else "; `tessera doctor --repair` removes debris"
+        err.print(f"not healthy{hint}; missing files need a restore from backup")
+        raise typer.Exit(EXIT_UNHEALTHY)
+
+
+@app.command("backup")
+def backup_command(
+    out: Annotated[Path, typer.Argument(help="the backup to write: .tar, .tar.gz or .tgz")],
+) -> None:
+    """Back up the database and the files it names into one archive (safe while serving)."""
+    settings = _settings()
+    if not out.name.endswith((".tar", ".tar.gz", ".tgz")):
+        raise _fail(f"{out}: name the backup .tar, .tar.gz or .tgz")
+    engine = _ready_engine(settings)
+    with make_session_factory(engine)() as session:
+        try:
+            report = create_backup(session, settings=settings, out=out)
+        except ConflictError as exc:
+            raise _fail(str(exc), code=EXIT_UNHEALTHY) from exc
+    console.print(
+        f"backed up {sum(report.rows.values()):,} rows of {len(report.rows)} tables and "
+        f"{report.files:,} files ({report.bytes / 1e6:.1f} MB) to {report.path}"
+    )
+
+
+@app.command("restore")
+def restore_command(
+    archive: Annotated[Path, typer.Argument(help="a backup written by `tessera backup`")],
+) -> None:
+    """Restore a backup into an empty database and data folder (all or nothing)."""
+    settings = _settings()
+    if not archive.is_file():
+        raise _fail(f"{archive} does not exist")
+    engine = _ready_engine(settings)
+    settings.ensure_dirs()
+    with make_session_factory(engine)() as session:
+        try:
+            counts = restore_backup(session, settings=settings, archive=archive)
+        except (InvalidInputError, ConflictError) as exc:
+            raise _fail(f"{exc}\nnothing was restored") from exc
+    console.print(f"restored {sum(counts.values()):,} rows of {len(counts)} tables")

@@ -1,0 +1,272 @@
+"""Back up a whole Tessera instance (database and files) into one archive, and restore it.
+
+The archive is a tar: ``manifest.json`` (format, schema revision, row and file counts),
+``tables/<table>.jsonl`` (every row of every table, parents before children) and ``files/``
+(the images, masks and model checkpoints that rows name, by their path under the data
+folder). It is backend-neutral: a SQLite backup restores into PostgreSQL and back.
+
+Consistency: the rows are read in one transaction (a snapshot: SQLite's WAL read transaction,
+PostgreSQL's REPEATABLE READ), and files are written before the rows that name them commit and
+never change afterwards, so every file a snapshot names exists and is whole. The backup can run
+while the service serves. It is written to a temporary name and renamed when complete.
+
+A restore goes into an empty database at the same schema revision (``tessera db upgrade``
+first): files are put in place first, then all rows in one transaction. On any error the rows
+are rolled back and the files it added removed, so a failed restore leaves nothing behind.
+The signing key is not in the backup (secret material): give the new instance its own, or the
+old ``TESSERA_SECRET_KEY``, for volunteers' cookies to stay valid.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import io
+import json
+import os
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from sqlalchemy import Column, LargeBinary, Table, func, insert, select, text
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db import Base
+from app.models import ModelVersion, Project
+from app.services.archive import safe_member_name
+from app.services.doctor import referenced_files
+from app.services.errors import ConflictError, InvalidInputError
+
+FORMAT = "tessera-backup/1"
+BATCH = 2000
+
+
+@dataclass(frozen=True)
+class BackupReport:
+    path: Path
+    rows: dict[str, int]
+    files: int
+    bytes: int
+
+
+def _tables() -> list[Table]:
+    return list(Base.metadata.sorted_tables)  # parents before children
+
+
+def _python_type(column: Column[Any]) -> type | None:
+    try:
+        kind: type = column.type.python_type
+    except NotImplementedError:
+        return None
+    return kind
+
+
+def _encode(value: Any, column: Column[Any]) -> Any:
+    if value is None:
+        return None
+    if isinstance(column.type, LargeBinary):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+def _decode(value: Any, column: Column[Any]) -> Any:
+    if value is None:
+        return None
+    if isinstance(column.type, LargeBinary):
+        return base64.b64decode(value)
+    if _python_type(column) is datetime:
+        return datetime.fromisoformat(value)
+    return value
+
+
+def _revision(session: Session) -> str | None:
+    return session.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def _snapshot(session: Session) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = len(data), int(datetime.now().timestamp())
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _model_member(settings: Settings, model: ModelVersion, project_slug: str) -> str:
+    """The checkpoint's path under the data folder (models/<project>/<file>)."""
+    try:
+        return str(Path(model.path).resolve().relative_to(settings.data_dir.resolve()))
+    except ValueError:
+        return f"models/{project_slug}/{Path(model.path).name}"
+
+
+def create_backup(session: Session, *, settings: Settings, out: Path) -> BackupReport:
+    """Write the backup of everything to OUT (``.tar``, or ``.tar.gz``/``.tgz`` compressed)."""
+    _snapshot(session)
+    rows: dict[str, int] = {}
+    files: dict[str, Path] = {}  # archive member -> file
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    mode = "w:gz" if out.name.endswith((".tar.gz", ".tgz")) else "w"
+    try:
+        with tarfile.open(tmp_name, mode) as tar:  # type: ignore[call-overload]
+            for table in _tables():
+                lines = []
+                for row in session.execute(select(table)).mappings():
+                    lines.append(
+                        json.dumps({c.name: _encode(row[c.name], c) for c in table.columns})
+                    )
+                rows[table.name] = len(lines)
+                _add_bytes(tar, f"tables/{table.name}.jsonl", "\n".join(lines).encode())
+            slugs = dict(session.execute(select(Project.id, Project.slug)).all())
+            models = {
+                m.id: _model_member(settings, m, slugs[m.project_id])
+                for m in session.scalars(select(ModelVersion))
+            }
+            for path in sorted(referenced_files(session, settings)):
+                if not path.is_file():
+                    raise ConflictError(f"{path} is named by a row but missing: run tessera doctor")
+                member = _member_name(settings, path)
+                files[member] = path
+            for member, path in files.items():
+                tar.add(path, arcname=f"files/{member}", recursive=False)
+            manifest = {
+                "format": FORMAT,
+                "revision": _revision(session),
+                "created_at": datetime.now().astimezone().isoformat(),
+                "rows": rows,
+                "files": len(files),
+                "models": {str(k): v for k, v in models.items()},
+            }
+            _add_bytes(tar, "manifest.json", json.dumps(manifest, indent=2).encode())
+        with open(tmp_name, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, out)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    size = sum(p.stat().st_size for p in files.values())
+    return BackupReport(path=out, rows=rows, files=len(files), bytes=size)
+
+
+def _member_name(settings: Settings, path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(settings.data_dir.resolve()))
+    except ValueError:  # a checkpoint outside the data folder (trained elsewhere)
+        return f"models/_outside/{path.name}"
+
+
+def _read_manifest(tar: tarfile.TarFile) -> dict[str, Any]:
+    try:
+        handle = tar.extractfile("manifest.json")
+        assert handle is not None
+        manifest: dict[str, Any] = json.loads(handle.read())
+    except (KeyError, AssertionError, json.JSONDecodeError) as exc:
+        raise InvalidInputError("not a Tessera backup: no readable manifest.json") from exc
+    if manifest.get("format") != FORMAT:
+        raise InvalidInputError(f"unknown backup format {manifest.get('format')!r}: {FORMAT}")
+    return manifest
+
+
+def _rows(tar: tarfile.TarFile, table: Table) -> Iterator[dict[str, Any]]:
+    try:
+        handle = tar.extractfile(f"tables/{table.name}.jsonl")
+    except KeyError:
+        handle = None
+    if handle is None:
+        raise InvalidInputError(f"the backup has no rows for {table.name}")
+    columns = {c.name: c for c in table.columns}
+    for line in handle.read().decode().splitlines():
+        raw = json.loads(line)
+        yield {name: _decode(raw.get(name), column) for name, column in columns.items()}
+
+
+def _restore_files(tar: tarfile.TarFile, settings: Settings, added: list[Path]) -> int:
+    count = 0
+    for info in tar.getmembers():
+        if not info.name.startswith("files/"):
+            continue
+        if not info.isfile():
+            raise InvalidInputError(f"backup member {info.name!r} is not a plain file")
+        relative = safe_member_name(info.name.removeprefix("files/"))
+        target = settings.data_dir.joinpath(*PurePosixPath(relative).parts)
+        count += 1
+        if target.exists():
+            continue  # content-addressed or versioned: the same file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source = tar.extractfile(info)
+        assert source is not None
+        tmp = target.with_name(f".{target.name}.restore.tmp")
+        with source, tmp.open("wb") as fh:
+            while chunk := source.read(1024 * 1024):
+                fh.write(chunk)
+        os.replace(tmp, target)
+        added.append(target)
+    return count
+
+
+def _reset_sequences(session: Session) -> None:
+    if session.get_bind().dialect.name != "postgresql":
+        return  # SQLite's rowid continues from the largest id by itself
+    for table in _tables():
+        if "id" in table.columns and table.columns["id"].autoincrement in (True, "auto"):
+            session.execute(
+                text(
+                    f"SELECT setval(pg_get_serial_sequence('{table.name}', 'id'), "
+                    f"COALESCE(MAX(id), 1), MAX(id) IS NOT NULL) FROM {table.name}"
+                )
+            )
+
+
+def restore_backup(session: Session, *, settings: Settings, archive: Path) -> dict[str, int]:
+    """Restore ARCHIVE into this empty database and data folder; commits. Returns row counts."""
+    if session.scalar(select(func.count()).select_from(Project)):
+        raise ConflictError("the database is not empty: restore into a fresh one")
+    added: list[Path] = []
+    try:
+        with tarfile.open(archive) as tar:
+            manifest = _read_manifest(tar)
+            if manifest["revision"] != _revision(session):
+                raise InvalidInputError(
+                    f"the backup is at schema revision {manifest['revision']!r}, this database "
+                    f"at {_revision(session)!r}: restore with the Tessera version that wrote it"
+                )
+            _restore_files(tar, settings, added)
+            models = {int(k): v for k, v in manifest.get("models", {}).items()}
+            counts: dict[str, int] = {}
+            for table in _tables():
+                batch: list[dict[str, Any]] = []
+                counts[table.name] = 0
+                for row in _rows(tar, table):
+                    if table.name == ModelVersion.__tablename__ and row["id"] in models:
+                        row["path"] = str(settings.data_dir / models[row["id"]])
+                    batch.append(row)
+                    if len(batch) >= BATCH:
+                        session.execute(insert(table), batch)
+                        counts[table.name] += len(batch)
+                        batch = []
+                if batch:
+                    session.execute(insert(table), batch)
+                    counts[table.name] += len(batch)
+            if counts != manifest["rows"]:
+                raise InvalidInputError("the backup's rows do not match its manifest: damaged")
+            _reset_sequences(session)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        for path in added:
+            path.unlink(missing_ok=True)
+        raise
+    return counts
