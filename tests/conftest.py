@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -83,15 +84,15 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
     )
 
 
-@pytest.fixture
-def fresh_database_url(database_url: str, tmp_path: Path) -> Iterator[str]:
-    """A brand-new empty database of the run's backend, for tests that commit for real."""
+@contextmanager
+def _new_database(database_url: str, sqlite_path: Path) -> Iterator[str]:
+    """A brand-new empty database on the run's backend, dropped afterwards."""
     import uuid
 
     from sqlalchemy import make_url
 
     if database_url.startswith("sqlite"):
-        yield f"sqlite:///{tmp_path / 'fresh.db'}"
+        yield f"sqlite:///{sqlite_path}"
         return
     name = f"tessera_t_{uuid.uuid4().hex[:10]}"
     admin = make_engine(database_url).execution_options(isolation_level="AUTOCOMMIT")
@@ -110,3 +111,17 @@ def fresh_database_url(database_url: str, tmp_path: Path) -> Iterator[str]:
             )
             conn.execute(text(f'DROP DATABASE "{name}"'))
         admin.dispose()
+
+
+@pytest.fixture
+def fresh_database_url(database_url: str, tmp_path: Path) -> Iterator[str]:
+    """A brand-new empty database of the run's backend, for tests that commit for real."""
+    with _new_database(database_url, tmp_path / "fresh.db") as url:
+        yield url
+
+
+@pytest.fixture
+def other_database_url(database_url: str, tmp_path: Path) -> Iterator[str]:
+    """A second brand-new database, e.g. to restore a backup of the first into."""
+    with _new_database(database_url, tmp_path / "other.db") as url:
+        yield url

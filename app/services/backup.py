@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import base64
 import enum
+import gzip
 import io
 import json
 import os
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -236,37 +238,47 @@ def restore_backup(session: Session, *, settings: Settings, archive: Path) -> di
         raise ConflictError("the database is not empty: restore into a fresh one")
     added: list[Path] = []
     try:
-        with tarfile.open(archive) as tar:
-            manifest = _read_manifest(tar)
-            if manifest["revision"] != _revision(session):
-                raise InvalidInputError(
-                    f"the backup is at schema revision {manifest['revision']!r}, this database "
-                    f"at {_revision(session)!r}: restore with the Tessera version that wrote it"
-                )
-            _restore_files(tar, settings, added)
-            models = {int(k): v for k, v in manifest.get("models", {}).items()}
-            counts: dict[str, int] = {}
-            for table in _tables():
-                batch: list[dict[str, Any]] = []
-                counts[table.name] = 0
-                for row in _rows(tar, table):
-                    if table.name == ModelVersion.__tablename__ and row["id"] in models:
-                        row["path"] = str(settings.data_dir / models[row["id"]])
-                    batch.append(row)
-                    if len(batch) >= BATCH:
-                        session.execute(insert(table), batch)
-                        counts[table.name] += len(batch)
-                        batch = []
-                if batch:
-                    session.execute(insert(table), batch)
-                    counts[table.name] += len(batch)
-            if counts != manifest["rows"]:
-                raise InvalidInputError("the backup's rows do not match its manifest: damaged")
-            _reset_sequences(session)
+        try:
+            with tarfile.open(archive) as tar:
+                counts = _restore(session, settings, tar, added)
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            raise InvalidInputError(f"{archive.name}: not a readable backup ({exc})") from exc
         session.commit()
     except BaseException:
         session.rollback()
         for path in added:
             path.unlink(missing_ok=True)
         raise
+    return counts
+
+
+def _restore(
+    session: Session, settings: Settings, tar: tarfile.TarFile, added: list[Path]
+) -> dict[str, int]:
+    manifest = _read_manifest(tar)
+    if manifest["revision"] != _revision(session):
+        raise InvalidInputError(
+            f"the backup is at schema revision {manifest['revision']!r}, this database "
+            f"at {_revision(session)!r}: restore with the Tessera version that wrote it"
+        )
+    _restore_files(tar, settings, added)
+    models = {int(k): v for k, v in manifest.get("models", {}).items()}
+    counts: dict[str, int] = {}
+    for table in _tables():
+        batch: list[dict[str, Any]] = []
+        counts[table.name] = 0
+        for row in _rows(tar, table):
+            if table.name == ModelVersion.__tablename__ and row["id"] in models:
+                row["path"] = str(settings.data_dir / models[row["id"]])
+            batch.append(row)
+            if len(batch) >= BATCH:
+                session.execute(insert(table), batch)
+                counts[table.name] += len(batch)
+                batch = []
+        if batch:
+            session.execute(insert(table), batch)
+            counts[table.name] += len(batch)
+    if counts != manifest["rows"]:
+        raise InvalidInputError("the backup's rows do not match its manifest: damaged")
+    _reset_sequences(session)
     return counts
