@@ -225,11 +225,17 @@ class Settled:
 
 
 def _target_state(session: Session, target: Target) -> tuple[list[Cell], dict[int, Consensus]]:
-    cells = list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
+    """The target's cells and their consensus as committed now (a concurrent settler's too)."""
+    fresh = {"populate_existing": True}
+    cells = list(
+        session.scalars(select(Cell).where(Cell.target_id == target.id).execution_options(**fresh))
+    )
     consensus = {
         c.cell_id: c
         for c in session.scalars(
-            select(Consensus).where(Consensus.cell_id.in_([c.id for c in cells]))
+            select(Consensus)
+            .where(Consensus.cell_id.in_([c.id for c in cells]))
+            .execution_options(**fresh)
         )
     }
     return cells, consensus
@@ -391,10 +397,26 @@ def settle_target(
 def settle_targets(
     session: Session, *, settings: Settings, project: Project, target_ids: Iterable[int]
 ) -> list[Settled]:
-    targets = session.scalars(
-        select(Target).where(Target.id.in_(sorted(set(target_ids)))).order_by(Target.id)
-    )
+    targets = lock_targets(session, target_ids=target_ids)
     return [settle_target(session, settings=settings, project=project, target=t) for t in targets]
+
+
+def lock_targets(session: Session, *, target_ids: Iterable[int]) -> list[Target]:
+    """Hold these targets' rows until the transaction ends, re-read once the lock is held.
+
+    One writer per target at a time: two submissions on one target would otherwise both count
+    their cells' votes without the other's, or both open the same finer window (PostgreSQL;
+    SQLite has one writer anyway). Locks are taken in id order, so writers never deadlock.
+    """
+    return list(
+        session.scalars(
+            select(Target)
+            .where(Target.id.in_(sorted(set(target_ids))))
+            .order_by(Target.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    )
 
 
 def gold_labels(session: Session, *, cell_ids: Iterable[int]) -> dict[int, bool]:

@@ -31,6 +31,7 @@ from app.models import (
 from app.security import Signer, TaskClaims
 from app.services.consensus import (
     gold_labels,
+    lock_targets,
     refresh_cells,
     retire_fresh,
     revalue_windows,
@@ -163,8 +164,11 @@ def submit(
     tiles = _store_votes(session, task, volunteer, picked, elapsed_ms)
     feedback = _credit_known(session, volunteer, tiles, picked)
     unknown_ids = [t.cell_id for t in tiles if not t.known]
-    cells = list(session.scalars(select(Cell).where(Cell.id.in_(unknown_ids))))
+    of_cells = select(Cell).where(Cell.id.in_(unknown_ids))
     session.flush()
+    lock_targets(session, target_ids=session.scalars(of_cells.with_only_columns(Cell.target_id)))
+    # Read once the targets are held: a concurrent writer's retirements are seen, not undone.
+    cells = list(session.scalars(of_cells.execution_options(populate_existing=True)))
     fresh = refresh_cells(session, cells=cells)
     changed, retired = retire_fresh(project, cells=cells, fresh=fresh)
     session.flush()
