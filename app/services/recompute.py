@@ -63,20 +63,22 @@ def _reset_uncounted(session: Session, project: Project, counted: set[int]) -> N
         .join(Target, Target.id == Cell.target_id)
         .where(Target.project_id == project.id, Consensus.n_votes > 0)
     ).all()
-    for cell_id, prior in stale:
-        if cell_id not in counted:
-            session.execute(
-                update(Consensus)
-                .where(Consensus.cell_id == cell_id)
-                .values(
-                    logodds=prior,
-                    posterior=float(1 / (1 + np.exp(-prior))),
-                    n_votes=0,
-                    n_yes=0,
-                    method="em",
-                    updated_at=utcnow(),
-                )
-            )
+    now = utcnow()
+    rows = [
+        {
+            "cell_id": cell_id,
+            "logodds": prior,
+            "posterior": float(1 / (1 + np.exp(-prior))),
+            "n_votes": 0,
+            "n_yes": 0,
+            "method": "em",
+            "updated_at": now,
+        }
+        for cell_id, prior in stale
+        if cell_id not in counted
+    ]
+    if rows:
+        session.execute(update(Consensus), rows)
 
 
 def recompute_project(session: Session, *, settings: Settings, project: Project) -> RecomputeReport:
@@ -128,19 +130,22 @@ def _write_posteriors(
     n_votes = np.bincount(votes.item, minlength=len(cell_ids))
     n_yes = np.bincount(votes.item, weights=votes.label, minlength=len(cell_ids))
     now = utcnow()
-    for i, cell_id in enumerate(cell_ids):
-        session.execute(
-            update(Consensus)
-            .where(Consensus.cell_id == cell_id)
-            .values(
-                posterior=float(posterior[i]),
-                logodds=float(logodds[i]),
-                n_votes=int(n_votes[i]),
-                n_yes=int(n_yes[i]),
-                method="em",
-                updated_at=now,
-            )
-        )
+    # One executemany by primary key: a statement per cell, with the ORM's session
+    # synchronisation, took 12 ms a cell (135 s for 11k cells) while holding the write lock.
+    rows = [
+        {
+            "cell_id": cell_id,
+            "posterior": float(posterior[i]),
+            "logodds": float(logodds[i]),
+            "n_votes": int(n_votes[i]),
+            "n_yes": int(n_yes[i]),
+            "method": "em",
+            "updated_at": now,
+        }
+        for i, cell_id in enumerate(cell_ids)
+    ]
+    if rows:
+        session.execute(update(Consensus), rows)
 
 
 def _write_credibility(
