@@ -29,7 +29,7 @@ from app.models import (
     Volunteer,
     Vote,
 )
-from app.services.consensus import COUNT_COLUMNS, settle_targets
+from app.services.consensus import COUNT_COLUMNS, lock_targets, settle_targets
 from app.services.volunteer import credibility_of
 from ml.aggregation.dawid_skene import dawid_skene, gold_counts
 from ml.aggregation.votes import Votes, make_votes
@@ -82,7 +82,15 @@ def _reset_uncounted(session: Session, project: Project, counted: set[int]) -> N
 
 
 def recompute_project(session: Session, *, settings: Settings, project: Project) -> RecomputeReport:
-    """Run the batch EM over the project's counted votes and write everything back."""
+    """Run the batch EM over the project's counted votes and write everything back.
+
+    The project's targets are held first (as every submission holds its own), so that no vote
+    lands between the read and the write-back and is then overwritten by this older count.
+    """
+    lock_targets(
+        session,
+        target_ids=session.scalars(select(Target.id).where(Target.project_id == project.id)),
+    )
     rows = _counted_votes(session, project)
     cell_ids = sorted({c for c, _, _ in rows})
     volunteer_ids = sorted({v for _, v, _ in rows})
