@@ -63,12 +63,11 @@ def needs_known(volunteer: Volunteer, gold_rate: float) -> bool:
 def _window_candidates(
     project: Project, volunteer: Volunteer, tag: Tag | None, *, known: bool, now: datetime
 ) -> Select[int]:
-    answered = (
-        select(Vote.id)
-        .join(Cell, Cell.id == Vote.cell_id)
-        .where(Cell.window_id == Window.id, Vote.volunteer_id == volunteer.id)
-        .exists()
-    )
+    # Window's nine cells first, then a vote of this volunteer on each (an index probe): the
+    # join the other way round walked all of the volunteer's votes for every open window
+    # (40-80 ms at 2,000 votes each in the soak; 0.5 ms this way).
+    voted = select(Vote.id).where(Vote.volunteer_id == volunteer.id, Vote.cell_id == Cell.id)
+    answered = select(Cell.id).where(Cell.window_id == Window.id, voted.exists()).exists()
     query = select(Window.id).where(
         Window.project_id == project.id,
         Window.state == WindowState.OPEN,

@@ -114,8 +114,9 @@ def recompute_project(session: Session, *, settings: Settings, project: Project)
     cells = {c.id: c for c in session.scalars(select(Cell).where(Cell.id.in_(cell_ids)))}
     prior = np.array([cells[c].prior_logodds for c in cell_ids])
     result = dawid_skene(votes, gold=gold, prior_logodds=prior)
-    _write_posteriors(session, cell_ids, votes, result.posterior, result.logodds)
+    # The order submissions lock in: (targets,) credibility, consensus.
     _write_credibility(session, volunteer_ids, votes, result.posterior, gold)
+    _write_posteriors(session, cell_ids, votes, result.posterior, result.logodds)
     changed = _relabel(cells, cell_ids, result.posterior)
     targets = {cells[c].target_id for c in cell_ids}
     collecting = session.scalars(

@@ -162,11 +162,13 @@ def submit(
     if elapsed_ms < 0:
         raise InvalidInputError("elapsed_ms must not be negative")
     tiles = _store_votes(session, task, volunteer, picked, elapsed_ms)
-    feedback = _credit_known(session, volunteer, tiles, picked)
     unknown_ids = [t.cell_id for t in tiles if not t.known]
     of_cells = select(Cell).where(Cell.id.in_(unknown_ids))
-    session.flush()
+    # Targets first, then credibility, then consensus: the full EM pass takes them in the same
+    # order, so the two never deadlock.
     lock_targets(session, target_ids=session.scalars(of_cells.with_only_columns(Cell.target_id)))
+    feedback = _credit_known(session, volunteer, tiles, picked)
+    session.flush()
     # Read once the targets are held: a concurrent writer's retirements are seen, not undone.
     cells = list(session.scalars(of_cells.execution_options(populate_existing=True)))
     fresh = refresh_cells(session, cells=cells)
