@@ -99,7 +99,9 @@ async def timed(
     return resp
 
 
-def tessera_cycle(fetch_tiles: bool) -> Step:
+def tessera_cycle(fetch_tiles: bool, think_s: float = 0.0) -> Step:
+    """next -> (tiles) -> submit; with ``think_s``, a look at the grid of 0.5-1.5x that first."""
+
     async def step(client: httpx.AsyncClient, stats: Stats, measured: bool) -> None:
         resp = await timed(
             client, stats, measured, "next", "GET", f"/api/projects/{SLUG}/tasks/next"
@@ -112,6 +114,8 @@ def tessera_cycle(fetch_tiles: bool) -> Step:
         if fetch_tiles:
             for tile in task["tiles"]:
                 await timed(client, stats, measured, "tile", "GET", tile["url"])
+        if think_s:
+            await asyncio.sleep(think_s * random.uniform(0.5, 1.5))
         selected = [t["position"] for t in task["tiles"] if random.random() < P_SELECT]
         body = {
             "token": task["token"],
@@ -234,7 +238,14 @@ def run_phase(name: str, server: Server, step: Step, args: argparse.Namespace) -
     return Result(name, args.seconds, stats, server_cpu, own, wall)
 
 
-def bench_tessera(backend: str, args: argparse.Namespace, stack: ExitStack) -> Result:
+def start_tessera(
+    backend: str, images: int, workers: int, stack: ExitStack, database_url: str | None = None
+) -> tuple[Server, str]:
+    """A demo project of ``images`` scenes served by ``tessera serve``; the server and its URL.
+
+    The database is a fresh one in a temp dir (PostgreSQL from ``.ci/postgres``), or the empty
+    ``database_url`` when given. Rate limits are off, the server is stopped when ``stack`` closes.
+    """
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"tessera-{backend}-")))
     env = {**os.environ, "TESSERA_DATA_DIR": str(tmp / "data"), "TESSERA_ENVIRONMENT": "test"}
     # A load test: every simulated volunteer comes from this one address, at machine speed.
@@ -242,24 +253,37 @@ def bench_tessera(backend: str, args: argparse.Namespace, stack: ExitStack) -> R
         "TESSERA_RATE_LIMIT_VOLUNTEER_PER_MINUTE": "0",
         "TESSERA_RATE_LIMIT_ADDRESS_PER_MINUTE": "0",
     }
-    if backend == "postgres":
+    if database_url is not None:
+        env["TESSERA_DATABASE_URL"] = database_url
+    elif backend == "postgres":
         env["TESSERA_DATABASE_URL"] = start_postgres(stack, tmp)
+    if backend == "postgres":
         run_ok([TESSERA, "db", "upgrade"], env)
-    run_ok([TESSERA, "demo", "--no-serve", "--images", str(args.images)], env)
+    run_ok([TESSERA, "demo", "--no-serve", "--images", str(images)], env)
     url = env.get("TESSERA_DATABASE_URL") or f"sqlite:///{tmp / 'data' / 'tessera.db'}"
     port = free_port()
     cmd = [TESSERA, "serve", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--workers", str(args.workers)]
+    cmd += ["--workers", str(workers)]
     server = Server(cmd, env, tmp / "server.log", port)
     stack.callback(server.stop)
-    result = run_phase(f"tessera/{backend}", server, tessera_cycle(args.tiles), args)
+    return server, url
+
+
+def count_votes(url: str) -> int:
+    """The votes stored in the database at ``url`` (count them after the server stopped)."""
     from app.models import Vote  # the app's own table; imported late, it is heavy
 
     engine = create_engine(url)
     with engine.connect() as conn:
         stored = int(conn.execute(select(func.count()).select_from(Vote)).scalar_one())
     engine.dispose()
-    return dataclasses.replace(result, votes_stored=stored)
+    return stored
+
+
+def bench_tessera(backend: str, args: argparse.Namespace, stack: ExitStack) -> Result:
+    server, url = start_tessera(backend, args.images, args.workers, stack)
+    result = run_phase(f"tessera/{backend}", server, tessera_cycle(args.tiles), args)
+    return dataclasses.replace(result, votes_stored=count_votes(url))
 
 
 def bench_bare(args: argparse.Namespace, stack: ExitStack) -> Result:
