@@ -66,13 +66,21 @@ def tessera_env(data_dir: Path, database_url: str, **settings: str) -> dict[str,
     return env | {f"TESSERA_{k.upper()}": v for k, v in settings.items()}
 
 
+def demo_env(data_dir: Path, database_url: str, *, images: int, **settings: str) -> dict[str, str]:
+    """A demo project of ``images`` scenes made by `tessera demo`; the environment to serve it."""
+    env = tessera_env(data_dir, database_url, **settings)
+    _tessera(env, "db", "upgrade")
+    _tessera(env, "demo", "--no-serve", "--images", str(images), "--seed", "5")
+    return env
+
+
+UNLIMITED = {"rate_limit_volunteer_per_minute": "0", "rate_limit_address_per_minute": "0"}
+
+
 @contextmanager
 def demo_server(data_dir: Path, database_url: str, *, images: int = 4) -> Iterator[Server]:
     """`tessera demo` then `tessera serve` in real processes; stopped on exit."""
-    env = tessera_env(data_dir, database_url)
-    _tessera(env, "db", "upgrade")
-    _tessera(env, "demo", "--no-serve", "--images", str(images), "--seed", "5")
-    with serve(env) as (server, _proc):
+    with serve(demo_env(data_dir, database_url, images=images)) as (server, _proc):
         yield server
 
 

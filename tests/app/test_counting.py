@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from app.db import make_engine
 from app.models import Consensus, Credibility, Task, TaskState, TaskTile, Volunteer, Vote
-from tests.app.browser import _tessera, serve, tessera_env
+from tests.app.browser import UNLIMITED, demo_env, serve
 
 ANSWERS_EACH = 12
 
@@ -70,14 +70,7 @@ def _volunteer(url: str, seed: int, acked: list[tuple[int, int]], problems: list
 def test_every_counter_matches_the_votes_after_racing_replayed_and_skipped_answers(
     tmp_path: Path, fresh_database_url: str
 ) -> None:
-    env = tessera_env(
-        tmp_path / "data",
-        fresh_database_url,
-        rate_limit_volunteer_per_minute="0",
-        rate_limit_address_per_minute="0",
-    )
-    _tessera(env, "db", "upgrade")
-    _tessera(env, "demo", "--no-serve", "--images", "6", "--seed", "5")
+    env = demo_env(tmp_path / "data", fresh_database_url, images=6, **UNLIMITED)
     acked: list[tuple[int, int]] = []
     problems: list[str] = []
     with serve(env) as (server, _proc):

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 
 from app.db import make_engine
 from app.models import Image, Project, Task, TaskState, Vote
-from tests.app.browser import _tessera, serve, tessera_env
+from tests.app.browser import UNLIMITED, _tessera, demo_env, serve, tessera_env
 from tests.builders import files_under, write_image
 
 TESSERA = [sys.executable, "-m", "app.cli"]
@@ -102,14 +102,7 @@ def _volunteer(url: str, stop: threading.Event, acked: list[tuple[int, int]], se
 def test_a_server_killed_in_a_storm_of_submissions_keeps_every_acknowledged_vote(
     tmp_path: Path, fresh_database_url: str
 ) -> None:
-    env = tessera_env(
-        tmp_path / "data",
-        fresh_database_url,
-        rate_limit_volunteer_per_minute="0",
-        rate_limit_address_per_minute="0",
-    )
-    _tessera(env, "db", "upgrade")
-    _tessera(env, "demo", "--no-serve", "--images", "6", "--seed", "5")
+    env = demo_env(tmp_path / "data", fresh_database_url, images=6, **UNLIMITED)
     acked: list[tuple[int, int]] = []
     stop = threading.Event()
     with serve(env) as (server, proc):
