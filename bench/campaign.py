@@ -11,7 +11,13 @@ A demo project is generated and imported once; each arm runs on its own copy of 
 - ``loop-uncertainty``: the same with uncertainty acquisition.
 
 Volunteers (60% diligent, 20% sloppy, 10% random clickers, 10% adversaries; ``ml.aggregation.
-simulate``) answer real tasks through the HTTP API in-process, from the demo's ground truth. Every
+simulate``; ``run_arm(kinds=...)`` takes another mix, as ``bench/adversarial.py`` does) answer
+real tasks through the HTTP API in-process, from the demo's ground truth; volunteer ``i`` draws
+its answers from its own random stream of ``--seed``. The full EM pass runs every
+``--em-every`` answers: by default as often as the served product runs it (every
+``consensus_interval_s``, 300 s) at the crowd's pace of one grid per volunteer every 10.3 s.
+An arm stops after ``--answers`` answers or when the crowd finds nothing more to answer (then
+it is measured once more). Every
 submitted grid costs 10.3 human-seconds (the measured mean time of a reCAPTCHA image grid).
 Human-seconds per object = answers x 10.3 / targets imported (evaluation and control). Targets
 that the loop's tagger adds later are served to the crowd (their cost counts) but are not in the
@@ -35,6 +41,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +55,10 @@ from app.config import Settings
 from app.db import make_engine, make_session_factory
 from app.jobs.retrain import RetrainOptions, run_retrain
 from app.jobs.train import TrainOptions
-from app.main import create_app
+from app.main import create_app, recompute_all
 from app.migrate import upgrade_to_head
 from app.models import Cell, Image, Project, Target
+from app.security import VOLUNTEER_COOKIE
 from app.services.campaign import load_truth
 from app.services.consensus import compose_cells
 from app.services.project import create_project
@@ -70,6 +78,7 @@ class Point:
     seconds_per_object: float
     mean_iou: float
     complete: int
+    answers: int
 
 
 def _settings(folder: Path) -> Settings:
@@ -125,13 +134,50 @@ def measure(
     return float(np.mean(ious)) if ious else float("nan"), complete
 
 
-def run_arm(name: str, template: Path, work: Path, args: argparse.Namespace) -> list[Point]:
+def _point(
+    name: str,
+    answers: int,
+    n_targets: int,
+    settings: Settings,
+    factory: sessionmaker[Session],
+    masks: dict[int, np.ndarray],
+    started: float,
+) -> Point:
+    iou, complete = measure(settings, factory, masks)
+    per_object = answers * SECONDS_PER_GRID / n_targets
+    print(
+        f"  {name:17s} answers {answers:5d}  {per_object:6.1f} s/object  "
+        f"IoU {iou:.3f}  complete {complete}  ({time.perf_counter() - started:.0f} s)",
+        flush=True,
+    )
+    return Point(per_object, iou, complete, answers)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm's measurements, and where its database stays until the work folder goes."""
+
+    points: list[Point]
+    settings: Settings
+    volunteers: list[tuple[str, str]]  # (kind, public id) of each simulated volunteer
+
+
+def run_arm(
+    name: str,
+    template: Path,
+    work: Path,
+    args: argparse.Namespace,
+    *,
+    kinds: Sequence[str] = CROWD,
+) -> Arm:
+    """Run one arm on its own copy of ``template``: volunteers of ``kinds`` (one each) answer
+    until ``args.answers`` grids are submitted or nobody finds a task."""
     folder = work / name
     shutil.copytree(template, folder)
     settings = _settings(folder)
     engine = make_engine(settings.resolved_database_url)
     factory = make_session_factory(engine)
-    loop = name != "crowd"
+    loop = name.startswith("loop-")
     with factory() as session:
         project = session.scalar(select(Project).where(Project.slug == SLUG))
         assert project is not None
@@ -143,14 +189,18 @@ def run_arm(name: str, template: Path, work: Path, args: argparse.Namespace) -> 
     truths = Truths(settings, factory, absent_is_empty=True)
     rng = np.random.default_rng(args.seed)
     crowd = [
-        SimulatedVolunteer(TestClient(app), PROFILES[kind], np.random.default_rng(i), truths)
-        for i, kind in enumerate(CROWD)
+        # Volunteer i answers from its own stream of the seed: the same in every arm.
+        SimulatedVolunteer(
+            TestClient(app), PROFILES[k], np.random.default_rng((args.seed, i)), truths
+        )
+        for i, k in enumerate(kinds)
     ]
     options = RetrainOptions(
         segmenter=TrainOptions(epochs=args.epochs, size=args.size, batch_size=8),
         tagger=TrainOptions(epochs=max(1, args.epochs // 3), size=args.size, batch_size=8),
         device=args.device,
     )
+    em_every = em_cadence(len(crowd), getattr(args, "em_every", None))
     masks: dict[int, np.ndarray] = {}
     points: list[Point] = []
     answers, idle, retrained = 0, 0, -1
@@ -164,17 +214,29 @@ def run_arm(name: str, template: Path, work: Path, args: argparse.Namespace) -> 
             idle += 1
             continue
         idle, answers = 0, answers + 1
+        if em_every and answers % em_every == 0:
+            recompute_all(factory, settings)
         if answers % args.measure_every == 0 or answers == args.answers:
-            iou, complete = measure(settings, factory, masks)
-            per_object = answers * SECONDS_PER_GRID / n_targets
-            points.append(Point(per_object, iou, complete))
-            print(
-                f"  {name:17s} answers {answers:5d}  {per_object:6.1f} s/object  "
-                f"IoU {iou:.3f}  complete {complete}  ({time.perf_counter() - started:.0f} s)",
-                flush=True,
-            )
+            points.append(_point(name, answers, n_targets, settings, factory, masks, started))
+    if answers and (not points or points[-1].answers != answers):  # the crowd ran out of work
+        points.append(_point(name, answers, n_targets, settings, factory, masks, started))
     engine.dispose()
-    return points
+    signer = app.state.signer
+    ids = [
+        (k, signer.read_volunteer_cookie(v.client.cookies.get(VOLUNTEER_COOKIE)) or "")
+        for k, v in zip(kinds, crowd, strict=True)
+    ]
+    return Arm(points, settings, ids)
+
+
+def em_cadence(volunteers: int, every: int | None) -> int:
+    """Answers between two full EM passes: ``every`` if given (0: never), else the served
+    product's (one pass per ``consensus_interval_s``) at this crowd's pace, every volunteer
+    submitting a grid each ``SECONDS_PER_GRID``."""
+    if every is not None:
+        return every
+    interval = float(Settings.model_fields["consensus_interval_s"].default)
+    return max(1, round(interval * volunteers / SECONDS_PER_GRID))
 
 
 def at_budget(points: list[Point], seconds: float) -> float:
@@ -200,6 +262,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--em-every", type=int, default=None, help="answers between EM passes (0: never)"
+    )
     parser.add_argument("--plot", type=Path, default=Path("artifacts/campaign.png"))
     args = parser.parse_args()
     q = args.quick
@@ -219,7 +284,7 @@ def main() -> None:
         template = work / "template"
         build(template, args.images, args.seed)
         for arm in ("crowd", "loop-random", "loop-uncertainty"):
-            curves[arm] = run_arm(arm, template, work, args)
+            curves[arm] = run_arm(arm, template, work, args).points
     print("\narm                IoU at 20 s/object   s/object to IoU 0.85   final IoU")
     for arm, points in curves.items():
         reach = to_reach(points, 0.85)

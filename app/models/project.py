@@ -15,6 +15,7 @@ DEFAULT_PROJECT_SETTINGS: dict[str, Any] = {
     "max_level": 4,
     "min_cell_px": 8,
     # Votes per cell before it is retired as uncertain, and the confidence to retire early.
+    # Budget and min_votes count credible votes: a random clicker's counts for almost nothing.
     "vote_budget": 7,
     "retire_confidence": 0.95,
     # Share of tiles that are known (gold), and the reCAPTCHA-style mosaic mix.

@@ -4,8 +4,10 @@ The numbers come from ``ml.aggregation``; this module loads what they need and w
 they decide. A cell's posterior is recomputed from all its votes whenever it gets a new one
 (``refresh_cells``); ``settle_target`` then retires confident cells, opens deeper windows on the
 object's border, closes answered windows, and completes the target (or sends it to triage)
-when nothing is left open. ``recompute_project`` runs the batch two-coin EM over every vote of
-a project and reconciles credibility and posteriors, leaving banned volunteers out.
+when nothing is left open. Retirement counts credible votes (``budget_shares``), so that random
+clickers cannot spend a cell's vote budget before people who look have answered it.
+``recompute_project`` runs the batch two-coin EM over every vote of a project and reconciles
+credibility and posteriors, leaving banned volunteers out.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from app.models import (
     Gold,
     Image,
     MaskSource,
+    MaskVersion,
     Project,
     RetireReason,
     Target,
@@ -51,12 +54,14 @@ from ml.aggregation import grid
 from ml.aggregation.credibility import (
     COUNT_FIELDS,
     WorkerCounts,
+    budget_shares,
     cells_logodds,
     sensitivity_specificity,
 )
 from ml.aggregation.rules import (
     INHERIT_CLIP,
     INHERIT_SHRINK,
+    Retirement,
     RetirementConfig,
     choose_refinements,
     confirmation_votes,
@@ -99,17 +104,32 @@ def credibility_estimates(
 
 @dataclass(frozen=True)
 class Fresh:
-    """New posteriors and vote counts of refreshed cells. Shape: each ``(n_cells,)``."""
+    """New posteriors, vote counts and credible votes (``budget_shares``: what retirement
+    counts) of refreshed cells. Shape: each ``(n_cells,)``."""
 
     posterior: np.ndarray
     n_votes: np.ndarray
+    credible: np.ndarray
 
 
-def refresh_cells(session: Session, *, cells: list[Cell]) -> Fresh:
-    """Recompute the posteriors of ``cells`` from all their counted votes."""
-    if not cells:
-        return Fresh(np.zeros(0), np.zeros(0, dtype=np.int64))
-    index = {c.id: i for i, c in enumerate(cells)}
+@dataclass(frozen=True)
+class CellVotes:
+    """The counted votes (not banned volunteers') of some cells. Shape: the vote arrays
+    ``(n_votes,)``; ``counts`` one row per distinct voter."""
+
+    cell: npt.NDArray[np.intp]  # index into the cells asked for
+    worker: npt.NDArray[np.intp]  # index into counts
+    label: npt.NDArray[np.int8]
+    counts: WorkerCounts
+
+    def credible(self, n_cells: int) -> np.ndarray:
+        """Credible votes per cell: each vote weighed by its volunteer's budget share."""
+        shares = budget_shares(self.counts)[self.worker]
+        return np.bincount(self.cell, weights=shares, minlength=n_cells)
+
+
+def cell_votes(session: Session, *, cell_ids: list[int]) -> CellVotes:
+    index = {c: i for i, c in enumerate(cell_ids)}
     votes = session.execute(
         select(Vote.cell_id, Vote.volunteer_id, Vote.label)
         .join(Volunteer, Volunteer.id == Vote.volunteer_id)
@@ -117,17 +137,24 @@ def refresh_cells(session: Session, *, cells: list[Cell]) -> Fresh:
     ).all()
     volunteers = sorted({v for _, v, _ in votes})
     worker = {v: i for i, v in enumerate(volunteers)}
-    labels = np.array([int(y) for _, _, y in votes], dtype=np.int8)
-    vote_cell = np.array([index[c] for c, _, _ in votes], dtype=np.intp)
-    logodds = cells_logodds(
-        [c.prior_logodds for c in cells],
-        vote_cell,
-        [worker[v] for _, v, _ in votes],
-        labels,
-        worker_counts(session, volunteers),
+    return CellVotes(
+        cell=np.array([index[c] for c, _, _ in votes], dtype=np.intp),
+        worker=np.array([worker[v] for _, v, _ in votes], dtype=np.intp),
+        label=np.array([int(y) for _, _, y in votes], dtype=np.int8),
+        counts=worker_counts(session, volunteers),
     )
-    n_votes = np.bincount(vote_cell, minlength=len(cells))
-    n_yes = np.bincount(vote_cell, weights=labels, minlength=len(cells))
+
+
+def refresh_cells(session: Session, *, cells: list[Cell]) -> Fresh:
+    """Recompute the posteriors of ``cells`` from all their counted votes."""
+    if not cells:
+        return Fresh(np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0))
+    votes = cell_votes(session, cell_ids=[c.id for c in cells])
+    logodds = cells_logodds(
+        [c.prior_logodds for c in cells], votes.cell, votes.worker, votes.label, votes.counts
+    )
+    n_votes = np.bincount(votes.cell, minlength=len(cells))
+    n_yes = np.bincount(votes.cell, weights=votes.label, minlength=len(cells))
     posterior = 1.0 / (1.0 + np.exp(-logodds))
     now = utcnow()
     session.execute(
@@ -145,41 +172,97 @@ def refresh_cells(session: Session, *, cells: list[Cell]) -> Fresh:
             for i, cell in enumerate(cells)
         ],
     )
-    return Fresh(posterior, n_votes)
+    return Fresh(posterior, n_votes, votes.credible(len(cells)))
 
 
-def retire_fresh(project: Project, *, cells: list[Cell], fresh: Fresh) -> tuple[set[int], int]:
-    """Retire the refreshed cells that are now confident or out of budget.
+# Cells retired on their votes follow them; gold, curator and model answers stand.
+VOTED_REASONS = (RetireReason.CONFIDENT, RetireReason.BUDGET)
 
-    Returns the targets that had a cell retire (only those need refining and may complete),
-    and how many cells retired.
+
+def retire_fresh(
+    session: Session, project: Project, *, cells: list[Cell], fresh: Fresh
+) -> tuple[set[int], int]:
+    """Retire the refreshed cells that are now confident or out of budget, and re-decide the
+    refreshed cells that had retired on their votes (``follow_evidence``).
+
+    Returns the targets that had a cell retire or change (only those need refining and may
+    complete), and how many cells retired.
     """
     open_at = [i for i, c in enumerate(cells) if c.status == CellStatus.OPEN]
-    return _retire(
+    touched, retired = _retire(
         project,
         [cells[i] for i in open_at],
         fresh.posterior[open_at],
-        fresh.n_votes[open_at],
+        fresh.credible[open_at],
+    )
+    voted_at = following(session, cells)
+    followed = follow_evidence(
+        session,
+        project,
+        [cells[i] for i in voted_at],
+        fresh.posterior[voted_at],
+        fresh.credible[voted_at],
+    )
+    return touched | {c.target_id for c in followed}, retired
+
+
+def following(session: Session, cells: list[Cell]) -> list[int]:
+    """Indices of the ``cells`` that follow their votes (``follow_evidence``): retired on their
+    votes, in a target still collecting or finished by the consensus (a curator's mask stands).
+    """
+    voted = [
+        i
+        for i, c in enumerate(cells)
+        if c.status == CellStatus.RETIRED and c.retire_reason in VOTED_REASONS
+    ]
+    target_ids = {cells[i].target_id for i in voted}
+    states = dict(
+        session.execute(select(Target.id, Target.state).where(Target.id.in_(target_ids))).all()
+    )
+    finished = [t for t, s in states.items() if s in (TargetState.COMPLETE, TargetState.TRIAGE)]
+    latest: dict[int, MaskSource] = {}
+    for target_id, source in session.execute(
+        select(MaskVersion.target_id, MaskVersion.source)
+        .where(MaskVersion.target_id.in_(finished))
+        .order_by(MaskVersion.id)
+    ):
+        latest[target_id] = source
+    open_to_votes = {
+        t
+        for t, s in states.items()
+        if s == TargetState.COLLECTING or latest.get(t) == MaskSource.CONSENSUS
+    }
+    return [i for i in voted if cells[i].target_id in open_to_votes]
+
+
+def _min_votes(project: Project, cells: list[Cell]) -> npt.NDArray[np.int64]:
+    """Credible votes each cell needs before it may retire on confidence."""
+    return confirmation_votes(
+        [c.prior_logodds for c in cells],
+        retirement_config(project),
+        confirm_votes=int(project.setting("model_confirm_votes")),
+    )
+
+
+def _decide(
+    project: Project, cells: list[Cell], posterior: npt.ArrayLike, credible: npt.ArrayLike
+) -> Retirement:
+    return retire(
+        posterior,
+        credible,
+        config=retirement_config(project),
+        min_votes=_min_votes(project, cells),
     )
 
 
 def _retire(
-    project: Project, cells: list[Cell], posterior: npt.ArrayLike, n_votes: npt.ArrayLike
+    project: Project, cells: list[Cell], posterior: npt.ArrayLike, credible: npt.ArrayLike
 ) -> tuple[set[int], int]:
-    """Retire the open ``cells`` that are confident (after enough votes) or out of budget."""
+    """Retire the open ``cells`` that are confident (after enough credible votes) or out of
+    budget (in credible votes)."""
     if not cells:
         return set(), 0
-    config = retirement_config(project)
-    decision = retire(
-        posterior,
-        n_votes,
-        config=config,
-        min_votes=confirmation_votes(
-            [c.prior_logodds for c in cells],
-            config,
-            confirm_votes=int(project.setting("model_confirm_votes")),
-        ),
-    )
+    decision = _decide(project, cells, posterior, credible)
     now, touched = utcnow(), set()
     for cell, done, unsure, label in zip(
         cells, decision.retired, decision.uncertain, decision.label, strict=True
@@ -191,6 +274,69 @@ def _retire(
         cell.retired_at = now
         touched.add(cell.target_id)
     return touched, int(decision.retired.sum())
+
+
+def follow_evidence(
+    session: Session,
+    project: Project,
+    cells: list[Cell],
+    posterior: npt.ArrayLike,
+    credible: npt.ArrayLike,
+) -> list[Cell]:
+    """Re-decide cells retired on their votes from the evidence as it is now.
+
+    A cell's posterior moves after it retired: late votes of a window served before, and the
+    credibility of its voters (gold answers, the EM pass). A volunteer found out as an adversary
+    or a coin must not leave behind what their votes decided, so a retired cell is decided again:
+
+    - confident now (enough credible votes): retired on confidence, its label the posterior's;
+    - retired on confidence before, and the evidence still backs its label (the posterior on
+      the same side, enough credible votes): unchanged, though it is less sure than the bar;
+    - out of budget (in credible votes): retired as uncertain, its label the posterior's;
+    - else (the posterior crossed sides unsure, or the credible votes are too few): open again,
+      with its window, for more votes.
+
+    ``cells`` are cells that ``following`` picked. A target the consensus had finished collects
+    again when one of its cells opens (its mask is composed anew when it finishes again).
+    Returns the cells changed.
+    """
+    if not cells:
+        return []
+    q = np.asarray(posterior, dtype=np.float64)
+    n = np.asarray(credible, dtype=np.float64)
+    decision = _decide(project, cells, q, n)
+    backed = n >= _min_votes(project, cells)
+    changed = []
+    for i, cell in enumerate(cells):
+        label = bool(decision.label[i])
+        still = cell.retire_reason == RetireReason.CONFIDENT and backed[i] and cell.label == label
+        if decision.retired[i] and not decision.uncertain[i]:
+            reason = RetireReason.CONFIDENT
+        elif still:
+            continue
+        elif decision.retired[i]:
+            reason = RetireReason.BUDGET
+        else:
+            _reopen(session, cell)
+            changed.append(cell)
+            continue
+        if (cell.retire_reason, cell.label) != (reason, label):
+            cell.retire_reason, cell.label = reason, label
+            cell.uncertain = reason == RetireReason.BUDGET
+            changed.append(cell)
+    return changed
+
+
+def _reopen(session: Session, cell: Cell) -> None:
+    """Open a cell again, with its window, and its target if the consensus had finished it."""
+    cell.status, cell.label, cell.uncertain = CellStatus.OPEN, None, False
+    cell.retire_reason, cell.retired_at = None, None
+    target = session.get(Target, cell.target_id)
+    if target is not None and target.state != TargetState.COLLECTING:
+        target.state, target.triage_reason = TargetState.COLLECTING, None
+    window = session.get(Window, cell.window_id) if cell.window_id is not None else None
+    if window is not None and window.state == WindowState.CLOSED:
+        window.state, window.closed_at = WindowState.OPEN, None
 
 
 def revalue_windows(session: Session, *, window_ids: set[int]) -> None:
@@ -241,14 +387,17 @@ def _target_state(session: Session, target: Target) -> tuple[list[Cell], dict[in
     return cells, consensus
 
 
-def _retire_open(project: Project, cells: list[Cell], consensus: dict[int, Consensus]) -> int:
+def _retire_open(
+    session: Session, project: Project, cells: list[Cell], consensus: dict[int, Consensus]
+) -> int:
     open_cells = [c for c in cells if c.status == CellStatus.OPEN]
-    return _retire(
-        project,
-        open_cells,
-        [consensus[c.id].posterior for c in open_cells],
-        [consensus[c.id].n_votes for c in open_cells],
-    )[1]
+    voted = [i for i, c in enumerate(open_cells) if consensus[c.id].n_votes > 0]
+    credible = np.zeros(len(open_cells))
+    if voted:  # a cell nobody answered yet (a new window's) has no credible vote to load
+        votes = cell_votes(session, cell_ids=[open_cells[i].id for i in voted])
+        credible[voted] = votes.credible(len(voted))
+    posterior = [consensus[c.id].posterior for c in open_cells]
+    return _retire(project, open_cells, posterior, credible)[1]
 
 
 def _refine(
@@ -379,7 +528,7 @@ def settle_target(
     image = session.get(Image, target.image_id)
     assert image is not None
     cells, consensus = _target_state(session, target)
-    result.retired = _retire_open(project, cells, consensus)
+    result.retired = _retire_open(session, project, cells, consensus)
     if not target.control:
         result.windows_opened = _refine(session, settings, project, target, image, cells)
     if result.windows_opened:

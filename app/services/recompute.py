@@ -23,14 +23,21 @@ from app.models import (
     Consensus,
     Gold,
     Project,
-    RetireReason,
     Target,
     TargetState,
     Volunteer,
     Vote,
 )
-from app.services.consensus import COUNT_COLUMNS, lock_targets, settle_targets
+from app.services.consensus import (
+    COUNT_COLUMNS,
+    VOTED_REASONS,
+    follow_evidence,
+    following,
+    lock_targets,
+    settle_targets,
+)
 from app.services.volunteer import credibility_of
+from ml.aggregation.credibility import WorkerCounts, budget_shares
 from ml.aggregation.dawid_skene import dawid_skene, gold_counts
 from ml.aggregation.votes import Votes, make_votes
 
@@ -100,6 +107,7 @@ def recompute_project(session: Session, *, settings: Settings, project: Project)
     cell_ids = sorted({c for c, _, _ in rows})
     volunteer_ids = sorted({v for _, v, _ in rows})
     reset = _reset_uncounted(session, project, set(cell_ids))
+    reset |= _follow_reset(session, project, reset)
     if not rows:
         _settle_cells(session, settings, project, reset)
         return RecomputeReport(0, 0, 0, 0, 0)
@@ -126,9 +134,12 @@ def recompute_project(session: Session, *, settings: Settings, project: Project)
         ).all()
     )
     # The order submissions lock in: (targets,) credibility, consensus.
-    _write_credibility(session, volunteer_ids, votes, result.posterior, gold)
+    counts = _write_credibility(session, volunteer_ids, votes, result.posterior, gold)
     _write_posteriors(session, cell_ids, votes, result.posterior, result.logodds)
-    relabeled = _relabel(cells, cell_ids, result.posterior)
+    credible = np.bincount(
+        votes.item, weights=budget_shares(counts)[votes.worker], minlength=len(cell_ids)
+    )
+    relabeled = _follow_votes(session, project, cells, cell_ids, result.posterior, credible)
     moved = {
         c for i, c in enumerate(cell_ids) if abs(result.posterior[i] - before[c]) > SETTLE_EPSILON
     }
@@ -187,7 +198,8 @@ def _write_credibility(
     votes: Votes,
     posterior: np.ndarray,
     gold: np.ndarray,
-) -> None:
+) -> WorkerCounts:
+    """Write the new credibility counts; returns them (rows in ``volunteer_ids`` order)."""
     q = posterior[votes.item]
     y = votes.label.astype(np.float64)
     n = len(volunteer_ids)
@@ -195,24 +207,51 @@ def _write_credibility(
         np.bincount(votes.worker, weights=w, minlength=n)
         for w in (q * y, q * (1 - y), (1 - q) * (1 - y), (1 - q) * y)
     ]
-    exact = gold_counts(votes, gold)
+    exact = [np.asarray(e, dtype=np.float64) for e in gold_counts(votes, gold)]
     for i, volunteer_id in enumerate(volunteer_ids):
         row = credibility_of(session, volunteer_id=volunteer_id)
         for name, value in zip(COUNT_COLUMNS, [*soft, *exact], strict=True):
             setattr(
                 row, name, float(value[i]) if name.startswith(("pos", "neg")) else int(value[i])
             )
+    return WorkerCounts.from_rows(np.column_stack([*soft, *exact]))
 
 
-def _relabel(cells: dict[int, Cell], cell_ids: list[int], posterior: np.ndarray) -> set[int]:
-    """Labels of cells retired on confidence follow the new posteriors; the ones changed."""
-    changed = set()
+def _follow_votes(
+    session: Session,
+    project: Project,
+    cells: dict[int, Cell],
+    cell_ids: list[int],
+    posterior: np.ndarray,
+    credible: np.ndarray,
+) -> set[int]:
+    """Cells retired on their votes follow the new posteriors: those ``following`` picks are
+    decided again (``follow_evidence``: relabelled, uncertain, or opened again); in targets a
+    curator finished only their labels follow. Returns the cells changed."""
+    again = following(session, [cells[c] for c in cell_ids])
+    changed, followed_at = set(), set(again)
     for i, cell_id in enumerate(cell_ids):
         cell = cells[cell_id]
-        if cell.status != CellStatus.RETIRED or cell.retire_reason == RetireReason.GOLD:
+        if i in followed_at:
             continue
-        label = bool(posterior[i] >= 0.5)
-        if cell.label != label:
-            cell.label = label
-            changed.add(cell_id)
-    return changed
+        if cell.status == CellStatus.RETIRED and cell.retire_reason in VOTED_REASONS:
+            label = bool(posterior[i] >= 0.5)
+            if cell.label != label:
+                cell.label = label
+                changed.add(cell_id)
+    followed = follow_evidence(
+        session, project, [cells[cell_ids[i]] for i in again], posterior[again], credible[again]
+    )
+    return changed | {c.id for c in followed}
+
+
+def _follow_reset(session: Session, project: Project, reset: set[int]) -> set[int]:
+    """Cells left without a counted vote (their voters banned) that had retired on those votes
+    open again. Returns them."""
+    candidates = list(session.scalars(select(Cell).where(Cell.id.in_(reset))))
+    cells = [candidates[i] for i in following(session, candidates)]
+    prior = np.array([c.prior_logodds for c in cells])
+    followed = follow_evidence(
+        session, project, cells, 1 / (1 + np.exp(-prior)), np.zeros(len(cells))
+    )
+    return {c.id for c in followed}

@@ -172,7 +172,7 @@ def submit(
     # Read once the targets are held: a concurrent writer's retirements are seen, not undone.
     cells = list(session.scalars(of_cells.execution_options(populate_existing=True)))
     fresh = refresh_cells(session, cells=cells)
-    changed, retired = retire_fresh(project, cells=cells, fresh=fresh)
+    changed, retired = retire_fresh(session, project, cells=cells, fresh=fresh)
     session.flush()
     # Targets where a cell retired may refine or complete; elsewhere only window values move.
     settled = settle_targets(session, settings=settings, project=project, target_ids=changed)

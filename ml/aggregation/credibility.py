@@ -12,6 +12,12 @@ updates a volunteer's counts only on gold, exactly and at once (:func:`gold_cred
 recomputes a cell's log-odds from all its votes with the voters' current credibility
 (:func:`cells_logodds`): this is the E-step of the batch model for that cell, so a cell's online
 posterior equals the batch posterior whenever the credibility is the batch credibility.
+
+A cell's vote budget and its minimum votes count *credible* votes (:func:`budget_shares`): a vote
+counts in full when its volunteer is at least as informative as one the model knows nothing
+about yet, and in proportion to their informativeness below that. The budget bounds what a cell
+may cost when credible volunteers cannot agree; a random clicker's coin is no disagreement, and
+counting it would retire a cell as uncertain before enough people who look have answered.
 """
 
 from __future__ import annotations
@@ -79,6 +85,35 @@ def worker_llr(
         counts.gold_tp, counts.gold_fn, counts.gold_tn, counts.gold_fp, config
     )
     return vote_weights(sens, spec, invert_ok, config.eps)
+
+
+# Below this Youden's J a vote counts towards a cell's budget in proportion (see budget_shares),
+# when the priors grant a newcomer less (flat priors: J = 0, a newcomer's votes weigh nothing).
+MIN_FULL_VOTE_J = 0.1
+
+
+def budget_shares(counts: WorkerCounts, config: DawidSkeneConfig = DEFAULT_CONFIG) -> FloatArray:
+    """How much one vote of each volunteer counts towards a cell's vote budget, in [0, 1].
+
+    With Youden's J = sensitivity + specificity - 1 of the posterior means, a vote counts
+    ``min(1, |J| / J_0)``, where ``J_0`` is the J a volunteer without any answer has under the
+    priors (1/3 under Beta(2, 1); at least ``MIN_FULL_VOTE_J``): newcomers and every volunteer at
+    least as good count 1, a random clicker (J near 0) almost nothing, a confirmed adversary (whose
+    votes are used inverted) by their |J|, and a vote the consensus drops (an apparent adversary
+    not confirmed on gold) 0.
+
+    Shape:
+        returns ``(n_workers,)``.
+    """
+    sens, spec = sensitivity_specificity(counts, config)
+    j = sens + spec - 1.0
+    invert_ok = confirmed_adversary(
+        counts.gold_tp, counts.gold_fn, counts.gold_tn, counts.gold_fp, config
+    )
+    (a_s, b_s), (a_c, b_c) = config.sens_prior, config.spec_prior
+    j_0 = max(a_s / (a_s + b_s) + a_c / (a_c + b_c) - 1.0, MIN_FULL_VOTE_J)
+    share = np.minimum(np.abs(j) / j_0, 1.0)
+    return np.where((j >= 0.0) | invert_ok, share, 0.0)
 
 
 def cells_logodds(

@@ -65,7 +65,8 @@ def retire(
 
     Args:
         posterior: consensus probability per cell.
-        n_votes: votes each cell has received.
+        n_votes: votes each cell has received; may be fractional, as the credible votes of
+            ``ml.aggregation.credibility.budget_shares``.
         gold: -1 unknown, else the known answer (gold cells retire at once).
         config: thresholds.
         min_votes: per-cell votes needed before a confident cell retires, instead of
@@ -76,9 +77,9 @@ def retire(
         all inputs ``(n_cells,)``.
     """
     q = np.asarray(posterior, dtype=np.float64)
-    n = np.asarray(n_votes, dtype=np.int64)
+    n = np.asarray(n_votes, dtype=np.float64)
     g = np.full(q.shape, -1) if gold is None else np.asarray(gold)
-    needed = config.min_votes if min_votes is None else np.asarray(min_votes, dtype=np.int64)
+    needed = config.min_votes if min_votes is None else np.asarray(min_votes, dtype=np.float64)
     confident = (np.maximum(q, 1.0 - q) >= config.confidence) & (n >= needed)
     spent = n >= config.max_votes
     known = g >= 0

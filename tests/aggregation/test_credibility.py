@@ -9,12 +9,13 @@ from hypothesis import strategies as st
 
 from ml.aggregation.credibility import (
     WorkerCounts,
+    budget_shares,
     cells_logodds,
     gold_credit,
     sensitivity_specificity,
     worker_llr,
 )
-from ml.aggregation.dawid_skene import dawid_skene
+from ml.aggregation.dawid_skene import DawidSkeneConfig, dawid_skene
 from ml.aggregation.votes import make_votes
 
 
@@ -38,6 +39,30 @@ def test_adversary_weighs_nothing_until_gold_confirms_the_inversion() -> None:
     llr_yes, llr_no = worker_llr(counts(ADVERSARY_NO_GOLD, ADVERSARY_ON_GOLD))
     assert llr_yes[0] == 0 and llr_no[0] == 0
     assert llr_yes[1] < 0 < llr_no[1]
+
+
+RANDOM_ON_GOLD = (20, 20, 20, 20, 20, 20, 20, 20)  # a coin on 80 gold tiles
+
+
+def test_budget_counts_a_vote_in_proportion_to_what_it_says_up_to_a_newcomers() -> None:
+    shares = budget_shares(counts(NEW, GOOD, RANDOM_ON_GOLD, ADVERSARY_NO_GOLD, ADVERSARY_ON_GOLD))
+    new, good, coin, unconfirmed, confirmed = shares
+    assert new == good == confirmed == 1.0  # informative votes count in full, inverted or not
+    assert 0.0 <= coin < 0.1  # a random clicker's vote spends almost nothing
+    assert unconfirmed == 0.0  # the consensus drops it: so does the budget
+
+
+def test_budget_shares_under_flat_priors_stay_finite() -> None:
+    flat = DawidSkeneConfig(sens_prior=(1.0, 1.0), spec_prior=(1.0, 1.0))
+    shares = budget_shares(counts(NEW, GOOD, RANDOM_ON_GOLD), flat)
+    assert shares[0] == 0.0 and shares[1] == 1.0 and 0.0 <= shares[2] < 0.2
+
+
+@settings(max_examples=50, deadline=None)
+@given(rows=st.lists(st.tuples(*[st.integers(0, 60)] * 8), min_size=1, max_size=8))
+def test_budget_shares_lie_in_the_unit_interval(rows: list[tuple[int, ...]]) -> None:
+    shares = budget_shares(counts(*rows))
+    assert np.all((shares >= 0.0) & (shares <= 1.0))
 
 
 def test_gold_credit() -> None:

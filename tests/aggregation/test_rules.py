@@ -20,6 +20,14 @@ def test_retire_confident_budget_and_gold() -> None:
     assert r.label.tolist() == [1, 1, 1, 1, 0]
 
 
+def test_retire_counts_fractional_credible_votes() -> None:
+    # 6.5 credible votes (a random clicker's counted a little) leave the budget of 7 unspent.
+    config = RetirementConfig(max_votes=7)
+    r = retire([0.6, 0.6, 0.99, 0.99], [6.5, 7.0, 2.9, 3.0], config=config)
+    assert r.retired.tolist() == [False, True, False, True]
+    assert r.uncertain.tolist() == [False, True, False, False]
+
+
 def test_border_positive_cells_open_windows() -> None:
     cells = level_cells(1)
     labels = np.zeros(9, dtype=np.int8)

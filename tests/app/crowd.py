@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,19 +37,32 @@ class Truths:
                 .where(TaskTile.task_id == task_id)
                 .order_by(TaskTile.position)
             ).all()
-            out = np.zeros(len(rows))
+            by_target: dict[int, list[tuple[int, grid.Cell]]] = defaultdict(list)
             for position, cell, target in rows:
                 if target.id not in self.masks:
-                    mask = load_truth(session, self.settings, target)
-                    if mask is None and self.absent_is_empty:
-                        image = session.get(Image, target.image_id)
-                        assert image is not None
-                        mask = np.zeros((image.height, image.width), dtype=bool)
-                    assert mask is not None, "the simulation needs ground truth"
-                    self.masks[target.id] = mask
-                address = grid.Cell(cell.level, cell.row, cell.col)
-                out[position] = grid.cell_coverage(self.masks[target.id], [address])[0]
+                    self.masks[target.id] = self._truth(session, target)
+                by_target[target.id].append((position, grid.Cell(cell.level, cell.row, cell.col)))
+        out = np.zeros(len(rows))
+        for target_id, tiles in by_target.items():  # one integral image per target, not per tile
+            coverage = grid.cell_coverage(self.masks[target_id], [a for _, a in tiles])
+            out[[p for p, _ in tiles]] = coverage
         return out
+
+    def cell_coverage(self, session: Session, target: Target, cell: Cell) -> float:
+        """The true coverage of one cell of ``target``."""
+        if target.id not in self.masks:
+            self.masks[target.id] = self._truth(session, target)
+        address = grid.Cell(cell.level, cell.row, cell.col)
+        return float(grid.cell_coverage(self.masks[target.id], [address])[0])
+
+    def _truth(self, session: Session, target: Target) -> np.ndarray:
+        mask = load_truth(session, self.settings, target)
+        if mask is None and self.absent_is_empty:
+            image = session.get(Image, target.image_id)
+            assert image is not None
+            mask = np.zeros((image.height, image.width), dtype=bool)
+        assert mask is not None, "the simulation needs ground truth"
+        return mask
 
 
 @dataclass

@@ -1,0 +1,283 @@
+"""Adversarial crowds: mean mask IoU of an honest crowd against the same crowd half diluted by
+bad actors, on the same project and the same number of answers.
+
+Usage: ``python bench/adversarial.py [--quick] [--images N] [--answers N] [--seeds 0 1 2 3 4]
+[--jobs 2]``
+
+Both arms are ``bench/campaign.py``'s ``crowd`` arm (simulated volunteers answer real tasks
+through the HTTP API in-process; no model), run on copies of one generated demo project per seed
+(the campaign's: the project defaults, gold rate 0.15 included, with the demo's finer cells):
+
+- ``honest``: ``--honest`` volunteers (default 20), 75% diligent and 25% sloppy: careful people
+  and people who answer fast and miss slivers; nobody who means harm or ignores the picture;
+- ``adversarial``: the same volunteers (the same answer streams) plus as many bad actors, 60%
+  adversaries (they answer the opposite of what they see, 85% of the time) and 40% random
+  clickers (a coin per tile), i.e. 30% and 20% of the crowd. Each answer goes to a volunteer
+  drawn uniformly, so about half of the answers come from bad actors.
+
+Each arm stops at ``--answers`` grid answers or when nobody is served a task any more (every
+cell retired): its IoU then stays where it is, so at any budget both arms are compared after the
+same number of answers or fewer. Mean IoU of the evaluation targets is measured every
+``--measure-every`` answers (``campaign.measure``: finest cells, posterior above 0.5, against the
+frozen ground truth). After each run, per kind of volunteer: votes cast, the mean learned
+sensitivity and specificity (``credibility_estimates``: the posterior means the consensus
+weighs votes with) and how many the volunteer review flags.
+
+Half of the answers carry no information or are lies, so while the honest crowd still has work
+the adversarial arm lags behind by construction (it has half the honest answers; inverted
+adversaries give some back); what must not happen is a lasting damage, once both have asked
+everything. The crowd-only ceiling is the grid's: finest cells of 6-18 px, claimed when they
+show any of the object, give a mean IoU of about 0.6 on the demo's small shapes. The default
+budget is chosen so that the crowds run out of work (the table says where they did not); one
+seed's IoU varies by a few points from run to run (the picker's random choices), hence several
+seeds.
+
+Target: |IoU(adversarial) - IoU(honest)| <= 2 points at the final budget (mean over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import func, select
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from app.db import make_engine, make_session_factory
+from app.models import DEFAULT_PROJECT_SETTINGS, Project, Target, Volunteer, Vote
+from app.services.consensus import credibility_estimates
+from app.services.volunteer_review import review_volunteers
+from bench.campaign import SLUG, Arm, Point, build, run_arm
+
+HONEST_MIX = {"diligent": 3, "sloppy": 1}  # 75% / 25%
+BAD_MIX = {"adversary": 3, "random_clicker": 2}  # 30% / 20% of the diluted crowd
+ARMS = ("honest", "adversarial")
+TARGET_POINTS = 2.0
+WIDTHS = (15, 7, 8, 6, 6, 6)  # the per-kind table's columns
+
+
+def kinds_of(mix: dict[str, int], n: int) -> list[str]:
+    """``n`` volunteer kinds in the proportions of ``mix`` (largest remainders)."""
+    total = sum(mix.values())
+    exact = {k: n * w / total for k, w in mix.items()}
+    counts = {k: int(v) for k, v in exact.items()}
+    for k in sorted(mix, key=lambda k: counts[k] - exact[k])[: n - sum(counts.values())]:
+        counts[k] += 1
+    return [k for k in mix for _ in range(counts[k])]
+
+
+def crowd_of(arm: str, honest: int) -> list[str]:
+    """The arm's volunteer kinds; the honest volunteers come first, so that volunteer ``i``
+    answers from the same random stream in both arms."""
+    kinds = kinds_of(HONEST_MIX, honest)
+    return kinds if arm == "honest" else kinds + kinds_of(BAD_MIX, honest)
+
+
+@dataclass(frozen=True)
+class Group:
+    """What one kind of volunteer did in an arm and what the service learned about them."""
+
+    kind: str
+    volunteers: int
+    votes: int
+    sensitivity: float  # mean over the kind's volunteers
+    specificity: float
+    flagged: int
+
+
+def groups(arm: Arm) -> tuple[list[Group], dict[str, int]]:
+    """Per kind of volunteer, and the evaluation targets by state."""
+    engine = make_engine(arm.settings.resolved_database_url)
+    with make_session_factory(engine)() as session:
+        project = session.scalar(select(Project).where(Project.slug == SLUG))
+        assert project is not None
+        states = dict(
+            session.execute(
+                select(Target.state, func.count())
+                .where(Target.project_id == project.id, Target.control.is_(False))
+                .group_by(Target.state)
+            ).all()
+        )
+        ids = dict(session.execute(select(Volunteer.public_id, Volunteer.id)).all())
+        kind_of = {ids[p]: k for k, p in arm.volunteers if p in ids}
+        votes = dict(
+            session.execute(
+                select(Vote.volunteer_id, func.count(Vote.id)).group_by(Vote.volunteer_id)
+            ).all()
+        )
+        estimates = credibility_estimates(session, sorted(kind_of))
+        flagged = {r.id for r in review_volunteers(session, project=project) if r.flags}
+    engine.dispose()
+    members: dict[str, list[int]] = defaultdict(list)
+    for volunteer_id, kind in kind_of.items():
+        members[kind].append(volunteer_id)
+    kinds = [
+        Group(
+            kind=kind,
+            volunteers=len(vs),
+            votes=sum(votes.get(v, 0) for v in vs),
+            sensitivity=float(np.mean([estimates[v][0] for v in vs])),
+            specificity=float(np.mean([estimates[v][1] for v in vs])),
+            flagged=len(set(vs) & flagged),
+        )
+        for kind, vs in members.items()
+    ]
+    return kinds, {str(state): n for state, n in states.items()}
+
+
+@dataclass(frozen=True)
+class Run:
+    seed: int
+    arm: str
+    points: list[Point]
+    groups: list[Group]
+    states: dict[str, int]  # evaluation targets by state at the end
+    seconds: float
+
+    def iou_at(self, answers: int) -> float:
+        """IoU after ``answers`` answers, or after all of them if the crowd ran out earlier."""
+        done = [p for p in self.points if p.answers <= answers]
+        return done[-1].mean_iou if done else float("nan")
+
+
+def run_one(seed: int, arm: str, template: Path, args: argparse.Namespace) -> Run:
+    arm_args = argparse.Namespace(
+        answers=args.answers,
+        measure_every=args.measure_every,
+        seed=seed,
+        epochs=1,  # run_arm's retraining options; crowd arms never retrain
+        size=64,
+        device="cpu",
+        retrain_every=args.answers + 1,
+        em_every=args.em_every,
+    )
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_arm(
+            f"{arm}-seed{seed}", template, Path(tmp), arm_args, kinds=crowd_of(arm, args.honest)
+        )
+        kinds, states = groups(result)
+        return Run(seed, arm, result.points, kinds, states, time.perf_counter() - started)
+
+
+def _pm(values: list[float]) -> str:
+    """Mean ± sample standard deviation, in IoU points."""
+    x = 100 * np.asarray(values)
+    return f"{x.mean():.1f} ± {x.std(ddof=1):.1f}" if len(x) > 1 else f"{x.mean():.1f}"
+
+
+def _ran(run: Run, budget: int) -> str:
+    answers = run.points[-1].answers
+    return f"out of work after {answers} answers" if answers < budget else "still working"
+
+
+def print_curves(runs: list[Run], budgets: list[int]) -> list[float]:
+    """The IoU table per budget; returns each seed's delta at the last budget (IoU, not points)."""
+    by = {(r.seed, r.arm): r for r in runs}
+    seeds = sorted({r.seed for r in runs})
+    print("\nmean IoU in points (mean ± std over seeds) after each number of answers")
+    print(f"{'answers':>8s} {'honest':>12s} {'adversarial':>12s} {'delta':>12s}")
+    deltas: list[float] = []
+    for b in budgets:
+        h = [by[s, "honest"].iou_at(b) for s in seeds]
+        a = [by[s, "adversarial"].iou_at(b) for s in seeds]
+        deltas = [y - x for x, y in zip(h, a, strict=True)]
+        print(f"{b:8d} {_pm(h):>12s} {_pm(a):>12s} {_pm(deltas):>12s}")
+    for s in seeds:
+        h, a = by[s, "honest"], by[s, "adversarial"]
+        print(
+            f"seed {s}: honest {100 * h.iou_at(budgets[-1]):.1f} ({_ran(h, budgets[-1])}), "
+            f"adversarial {100 * a.iou_at(budgets[-1]):.1f} ({_ran(a, budgets[-1])})"
+        )
+    return deltas
+
+
+def print_groups(runs: list[Run]) -> None:
+    for arm in ARMS:
+        rows: dict[str, list[Group]] = defaultdict(list)
+        for r in runs:
+            if r.arm == arm:
+                for g in r.groups:
+                    rows[g.kind].append(g)
+        total = sum(g.votes for gs in rows.values() for g in gs) or 1
+        states: dict[str, int] = defaultdict(int)
+        for r in runs:
+            if r.arm == arm:
+                for state, n in r.states.items():
+                    states[state] += n
+        told = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+        print(f"\n{arm} crowd: evaluation targets at the end (all seeds): {told}")
+        print("(sensitivity and specificity: mean of the kind's volunteers)")
+        head = ("kind", "people", "votes", "share", "sens", "spec")
+        print(" ".join(f"{h:>{w}s}" for h, w in zip(head, WIDTHS, strict=True)), " flagged")
+        for kind, gs in rows.items():
+            people = sum(g.volunteers for g in gs)
+            votes = sum(g.votes for g in gs)
+            print(
+                f"{kind:>15s} {people:7d} {votes:8d} {votes / total:6.1%} "
+                f"{np.mean([g.sensitivity for g in gs]):6.3f} "
+                f"{np.mean([g.specificity for g in gs]):6.3f}  "
+                f"{sum(g.flagged for g in gs)}/{people}"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one seed, about 2 minutes")
+    parser.add_argument("--images", type=int, default=None, help="demo images per seed")
+    parser.add_argument("--answers", type=int, default=None, help="grid answers per arm")
+    parser.add_argument("--measure-every", type=int, default=None)
+    parser.add_argument("--honest", type=int, default=20, help="honest volunteers")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument(
+        "--em-every", type=int, default=None, help="answers between EM passes (0: never)"
+    )
+    parser.add_argument("--jobs", type=int, default=2, help="arms run at once (processes)")
+    args = parser.parse_args()
+    q = args.quick
+    args.images = args.images or 2
+    args.answers = args.answers or (2400 if q else 3600)
+    args.measure_every = args.measure_every or 300
+    args.seeds = args.seeds or ([0] if q else [0, 1, 2, 3, 4])
+    print(
+        f"demo images {args.images} per seed, up to {args.answers} answers per arm, seeds "
+        f"{args.seeds}, gold rate {DEFAULT_PROJECT_SETTINGS['gold_rate']} (the project default); "
+        f"honest: {args.honest} volunteers, adversarial: the same plus {args.honest} bad actors"
+    )
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(args.jobs) as pool:
+        templates = {s: Path(tmp) / f"seed-{s}" / "template" for s in args.seeds}
+        for seed, template in templates.items():
+            build(template, args.images, seed)
+        futures = [
+            pool.submit(run_one, seed, arm, templates[seed], args)
+            for seed in args.seeds
+            for arm in ARMS
+        ]
+        runs = [f.result() for f in futures]
+    budgets = [*range(args.measure_every, args.answers, args.measure_every), args.answers]
+    deltas = 100 * np.asarray(print_curves(runs, budgets))
+    print_groups(runs)
+    delta = float(deltas.mean())
+    error = float(deltas.std(ddof=1) / np.sqrt(len(deltas))) if len(deltas) > 1 else float("nan")
+    met = abs(delta) <= TARGET_POINTS
+    wall = time.perf_counter() - started
+    print(
+        f"\nat {args.answers} answers: delta {delta:+.1f} ± {error:.1f} IoU points (adversarial - "
+        f"honest, mean ± standard error over {len(deltas)} seeds); target |delta| <= "
+        f"{TARGET_POINTS:.0f}: "
+        f"{'PASS' if met else 'FAIL'}  ({wall:.0f} s; arms {min(r.seconds for r in runs):.0f}-"
+        f"{max(r.seconds for r in runs):.0f} s each)"
+    )
+    sys.exit(0 if met else 1)
+
+
+if __name__ == "__main__":
+    main()
