@@ -50,7 +50,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.cli import DEMO_SETTINGS, run_import
+from app.cli.serve import DEMO_SETTINGS
 from app.config import Settings
 from app.db import make_engine, make_session_factory
 from app.jobs.retrain import RetrainOptions, run_retrain
@@ -61,6 +61,7 @@ from app.models import Cell, Image, Project, Target
 from app.security import VOLUNTEER_COOKIE
 from app.services.campaign import load_truth
 from app.services.consensus import compose_cells
+from app.services.importer import run_import
 from app.services.project import create_project
 from ml.aggregation.simulate import PROFILES
 from ml.demo.dataset import write_demo_dataset

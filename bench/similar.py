@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from app.cli import DEMO_SETTINGS, run_import
+from app.cli.serve import DEMO_SETTINGS
 from app.config import Settings
 from app.db import make_engine, make_session_factory
 from app.jobs.seed import run_seed
 from app.jobs.train import TrainOptions, run_train_tagger
 from app.migrate import upgrade_to_head
+from app.services.importer import run_import
 from app.services.project import create_project, get_project
 from app.services.similar import EmbeddingIndex, load_index, nearest
 from ml.demo.dataset import write_demo_dataset

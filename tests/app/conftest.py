@@ -13,11 +13,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.cli import run_import
 from app.config import Settings
 from app.db import make_engine, make_session_factory
 from app.main import create_app
 from app.migrate import upgrade_to_head
+from app.services.importer import run_import
 from app.services.project import create_project
 from ml.aggregation.simulate import PROFILES
 from ml.demo.dataset import write_demo_dataset

@@ -10,7 +10,6 @@ import pytest
 import torch
 from sqlalchemy import func, select
 
-from app.cli import run_import
 from app.config import Settings
 from app.db import make_engine, make_session_factory
 from app.jobs.predict import run_predict
@@ -38,6 +37,7 @@ from app.models import (
 )
 from app.services.campaign import load_truth
 from app.services.errors import NotFoundError
+from app.services.importer import run_import
 from ml.aggregation import grid
 from tests.app.conftest import SLUG, World
 

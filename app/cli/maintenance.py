@@ -1,6 +1,6 @@
 """Maintenance commands: ``tessera doctor``, ``tessera backup`` and ``tessera restore``.
 
-Registered on the main ``tessera`` app by ``app.cli`` (which imports this module last).
+Registered on the root ``tessera`` app (``app.cli.common.app``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli import _fail, _ready_engine, _settings, app, console, err
+from app.cli.common import app, console, err, fail, load_settings, ready_engine
 from app.db import make_session_factory
 from app.services.backup import create_backup, restore_backup
 from app.services.doctor import DEFAULT_GRACE_S, check, repair
@@ -29,8 +29,8 @@ def doctor_command(
     ] = DEFAULT_GRACE_S,
 ) -> None:
     """Check that the database and the data folder agree; exit 1 when something is wrong."""
-    settings = _settings()
-    engine = _ready_engine(settings)
+    settings = load_settings()
+    engine = ready_engine(settings)
     with make_session_factory(engine)() as session:
         result = check(session, settings=settings)
     if fix:
@@ -59,15 +59,15 @@ def backup_command(
     out: Annotated[Path, typer.Argument(help="the backup to write: .tar, .tar.gz or .tgz")],
 ) -> None:
     """Back up the database and the files it names into one archive (safe while serving)."""
-    settings = _settings()
+    settings = load_settings()
     if not out.name.endswith((".tar", ".tar.gz", ".tgz")):
-        raise _fail(f"{out}: name the backup .tar, .tar.gz or .tgz")
-    engine = _ready_engine(settings)
+        raise fail(f"{out}: name the backup .tar, .tar.gz or .tgz")
+    engine = ready_engine(settings)
     with make_session_factory(engine)() as session:
         try:
             report = create_backup(session, settings=settings, out=out)
         except ConflictError as exc:
-            raise _fail(str(exc), code=EXIT_UNHEALTHY) from exc
+            raise fail(str(exc), code=EXIT_UNHEALTHY) from exc
     console.print(
         f"backed up {sum(report.rows.values()):,} rows of {len(report.rows)} tables and "
         f"{report.files:,} files ({report.bytes / 1e6:.1f} MB) to {report.path}"
@@ -79,14 +79,14 @@ def restore_command(
     archive: Annotated[Path, typer.Argument(help="a backup written by `tessera backup`")],
 ) -> None:
     """Restore a backup into an empty database and data folder (all or nothing)."""
-    settings = _settings()
+    settings = load_settings()
     if not archive.is_file():
-        raise _fail(f"{archive} does not exist")
-    engine = _ready_engine(settings)
+        raise fail(f"{archive} does not exist")
+    engine = ready_engine(settings)
     settings.ensure_dirs()
     with make_session_factory(engine)() as session:
         try:
             counts = restore_backup(session, settings=settings, archive=archive)
         except (InvalidInputError, ConflictError) as exc:
-            raise _fail(f"{exc}\nnothing was restored") from exc
+            raise fail(f"{exc}\nnothing was restored") from exc
     console.print(f"restored {sum(counts.values()):,} rows of {len(counts)} tables")

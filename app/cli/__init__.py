@@ -1,0 +1,15 @@
+"""The ``tessera`` command: one typer app (``app.cli.common.app``) whose commands live in
+``data`` (database, import, projects, consensus, accounts, export), ``models`` (training and
+model jobs), ``serve`` (server and demo) and ``maintenance`` (doctor, backup, restore)."""
+
+from __future__ import annotations
+
+import logging
+
+from app.cli import data, maintenance, models, serve  # noqa: F401  (they register commands)
+from app.cli.common import app
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()

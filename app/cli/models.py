@@ -1,0 +1,293 @@
+"""Model commands: ``train``, ``seed``, ``predict``, ``retrain``, ``schedule``, ``model`` and
+``export-model``. Torch-side modules are imported inside the commands, so that the rest of the
+CLI starts without them."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.table import Table
+
+from app.cli.common import (
+    DEMO_PROJECT,
+    Device,
+    ProjectOption,
+    app,
+    console,
+    fail,
+    load_settings,
+    ready_engine,
+)
+from app.db import make_session_factory
+from app.services.errors import NotFoundError
+from app.services.project import get_project
+
+train_app = typer.Typer(help="Train the project's models (CPU works; a GPU is used when present).")
+model_app = typer.Typer(help="Model versions.")
+app.add_typer(train_app, name="train")
+app.add_typer(model_app, name="model")
+
+T = TypeVar("T")
+
+InitWeights = Annotated[
+    Path | None,
+    typer.Option(
+        "--init-weights",
+        exists=True,
+        dir_okay=False,
+        help="local weights for the backbone (ImageNet state_dict or a Tessera checkpoint)",
+    ),
+]
+
+
+def _train(
+    kind: str,
+    slug: str,
+    epochs: int,
+    size: int,
+    backbone: str,
+    device: str,
+    init_weights: Path | None,
+) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from app.jobs import train
+    from app.jobs.lock import JobBusyError
+    from ml.train import Progress as TrainProgress
+
+    settings = load_settings()
+    factory = make_session_factory(ready_engine(settings))
+    options = train.TrainOptions(
+        epochs=epochs,
+        size=size,
+        backbone=backbone,
+        device=device,
+        init_weights=str(init_weights) if init_weights else None,
+    )
+    runner = train.run_train_tagger if kind == "tagger" else train.run_train_segmenter
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+    ]
+    with Progress(*columns, TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task(f"training the {kind}", total=None, loss="-")
+
+        def on_progress(p: TrainProgress) -> None:
+            done = (p.epoch - 1) * p.steps + p.step
+            bar.update(task, total=p.epochs * p.steps, completed=done, loss=f"{p.loss:.4f}")
+
+        try:
+            outcome = runner(factory, settings, slug=slug, options=options, on_progress=on_progress)
+        except (
+            train.NotEnoughDataError,
+            NotFoundError,
+            train.PretrainedWeightsError,
+            JobBusyError,
+        ) as exc:
+            raise fail(str(exc)) from exc
+    verdict = "promoted" if outcome.promoted else f"kept the active one ({outcome.active_score})"
+    console.print(
+        f"{kind} version {outcome.version}: {outcome.metric} {outcome.score} -> {verdict} "
+        f"(job {outcome.job_id})"
+    )
+
+
+@train_app.command("tagger")
+def train_tagger_command(
+    project: ProjectOption = DEMO_PROJECT,
+    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    size: Annotated[int, typer.Option(min=32, help="square input side in pixels")] = 256,
+    backbone: Annotated[str, typer.Option(help="timm model name")] = "resnet18",
+    device: Device = "auto",
+    init_weights: InitWeights = None,
+) -> None:
+    """Train the multi-label tagger on confirmed tags; promote it if it beats the active one."""
+    _train("tagger", project, epochs, size, backbone, device, init_weights)
+
+
+@train_app.command("segmenter")
+def train_segmenter_command(
+    project: ProjectOption = DEMO_PROJECT,
+    epochs: Annotated[int, typer.Option(min=1)] = 20,
+    size: Annotated[int, typer.Option(min=32, help="square input side, a multiple of 32")] = 256,
+    backbone: Annotated[str, typer.Option(help="smp encoder name")] = "resnet18",
+    device: Device = "auto",
+    init_weights: InitWeights = None,
+) -> None:
+    """Train the segmenter on complete masks; evaluate on the frozen gold set."""
+    _train("segmenter", project, epochs, size, backbone, device, init_weights)
+
+
+def _batches(description: str, run: Callable[[Callable[[int, int], None]], T]) -> T:
+    from rich.progress import Progress
+
+    with Progress(console=console) as bar:
+        task = bar.add_task(description, total=None)
+        return run(lambda done, total: bar.update(task, completed=done, total=total))
+
+
+def _batch_job(description: str, runner: Callable[..., object], slug: str, device: str) -> None:
+    """Run a batched model job (``run_seed``, ``run_predict``) with a progress bar."""
+    settings = load_settings()
+    factory = make_session_factory(ready_engine(settings))
+    try:
+        report = _batches(
+            description,
+            lambda cb: runner(factory, settings, slug=slug, device=device, on_batch=cb),
+        )
+    except NotFoundError as exc:
+        raise fail(str(exc)) from exc
+    console.print(report)
+
+
+@app.command("seed")
+def seed(project: ProjectOption = DEMO_PROJECT, device: Device = "auto") -> None:
+    """Tag unseen images with the active tagger and seed targets from its Grad-CAM."""
+    from app.jobs.seed import run_seed
+
+    _batch_job("tagging and Grad-CAM", run_seed, project, device)
+
+
+@app.command("predict")
+def predict(project: ProjectOption = DEMO_PROJECT, device: Device = "auto") -> None:
+    """Draw a soft mask for every open target with the active segmenter."""
+    from app.jobs.predict import run_predict
+
+    _batch_job("predicting masks", run_predict, project, device)
+
+
+@app.command("retrain")
+def retrain(
+    project: ProjectOption = DEMO_PROJECT,
+    epochs: Annotated[int, typer.Option(min=1, help="segmenter epochs")] = 20,
+    tagger_epochs: Annotated[int, typer.Option(min=1, help="tagger fine-tuning epochs")] = 5,
+    size: Annotated[int, typer.Option(min=32, help="input side, a multiple of 32")] = 256,
+    device: Device = "auto",
+) -> None:
+    """One round of the learning loop: train, promote if better, model priors, re-tag, re-rank."""
+    from app.jobs.lock import JobBusyError
+    from app.jobs.retrain import RetrainOptions, run_retrain
+    from app.jobs.train import TrainOptions
+
+    settings = load_settings()
+    factory = make_session_factory(ready_engine(settings))
+    options = RetrainOptions(
+        segmenter=TrainOptions(epochs=epochs, size=size),
+        tagger=TrainOptions(epochs=tagger_epochs, size=size),
+        device=device,
+    )
+    try:
+        report = run_retrain(
+            factory, settings, slug=project, options=options, on_step=console.print
+        )
+    except (JobBusyError, NotFoundError) as exc:
+        raise fail(str(exc)) from exc
+    console.print(report)
+
+
+@model_app.command("list")
+def model_list(project: ProjectOption = DEMO_PROJECT) -> None:
+    """Model versions with their metrics; * marks the active ones."""
+    from app.services.model_version import list_model_versions
+
+    with make_session_factory(ready_engine(load_settings()))() as session:
+        try:
+            versions = list_model_versions(session, project=get_project(session, slug=project))
+        except NotFoundError as exc:
+            raise fail(str(exc)) from exc
+        table = Table("", "kind", "version", "metrics", "created")
+        for v in versions:
+            shown = {k: val for k, val in v.metrics.items() if not isinstance(val, list)}
+            table.add_row(
+                "*" if v.active else "",
+                v.kind.value,
+                str(v.version),
+                str(shown),
+                f"{v.created_at:%Y-%m-%d %H:%M}",
+            )
+    console.print(table)
+
+
+@model_app.command("rollback")
+def model_rollback(
+    kind: Annotated[str, typer.Argument(help="tagger or segmenter")],
+    project: ProjectOption = DEMO_PROJECT,
+) -> None:
+    """Re-activate the previously promoted version."""
+    from app.models import ModelKind
+    from app.services.model_version import rollback_model
+
+    with make_session_factory(ready_engine(load_settings()), writer=True)() as session:
+        try:
+            version = rollback_model(
+                session, project=get_project(session, slug=project), kind=ModelKind(kind)
+            )
+        except (NotFoundError, ValueError) as exc:
+            raise fail(str(exc)) from exc
+        session.commit()
+        console.print(f"{kind} version {version.version} is active again")
+
+
+@app.command("export-model")
+def export_model(
+    kind: Annotated[str, typer.Argument(help="tagger or segmenter")],
+    out: Annotated[Path, typer.Option(help="the .onnx file to write")],
+    project: ProjectOption = DEMO_PROJECT,
+) -> None:
+    """Export the active model to ONNX, checked against PyTorch with onnxruntime."""
+    from app.models import ModelKind
+    from app.services.model_version import active_model
+    from ml.checkpoints import load_checkpoint
+    from ml.export import export_onnx
+    from ml.segmenter import Segmenter
+    from ml.tagger import Tagger
+
+    with make_session_factory(ready_engine(load_settings()))() as session:
+        try:
+            version = active_model(
+                session, project=get_project(session, slug=project), kind=ModelKind(kind)
+            )
+        except (NotFoundError, ValueError) as exc:
+            raise fail(str(exc)) from exc
+        if version is None:
+            raise fail(f"no active {kind} in {project!r}: train one first")
+        path = version.path
+    model = load_checkpoint(path, kind=kind).model
+    assert isinstance(model, Tagger | Segmenter)
+    check = export_onnx(model, out)
+    console.print(f"wrote {check.path}; largest difference from PyTorch {check.max_abs_diff}")
+
+
+@app.command("schedule")
+def schedule(
+    project: Annotated[
+        list[str] | None, typer.Option("--project", help="only these projects (repeatable)")
+    ] = None,
+) -> None:
+    """Run the retraining schedule in the foreground (each retrain in its own process)."""
+    from app.jobs.schedule import RetrainScheduler
+
+    scheduler = RetrainScheduler(make_session_factory(ready_engine(load_settings())))
+    try:
+        plans = scheduler.add_projects(project)
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    if not plans:
+        raise fail(
+            "no project has a retrain schedule: set one, e.g. "
+            '`tessera project set demo retrain \'{"every": "6h"}\'`'
+        )
+    for slug, plan in plans.items():
+        console.print(f"{slug}: {plan}")
+    scheduler.start()
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        scheduler.shutdown()

@@ -1,0 +1,111 @@
+"""Serving commands: ``serve`` and ``demo`` (generate a demo project, then serve it)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from typing import Annotated
+
+import typer
+
+from app.cli.common import DEMO_PROJECT, app, console, load_settings, ready_engine
+from app.cli.data import print_report
+from app.config import Settings
+from app.db import make_session_factory
+from app.services.importer import ImportReport, run_import
+from app.services.project import create_project, find_project
+
+DEMO_SETTINGS = {"min_cell_px": 5, "max_level": 4}
+
+
+def _serve(settings: Settings, host: str, port: int, workers: int = 1) -> None:
+    import uvicorn
+
+    from app.main import create_app
+
+    ready_engine(settings)
+    console.print(f"Tessera is serving on [bold]http://{host}:{port}/[/]  (Ctrl+C stops it)")
+    if workers > 1:  # each worker process builds its app from the same environment
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level="info",
+        )
+        return
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[str | None, typer.Option(help="address to bind")] = None,
+    port: Annotated[int | None, typer.Option(help="port to bind")] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, max=64, help="worker processes (PostgreSQL scales with them)")
+    ] = 1,
+    scheduler: Annotated[
+        bool, typer.Option("--scheduler", help="also run `tessera schedule` as a child process")
+    ] = False,
+) -> None:
+    """Run the web service (an embedded SQLite database is upgraded first)."""
+    settings = load_settings()
+    child = subprocess.Popen([sys.executable, "-m", "app.cli", "schedule"]) if scheduler else None
+    try:
+        _serve(settings, host or settings.host, port or settings.port, workers)
+    finally:
+        if child is not None:
+            child.terminate()
+            child.wait(timeout=30)
+
+
+def build_demo(settings: Settings, *, seed: int, n_images: int) -> ImportReport | None:
+    """Generate the demo dataset and import it as project 'demo', unless it is there already."""
+    from ml.demo.dataset import write_demo_dataset
+
+    engine = ready_engine(settings)
+    factory = make_session_factory(engine)
+    with factory() as session:
+        if find_project(session, slug=DEMO_PROJECT) is not None:
+            return None
+    source = settings.data_dir / "demo-source"
+    if source.exists():
+        shutil.rmtree(source)
+    write_demo_dataset(source, seed=seed, n_images=n_images)
+    with factory() as session:
+        project = create_project(
+            session,
+            slug=DEMO_PROJECT,
+            name="Demo: shapes, colours and textures",
+            description=f"{n_images} generated scenes (seed {seed}) with exact masks.",
+        )
+        # The scenes are small (128-512 px) and flat-coloured: small cells still read well.
+        project.settings = dict(DEMO_SETTINGS)
+        report = run_import(
+            session, settings=settings, project_slug=DEMO_PROJECT, path=source, tag_file=None
+        )
+    return report
+
+
+@app.command("demo")
+def demo(
+    seed: Annotated[int, typer.Option(help="generator seed (same seed, same project)")] = 7,
+    images: Annotated[int, typer.Option(min=1, max=10_000, help="number of scenes")] = 60,
+    serve_after: Annotated[
+        bool, typer.Option("--serve/--no-serve", help="start the server")
+    ] = True,
+    host: Annotated[str | None, typer.Option(help="address to bind")] = None,
+    port: Annotated[int | None, typer.Option(help="port to bind")] = None,
+) -> None:
+    """Generate a demo project of procedural scenes with exact masks, then serve it."""
+    settings = load_settings()
+    with console.status(f"Generating {images} demo scenes and importing them (about a minute)"):
+        report = build_demo(settings, seed=seed, n_images=images)
+    if report is None:
+        console.print(f"project {DEMO_PROJECT!r} exists already; serving it as it is")
+    else:
+        print_report(report)
+    if serve_after:
+        _serve(settings, host or settings.host, port or settings.port)
