@@ -62,11 +62,12 @@ from app.models import (
     TargetState,
 )
 from app.services.campaign import uncertainty
-from app.services.consensus import refresh_cells, settle_targets
+from app.services.consensus import refresh_cells
 from app.services.image import image_path
 from app.services.job import finish_job, job_run, log_job
 from app.services.model_version import active_model
 from app.services.project import get_project
+from app.services.settle import settle_targets
 from ml.aggregation import grid
 from ml.calibration import Calibrator, fit_calibrator
 from ml.checkpoints import load_checkpoint

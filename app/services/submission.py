@@ -29,15 +29,10 @@ from app.models import (
     Window,
 )
 from app.security import Signer, TaskClaims
-from app.services.consensus import (
-    gold_labels,
-    lock_targets,
-    refresh_cells,
-    retire_fresh,
-    revalue_windows,
-    settle_targets,
-)
+from app.services.consensus import gold_labels, refresh_cells
 from app.services.errors import ConflictError, ForbiddenError, InvalidInputError, NotFoundError
+from app.services.retirement import retire_fresh
+from app.services.settle import lock_targets, revalue_windows, settle_targets
 from app.services.volunteer import credibility_of
 from ml.aggregation.credibility import gold_credit
 

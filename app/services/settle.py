@@ -1,0 +1,252 @@
+"""Settling targets after new evidence: retire, refine the border, close answered windows and
+complete the target (or send it to triage) when nothing is left open.
+
+One writer per target: callers hold the targets' rows (``lock_targets``) while they settle.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db import utcnow
+from app.models import (
+    Cell,
+    CellStatus,
+    Consensus,
+    Image,
+    MaskSource,
+    Project,
+    RetireReason,
+    Target,
+    TargetState,
+    Window,
+    WindowState,
+)
+from app.services.campaign import (
+    Truth,
+    load_truth,
+    open_windows,
+    refinement_config,
+    window_value,
+)
+from app.services.consensus import cell_votes, compose_cells
+from app.services.retirement import retire_cells
+from app.services.target import add_mask_version
+from app.storage import FileStore
+from ml.aggregation import grid
+from ml.aggregation.rules import (
+    INHERIT_CLIP,
+    INHERIT_SHRINK,
+    choose_refinements,
+    inherited_prior,
+    leaf_cells,
+)
+
+
+def revalue_windows(session: Session, *, window_ids: set[int]) -> None:
+    """Update the picker's value of open windows from their open cells' posteriors."""
+    if not window_ids:
+        return
+    rows = session.execute(
+        select(Window.id, Target.priority, Target.control, Consensus.posterior)
+        .join(Target, Target.id == Window.target_id)
+        .join(Cell, Cell.window_id == Window.id)
+        .join(Consensus, Consensus.cell_id == Cell.id)
+        .where(Window.id.in_(window_ids), Cell.status == CellStatus.OPEN)
+    ).all()
+    pending: dict[int, list[float]] = defaultdict(list)
+    target_of: dict[int, tuple[float, bool]] = {}
+    for window_id, prio, control, q in rows:
+        pending[window_id].append(q)
+        target_of[window_id] = (prio, control)
+    values = [
+        {"id": w, "value": window_value(target_of[w][0], qs, control=target_of[w][1])}
+        for w, qs in pending.items()
+    ]
+    session.execute(update(Window), values)
+
+
+@dataclass
+class Settled:
+    retired: int = 0
+    windows_opened: int = 0
+    completed: bool = False
+    triaged: bool = False
+
+
+def _target_state(session: Session, target: Target) -> tuple[list[Cell], dict[int, Consensus]]:
+    """The target's cells and their consensus as committed now (a concurrent settler's too)."""
+    fresh = {"populate_existing": True}
+    cells = list(
+        session.scalars(select(Cell).where(Cell.target_id == target.id).execution_options(**fresh))
+    )
+    consensus = {
+        c.cell_id: c
+        for c in session.scalars(
+            select(Consensus)
+            .where(Consensus.cell_id.in_([c.id for c in cells]))
+            .execution_options(**fresh)
+        )
+    }
+    return cells, consensus
+
+
+def _retire_open(
+    session: Session, project: Project, cells: list[Cell], consensus: dict[int, Consensus]
+) -> int:
+    open_cells = [c for c in cells if c.status == CellStatus.OPEN]
+    voted = [i for i, c in enumerate(open_cells) if consensus[c.id].n_votes > 0]
+    credible = np.zeros(len(open_cells))
+    if voted:  # a cell nobody answered yet (a new window's) has no credible vote to load
+        votes = cell_votes(session, cell_ids=[open_cells[i].id for i in voted])
+        credible[voted] = votes.credible(len(voted))
+    posterior = [consensus[c.id].posterior for c in open_cells]
+    return retire_cells(project, open_cells, posterior, credible)[1]
+
+
+def _refine(
+    session: Session,
+    settings: Settings,
+    project: Project,
+    target: Target,
+    image: Image,
+    cells: list[Cell],
+) -> int:
+    retired = [c for c in cells if c.status == CellStatus.RETIRED]
+    windows = session.scalars(select(Window).where(Window.target_id == target.id))
+    opened = {grid.Cell(w.level, w.row, w.col) for w in windows}
+    deeper = choose_refinements(
+        [grid.Cell(c.level, c.row, c.col) for c in retired],
+        [int(bool(c.label)) for c in retired],
+        image.height,
+        image.width,
+        prior_logodds=[c.prior_logodds for c in retired],
+        uncertain=[c.uncertain for c in retired],
+        opened=opened,
+        config=refinement_config(project),
+    )
+    if not deeper:
+        return 0
+    mask = load_truth(session, settings, target)
+    truth = Truth(mask=mask, frozen=True) if mask is not None else None
+    by_address = {grid.Cell(c.level, c.row, c.col): c for c in retired}
+    logodds = dict(
+        session.execute(
+            select(Consensus.cell_id, Consensus.logodds).where(
+                Consensus.cell_id.in_([by_address[p].id for p in deeper])
+            )
+        ).all()
+    )
+    parent_logodds = [
+        (INHERIT_CLIP / INHERIT_SHRINK) * (1 if by_address[p].label else -1)
+        if by_address[p].retire_reason in (RetireReason.GOLD, RetireReason.CURATOR)
+        else logodds.get(by_address[p].id, 0.0)
+        for p in deeper
+    ]
+    priors = [[float(v)] * 9 for v in inherited_prior(parent_logodds)]
+    open_windows(session, target=target, parents=deeper, truth=truth, prior_logodds=priors)
+    return len(deeper)
+
+
+def _update_windows(
+    session: Session, target: Target, cells: list[Cell], consensus: dict[int, Consensus]
+) -> int:
+    """Close answered windows, re-value the others. Returns how many stay open."""
+    by_window: dict[int, list[Cell]] = defaultdict(list)
+    for cell in cells:
+        if cell.window_id is not None:
+            by_window[cell.window_id].append(cell)
+    still_open = 0
+    for window in session.scalars(
+        select(Window).where(Window.target_id == target.id, Window.state == WindowState.OPEN)
+    ):
+        pending = [c for c in by_window[window.id] if c.status == CellStatus.OPEN]
+        if window.known:
+            continue
+        if not pending and by_window[window.id]:
+            window.state, window.closed_at, window.value = WindowState.CLOSED, utcnow(), 0.0
+            continue
+        window.value = window_value(
+            target.priority, [consensus[c.id].posterior for c in pending], control=target.control
+        )
+        still_open += 1
+    return still_open
+
+
+def _complete(
+    session: Session, settings: Settings, target: Target, image: Image, cells: list[Cell]
+) -> bool:
+    """Compose the final mask from the finest retired cells. Returns whether it is uncertain."""
+    soft, hard = compose_cells(session, image=image, cells=cells)
+    add_mask_version(
+        session,
+        target=target,
+        mask=hard,
+        soft=soft,
+        source=MaskSource.CONSENSUS,
+        store=FileStore(settings.masks_dir),
+        written=[],
+    )
+    is_leaf = leaf_cells([grid.Cell(c.level, c.row, c.col) for c in cells])
+    return any(c.uncertain for c, leaf in zip(cells, is_leaf, strict=True) if leaf)
+
+
+def settle_target(
+    session: Session, *, settings: Settings, project: Project, target: Target
+) -> Settled:
+    """Retire, refine, close windows and complete one target after new votes.
+
+    A control target's pyramid was opened from its truth: its ambiguous cells retire like any
+    other, but it neither refines nor completes (its mask is its truth).
+    """
+    result = Settled()
+    if target.state != TargetState.COLLECTING:
+        return result
+    image = session.get(Image, target.image_id)
+    assert image is not None
+    cells, consensus = _target_state(session, target)
+    result.retired = _retire_open(session, project, cells, consensus)
+    if not target.control:
+        result.windows_opened = _refine(session, settings, project, target, image, cells)
+    if result.windows_opened:
+        session.flush()
+        cells, consensus = _target_state(session, target)
+    if _update_windows(session, target, cells, consensus) > 0 or target.control:
+        return result
+    uncertain = _complete(session, settings, target, image, cells)
+    target.state = TargetState.TRIAGE if uncertain else TargetState.COMPLETE
+    target.triage_reason = "cells still uncertain after their vote budget" if uncertain else None
+    result.completed, result.triaged = not uncertain, uncertain
+    return result
+
+
+def settle_targets(
+    session: Session, *, settings: Settings, project: Project, target_ids: Iterable[int]
+) -> list[Settled]:
+    targets = lock_targets(session, target_ids=target_ids)
+    return [settle_target(session, settings=settings, project=project, target=t) for t in targets]
+
+
+def lock_targets(session: Session, *, target_ids: Iterable[int]) -> list[Target]:
+    """Hold these targets' rows until the transaction ends, re-read once the lock is held.
+
+    One writer per target at a time: two submissions on one target would otherwise both count
+    their cells' votes without the other's, or both open the same finer window (PostgreSQL;
+    SQLite has one writer anyway). Locks are taken in id order, so writers never deadlock.
+    """
+    return list(
+        session.scalars(
+            select(Target)
+            .where(Target.id.in_(sorted(set(target_ids))))
+            .order_by(Target.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    )
