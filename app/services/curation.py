@@ -50,8 +50,6 @@ from app.storage import FileStore
 from ml.aggregation import grid
 from ml.aggregation.rules import leaf_cells
 
-UNCERTAIN_REASON = "cells still uncertain after their vote budget"
-
 
 @dataclass(frozen=True)
 class TriageItem:

@@ -49,6 +49,8 @@ from ml.aggregation.rules import (
     leaf_cells,
 )
 
+UNCERTAIN_REASON = "cells still uncertain after their vote budget"  # the triage reason
+
 
 def revalue_windows(session: Session, *, window_ids: set[int]) -> None:
     """Update the picker's value of open windows from their open cells' posteriors."""
@@ -222,7 +224,7 @@ def settle_target(
         return result
     uncertain = _complete(session, settings, target, image, cells)
     target.state = TargetState.TRIAGE if uncertain else TargetState.COMPLETE
-    target.triage_reason = "cells still uncertain after their vote budget" if uncertain else None
+    target.triage_reason = UNCERTAIN_REASON if uncertain else None
     result.completed, result.triaged = not uncertain, uncertain
     return result
 
