@@ -15,24 +15,25 @@ through the HTTP API in-process; no model), run on copies of one generated demo 
   clickers (a coin per tile), i.e. 30% and 20% of the crowd. Each answer goes to a volunteer
   drawn uniformly, so about half of the answers come from bad actors.
 
-Each arm stops at ``--answers`` grid answers or when nobody is served a task any more (every
-cell retired): its IoU then stays where it is, so at any budget both arms are compared after the
-same number of answers or fewer. Mean IoU of the evaluation targets is measured every
-``--measure-every`` answers (``campaign.measure``: finest cells, posterior above 0.5, against the
-frozen ground truth). After each run, per kind of volunteer: votes cast, the mean learned
-sensitivity and specificity (``credibility_estimates``: the posterior means the consensus
-weighs votes with) and how many the volunteer review flags.
+Each arm runs until nobody is served a task any more (every cell retired: the campaign is
+over) or ``--answers`` grid answers, a cap that the default leaves room under. Mean IoU of the
+evaluation targets is measured every ``--measure-every`` answers and at the end
+(``campaign.measure``: finest cells, posterior above 0.5, against the frozen ground truth).
+After each run, per kind of volunteer: votes cast, the mean learned sensitivity and
+specificity (``credibility_estimates``: the posterior means the consensus weighs votes with)
+and how many the volunteer review flags.
 
-Half of the answers carry no information or are lies, so while the honest crowd still has work
-the adversarial arm lags behind by construction (it has half the honest answers; inverted
-adversaries give some back); what must not happen is a lasting damage, once both have asked
-everything. The crowd-only ceiling is the grid's: finest cells of 6-18 px, claimed when they
-show any of the object, give a mean IoU of about 0.6 on the demo's small shapes. The default
-budget is chosen so that the crowds run out of work (the table says where they did not); one
-seed's IoU varies by a few points from run to run (the picker's random choices), hence several
-seeds.
+What bad actors must not do is change the masks the campaign ends with: the target compares the
+final masks of both arms. Bad actors do cost answers: half of the adversarial crowd's answers
+carry no information or are lies, so it needs more answers to finish, and at an equal number of
+answers it lags while both are still working (the table of IoU against answers shows both; the
+summary gives the answers each arm needed). The crowd-only ceiling is the grid's: finest cells
+of 6-18 px, claimed when they show any of the object, give a mean IoU of about 0.6-0.8 on the
+demo's small shapes. One seed's IoU varies by a point or two from run to run (the picker's
+random choices), hence several seeds.
 
-Target: |IoU(adversarial) - IoU(honest)| <= 2 points at the final budget (mean over seeds).
+Target: |IoU(adversarial) - IoU(honest)| <= 2 points on the final masks (mean over seeds), every
+arm having run out of work; a run in which an arm hit the ``--answers`` cap is INCOMPLETE.
 """
 
 from __future__ import annotations
@@ -141,6 +142,15 @@ class Run:
     states: dict[str, int]  # evaluation targets by state at the end
     seconds: float
 
+    @property
+    def answers(self) -> int:
+        """Answers the arm took: all of them if it ran out of work before the cap."""
+        return self.points[-1].answers
+
+    @property
+    def final_iou(self) -> float:
+        return self.points[-1].mean_iou
+
     def iou_at(self, answers: int) -> float:
         """IoU after ``answers`` answers, or after all of them if the crowd ran out earlier."""
         done = [p for p in self.points if p.answers <= answers]
@@ -173,30 +183,44 @@ def _pm(values: list[float]) -> str:
     return f"{x.mean():.1f} ± {x.std(ddof=1):.1f}" if len(x) > 1 else f"{x.mean():.1f}"
 
 
-def _ran(run: Run, budget: int) -> str:
-    answers = run.points[-1].answers
-    return f"out of work after {answers} answers" if answers < budget else "still working"
-
-
-def print_curves(runs: list[Run], budgets: list[int]) -> list[float]:
-    """The IoU table per budget; returns each seed's delta at the last budget (IoU, not points)."""
+def print_curves(runs: list[Run], measure_every: int) -> None:
+    """Mean IoU of both arms after each number of answers (an arm that ran out of work keeps
+    its final IoU)."""
     by = {(r.seed, r.arm): r for r in runs}
     seeds = sorted({r.seed for r in runs})
+    last = max(r.answers for r in runs)
     print("\nmean IoU in points (mean ± std over seeds) after each number of answers")
     print(f"{'answers':>8s} {'honest':>12s} {'adversarial':>12s} {'delta':>12s}")
-    deltas: list[float] = []
-    for b in budgets:
+    for b in [*range(measure_every, last, measure_every), last]:
         h = [by[s, "honest"].iou_at(b) for s in seeds]
         a = [by[s, "adversarial"].iou_at(b) for s in seeds]
         deltas = [y - x for x, y in zip(h, a, strict=True)]
         print(f"{b:8d} {_pm(h):>12s} {_pm(a):>12s} {_pm(deltas):>12s}")
-    for s in seeds:
+
+
+def _ended(run: Run, cap: int) -> str:
+    return f"out of work after {run.answers} answers" if run.answers < cap else "hit the cap"
+
+
+def print_finals(runs: list[Run], cap: int) -> tuple[list[float], bool]:
+    """Each seed's final masks; returns the deltas (IoU, not points) and whether every arm ran
+    out of work before the cap."""
+    by = {(r.seed, r.arm): r for r in runs}
+    print("\nfinal masks (the campaign over: nobody is served a task)")
+    deltas, ratios = [], []
+    for s in sorted({r.seed for r in runs}):
         h, a = by[s, "honest"], by[s, "adversarial"]
+        deltas.append(a.final_iou - h.final_iou)
+        ratios.append(a.answers / h.answers)
         print(
-            f"seed {s}: honest {100 * h.iou_at(budgets[-1]):.1f} ({_ran(h, budgets[-1])}), "
-            f"adversarial {100 * a.iou_at(budgets[-1]):.1f} ({_ran(a, budgets[-1])})"
+            f"seed {s}: honest {100 * h.final_iou:.1f} ({_ended(h, cap)}), adversarial "
+            f"{100 * a.final_iou:.1f} ({_ended(a, cap)}), delta {100 * deltas[-1]:+.1f}"
         )
-    return deltas
+    print(
+        f"answers the adversarial crowd needed to finish: {np.mean(ratios):.2f}x the honest "
+        f"crowd's ({min(ratios):.2f}-{max(ratios):.2f}x)"
+    )
+    return deltas, all(r.answers < cap for r in runs)
 
 
 def print_groups(runs: list[Run]) -> None:
@@ -230,7 +254,7 @@ def print_groups(runs: list[Run]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one seed, about 2 minutes")
+    parser.add_argument("--quick", action="store_true", help="one seed on one image")
     parser.add_argument("--images", type=int, default=None, help="demo images per seed")
     parser.add_argument("--answers", type=int, default=None, help="grid answers per arm")
     parser.add_argument("--measure-every", type=int, default=None)
@@ -242,9 +266,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="arms run at once (processes)")
     args = parser.parse_args()
     q = args.quick
-    args.images = args.images or 2
-    args.answers = args.answers or (2400 if q else 3600)
-    args.measure_every = args.measure_every or 300
+    args.answers = args.answers or 20000  # a cap: the campaigns end well before (seed 2: 8-14k)
+    args.images = args.images or (1 if q else 2)
+    args.measure_every = args.measure_every or 600
     args.seeds = args.seeds or ([0] if q else [0, 1, 2, 3, 4])
     print(
         f"demo images {args.images} per seed, up to {args.answers} answers per arm, seeds "
@@ -262,18 +286,19 @@ def main() -> None:
             for arm in ARMS
         ]
         runs = [f.result() for f in futures]
-    budgets = [*range(args.measure_every, args.answers, args.measure_every), args.answers]
-    deltas = 100 * np.asarray(print_curves(runs, budgets))
+    print_curves(runs, args.measure_every)
     print_groups(runs)
-    delta = float(deltas.mean())
-    error = float(deltas.std(ddof=1) / np.sqrt(len(deltas))) if len(deltas) > 1 else float("nan")
-    met = abs(delta) <= TARGET_POINTS
+    deltas, finished = print_finals(runs, args.answers)
+    points = 100 * np.asarray(deltas)
+    delta = float(points.mean())
+    error = float(points.std(ddof=1) / np.sqrt(len(points))) if len(points) > 1 else float("nan")
+    met = finished and abs(delta) <= TARGET_POINTS
+    verdict = "PASS" if met else "FAIL" if finished else "INCOMPLETE (raise --answers)"
     wall = time.perf_counter() - started
     print(
-        f"\nat {args.answers} answers: delta {delta:+.1f} ± {error:.1f} IoU points (adversarial - "
-        f"honest, mean ± standard error over {len(deltas)} seeds); target |delta| <= "
-        f"{TARGET_POINTS:.0f}: "
-        f"{'PASS' if met else 'FAIL'}  ({wall:.0f} s; arms {min(r.seconds for r in runs):.0f}-"
+        f"\nfinal masks: delta {delta:+.1f} ± {error:.1f} IoU points (adversarial - honest, mean "
+        f"± standard error over {len(points)} seeds); target |delta| <= {TARGET_POINTS:.0f}: "
+        f"{verdict}  ({wall:.0f} s; arms {min(r.seconds for r in runs):.0f}-"
         f"{max(r.seconds for r in runs):.0f} s each)"
     )
     sys.exit(0 if met else 1)
