@@ -254,7 +254,7 @@ def print_groups(runs: list[Run]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one seed on one image")
+    parser.add_argument("--quick", action="store_true", help="one seed")
     parser.add_argument("--images", type=int, default=None, help="demo images per seed")
     parser.add_argument("--answers", type=int, default=None, help="grid answers per arm")
     parser.add_argument("--measure-every", type=int, default=None)
@@ -267,7 +267,7 @@ def main() -> None:
     args = parser.parse_args()
     q = args.quick
     args.answers = args.answers or 20000  # a cap: the campaigns end well before (seed 2: 8-14k)
-    args.images = args.images or (1 if q else 2)
+    args.images = args.images or 2  # one image alone may be held out: no gold
     args.measure_every = args.measure_every or 600
     args.seeds = args.seeds or ([0] if q else [0, 1, 2, 3, 4])
     print(
