@@ -4,7 +4,12 @@ Flags (each needs enough evidence before it is raised):
 
 - ``random clicking``: agreement on gold close to a coin's (0.35-0.65) over 10 or more gold tiles;
 - ``adversarial``: agreement on gold below 0.35 (answers that anti-correlate with the truth);
-- ``inhuman speed``: a median under 1.5 s per nine-tile task over 5 or more tasks.
+- ``inhuman speed``: a median under 1.5 s per nine-tile task over 5 or more tasks;
+- ``adversarial (by consensus)``, ``random clicking (by consensus)``: the same judgements for a
+  volunteer with too few gold answers, from the credibility the EM pass learned against the
+  consensus (Youden's J = sensitivity + specificity - 1 below -0.3, or within 0.15 of 0) over
+  90 or more answers. A project without gold still finds its bad actors this way, as long as
+  most of its crowd is honest (the consensus is the crowd's).
 
 A flag is a hint for a curator, never a ban by itself.
 """
@@ -23,6 +28,9 @@ from app.services.errors import NotFoundError
 from app.services.volunteer import display_name
 
 MIN_GOLD_FOR_FLAGS = 10
+MIN_ANSWERS_FOR_CONSENSUS_FLAGS = 90  # ten tasks
+ADVERSARIAL_J = -0.3  # by consensus: a volunteer this far below a coin answers against it
+COIN_J = 0.15  # by consensus: within this of a coin, a volunteer tells nothing
 MIN_TASKS_FOR_SPEED = 5
 INHUMAN_TASK_MS = 1500
 
@@ -44,14 +52,27 @@ class VolunteerReview:
 
 
 def suspicion_flags(
-    gold_answers: int, gold_agreement: float | None, median_task_ms: float | None, tasks: int
+    gold_answers: int,
+    gold_agreement: float | None,
+    median_task_ms: float | None,
+    tasks: int,
+    *,
+    answers: int = 0,
+    youden: float | None = None,
 ) -> tuple[str, ...]:
+    """Flags from the evidence (see the module's docstring); gold, when there is enough of it,
+    speaks before the consensus. ``youden``: the learned sensitivity + specificity - 1."""
     flags = []
     if gold_agreement is not None and gold_answers >= MIN_GOLD_FOR_FLAGS:
         if gold_agreement < 0.35:
             flags.append("adversarial")
         elif gold_agreement <= 0.65:
             flags.append("random clicking")
+    elif youden is not None and answers >= MIN_ANSWERS_FOR_CONSENSUS_FLAGS:
+        if youden < ADVERSARIAL_J:
+            flags.append("adversarial (by consensus)")
+        elif abs(youden) < COIN_J:
+            flags.append("random clicking (by consensus)")
     enough = median_task_ms is not None and tasks >= MIN_TASKS_FOR_SPEED
     if enough and median_task_ms is not None and median_task_ms < INHUMAN_TASK_MS:
         flags.append("inhuman speed")
@@ -106,11 +127,12 @@ def review_volunteers(
         own = times.get(volunteer.id)
         median = float(np.median(own)) if own else None
         n_tasks = tasks.get(volunteer.id, 0)
+        n_answers = answers.get(volunteer.id, 0)
         out.append(
             VolunteerReview(
                 id=volunteer.id,
                 name=display_name(volunteer),
-                answers=answers.get(volunteer.id, 0),
+                answers=n_answers,
                 tasks=n_tasks,
                 sensitivity=sens,
                 specificity=spec,
@@ -119,7 +141,9 @@ def review_volunteers(
                 median_task_ms=median,
                 banned=volunteer.banned,
                 ban_reason=volunteer.ban_reason,
-                flags=suspicion_flags(gold_n, agreement, median, n_tasks),
+                flags=suspicion_flags(
+                    gold_n, agreement, median, n_tasks, answers=n_answers, youden=sens + spec - 1
+                ),
             )
         )
     out.sort(key=lambda r: (not r.flags, -r.answers, r.id))

@@ -302,6 +302,18 @@ def test_suspicion_flags_need_evidence() -> None:
     assert suspicion_flags(3, 0.0, 800, 2) == ()
 
 
+def test_without_enough_gold_the_learned_credibility_flags() -> None:
+    def flags(gold: int, agreement: float | None, *, youden: float, answers: int = 900) -> tuple:
+        return suspicion_flags(gold, agreement, 9000.0, 100, answers=answers, youden=youden)
+
+    assert flags(0, None, youden=-0.7) == ("adversarial (by consensus)",)
+    assert flags(4, 0.9, youden=0.05) == ("random clicking (by consensus)",)
+    assert flags(0, None, youden=0.5) == ()  # a sloppy but honest volunteer
+    assert flags(0, None, youden=1 / 3) == ()  # a newcomer: the priors' J
+    assert flags(0, None, youden=-0.7, answers=45) == ()  # too few answers to judge
+    assert flags(20, 0.9, youden=-0.7) == ()  # enough gold: gold speaks, and clears them
+
+
 def test_export_round_trips_through_pycocotools(live: Live, tmp_path: Path) -> None:
     targets = triage_some(live, 3)
     client = logged_in(live, Role.CURATOR)
