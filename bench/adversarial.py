@@ -29,7 +29,7 @@ carry no information or are lies, so it needs more answers to finish, and at an 
 answers it lags while both are still working (the table of IoU against answers shows both; the
 summary gives the answers each arm needed). The crowd-only ceiling is the grid's: finest cells
 of 6-18 px, claimed when they show any of the object, give a mean IoU of about 0.6-0.8 on the
-demo's small shapes. One seed's IoU varies by a point or two from run to run (the picker's
+demo's small shapes. One seed's IoU varies by up to a few points from run to run (the picker's
 random choices), hence several seeds.
 
 Target: |IoU(adversarial) - IoU(honest)| <= 2 points on the final masks (mean over seeds), every
