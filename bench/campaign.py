@@ -60,8 +60,8 @@ from app.migrate import upgrade_to_head
 from app.models import Cell, Image, Project, Target
 from app.security import VOLUNTEER_COOKIE
 from app.services.campaign import load_truth
-from app.services.consensus import compose_cells
 from app.services.importer import run_import
+from app.services.masks.composition import compose_target
 from app.services.project import create_project
 from ml.aggregation.simulate import PROFILES
 from ml.demo.dataset import write_demo_dataset
@@ -126,8 +126,9 @@ def measure(
             cells = list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
             if image is None or not cells:
                 continue
-            soft, _ = compose_cells(session, image=image, cells=cells)
-            hard = soft > 0.5  # an undecided cell (0.5) is not claimed
+            hard = compose_target(
+                session, settings=settings, target=target, image=image, cells=cells
+            ).hard
             truth = truths[target.id]
             union = np.logical_or(hard, truth).sum()
             ious.append(1.0 if union == 0 else np.logical_and(hard, truth).sum() / union)

@@ -121,6 +121,7 @@ def project_set(
     from app.jobs.retrain import ACQUISITIONS
     from app.jobs.schedule import schedule_of
     from app.models.project import DEFAULT_PROJECT_SETTINGS
+    from ml.composition import METHODS
 
     known = {*DEFAULT_PROJECT_SETTINGS, "retrain"}
     if key not in known:
@@ -131,6 +132,8 @@ def project_set(
         raise fail(f"{value!r} is not JSON ({exc.msg}); quote strings: '\"random\"'") from exc
     if key == "acquisition" and parsed not in ACQUISITIONS:
         raise fail(f"acquisition must be one of {', '.join(ACQUISITIONS)}")
+    if key == "composition" and parsed not in METHODS:
+        raise fail(f"composition must be one of {', '.join(METHODS)}")
     with make_session_factory(ready_engine(load_settings()))() as session:
         try:
             project = get_project(session, slug=slug)

@@ -31,6 +31,9 @@ DEFAULT_PROJECT_SETTINGS: dict[str, Any] = {
     "model_confirm_votes": 1,
     # How the learning loop ranks targets: uncertainty, disagreement or random (the baseline).
     "acquisition": "uncertainty",
+    # How the pixels inside the cells an object's border crosses are decided (ml.composition):
+    # grabcut (the image, seeded by the decided cells and the model), model, or cells.
+    "composition": "grabcut",
 }
 
 

@@ -19,8 +19,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
-from app.models import Cell, Consensus, Credibility, Gold, Image, RetireReason, Volunteer, Vote
-from ml.aggregation import grid
+from app.models import Cell, Consensus, Credibility, Gold, Volunteer, Vote
 from ml.aggregation.credibility import (
     COUNT_FIELDS,
     WorkerCounts,
@@ -28,7 +27,6 @@ from ml.aggregation.credibility import (
     cells_logodds,
     sensitivity_specificity,
 )
-from ml.aggregation.rules import leaf_cells
 
 COUNT_COLUMNS = COUNT_FIELDS  # Credibility's columns are WorkerCounts' fields
 
@@ -125,33 +123,6 @@ def refresh_cells(session: Session, *, cells: list[Cell]) -> Fresh:
         ],
     )
     return Fresh(posterior, n_votes, votes.credible(len(cells)))
-
-
-def compose_cells(
-    session: Session, *, image: Image, cells: list[Cell]
-) -> tuple[np.ndarray, np.ndarray]:
-    """A target's mask from its finest cells, retired or not: gold and curator answers as 0/1,
-    every other cell its posterior.
-
-    Shape: returns soft ``(H, W)`` float and hard ``(H, W)`` bool."""
-    addresses = [grid.Cell(c.level, c.row, c.col) for c in cells]
-    leaves = [c for c, leaf in zip(cells, leaf_cells(addresses), strict=True) if leaf]
-    posteriors = dict(
-        session.execute(
-            select(Consensus.cell_id, Consensus.posterior).where(
-                Consensus.cell_id.in_([c.id for c in leaves])
-            )
-        ).all()
-    )
-    probs = [
-        float(bool(c.label))
-        if c.retire_reason in (RetireReason.GOLD, RetireReason.CURATOR)
-        else posteriors[c.id]
-        for c in leaves
-    ]
-    return grid.compose(
-        [grid.Cell(c.level, c.row, c.col) for c in leaves], probs, image.height, image.width
-    )
 
 
 def gold_labels(session: Session, *, cell_ids: Iterable[int]) -> dict[int, bool]:

@@ -41,8 +41,9 @@ from app.models import (
     WindowState,
 )
 from app.services.campaign import uncertainty
-from app.services.consensus import compose_cells, credibility_estimates
+from app.services.consensus import credibility_estimates
 from app.services.errors import InvalidInputError, NotFoundError
+from app.services.masks.composition import compose_target
 from app.services.recompute import recompute_project
 from app.services.target import add_mask_version
 from app.services.volunteer import display_name
@@ -453,14 +454,14 @@ def accept_target(
     image = session.get(Image, target.image_id)
     assert image is not None
     cells = list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
-    soft, hard = compose_cells(session, image=image, cells=cells)
+    composed = compose_target(session, settings=settings, target=target, image=image, cells=cells)
     return finish_target(
         session,
         settings=settings,
         project=project,
         target=target,
-        mask=hard,
-        soft=soft,
+        mask=composed.hard,
+        soft=composed.soft,
         meta={"curator": curator},
         tag_status=ImageTagStatus.ACTIVE,
     )

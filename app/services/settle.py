@@ -36,7 +36,8 @@ from app.services.campaign import (
     refinement_config,
     window_value,
 )
-from app.services.consensus import cell_votes, compose_cells
+from app.services.consensus import cell_votes
+from app.services.masks.composition import compose_target
 from app.services.retirement import retire_cells
 from app.services.target import add_mask_version
 from app.storage import FileStore
@@ -186,12 +187,12 @@ def _complete(
     session: Session, settings: Settings, target: Target, image: Image, cells: list[Cell]
 ) -> bool:
     """Compose the final mask from the finest retired cells. Returns whether it is uncertain."""
-    soft, hard = compose_cells(session, image=image, cells=cells)
+    composed = compose_target(session, settings=settings, target=target, image=image, cells=cells)
     add_mask_version(
         session,
         target=target,
-        mask=hard,
-        soft=soft,
+        mask=composed.hard,
+        soft=composed.soft,
         source=MaskSource.CONSENSUS,
         store=FileStore(settings.masks_dir),
         written=[],

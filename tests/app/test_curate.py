@@ -228,7 +228,8 @@ def test_triage_fix_accept_makes_gold_and_a_curator_mask(live: Live) -> None:
 
     coverage = grid.level_coverage(mask, 1).ravel()
     index = [c.row * 3 + c.col for c in image_cells if c is not None]
-    assert coverage[index[0]] == 1.0 and coverage[index[1]] == 0.0
+    # A "yes" says some of the tag is in the cell (the image decides which pixels); a "no", none.
+    assert coverage[index[0]] > 0.0 and coverage[index[1]] == 0.0
     queue = client.get("/curate")
     assert f"/curate/targets/{first}" not in queue.text
 

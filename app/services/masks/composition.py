@@ -1,0 +1,102 @@
+"""A target's mask as it stands: its finest cells composed per pixel with its image.
+
+One composition serves everything that shows or uses a mask: the mask a target completes with,
+a curator's accept, the current mask of an unfinished target (curator overlay, export of work
+in progress) and the campaign benchmark. The numbers are ``ml.composition``'s; this module loads
+what they need: the finest cells and their posteriors (gold and curator answers as 0/1), the
+image's pixels, and the segmenter's latest prediction for the target, if there is one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image as PILImage
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.models import (
+    Cell,
+    Consensus,
+    Image,
+    MaskSource,
+    MaskVersion,
+    Project,
+    RetireReason,
+    Target,
+)
+from app.services.image import image_path
+from app.storage import decode_mask_png
+from ml.aggregation import grid
+from ml.aggregation.rules import leaf_cells
+from ml.composition import Composed, compose_mask
+
+
+def leaf_posteriors(session: Session, *, cells: list[Cell]) -> tuple[list[grid.Cell], list[float]]:
+    """The finest cells (those without children) and their probabilities: gold and curator
+    answers as 0/1, every other cell its posterior."""
+    addresses = [grid.Cell(c.level, c.row, c.col) for c in cells]
+    leaves = [c for c, leaf in zip(cells, leaf_cells(addresses), strict=True) if leaf]
+    posteriors = dict(
+        session.execute(
+            select(Consensus.cell_id, Consensus.posterior).where(
+                Consensus.cell_id.in_([c.id for c in leaves])
+            )
+        ).all()
+    )
+    probs = [
+        float(bool(c.label))
+        if c.retire_reason in (RetireReason.GOLD, RetireReason.CURATOR)
+        else float(posteriors[c.id])
+        for c in leaves
+    ]
+    return [grid.Cell(c.level, c.row, c.col) for c in leaves], probs
+
+
+def load_pixels(settings: Settings, image: Image) -> np.ndarray:
+    """The image's pixels as RGB. Shape: ``(H, W, 3)`` uint8."""
+    with PILImage.open(image_path(settings, image)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def model_probability(session: Session, settings: Settings, target: Target) -> np.ndarray | None:
+    """The segmenter's latest per-pixel probability for the target, if it has predicted it."""
+    version = session.scalar(
+        select(MaskVersion)
+        .where(MaskVersion.target_id == target.id, MaskVersion.source == MaskSource.MODEL)
+        .order_by(MaskVersion.version.desc())
+        .limit(1)
+    )
+    if version is None:
+        return None
+    mask = decode_mask_png(settings.data_dir / (version.soft_path or version.hard_path))
+    return mask.astype(np.float32)
+
+
+def compose_target(
+    session: Session,
+    *,
+    settings: Settings,
+    target: Target,
+    image: Image | None = None,
+    cells: list[Cell] | None = None,
+    pixels: np.ndarray | None = None,
+) -> Composed:
+    """The target's soft and hard mask now (see the module docstring).
+
+    ``image``, ``cells`` and ``pixels`` are loaded when not given. The method is the project's
+    ``composition`` setting.
+    """
+    image = image or session.get(Image, target.image_id)
+    project = session.get(Project, target.project_id)
+    assert image is not None and project is not None
+    if cells is None:
+        cells = list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
+    leaves, probs = leaf_posteriors(session, cells=cells)
+    if pixels is None:
+        pixels = load_pixels(settings, image)
+    model = model_probability(session, settings, target)
+    if model is not None and model.shape != pixels.shape[:2]:
+        model = None  # a prediction of another size (a replaced file): not evidence here
+    method = str(project.setting("composition"))
+    return compose_mask(pixels, leaves, probs, model=model, method=method)

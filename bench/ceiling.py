@@ -1,0 +1,105 @@
+"""The composition's ceiling: mask IoU when every answer is right, against human-seconds.
+
+Usage: ``python bench/ceiling.py [--images N] [--seed S] [--min-cell-px P ...] [--methods ...]``
+
+A perfect crowd answers "is any of it in this square" with the truth (a cell is positive when the
+ground truth touches it). Windows open as the product opens them (the refinement rules on the
+border, down to ``min_cell_px`` pixels per cell side and ``max_level``), one level at a time;
+after each level the mask is composed from the finest cells by each method of
+``ml.composition`` (``cells``: whole-cell painting, the old composition) and scored against the
+truth. Each window costs ``--votes`` grids of 10.3 s (the measured mean time of a reCAPTCHA
+image grid); human-seconds are per object (one object = one (image, tag) target).
+
+The last line per method is for scripts:
+``ceiling: method=... min_cell_px=... iou=... seconds=...`` (means over targets, all levels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ml.aggregation import grid
+from ml.aggregation.rules import RefinementConfig, choose_refinements
+from ml.composition import METHODS, compose_mask
+from ml.demo.scenes import generate_scenes
+
+SECONDS_PER_GRID = 10.3
+
+
+def iou(mask: np.ndarray, truth: np.ndarray) -> float:
+    union = np.logical_or(mask, truth).sum()
+    return 1.0 if union == 0 else float(np.logical_and(mask, truth).sum() / union)
+
+
+def perfect_levels(truth: np.ndarray, config: RefinementConfig) -> list[tuple[int, list]]:
+    """(windows opened so far, finest cells with their perfect answers) after each level."""
+    h, w = truth.shape
+    cells = list(grid.children(grid.ROOT))
+    opened = [grid.ROOT]
+    out = []
+    frontier = [grid.ROOT]
+    while frontier:
+        labels = (grid.cell_coverage(truth, cells) > 0).astype(np.int8)
+        out.append((len(opened), list(zip(cells, labels, strict=True))))
+        frontier = choose_refinements(cells, labels, h, w, opened=set(opened), config=config)
+        opened += frontier
+        cells += [child for cell in frontier for child in grid.children(cell)]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--votes", type=int, default=1, help="votes per window (k)")
+    parser.add_argument("--min-cell-px", type=int, nargs="+", default=[5, 16, 32])
+    parser.add_argument("--max-level", type=int, default=6)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    args = parser.parse_args()
+    scenes = list(generate_scenes(seed=args.seed, n_images=args.images))
+    targets = [(s.image, m) for s in scenes for m in s.tag_masks.values()]
+    print(f"{len(scenes)} images, {len(targets)} targets, {args.votes} vote(s) per window")
+    for min_px in args.min_cell_px:
+        config = RefinementConfig(min_cell_px=min_px, max_level=args.max_level)
+        rows: dict[str, list[list[tuple[float, float]]]] = {m: [] for m in args.methods}
+        took = dict.fromkeys(args.methods, 0.0)
+        for image, truth in targets:
+            levels = perfect_levels(truth, config)
+            for method in args.methods:
+                curve = []
+                for windows, answered in levels:
+                    cells = [c for c, _ in answered]
+                    probs = [float(y) for _, y in answered]
+                    started = time.perf_counter()
+                    hard = compose_mask(image, cells, probs, method=method).hard
+                    took[method] += time.perf_counter() - started
+                    seconds = windows * args.votes * SECONDS_PER_GRID
+                    curve.append((seconds, iou(hard, truth)))
+                rows[method].append(curve)
+        for method, curves in rows.items():
+            final = [c[-1] for c in curves]
+            by_depth = max(len(c) for c in curves)
+            parts = []
+            for d in range(by_depth):
+                pts = [c[min(d, len(c) - 1)] for c in curves]
+                mean_iou, mean_s = np.mean([p[1] for p in pts]), np.mean([p[0] for p in pts])
+                parts.append(f"L{d + 1} {mean_iou:.3f}@{mean_s:.0f}s")
+            print(f"  min_cell_px {min_px:3d} {method:8s} " + "  ".join(parts))
+            print(
+                f"ceiling: method={method} min_cell_px={min_px} "
+                f"iou={np.mean([f[1] for f in final]):.3f} "
+                f"seconds={np.mean([f[0] for f in final]):.0f} "
+                f"compose_ms={1000 * took[method] / max(1, sum(len(c) for c in curves)):.1f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

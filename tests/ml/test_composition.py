@@ -1,0 +1,89 @@
+"""Per-pixel composition: decided cells set their pixels, the image decides the border."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ml.aggregation import grid
+from ml.composition import compose_mask, get_method, trimap
+
+
+def _scene(size: int = 162, radius: float = 40.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A noisy grey-green background and a reddish disc off the grid's lines."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    truth = (yy - 0.46 * size) ** 2 + (xx - 0.57 * size) ** 2 <= radius**2
+    image = rng.normal(110, 18, (size, size, 3))
+    image[truth] = rng.normal((200, 60, 50), 18, (int(truth.sum()), 3))
+    return np.clip(image, 0, 255).astype(np.uint8), truth
+
+
+def _perfect(truth: np.ndarray, level: int) -> tuple[list[grid.Cell], list[float]]:
+    cells = grid.level_cells(level)
+    return cells, [float(c > 0) for c in grid.cell_coverage(truth, cells)]
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def test_the_image_decides_the_border_cells_that_whole_cells_would_paint() -> None:
+    image, truth = _scene()
+    cells, probs = _perfect(truth, 2)
+    painted = compose_mask(image, cells, probs, method="cells").hard
+    composed = compose_mask(image, cells, probs, method="grabcut")
+    assert _iou(painted, truth) < 0.8
+    assert _iou(composed.hard, truth) >= 0.9
+    # Soft: a probability, confident far from the border, unsure on it.
+    assert composed.soft.min() >= 0.0 and composed.soft.max() <= 1.0
+    assert composed.soft[truth].mean() > 0.8 and composed.soft[~truth].mean() < 0.1
+
+
+def test_the_model_decides_the_band_when_asked() -> None:
+    image, truth = _scene()
+    cells, probs = _perfect(truth, 2)
+    by_model = compose_mask(image, cells, probs, model=truth.astype(np.float32), method="model")
+    assert _iou(by_model.hard, truth) > 0.99
+    without = compose_mask(image, cells, probs, method="model").hard
+    assert np.array_equal(without, compose_mask(image, cells, probs, method="cells").hard)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    labels=st.lists(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]), min_size=9, max_size=9),
+    seed=st.integers(0, 100),
+    method=st.sampled_from(["cells", "grabcut"]),
+)
+def test_a_no_is_never_painted_and_a_yes_always_keeps_some_pixels(
+    labels: list[float], seed: int, method: str
+) -> None:
+    image, _ = _scene(size=60, radius=14.0, seed=seed)
+    cells = grid.level_cells(1)
+    hard = compose_mask(image, cells, labels, method=method).hard
+    for cell, q in zip(cells, labels, strict=True):
+        r = grid.cell_rect(cell, 60, 60)
+        inside = hard[r.top : r.bottom, r.left : r.right]
+        if q <= 0.2:
+            assert not inside.any()
+        if q > 0.5:
+            assert inside.any()
+
+
+def test_finer_cells_override_their_parent_and_the_edge_is_not_assumed_filled() -> None:
+    cells = [grid.Cell(1, 1, 1), *grid.children(grid.Cell(1, 1, 1))]
+    probs = [1.0] + [1.0] * 8 + [0.0]
+    tm = trimap(cells, probs, 81, 81)
+    assert tm.sure_bg[50:54, 50:54].all()  # the negative child, not its positive parent
+    assert len(tm.positive) == 8  # the parent is not a leaf
+    whole = trimap([grid.Cell(0, 0, 0)], [1.0], 30, 30)
+    assert not whole.sure_fg[0].any() and whole.band[0].all()  # the image's edge: a border
+
+
+def test_unknown_method_says_what_there_is() -> None:
+    with pytest.raises(KeyError, match="grabcut"):
+        get_method("magic")
+    with pytest.raises(ValueError, match="shape"):
+        compose_mask(np.zeros((9, 9, 3), np.uint8), [grid.ROOT], [1.0], model=np.zeros((3, 3)))
