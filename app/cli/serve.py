@@ -16,7 +16,7 @@ from app.db import make_session_factory
 from app.services.importer import ImportReport, run_import
 from app.services.project import create_project, find_project
 
-DEMO_SETTINGS = {"min_cell_px": 5, "max_level": 4}
+DEMO_SETTINGS = {"min_cell_px": 8, "max_level": 4}
 
 
 def _serve(settings: Settings, host: str, port: int, workers: int = 1) -> None:

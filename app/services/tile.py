@@ -120,7 +120,10 @@ def render_tile(
     width, height = g.cell.width * sx, g.cell.height * sy
     dx = float(np.clip(rng.uniform(-a.shift, a.shift) * width, -left, base.width - left - width))
     dy = float(np.clip(rng.uniform(-a.shift, a.shift) * height, -top, base.height - top - height))
-    box = (left + dx, top + dy, left + dx + width, top + dy + height)
+    # Clamped: the scale's rounding (a 273 px cell to 192.00000000000003 px) may put an edge a
+    # hair outside the cut, which Pillow refuses.
+    x0, y0 = max(0.0, left + dx), max(0.0, top + dy)
+    box = (x0, y0, min(float(base.width), x0 + width), min(float(base.height), y0 + height))
     tile = base.resize(tile_size(image, cell, side), PILImage.Resampling.BICUBIC, box=box)
     for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
         tile = enhancer(tile).enhance(1.0 + rng.uniform(-a.colour, a.colour))

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ml.demo.geometry import Placement, pixel_centres
+from ml.demo.geometry import Placement, Window, bounding_window, pixel_centres, window_centres
 
 OBJECT_COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (214, 38, 38),
@@ -36,12 +36,10 @@ def shade(colour: str) -> np.ndarray:
     return np.asarray(OBJECT_COLOURS[colour], dtype=np.float64) * SHADE_FACTOR
 
 
-def _local_coords(
-    height: int, width: int, place: Placement, angle: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return pixel centres in a frame centred on the object and rotated by ``angle``."""
-    xs, ys = pixel_centres(height, width)
-    dx, dy = xs - place.cx, ys - place.cy  # (H, W)
+def _local_coords(window: Window, place: Placement, angle: float) -> tuple[np.ndarray, np.ndarray]:
+    """Return a window's pixel centres in a frame centred on the object, rotated by ``angle``."""
+    xs, ys = window_centres(window)
+    dx, dy = xs - place.cx, ys - place.cy  # (h, w)
     c, s = np.cos(angle), np.sin(angle)
     return c * dx + s * dy, -s * dx + c * dy
 
@@ -70,7 +68,10 @@ TEXTURES: dict[str, Callable[[np.ndarray, np.ndarray, float], np.ndarray]] = {
 def texture_ink(
     texture: str, height: int, width: int, place: Placement, period: float, angle: float
 ) -> np.ndarray:
-    """Return where a texture puts its dark ink, over the whole image.
+    """Return where a texture puts its dark ink, on the object's bounding window.
+
+    Only the pixels that the object can cover (``geometry.bounding_window``) get ink; the rest of
+    the image stays False, which is all an object mask ever reads of it.
 
     Args:
         texture: one of ``TEXTURES``.
@@ -83,8 +84,11 @@ def texture_ink(
     Shape:
         output (H, W) bool.
     """
-    u, v = _local_coords(height, width, place, angle)
-    return TEXTURES[texture](u, v, period)
+    window = bounding_window(height, width, place)
+    u, v = _local_coords(window, place, angle)  # (h, w) each
+    ink = np.zeros((height, width), dtype=bool)
+    ink[window] = TEXTURES[texture](u, v, period)
+    return ink
 
 
 def paint_object(

@@ -6,11 +6,14 @@ occlude earlier ones. Each object's mask is its *visible* part: its full shape m
 shape. Objects are painted through their full masks in drawing order, so the pixels each object
 keeps are exactly its visible mask.
 
-Placement keeps every object useful for 3x3 grid questions: sizes span 8-45% of the short side
-(about a third small), every object keeps at least ``MIN_VISIBLE_FRACTION`` of its shape, and a
-textured object keeps both of its inks visible. Candidates that break a rule are redrawn; after
-``MAX_ATTEMPTS`` the object is dropped. Everything comes from the given generator, so a seed fixes
-the scene.
+Images are 384 to 1024 px on each side (aspect ratios from 1:1 to 2:1, either orientation), so
+even the pyramid's finest cells show enough pixels to judge. Object sizes spread over COCO's
+small, medium and large classes (``ml.demo.sizes``). Placement keeps every object useful for 3x3
+grid questions: every object keeps at least ``MIN_VISIBLE_FRACTION`` of its shape and
+``MIN_VISIBLE_PIXELS`` pixels, and a textured object (never one narrower than
+``MIN_TEXTURED_DIAMETER``) keeps both of its inks visible. Candidates that break a rule are
+redrawn; after ``MAX_ATTEMPTS`` the object is dropped. Everything comes from the given
+generator, so a seed fixes the scene.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ml.demo.geometry import SHAPES, Placement, shape_mask
+from ml.demo.geometry import SHAPES, Placement, shape_mask, unit_area
 from ml.demo.painting import (
     OBJECT_COLOURS,
     TEXTURES,
@@ -29,17 +32,16 @@ from ml.demo.painting import (
     texture_ink,
     to_uint8,
 )
+from ml.demo.sizes import draw_area
 from ml.demo.vocabulary import tag_names, with_ancestors
 
-MIN_SIDE, MAX_SIDE = 128, 512
+MIN_SIDE, MAX_SIDE = 384, 1024
 ASPECTS = (1.0, 1.0, 4 / 3, 3 / 2, 16 / 9, 2.0)  # long side / short side
-SMALL_SIZE = (0.08, 0.15)  # diameter as a fraction of the short side
-LARGE_SIZE = (0.16, 0.45)
-SMALL_SHARE = 0.3
 MIN_TEXTURED_DIAMETER = 28.0  # pixels; below this a pattern would not read as one
 TEXTURED_SHARE = 0.55
+TEXTURE_PERIOD = (8.0, 18.0)  # pixels; 0.45 of the radius, clipped to this range
 MIN_VISIBLE_FRACTION = 0.4
-MIN_VISIBLE_PIXELS = 30
+MIN_VISIBLE_PIXELS = 100  # a 10 x 10 blob, the least that reads as an object at full size
 MIN_INK_SHARE = 0.12  # each ink of a textured object covers at least this share of what shows
 OVERLAP_SHARE = 0.5  # chance to place an object against an earlier one, to force occlusion
 MAX_ATTEMPTS = 25
@@ -110,12 +112,10 @@ def image_size(rng: np.random.Generator) -> tuple[int, int]:
 
 
 def _draw_placement(
-    rng: np.random.Generator, height: int, width: int, drafts: list[_Draft]
+    rng: np.random.Generator, shape: str, height: int, width: int, drafts: list[_Draft]
 ) -> Placement:
     """Draw a size, an angle and a centre, often right against an earlier object."""
-    short = min(height, width)
-    size_range = SMALL_SIZE if rng.random() < SMALL_SHARE else LARGE_SIZE
-    radius = rng.uniform(*size_range) * short / 2
+    radius = float(np.sqrt(draw_area(rng, height, width) / unit_area(shape)))
     if drafts and rng.random() < OVERLAP_SHARE:
         other = drafts[int(rng.integers(len(drafts)))].place
         direction = rng.uniform(0.0, 2 * np.pi)
@@ -141,11 +141,11 @@ def _draw_candidate(
     """Draw one random object against the ones already placed."""
     shape = str(rng.choice(list(SHAPES)))
     colour = str(rng.choice(list(OBJECT_COLOURS)))
-    place = _draw_placement(rng, height, width, drafts)
+    place = _draw_placement(rng, shape, height, width, drafts)
     texture = _draw_texture(rng, place.radius)
     ink = None
     if texture is not None:
-        period = float(np.clip(place.radius * 0.45, 8.0, 18.0))
+        period = float(np.clip(place.radius * 0.45, *TEXTURE_PERIOD))
         angle = rng.uniform(0.0, np.pi)
         ink = texture_ink(texture, height, width, place, period, angle)
     full = shape_mask(shape, height, width, place)
@@ -218,7 +218,7 @@ def generate_scene(rng: np.random.Generator, name: str) -> Scene:
         name: the image name (without extension).
 
     Returns:
-        A scene of size in [128, 512] x [128, 512] with at least one object.
+        A scene of size in [MIN_SIDE, MAX_SIDE] x [MIN_SIDE, MAX_SIDE] with at least one object.
     """
     height, width = image_size(rng)
     canvas = background(rng, height, width)  # (H, W, 3) float

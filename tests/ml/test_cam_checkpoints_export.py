@@ -71,7 +71,9 @@ def test_cam_peak_falls_inside_the_object_more_often_than_chance(demo_split: Coc
             area.append(mask.mean())
             heats.append(plane)
             masks.append(mask)
-    assert np.mean(hits) > np.mean(area) + 0.1, (np.mean(hits), np.mean(area))
+    # Objects are small against the image (a median of 0.5%, as in COCO): the peak must land
+    # inside them several times as often as chance does.
+    assert np.mean(hits) > 3 * np.mean(area) + 0.03, (np.mean(hits), np.mean(area))
     calibrator = fit_cam_calibrator(heats, masks)
     assert calibrator.apply(0.9) >= calibrator.apply(0.1)
 

@@ -13,16 +13,27 @@ from pycocotools import mask as mask_utils
 
 import ml.demo.dataset as dataset_module
 from ml.demo.dataset import write_demo_dataset
+from ml.demo.geometry import (
+    POLYGONS,
+    SHAPES,
+    Placement,
+    inside_polygon,
+    pixel_centres,
+    shape_mask,
+    unit_area,
+)
 from ml.demo.painting import OBJECT_COLOURS, shade
 from ml.demo.scenes import (
     MAX_SIDE,
     MIN_SIDE,
     MIN_VISIBLE_FRACTION,
+    MIN_VISIBLE_PIXELS,
     Scene,
     SceneObject,
     generate_scenes,
     visible_masks,
 )
+from ml.demo.sizes import class_bounds, size_class, size_spread
 from ml.demo.vocabulary import (
     VOCABULARY,
     ancestors,
@@ -99,8 +110,10 @@ def test_scene_depends_only_on_seed_and_index() -> None:
 
 
 def test_sizes_in_range_and_not_all_square(scenes: list[Scene]) -> None:
+    assert (MIN_SIDE, MAX_SIDE) == (384, 1024)  # sides like real photos, not thumbnails
     sizes = [(scene.height, scene.width) for scene in scenes]
     assert all(MIN_SIDE <= side <= MAX_SIDE for size in sizes for side in size)
+    assert min(min(size) for size in sizes) < 512 and max(max(size) for size in sizes) > 900
     assert any(h != w for h, w in sizes)
     assert any(h > w for h, w in sizes) and any(h < w for h, w in sizes)
     assert all(scene.image.dtype == np.uint8 and scene.image.shape[2] == 3 for scene in scenes)
@@ -123,14 +136,38 @@ def test_occlusion_happens(scenes: list[Scene]) -> None:
     assert len({id(s) for s in scenes if any(o in occluded for o in s.objects)}) >= 3
 
 
-def test_objects_have_varied_sizes(scenes: list[Scene]) -> None:
-    fractions = [
-        np.sqrt(obj.full_mask.sum()) / min(scene.height, scene.width)
-        for scene in scenes
-        for obj in scene.objects
-    ]
-    assert min(fractions) < 0.12  # small objects exist
-    assert max(fractions) > 0.25  # and large ones
+def test_object_sizes_spread_over_coco_classes(scenes: list[Scene]) -> None:
+    spread = size_spread(scenes)
+    assert spread.total == len(_all_objects(scenes))
+    shares = spread.shares()
+    # Aimed at about 35% small, 40% medium, 25% large; 24 scenes (~90 objects) stay in these bands.
+    assert all(0.15 <= share <= 0.6 for share in shares.values()), shares
+    assert 0.001 < spread.median_image_share < 0.05, spread
+    assert min(int(obj.mask.sum()) for obj in _all_objects(scenes)) >= MIN_VISIBLE_PIXELS
+
+
+def test_size_classes_follow_coco_bounds() -> None:
+    areas = (1, 32**2 - 1, 32**2, 96**2 - 1, 96**2, 10**6)
+    expected = ["small", "small", "medium", "medium", "large", "large"]
+    assert [size_class(area) for area in areas] == expected
+    assert class_bounds("large", 400, 600)[1] > class_bounds("large", 400, 500)[1]
+    with pytest.raises(KeyError, match="known"):
+        class_bounds("huge", 400, 400)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_shape_masks_match_a_whole_image_evaluation(shape: str) -> None:
+    height, width = 60, 80
+    xs, ys = pixel_centres(height, width)  # (H, W) each
+    places = (Placement(40.3, 30.7, 17.2, 0.4), Placement(2.0, 57.5, 25.0, 1.1))
+    for place in (*places, Placement(79.9, 0.2, 9.0, 2.0)):  # inside, across borders, corner
+        if shape == "circle":
+            expected = (xs - place.cx) ** 2 + (ys - place.cy) ** 2 <= place.radius**2
+        else:
+            expected = inside_polygon(xs, ys, POLYGONS[shape](place))
+        assert np.array_equal(shape_mask(shape, height, width, place), expected)
+    inside = shape_mask(shape, height, width, places[0]).sum()
+    assert inside == pytest.approx(unit_area(shape) * places[0].radius ** 2, rel=0.05)
 
 
 def _nearest_palette(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
