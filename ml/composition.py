@@ -50,10 +50,12 @@ from ml.aggregation.rules import leaf_cells
 
 NEGATIVE = 0.2  # a cell at or under this posterior is sure background
 POSITIVE = 0.8  # a cell at or over this posterior may hold sure foreground (its core)
-CORE_CELLS = 1.0  # sure foreground starts this many cell sides inside the positive region
+CORE_CELLS = 1.5  # sure foreground starts farther from the border than a cell's diagonal (1.41)
 RAMP_PX = 4.0  # band confidence reaches 1 this far from the decided border
-GRABCUT_ITERATIONS = 4
-GRABCUT_MAX_PIXELS = 400_000  # larger crops run downscaled (GrabCut's cost grows with area)
+GRABCUT_ITERATIONS = 3
+BG_COLOURS = 8  # k-means centres of the sure background's colours
+BG_SAMPLE = 4000  # sure-background pixels they are fitted on
+GRABCUT_MAX_PIXELS = 120_000  # larger crops run downscaled (GrabCut's cost grows with area)
 
 FloatMask = npt.NDArray[np.float32]
 BoolMask = npt.NDArray[np.bool_]
@@ -107,14 +109,16 @@ def trimap(cells: Sequence[grid.Cell], probs: npt.ArrayLike, height: int, width:
     return Trimap(posterior, sure_fg, sure_bg, claimed & ~sure_fg, claimed, positive)
 
 
-def _keep_every_yes(tm: Trimap, hard: BoolMask) -> BoolMask:
+def _keep_every_yes(tm: Trimap, hard: BoolMask, fallback: BoolMask | None = None) -> BoolMask:
     """A cell the crowd said shows the object keeps some of it: where the image method emptied
-    one (the object's colours are not told apart there), the whole cell stays claimed."""
+    one, its ``fallback`` pixels (those unlike the background) are claimed, or the whole cell
+    when there are none."""
     hard = hard.copy()
     for r in tm.positive:
         cell = hard[r.top : r.bottom, r.left : r.right]
         if cell.size and not cell.any():
-            cell[...] = True
+            keep = None if fallback is None else fallback[r.top : r.bottom, r.left : r.right]
+            cell[...] = keep if keep is not None and keep.any() else True
     return hard
 
 
@@ -126,9 +130,9 @@ def _distance_ramp(fg: BoolMask) -> FloatMask:
     return np.clip(0.5 + d / (2.0 * RAMP_PX), 0.5, 1.0).astype(np.float32)
 
 
-def _finish(tm: Trimap, fg: BoolMask) -> Composed:
+def _finish(tm: Trimap, fg: BoolMask, fallback: BoolMask | None = None) -> Composed:
     """Soft and hard masks from a per-pixel decision ``fg`` of the probable pixels."""
-    hard = _keep_every_yes(tm, tm.sure_fg | (fg & tm.claimed & ~tm.sure_bg))
+    hard = _keep_every_yes(tm, tm.sure_fg | (fg & tm.claimed & ~tm.sure_bg), fallback)
     confidence = _distance_ramp(hard)
     in_object = np.where(hard, confidence, 1.0 - confidence)
     soft = np.where(tm.band, tm.posterior * in_object, tm.posterior)
@@ -163,11 +167,44 @@ def _crop(tm: Trimap) -> tuple[slice, slice] | None:
     return slice(top, bottom), slice(left, right)
 
 
-def _grabcut_labels(tm: Trimap, model: FloatMask | None) -> np.ndarray:
-    labels = np.full(tm.band.shape, cv2.GC_PR_BGD, dtype=np.uint8)  # (H, W)
-    probable_fg = tm.band if model is None else tm.band & (model >= 0.5)
+def unlike_background(pixels: np.ndarray, sure_bg: BoolMask, rng_seed: int = 0) -> BoolMask:
+    """Pixels whose colour no sure-background pixel nearby has: farther from every one of
+    ``BG_COLOURS`` k-means centres of the sure background than 95% of its own pixels are.
+
+    A *no* cell is clean background, which a *yes* cell is not: this is what seeds GrabCut's
+    probable labels in the band when there is no model (a band that is mostly background, as
+    around a small object, would otherwise teach GrabCut's object model the background).
+
+    Shape: pixels ``(H, W, 3)``, sure_bg and the result ``(H, W)``.
+    """
+    bg = pixels[sure_bg].astype(np.float32)  # (N, 3)
+    if len(bg) < BG_COLOURS:
+        return np.ones(sure_bg.shape, dtype=bool)
+    sample = np.random.default_rng(rng_seed).permutation(len(bg))[:BG_SAMPLE]
+    criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 10, 1.0)
+    cv2.setRNGSeed(rng_seed)
+    _, _, centres = cv2.kmeans(bg[sample], BG_COLOURS, None, criteria, 1, cv2.KMEANS_PP_CENTERS)
+
+    def nearest(colours: np.ndarray) -> np.ndarray:  # (N, 3) -> (N,)
+        d = ((colours[:, None, :] - centres[None, :, :]) ** 2).sum(axis=2)
+        return np.sqrt(d.min(axis=1))
+
+    bar = float(np.quantile(nearest(bg[sample]), 0.95))
+    flat = pixels.reshape(-1, 3).astype(np.float32)
+    return (nearest(flat) > bar).reshape(sure_bg.shape)
+
+
+def _grabcut_labels(tm: Trimap, pixels: np.ndarray, model: FloatMask | None) -> np.ndarray:
+    """GrabCut's initial labels on a crop: the trimap, and in the band the model's decision,
+    or else which pixels look unlike the background (all of the band if none do)."""
+    labels = np.full(tm.band.shape, cv2.GC_PR_BGD, dtype=np.uint8)  # (h, w)
+    if model is not None:
+        probable_fg = tm.band & (model >= 0.5)
+    else:
+        probable_fg = tm.band & unlike_background(pixels, tm.sure_bg)
+        if not probable_fg.any():
+            probable_fg = tm.band
     labels[probable_fg] = cv2.GC_PR_FGD
-    labels[tm.band & ~probable_fg] = cv2.GC_PR_BGD
     labels[tm.sure_bg] = cv2.GC_BGD
     labels[tm.sure_fg] = cv2.GC_FGD
     return labels
@@ -202,14 +239,32 @@ def compose_by_grabcut(tm: Trimap, image: np.ndarray, model: FloatMask | None) -
     window = _crop(tm)
     if window is None:
         return _finish(tm, tm.claimed)
-    labels = _grabcut_labels(tm, model)[window]  # (h, w)
+    pixels = np.ascontiguousarray(_rgb(image)[window])
+    model_crop = _crop_of(model, window)
+    labels = _grabcut_labels(_cropped(tm, window), pixels, model_crop)  # (h, w)
+    fallback = np.zeros(tm.band.shape, dtype=bool)
+    fallback[window] = labels == cv2.GC_PR_FGD
     fg_like = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
     if fg_like.all() or not fg_like.any():  # GrabCut needs samples of both
         return _finish(tm, tm.claimed if model is None else tm.claimed & (model >= 0.5))
-    pixels = np.ascontiguousarray(_rgb(image)[window])
     fg = np.zeros(tm.band.shape, dtype=bool)
     fg[window] = _run_grabcut(pixels, labels)
-    return _finish(tm, fg)
+    return _finish(tm, fg, fallback)
+
+
+def _cropped(tm: Trimap, window: tuple[slice, slice]) -> Trimap:
+    return Trimap(
+        tm.posterior[window],
+        tm.sure_fg[window],
+        tm.sure_bg[window],
+        tm.band[window],
+        tm.claimed[window],
+        (),
+    )
+
+
+def _crop_of(model: FloatMask | None, window: tuple[slice, slice]) -> FloatMask | None:
+    return None if model is None else model[window]
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
