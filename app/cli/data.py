@@ -226,7 +226,7 @@ def export_command(
     tag: Annotated[str | None, typer.Option(help="only this tag")] = None,
 ) -> None:
     """Write finished masks: COCO instances (RLE), PNG masks and soft masks, in one zip."""
-    from app.services.export import export_project
+    from app.services.masks.export import export_project
 
     settings = load_settings()
     with make_session_factory(ready_engine(settings))() as session:

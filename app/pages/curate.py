@@ -47,7 +47,6 @@ from app.services.curation import (
 )
 from app.services.dashboard import project_dashboard
 from app.services.errors import InvalidInputError, NotFoundError, UnauthorizedError
-from app.services.export import export_project
 from app.services.image import image_path
 from app.services.mask_edit import (
     MAX_MASK_BYTES,
@@ -55,6 +54,7 @@ from app.services.mask_edit import (
     decode_painted_mask,
     save_painted_mask,
 )
+from app.services.masks.export import export_project
 from app.services.project import get_project, list_project_summaries
 from app.services.recompute import recompute_project
 from app.services.similar import similar_images
