@@ -21,8 +21,10 @@ from sqlalchemy.orm import Session
 from app.db import utcnow
 from app.models import Cell, Consensus, Credibility, Gold, Volunteer, Vote
 from ml.aggregation.credibility import (
+    AGREEMENT_VOTES,
     COUNT_FIELDS,
     WorkerCounts,
+    agreement_credit,
     budget_shares,
     cells_logodds,
     sensitivity_specificity,
@@ -71,6 +73,7 @@ class CellVotes:
     worker: npt.NDArray[np.intp]  # index into counts
     label: npt.NDArray[np.int8]
     counts: WorkerCounts
+    volunteers: list[int]  # volunteer id of each row of counts
 
     def credible(self, n_cells: int) -> np.ndarray:
         """Credible votes per cell: each vote weighed by its volunteer's budget share."""
@@ -92,6 +95,7 @@ def cell_votes(session: Session, *, cell_ids: list[int]) -> CellVotes:
         worker=np.array([worker[v] for _, v, _ in votes], dtype=np.intp),
         label=np.array([int(y) for _, _, y in votes], dtype=np.int8),
         counts=worker_counts(session, volunteers),
+        volunteers=volunteers,
     )
 
 
@@ -123,6 +127,29 @@ def refresh_cells(session: Session, *, cells: list[Cell]) -> Fresh:
         ],
     )
     return Fresh(posterior, n_votes, votes.credible(len(cells)))
+
+
+def agreement_increments(
+    session: Session, *, cells: list[Cell], volunteer_id: int
+) -> dict[int, np.ndarray]:
+    """Credibility increments (soft counts, ``COUNT_COLUMNS`` order) from agreement, after
+    ``volunteer_id`` voted on ``cells`` (``ml.aggregation.credibility.agreement_credit``): every
+    vote of a cell that has just reached ``AGREEMENT_VOTES`` votes, and this volunteer's votes
+    on cells past it; each vote is thus scored once."""
+    if not cells:
+        return {}
+    votes = cell_votes(session, cell_ids=[c.id for c in cells])
+    if volunteer_id not in votes.volunteers:
+        return {}
+    n_votes = np.bincount(votes.cell, minlength=len(cells))[votes.cell]  # (n_votes,)
+    mine = votes.worker == votes.volunteers.index(volunteer_id)
+    credit = (n_votes == AGREEMENT_VOTES) | (mine & (n_votes > AGREEMENT_VOTES))
+    if not credit.any():
+        return {}
+    soft = agreement_credit(votes.cell, votes.worker, votes.label, credit, votes.counts)
+    gold = np.zeros((len(votes.volunteers), len(COUNT_COLUMNS) - soft.shape[1]))
+    rows = np.hstack([soft, gold])
+    return {v: rows[i] for i, v in enumerate(votes.volunteers) if rows[i].any()}
 
 
 def gold_labels(session: Session, *, cell_ids: Iterable[int]) -> dict[int, bool]:

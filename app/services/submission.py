@@ -2,9 +2,10 @@
 
 A submission carries the task's signed token. The token is checked (signature, expiry, owner,
 tile range) before anything is stored; the votes are then appended, one per tile; known tiles
-update the volunteer's credibility exactly; the other cells get new posteriors, and their
-targets are settled (retire, refine, complete). The result is stored on the task, so that the
-same token submitted again stores nothing more and returns the same result.
+update the volunteer's credibility exactly, and votes on cells with enough votes update their
+volunteers' credibility from agreement (``agreement_increments``); the cells get new posteriors,
+and their targets are settled (retire, refine, complete). The result is stored on the task, so
+that the same token submitted again stores nothing more and returns the same result.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
@@ -29,7 +31,12 @@ from app.models import (
     Window,
 )
 from app.security import Signer, TaskClaims
-from app.services.consensus import gold_labels, refresh_cells
+from app.services.consensus import (
+    COUNT_COLUMNS,
+    agreement_increments,
+    gold_labels,
+    refresh_cells,
+)
 from app.services.errors import ConflictError, ForbiddenError, InvalidInputError, NotFoundError
 from app.services.retirement import retire_fresh
 from app.services.settle import lock_targets, revalue_windows, settle_targets
@@ -101,28 +108,34 @@ def _store_votes(
 
 
 def _credit_known(
-    session: Session, volunteer: Volunteer, tiles: list[TaskTile], selected: set[int]
-) -> str | None:
+    session: Session, tiles: list[TaskTile], selected: set[int]
+) -> tuple[str | None, np.ndarray]:
+    """Feedback on the known tiles, and the volunteer's credibility increments from them
+    (exact gold counts and the same soft counts, ``COUNT_COLUMNS`` order)."""
+    increments = np.zeros(len(COUNT_COLUMNS))
     known = gold_labels(session, cell_ids=[t.cell_id for t in tiles if t.known])
     if not known:
-        return None
-    cred = credibility_of(session, volunteer_id=volunteer.id)
+        return None, increments
     right = True
     for tile in tiles:
         if tile.cell_id not in known:
             continue
         label, truth = int(tile.position in selected), int(known[tile.cell_id])
         tp, fn, tn, fp = gold_credit(label, truth)
-        cred.gold_tp += tp
-        cred.gold_fn += fn
-        cred.gold_tn += tn
-        cred.gold_fp += fp
-        cred.pos_yes += tp
-        cred.pos_no += fn
-        cred.neg_no += tn
-        cred.neg_yes += fp
+        increments += (tp, fn, tn, fp, tp, fn, tn, fp)  # pos_yes, pos_no, neg_no, neg_yes, gold
         right = right and label == truth
-    return "ok" if right else "check_again"
+    return ("ok" if right else "check_again"), increments
+
+
+def _apply_credits(session: Session, credits: dict[int, np.ndarray]) -> None:
+    """Add credibility increments, in volunteer order: concurrent submissions that credit the
+    same volunteers lock their rows in one order, and so never deadlock."""
+    for volunteer_id in sorted(credits):
+        row = credibility_of(session, volunteer_id=volunteer_id)
+        for name, value in zip(COUNT_COLUMNS, credits[volunteer_id], strict=True):
+            if value:
+                old = getattr(row, name)
+                setattr(row, name, old + (float(value) if isinstance(old, float) else int(value)))
 
 
 def _release(session: Session, task: Task, volunteer: Volunteer) -> None:
@@ -162,10 +175,13 @@ def submit(
     # Targets first, then credibility, then consensus: the full EM pass takes them in the same
     # order, so the two never deadlock.
     lock_targets(session, target_ids=session.scalars(of_cells.with_only_columns(Cell.target_id)))
-    feedback = _credit_known(session, volunteer, tiles, picked)
-    session.flush()
     # Read once the targets are held: a concurrent writer's retirements are seen, not undone.
     cells = list(session.scalars(of_cells.execution_options(populate_existing=True)))
+    feedback, own = _credit_known(session, tiles, picked)
+    credits = agreement_increments(session, cells=cells, volunteer_id=volunteer.id)
+    credits[volunteer.id] = credits.get(volunteer.id, 0.0) + own
+    _apply_credits(session, credits)
+    session.flush()
     fresh = refresh_cells(session, cells=cells)
     changed, retired = retire_fresh(session, project, cells=cells, fresh=fresh)
     session.flush()

@@ -121,3 +121,20 @@ def test_cell_logodds_equal_the_batch_e_step_with_batch_credibility() -> None:
     voted = np.bincount(votes.item, minlength=200) > 0
     agree = ((online > 0) == (batch.posterior > 0.5))[voted]
     assert agree.mean() > 0.97
+
+
+def test_agreement_credit_scores_each_vote_against_the_others_only() -> None:
+    from ml.aggregation.credibility import WorkerCounts, agreement_credit
+
+    counts = WorkerCounts.from_rows(np.zeros((4, 8)))
+    cell = np.array([0, 0, 0, 0])
+    worker = np.array([0, 1, 2, 3])
+    label = np.array([1, 1, 1, 0])  # three say yes, one says no
+    rows = agreement_credit(cell, worker, label, np.ones(4, dtype=bool), counts)
+    # The dissenter is scored against three yeses: mostly a missed positive (pos_no).
+    assert rows[3, 1] > 0.85 and rows[3, 0] == 0
+    # A yes-voter is scored against two yeses and a no: a weaker, but still positive, credit.
+    assert 0.5 < rows[0, 0] < rows[3, 1]
+    # Votes not marked for credit count nothing.
+    none = agreement_credit(cell, worker, label, np.zeros(4, dtype=bool), counts)
+    assert not none.any()

@@ -164,7 +164,9 @@ def test_the_em_pass_undoes_what_adversaries_decided_before_they_were_found_out(
             )
         )
     wrong = _wrong(live, kept)
-    assert len(wrong) >= 10, len(wrong)  # they retired cells the wrong way
+    # They retired cells the wrong way (fewer than as mere newcomers: agreement already shows
+    # them saying yes to nearly everything, see test_agreement).
+    assert len(wrong) >= 1, len(wrong)
     _recompute(live)
     with live.factory() as session:
         reopened = session.scalar(

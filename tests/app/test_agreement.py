@@ -1,0 +1,58 @@
+"""Credibility learned online from agreement, in a project without gold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from app.models import Cell, RetireReason, Volunteer
+from app.services.consensus import credibility_estimates
+from ml.aggregation.simulate import PROFILES, VolunteerProfile
+from tests.app.conftest import Live
+from tests.app.crowd import SimulatedVolunteer
+
+SLUG = "demo"
+ROUNDS = 12
+LIAR = VolunteerProfile("liar", 0.0, 0.0, PROFILES["diligent"].coverage_threshold, 1.8)
+
+
+def _run(live: Live, crowd: list[SimulatedVolunteer], tag: str) -> None:
+    for _ in range(ROUNDS):
+        if not any([v.step(SLUG, tag=tag, kind="window") for v in crowd]):
+            break
+
+
+def _youden(live: Live) -> list[float]:
+    with live.factory() as session:
+        ids = list(session.scalars(select(Volunteer.id).order_by(Volunteer.id)))
+        estimates = credibility_estimates(session, ids)
+    return [s + c - 1.0 for s, c in (estimates[v] for v in ids)]
+
+
+@pytest.mark.parametrize("live", [{"gold_rate": 0.0}], indirect=True)
+def test_agreeing_volunteers_earn_credibility_and_settle_cells_before_any_em_pass(
+    live: Live,
+) -> None:
+    crowd = [live.volunteer("diligent", seed) for seed in range(5)]
+    _run(live, crowd, "shape")
+    # Without gold and without an EM pass, the prior's J is 1/3: agreement raised it.
+    assert min(_youden(live)) > 1 / 3 + 0.05 and np.mean(_youden(live)) > 0.45, _youden(live)
+    with live.factory() as session:
+        confident = session.scalar(
+            select(func.count()).where(Cell.retire_reason == RetireReason.CONFIDENT)
+        )
+    assert confident and confident >= 9
+
+
+@pytest.mark.parametrize("live", [{"gold_rate": 0.0}], indirect=True)
+def test_volunteers_who_say_yes_to_nearly_everything_lose_their_weight_without_gold(
+    live: Live,
+) -> None:
+    crowd = [
+        SimulatedVolunteer(TestClient(live.app), LIAR, np.random.default_rng(seed), live.truths)
+        for seed in range(5)
+    ]
+    _run(live, crowd, "red")  # mostly negative cells: a liar says yes to them
+    assert max(_youden(live)) < 0.1, _youden(live)
