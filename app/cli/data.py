@@ -224,20 +224,43 @@ def export_command(
     out: Annotated[Path, typer.Option(help="the .zip archive to write")],
     project: Annotated[str, typer.Option("--project", help="project slug")] = DEMO_PROJECT,
     tag: Annotated[str | None, typer.Option(help="only this tag")] = None,
+    include_unfinished: Annotated[
+        bool,
+        typer.Option(
+            "--include-unfinished",
+            help="also the current masks of collecting and triage targets, under unfinished/ "
+            'and marked "finished": false in annotations.json',
+        ),
+    ] = False,
 ) -> None:
-    """Write finished masks: COCO instances (RLE), PNG masks and soft masks, in one zip."""
-    from app.services.masks.export import export_project
+    """Write finished masks: COCO instances (RLE), PNG masks and soft masks, in one zip.
+
+    Fails (exit 2, nothing written) when there is no mask to export.
+    """
+    from app.services.masks.export import NothingToExportError, export_project
 
     settings = load_settings()
     with make_session_factory(ready_engine(settings))() as session:
         try:
             target = get_project(session, slug=project)
+            report = export_project(
+                session,
+                settings=settings,
+                project=target,
+                out=out,
+                tag=tag,
+                include_unfinished=include_unfinished,
+                allow_empty=False,
+            )
         except NotFoundError as exc:
             raise fail(str(exc)) from exc
-        report = export_project(session, settings=settings, project=target, out=out, tag=tag)
+        except NothingToExportError as exc:
+            hint = "" if include_unfinished else " (--include-unfinished exports work in progress)"
+            raise fail(f"{exc}; nothing was written to {out}{hint}") from exc
+    unfinished = f", {report.unfinished} of them unfinished" if include_unfinished else ""
     console.print(
         f"wrote {report.path}: {report.images} images, {report.annotations} annotations, "
-        f"{report.masks} masks"
+        f"{report.masks} masks{unfinished}"
     )
 
 

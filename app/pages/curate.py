@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
@@ -54,6 +54,7 @@ from app.services.mask_edit import (
     decode_painted_mask,
     save_painted_mask,
 )
+from app.services.masks.composition import compose_target
 from app.services.masks.export import export_project
 from app.services.project import get_project, list_project_summaries
 from app.services.recompute import recompute_project
@@ -65,6 +66,7 @@ from app.services.volunteer_review import (
     review_volunteers,
     unban_volunteer,
 )
+from app.storage import encode_mask_png
 
 router = APIRouter(include_in_schema=False)
 
@@ -254,6 +256,25 @@ def mask_png(
         settings.data_dir / version.hard_path,
         media_type="image/png",
         headers={"Cache-Control": "private, max-age=86400"},  # versions never change
+    )
+
+
+@router.get("/curate/targets/{target_id}/current.png")
+def current_mask_png(
+    target_id: RowId,
+    session: SessionDep,
+    settings: SettingsDep,
+    _curator: CuratorDep,
+    soft: bool = False,
+) -> Response:
+    """The target's mask composed now (hard, or ``?soft=true`` for the probability), in the
+    format of ``mask_png``: the PNG ``encode_mask_png`` writes for stored versions."""
+    target = get_target(session, target_id=target_id)
+    composed = compose_target(session, settings=settings, target=target)
+    return Response(
+        encode_mask_png(composed.soft if soft else composed.hard),
+        media_type="image/png",
+        headers={"Cache-Control": "no-store"},  # it changes with every vote
     )
 
 

@@ -107,6 +107,7 @@ ROUTES = [
     ("POST", "/curate/targets/{target}/reject", Role.CURATOR),
     ("POST", "/curate/targets/{target}/tags", Role.CURATOR),
     ("GET", "/curate/masks/{mask}.png", Role.CURATOR),
+    ("GET", "/curate/targets/{target}/current.png", Role.CURATOR),
     ("GET", "/curate/volunteers", Role.CURATOR),
     ("GET", "/curate/dashboard", Role.CURATOR),
     ("GET", "/curate/similar/{image}", Role.CURATOR),
@@ -627,3 +628,52 @@ def test_the_target_view_shows_any_level(live: Live) -> None:
     page = client.get(f"/curate/targets/{target_id}", params={"level": 1})
     assert page.status_code == 200 and page.text.count('data-cell="1,') == 9
     assert client.get(f"/curate/targets/{target_id}", params={"level": 7}).status_code == 422
+
+
+def test_the_current_mask_is_composed_now(live: Live) -> None:
+    (target_id,) = triage_some(live, 1)
+    url = f"/curate/targets/{target_id}/current.png"
+    assert logged_in(live, None).get(url).status_code == 401
+    assert logged_in(live, Role.VOLUNTEER).get(url).status_code == 403
+    client = logged_in(live, Role.CURATOR)
+    page = client.get(f"/curate/targets/{target_id}")
+    assert "current mask (composed now)" in page.text and f'src="{url}"' in page.text
+    token = csrf_of(page.text)
+    with live.factory() as session:
+        target = session.get(Target, target_id)
+        assert target is not None
+        from app.models import Image
+
+        image = session.get(Image, target.image_id)
+        assert image is not None
+        size = (image.width, image.height)
+        cells = session.scalars(
+            select(Cell).where(Cell.target_id == target_id, Cell.level == 1).order_by(Cell.id)
+        ).all()
+
+    def current(**params: str) -> PILImage.Image:
+        response = client.get(url, params=params)
+        assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+        assert response.headers["cache-control"] == "no-store"
+        png = PILImage.open(io.BytesIO(response.content))
+        assert png.size == size
+        return png
+
+    assert current().mode == "1" and current(soft="true").mode == "L"
+    for cell in cells:  # every square "no": nothing of the tag, now
+        client.post(
+            f"/curate/targets/{target_id}/cells/{cell.id}",
+            data={"label": "no", "csrf_token": token},
+        )
+    assert not np.asarray(current()).any()
+    yes = cells[4]
+    client.post(
+        f"/curate/targets/{target_id}/cells/{yes.id}", data={"label": "yes", "csrf_token": token}
+    )
+    from ml.aggregation import grid
+
+    coverage = grid.level_coverage(np.asarray(current()), 1).ravel()
+    assert coverage[yes.row * 3 + yes.col] > 0 and coverage.sum() == coverage[yes.row * 3 + yes.col]
+
+    client.post(f"/curate/targets/{target_id}/accept", data={"csrf_token": token})
+    assert "current mask (composed now)" not in client.get(f"/curate/targets/{target_id}").text
