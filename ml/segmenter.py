@@ -11,7 +11,7 @@ pixels carry little or no weight, a tag not segmented in an image carries none.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import numpy.typing as npt
@@ -47,6 +47,11 @@ class SegmenterConfig:
     @property
     def n_tags(self) -> int:
         return len(self.tags)
+
+    def differences(self, other: SegmenterConfig) -> list[str]:
+        """The names of the fields in which ``other`` differs; empty when a model of one config
+        takes the other's weights as they are."""
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
 
 
 class Segmenter(nn.Module):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.table import Table
@@ -25,6 +25,9 @@ from app.cli.common import (
 from app.db import make_session_factory
 from app.services.errors import NotFoundError
 from app.services.project import get_project
+
+if TYPE_CHECKING:  # torch-side: imported inside the commands
+    from app.jobs.train import TrainOptions
 
 train_app = typer.Typer(help="Train the project's models (CPU works; a GPU is used when present).")
 model_app = typer.Typer(help="Model versions.")
@@ -44,16 +47,25 @@ InitWeights = Annotated[
 ]
 
 
-def _train(
-    kind: str,
-    slug: str,
-    epochs: int,
-    size: int,
-    backbone: str,
-    device: str,
-    init_weights: Path | None,
-) -> None:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+Steps = Annotated[
+    int,
+    typer.Option(min=1, help="optimizer steps (the data is cycled, reshuffled and re-augmented)"),
+]
+Epochs = Annotated[
+    int | None,
+    typer.Option(min=1, help="instead of --steps: this many passes over the training data"),
+]
+Size = Annotated[
+    int | None,
+    typer.Option(
+        min=32, help="square input side, a multiple of 32 (default: 128 px on a CPU, else 256)"
+    ),
+]
+Seed = Annotated[int, typer.Option(help="seeds every random generator training draws from")]
+
+
+def _train(kind: str, slug: str, options: TrainOptions) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from app.jobs import train
     from app.jobs.lock import JobBusyError
@@ -61,25 +73,17 @@ def _train(
 
     settings = load_settings()
     factory = make_session_factory(ready_engine(settings))
-    options = train.TrainOptions(
-        epochs=epochs,
-        size=size,
-        backbone=backbone,
-        device=device,
-        init_weights=str(init_weights) if init_weights else None,
-    )
     runner = train.run_train_tagger if kind == "tagger" else train.run_train_segmenter
     columns = [
         TextColumn("{task.description}"),
         BarColumn(),
-        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("step {task.completed}/{task.total} loss {task.fields[loss]}"),
     ]
-    with Progress(*columns, TimeRemainingColumn(), console=console) as bar:
+    with Progress(*columns, TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task(f"training the {kind}", total=None, loss="-")
 
         def on_progress(p: TrainProgress) -> None:
-            done = (p.epoch - 1) * p.steps + p.step
-            bar.update(task, total=p.epochs * p.steps, completed=done, loss=f"{p.loss:.4f}")
+            bar.update(task, total=p.steps, completed=p.step, loss=f"{p.loss:.4f}")
 
         try:
             outcome = runner(factory, settings, slug=slug, options=options, on_progress=on_progress)
@@ -92,7 +96,8 @@ def _train(
             raise fail(str(exc)) from exc
     verdict = "promoted" if outcome.promoted else f"kept the active one ({outcome.active_score})"
     console.print(
-        f"{kind} version {outcome.version}: {outcome.metric} {outcome.score} -> {verdict} "
+        f"{kind} version {outcome.version}: {outcome.steps} steps from {outcome.start} in "
+        f"{outcome.seconds:.1f} s, {outcome.metric} {outcome.score} -> {verdict} "
         f"(job {outcome.job_id})"
     )
 
@@ -100,27 +105,51 @@ def _train(
 @train_app.command("tagger")
 def train_tagger_command(
     project: ProjectOption = DEMO_PROJECT,
-    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    epochs: Annotated[int, typer.Option(min=1, help="passes over the training data")] = 10,
     size: Annotated[int, typer.Option(min=32, help="square input side in pixels")] = 256,
     backbone: Annotated[str, typer.Option(help="timm model name")] = "resnet18",
     device: Device = "auto",
     init_weights: InitWeights = None,
+    seed: Seed = 0,
 ) -> None:
     """Train the multi-label tagger on confirmed tags; promote it if it beats the active one."""
-    _train("tagger", project, epochs, size, backbone, device, init_weights)
+    from app.jobs.train import TrainOptions
+
+    options = TrainOptions(
+        epochs=epochs,
+        size=size,
+        backbone=backbone,
+        device=device,
+        seed=seed,
+        init_weights=str(init_weights) if init_weights else None,
+    )
+    _train("tagger", project, options)
 
 
 @train_app.command("segmenter")
 def train_segmenter_command(
     project: ProjectOption = DEMO_PROJECT,
-    epochs: Annotated[int, typer.Option(min=1)] = 20,
-    size: Annotated[int, typer.Option(min=32, help="square input side, a multiple of 32")] = 256,
+    steps: Steps = 200,
+    epochs: Epochs = None,
+    size: Size = None,
     backbone: Annotated[str, typer.Option(help="smp encoder name")] = "resnet18",
     device: Device = "auto",
     init_weights: InitWeights = None,
+    seed: Seed = 0,
 ) -> None:
     """Train the segmenter on complete masks; evaluate on the frozen gold set."""
-    _train("segmenter", project, epochs, size, backbone, device, init_weights)
+    from app.jobs.train import TrainOptions
+
+    options = TrainOptions(
+        steps=steps,
+        epochs=epochs,
+        size=size,
+        backbone=backbone,
+        device=device,
+        seed=seed,
+        init_weights=str(init_weights) if init_weights else None,
+    )
+    _train("segmenter", project, options)
 
 
 def _batches(description: str, run: Callable[[Callable[[int, int], None]], T]) -> T:
@@ -164,12 +193,16 @@ def predict(project: ProjectOption = DEMO_PROJECT, device: Device = "auto") -> N
 @app.command("retrain")
 def retrain(
     project: ProjectOption = DEMO_PROJECT,
-    epochs: Annotated[int, typer.Option(min=1, help="segmenter epochs")] = 20,
+    steps: Steps = 200,
+    epochs: Epochs = None,
     tagger_epochs: Annotated[int, typer.Option(min=1, help="tagger fine-tuning epochs")] = 5,
-    size: Annotated[int, typer.Option(min=32, help="input side, a multiple of 32")] = 256,
+    size: Size = None,
     device: Device = "auto",
+    seed: Seed = 0,
 ) -> None:
-    """One round of the learning loop: train, promote if better, model priors, re-tag, re-rank."""
+    """One round of the learning loop: train (the segmenter from the active one when it fits),
+    promote if better, model priors, re-tag, re-rank. --steps, --epochs and --size are the
+    segmenter's; --size also sets the tagger's (default 256)."""
     from app.jobs.lock import JobBusyError
     from app.jobs.retrain import RetrainOptions, run_retrain
     from app.jobs.train import TrainOptions
@@ -177,8 +210,8 @@ def retrain(
     settings = load_settings()
     factory = make_session_factory(ready_engine(settings))
     options = RetrainOptions(
-        segmenter=TrainOptions(epochs=epochs, size=size),
-        tagger=TrainOptions(epochs=tagger_epochs, size=size),
+        segmenter=TrainOptions(steps=steps, epochs=epochs, size=size, seed=seed),
+        tagger=TrainOptions(epochs=tagger_epochs, size=size, seed=seed),
         device=device,
     )
     try:

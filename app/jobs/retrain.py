@@ -4,13 +4,18 @@ Under the project's model-job lock (``app.jobs.lock``), as one recorded job:
 
 1. the training data is read from the database: complete masks (soft masks weigh their pixels by
    confidence) and control ground truth; the frozen gold set is never trained on;
-2. the segmenter is trained, and the tagger fine-tuned from the active one;
+2. the segmenter is trained for a number of optimizer steps, from the active one's weights when
+   its config (tags, encoder, input size) is the same, and the tagger fine-tuned from the
+   active one;
 3. each candidate is scored next to the active model on the same frozen data and promoted only
    if it beats it (``app.jobs.train``; promotion is one transaction, old versions stay);
-4. the active segmenter looks at every open target: its coverage of each open cell becomes the
-   cell's prior, calibrated on served gold (Platt: the slope is the weight the model earns as a
-   pseudo-voter), the posteriors are recomputed, and a cell whose prior is sure retires after a
-   small confirmation sample (``model_confirm_votes``);
+4. the active segmenter looks at every open target: each open cell's score is the model's
+   highest pixel probability in it (volunteers are asked whether *any* of the object is in the
+   square), calibrated (Platt) against the touched cells of control truth and of complete masks
+   (never of the frozen evaluation set); the Platt slope, capped by the model's mIoU on the
+   frozen set (``ml.calibration.weight_cap``), is the weight the model earns as a pseudo-voter.
+   The cells' priors are set, the posteriors recomputed, and a cell whose prior is sure retires
+   after a small confirmation sample (``model_confirm_votes``);
 5. the active tagger re-tags the images it has not seen (new tags seed targets with their
    Grad-CAM, ``app.jobs.seed``); a classifier tag the new tagger no longer predicts, and a complete
    target whose mask came out empty, go to triage;
@@ -48,7 +53,6 @@ from app.models import (
     Cell,
     CellStatus,
     Consensus,
-    Gold,
     Image,
     ImageTag,
     ImageTagSource,
@@ -68,21 +72,26 @@ from app.services.job import finish_job, job_run, log_job
 from app.services.model_version import active_model
 from app.services.project import get_project
 from app.services.settle import settle_targets
+from app.storage import decode_mask_png
 from ml.aggregation import grid
-from ml.calibration import Calibrator, fit_calibrator
+from ml.calibration import Calibrator, fit_calibrator, model_weight, with_slope
 from ml.checkpoints import load_checkpoint
 from ml.data import load_images
 from ml.segmenter import Segmenter, predict_masks
 from ml.train import resolve_device
 
 ACQUISITIONS = ("uncertainty", "disagreement", "random")
-MIN_GOLD_FOR_CALIBRATION = 20
+MIN_CELLS_FOR_CALIBRATION = 20
+# The newest control and complete targets the model's prior is calibrated on (each costs one
+# prediction on its image, shared with the image's other targets).
+MAX_CALIBRATION_TARGETS = 400
 BATCH = 8
 
 
 @dataclass(frozen=True)
 class RetrainOptions:
-    segmenter: TrainOptions = field(default_factory=lambda: TrainOptions(epochs=20))
+    # The segmenter trains ``steps`` optimizer steps (200), from the active one when it fits.
+    segmenter: TrainOptions = field(default_factory=TrainOptions)
     tagger: TrainOptions = field(default_factory=lambda: TrainOptions(epochs=5))
     device: str = "auto"
 
@@ -93,7 +102,12 @@ class RetrainReport:
     segmenter: TrainOutcome | None = None
     tagger: TrainOutcome | None = None
     priors_set: int = 0
-    model_weight: float | None = None  # Platt slope of the model's coverage on served gold
+    # The model's pseudo-voter weight: the Platt slope of its touched score, capped by its
+    # frozen-set mIoU (``ml.calibration.weight_cap``); the slope and the mIoU it came from.
+    model_weight: float | None = None
+    model_slope: float | None = None
+    model_miou: float | None = None
+    calibration_cells: int = 0
     cells_retired: int = 0
     images_retagged: int = 0
     targets_created: int = 0
@@ -128,6 +142,8 @@ def run_retrain(
             _train_models(factory, settings, session, project, options, report, step)
             step("model priors on open cells", 0.6)
             _model_priors(session, settings, project, options.device, report)
+            if report.model_weight is not None:
+                log_job(job, _weight_line(report))
             session.commit()
             step("re-tagging images with the active tagger", 0.75)
             _retag(factory, settings, session, project, options.device, report)
@@ -156,9 +172,12 @@ def _train_models(
     step: Callable[[str, float], None],
 ) -> None:
     step("training the segmenter", 0.05)
+    segmenter_options = _on(options.segmenter, options.device)
+    if segmenter_options.init_weights is None:
+        segmenter_options = dataclasses.replace(segmenter_options, from_active=True)
     try:
         report.segmenter = run_train_segmenter(
-            factory, settings, slug=project.slug, options=_on(options.segmenter, options.device)
+            factory, settings, slug=project.slug, options=segmenter_options
         )
         step(_verdict("segmenter", report.segmenter), 0.3)
     except NotEnoughDataError as exc:
@@ -187,7 +206,17 @@ def _on(options: TrainOptions, device: str) -> TrainOptions:
 
 def _verdict(kind: str, outcome: TrainOutcome) -> str:
     verdict = "promoted" if outcome.promoted else f"refused (active: {outcome.active_score})"
-    return f"{kind} v{outcome.version}: {outcome.metric} {outcome.score} -> {verdict}"
+    return (
+        f"{kind} v{outcome.version} ({outcome.steps} steps from {outcome.start}, "
+        f"{outcome.seconds:.0f} s): {outcome.metric} {outcome.score} -> {verdict}"
+    )
+
+
+def _weight_line(report: RetrainReport) -> str:
+    return (
+        f"model prior weight {report.model_weight:.3f}: Platt slope {report.model_slope:.3f} "
+        f"on {report.calibration_cells} cells, capped by frozen-set mIoU {report.model_miou}"
+    )
 
 
 def _cells(session: Session, target: Target, *, open_only: bool) -> list[Cell]:
@@ -197,59 +226,156 @@ def _cells(session: Session, target: Target, *, open_only: bool) -> list[Cell]:
     return list(session.scalars(query.order_by(Cell.id)))
 
 
-def _cell_coverage(soft: np.ndarray, cells: list[Cell]) -> np.ndarray:
-    """The model's mean probability over each cell. Shape: soft ``(H, W)``; ``(n_cells,)``."""
-    by_level = {level: grid.level_coverage(soft, level) for level in {c.level for c in cells}}
-    return np.array([by_level[c.level][c.row, c.col] for c in cells], dtype=np.float64)
+def touch_scores(soft: np.ndarray, cells: Sequence[grid.Cell]) -> np.ndarray:
+    """The model's score that each cell is *touched*: its highest pixel probability there.
+
+    Volunteers answer "is any of it in this square", so a cell the object barely enters is a
+    yes; the mean probability over the cell (its coverage, the score before) calls such a cell
+    a no. The maximum is taken on the model's map resized (bilinearly) to the image: the cell
+    scores as its most confident model pixel, and calibration says how often that is right.
+
+    Shape:
+        soft ``(H, W)`` in [0, 1]; returns ``(n_cells,)``, 0 for an empty cell.
+    """
+    height, width = soft.shape
+    out = np.zeros(len(cells), dtype=np.float64)
+    for i, cell in enumerate(cells):
+        rect = grid.cell_rect(cell, height, width)
+        if rect.height > 0 and rect.width > 0:
+            out[i] = float(soft[rect.top : rect.bottom, rect.left : rect.right].max())
+    return out
+
+
+def _addresses(cells: list[Cell]) -> list[grid.Cell]:
+    return [grid.Cell(c.level, c.row, c.col) for c in cells]
+
+
+@dataclass
+class _Scored:
+    """A target's cells and the model's touch score of each; ``truth`` is its mask (calibration
+    targets only)."""
+
+    target: Target
+    cells: list[Cell]
+    scores: np.ndarray
+    truth: np.ndarray | None = None
+
+
+def _final_mask(session: Session, settings: Settings, target: Target) -> np.ndarray | None:
+    """The truth a target is calibrated on: a control target's ground truth, a complete
+    target's newest curator or consensus mask (hard, ``(H, W)`` bool)."""
+    sources = (
+        [MaskSource.GROUND_TRUTH] if target.control else [MaskSource.CURATOR, MaskSource.CONSENSUS]
+    )
+    version = session.scalar(
+        select(MaskVersion)
+        .where(MaskVersion.target_id == target.id, MaskVersion.source.in_(sources))
+        .order_by(MaskVersion.version.desc())
+        .limit(1)
+    )
+    if version is None:
+        return None
+    return np.asarray(decode_mask_png(settings.data_dir / version.hard_path) > 0.5)
+
+
+def model_prior_targets(
+    session: Session, project: Project
+) -> tuple[list[tuple[Target, Image, str]], list[tuple[Target, Image, str]]]:
+    """The open targets that get model priors, and the targets the prior is calibrated on:
+    control targets and complete ones, never a frozen evaluation target (ground truth that is
+    not served as control), the newest ``MAX_CALIBRATION_TARGETS``."""
+    frozen = set(
+        session.scalars(
+            select(MaskVersion.target_id)
+            .join(Target, Target.id == MaskVersion.target_id)
+            .where(
+                Target.project_id == project.id,
+                Target.control.is_(False),
+                MaskVersion.source == MaskSource.GROUND_TRUTH,
+            )
+        )
+    )
+    rows = session.execute(
+        select(Target, Image, Tag.name)
+        .join(Image, Image.id == Target.image_id)
+        .join(Tag, Tag.id == Target.tag_id)
+        .where(
+            Target.project_id == project.id,
+            Target.state.in_([TargetState.COLLECTING, TargetState.COMPLETE])
+            | Target.control.is_(True),
+        )
+        .order_by(Target.id)
+    ).all()
+    open_targets = [
+        (t, i, n) for t, i, n in rows if t.state == TargetState.COLLECTING and not t.control
+    ]
+    calibration = [
+        (t, i, n)
+        for t, i, n in rows
+        if t.id not in frozen and (t.control or t.state == TargetState.COMPLETE)
+    ]
+    return open_targets, calibration[-MAX_CALIBRATION_TARGETS:]
+
+
+def _score_targets(
+    session: Session,
+    settings: Settings,
+    model: Segmenter,
+    targets: list[tuple[Target, Image, str]],
+    *,
+    calibration: bool,
+) -> list[_Scored]:
+    """Touch scores of the targets' cells (open cells, or every cell of calibration targets),
+    one prediction per image; targets of tags the model does not know are left out."""
+    column = {name: i for i, name in enumerate(model.config.tags)}
+    by_image: dict[int, tuple[Image, list[tuple[Target, int]]]] = {}
+    for target, image, name in targets:
+        if name in column:
+            by_image.setdefault(image.id, (image, []))[1].append((target, column[name]))
+    groups = list(by_image.values())
+    scored: list[_Scored] = []
+    for start in range(0, len(groups), BATCH):
+        batch = groups[start : start + BATCH]
+        pixels = load_images([image_path(settings, i) for i, _ in batch], model.config.input_size)
+        probs = predict_masks(model, pixels)  # (B, T, S, S)
+        for (image, group), planes in zip(batch, probs, strict=True):
+            full = F.interpolate(
+                planes[None].float(), size=(image.height, image.width), mode="bilinear"
+            )[0].clamp(0, 1)  # (T, H, W)
+            for target, k in group:
+                cells = _cells(session, target, open_only=not calibration)
+                truth = _final_mask(session, settings, target) if calibration else None
+                if cells and (truth is not None or not calibration):
+                    scores = touch_scores(full[k].numpy(), _addresses(cells))
+                    scored.append(_Scored(target, cells, scores, truth))
+    return scored
 
 
 def _model_priors(
     session: Session, settings: Settings, project: Project, device: str, report: RetrainReport
 ) -> None:
+    """Set the open cells' priors from the active segmenter (see the module docstring)."""
     version = active_model(session, project=project, kind=ModelKind.SEGMENTER)
     if version is None:
         return
     model = load_checkpoint(version.path, device=resolve_device(device), kind="segmenter").model
     assert isinstance(model, Segmenter)
-    column = {name: i for i, name in enumerate(model.config.tags)}
-    rows = session.execute(
-        select(Target, Image, Tag.name)
-        .join(Image, Image.id == Target.image_id)
-        .join(Tag, Tag.id == Target.tag_id)
-        .where(Target.project_id == project.id, Target.state == TargetState.COLLECTING)
-        .order_by(Image.id, Target.id)
-    ).all()
-    scored: list[tuple[Target, list[Cell], np.ndarray]] = []
-    by_image: dict[int, tuple[Image, list[tuple[Target, int]]]] = {}
-    for target, image, name in rows:
-        if name in column:
-            by_image.setdefault(image.id, (image, []))[1].append((target, column[name]))
-    groups = list(by_image.values())
-    for start in range(0, len(groups), BATCH):
-        batch = groups[start : start + BATCH]
-        pixels = load_images([image_path(settings, i) for i, _ in batch], model.config.input_size)
-        probs = predict_masks(model, pixels)  # (B, T, S, S)
-        for (image, targets), planes in zip(batch, probs, strict=True):
-            full = F.interpolate(
-                planes[None].float(), size=(image.height, image.width), mode="bilinear"
-            )[0].clamp(0, 1)
-            for target, k in targets:
-                # control targets: every cell, whose gold calibrates; the others: open cells
-                cells = _cells(session, target, open_only=not target.control)
-                if cells:
-                    soft = full[k].numpy()
-                    scored.append((target, cells, _cell_coverage(soft, cells)))
-    calibrator = _fit_model_calibrator(session, scored)
+    open_targets, calibration_targets = model_prior_targets(session, project)
+    references = _score_targets(session, settings, model, calibration_targets, calibration=True)
+    calibrator = _fit_model_calibrator(references)
     if calibrator is None:
         return
-    report.model_weight = float(calibrator.x[0])
+    miou = version.metrics.get("miou")
+    report.model_miou = None if miou is None else float(miou)
+    report.model_slope = float(calibrator.x[0])
+    report.model_weight = model_weight(calibrator, report.model_miou)
+    report.calibration_cells = sum(len(r.cells) for r in references)
+    prior = with_slope(calibrator, report.model_weight)
     touched: list[Cell] = []
-    for target, cells, coverage in scored:
-        if target.control:
-            continue  # control cells are gold: their answers are known already
-        for cell, value in zip(cells, calibrator.log_odds(coverage), strict=True):
+    for scored in _score_targets(session, settings, model, open_targets, calibration=False):
+        for cell, value in zip(scored.cells, prior.log_odds(scored.scores), strict=True):
             cell.prior_logodds = float(value)
-        touched += cells
+        touched += scored.cells
     session.flush()
     refresh_cells(session, cells=touched)
     report.priors_set = len(touched)
@@ -269,20 +395,21 @@ def _retired_count(session: Session, cells: list[Cell]) -> int:
     return sum(c.status == CellStatus.RETIRED for c in cells)
 
 
-def _fit_model_calibrator(
-    session: Session, scored: list[tuple[Target, list[Cell], np.ndarray]]
-) -> Calibrator | None:
-    """Platt scaling of the model's cell coverage against served gold answers."""
-    ids = [c.id for _, cells, _ in scored for c in cells]
-    gold = {
-        g.cell_id: g.label
-        for g in session.scalars(select(Gold).where(Gold.cell_id.in_(ids), Gold.frozen.is_(False)))
-    }
-    x = [v for _, cells, cov in scored for c, v in zip(cells, cov, strict=True) if c.id in gold]
-    y = [gold[c.id] for _, cells, _ in scored for c in cells if c.id in gold]
-    if len(y) < MIN_GOLD_FOR_CALIBRATION or all(y) or not any(y):
+def _fit_model_calibrator(references: list[_Scored]) -> Calibrator | None:
+    """Platt scaling of the touch score against whether the truth touches the cell (its
+    coverage > 0), over every cell of the calibration targets; None without enough cells of
+    both answers."""
+    scores, labels = [], []
+    for ref in references:
+        assert ref.truth is not None
+        scores.append(ref.scores)
+        labels.append(grid.cell_coverage(ref.truth, _addresses(ref.cells)) > 0)
+    if not scores:
         return None
-    return fit_calibrator(np.asarray(x), np.asarray(y), "platt")
+    x, y = np.concatenate(scores), np.concatenate(labels)
+    if y.size < MIN_CELLS_FOR_CALIBRATION or y.all() or not y.any():
+        return None
+    return fit_calibrator(x, y, "platt")
 
 
 def _retag(

@@ -3,10 +3,15 @@
 Each step commits on its own (the job row says how far it got). The checkpoint is written to a
 temporary file and renamed before its model version is recorded; a version is promoted only if
 there is no active one or it scores better than the active one on the same validation data.
+
+Training length is a number of optimizer steps (``TrainOptions.steps``), or ``epochs`` passes
+over the data when given. The job's log and result say how many steps it took, how many
+seconds, what it started from, and the candidate's score next to the active model's.
 """
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,7 +33,9 @@ from ml.segmenter import Segmenter, SegmenterConfig, build_segmenter
 from ml.tagger import Tagger, TaggerConfig, build_tagger
 from ml.train import (
     Progress,
+    SegmenterResult,
     SegmenterTrainConfig,
+    TaggerResult,
     TaggerTrainConfig,
     evaluate_segmenter,
     resolve_device,
@@ -44,16 +51,46 @@ class NotEnoughDataError(ValueError):
 
 @dataclass(frozen=True)
 class TrainOptions:
-    epochs: int = 10
-    size: int = 256
+    # Optimizer steps: the data is cycled (reshuffled, re-augmented) as often as needed.
+    steps: int = 200
+    # Instead of ``steps``: this many passes over the data (steps = epochs x batches per pass).
+    epochs: int | None = None
+    # Square input side in pixels; None: ``input_size`` picks it (128 for a segmenter on a CPU).
+    size: int | None = None
     backbone: str = "resnet18"  # timm name for the tagger, smp encoder for the segmenter
     batch_size: int = 16
     device: str = "auto"
-    seed: int = 0
+    seed: int = 0  # seeds Python's, NumPy's and torch's generators and the data order
     # Tagger only: dilate the last stages so that Grad-CAM maps are finer than the 3x3 grid.
     output_stride: int | None = None
     # A local weights file for the backbone / encoder (nothing is ever downloaded).
     init_weights: str | None = None
+    # Segmenter only: start from the active segmenter's weights when its config (tags,
+    # architecture, encoder, input size) is the candidate's; from scratch otherwise.
+    from_active: bool = False
+
+
+# A 128 px resnet18 Unet trained 200 steps on the CPU (2-5 minutes) on 100 demo masks reaches a
+# per-target IoU of about 0.6; at 64 px it stays under 0.48. A GPU affords 256 px.
+CPU_SEGMENTER_SIZE = 128
+DEFAULT_SIZE = 256
+
+
+def input_size(options: TrainOptions, kind: ModelKind) -> int:
+    """The input side: ``options.size`` when given, else 128 px for a segmenter trained on the
+    CPU and 256 px otherwise (the tagger's Grad-CAM needs the finer feature maps)."""
+    if options.size is not None:
+        return options.size
+    if kind == ModelKind.SEGMENTER and resolve_device(options.device).type == "cpu":
+        return CPU_SEGMENTER_SIZE
+    return DEFAULT_SIZE
+
+
+def training_steps(options: TrainOptions, n_items: int) -> int:
+    """``options.steps``, or ``epochs`` passes of ``ceil(n_items / batch_size)`` batches."""
+    if options.epochs is not None:
+        return options.epochs * math.ceil(n_items / options.batch_size)
+    return options.steps
 
 
 class PretrainedWeightsError(ValueError):
@@ -81,8 +118,11 @@ class TrainOutcome:
     version: int
     promoted: bool
     metric: str
-    score: float | None
-    active_score: float | None
+    score: float | None  # the candidate's, on the evaluation data
+    active_score: float | None  # the active model's it was held against
+    steps: int = 0  # optimizer steps taken
+    seconds: float = 0.0  # training time, evaluation excluded
+    start: str = "scratch"  # "scratch", "init_weights" or "active vN"
 
 
 def _incumbent_score(
@@ -150,6 +190,36 @@ def _record(
     return version, promoted, held_against
 
 
+def _segmenter_start(
+    session: Session, project: Project, config: SegmenterConfig, options: TrainOptions, job: Job
+) -> tuple[Segmenter, str]:
+    """The network training starts from, and its name: the active segmenter when
+    ``options.from_active`` and its config is ``config`` (``active vN``); otherwise a fresh one
+    (``scratch``, or ``init_weights`` in its encoder). The job log says which, and why."""
+    active = None
+    if options.from_active and options.init_weights is None:
+        active = active_model(session, project=project, kind=ModelKind.SEGMENTER)
+    if active is not None:
+        name = f"active v{active.version}"
+        try:
+            checkpoint = load_checkpoint(active.path, kind="segmenter")
+        except (OSError, ValueError) as exc:
+            log_job(job, f"the {name} segmenter cannot be read ({exc}): training from scratch")
+        else:
+            differs = checkpoint.config.differences(config)
+            if not differs:
+                log_job(job, f"starting from the {name} segmenter")
+                assert isinstance(checkpoint.model, Segmenter)
+                return checkpoint.model, name
+            log_job(
+                job,
+                f"the {name} segmenter differs in {', '.join(differs)}: training from scratch",
+            )
+    net = build_segmenter(config)
+    _initial(net, options, job)
+    return net, "init_weights" if options.init_weights else "scratch"
+
+
 def _run(
     factory: sessionmaker[Session],
     settings: Settings,
@@ -170,19 +240,43 @@ def _run(
 
 
 ProgressHook = Callable[[Progress], None]
+LOG_EVERY_S = 30.0  # a progress line at least this often, besides every tenth of the steps
 
 
 def _progress(session: Session, job: Job, on_progress: ProgressHook | None) -> ProgressHook:
+    """Pass each step on; log (and commit) the first, every tenth of the steps, the last, and
+    at least one every ``LOG_EVERY_S`` seconds."""
+    logged_at = [-LOG_EVERY_S]
+
     def report(p: Progress) -> None:
         if on_progress is not None:
             on_progress(p)
-        if p.epoch_done:
+        due = p.step == 1 or p.step == p.steps or p.step % max(1, p.steps // 10) == 0
+        if due or p.seconds - logged_at[0] >= LOG_EVERY_S:
+            logged_at[0] = p.seconds
             log_job(
-                job, f"epoch {p.epoch}/{p.epochs}: loss {p.loss:.4f}", progress=p.epoch / p.epochs
+                job,
+                f"step {p.step}/{p.steps}: loss {p.loss:.4f}, {p.seconds:.1f} s",
+                progress=p.step / p.steps,
             )
             session.commit()
 
     return report
+
+
+def _trained(
+    job: Job,
+    metric: str,
+    score: float | None,
+    active: float | None,
+    result: TaggerResult | SegmenterResult,
+) -> None:
+    """Log the summary of a finished run: steps, seconds, and the candidate against the active."""
+    log_job(
+        job,
+        f"trained {result.steps} steps in {result.seconds:.1f} s: {metric} {score} "
+        f"(active model: {active})",
+    )
 
 
 def run_train_tagger(
@@ -205,10 +299,10 @@ def run_train_tagger(
                 tags=vocab.tags,
                 parents=vocab.parents,
                 backbone=options.backbone,
-                input_size=options.size,
+                input_size=input_size(options, ModelKind.TAGGER),
                 output_stride=options.output_stride,
             ),
-            epochs=options.epochs,
+            steps=training_steps(options, len(train)),
             batch_size=options.batch_size,
             seed=options.seed,
         )
@@ -242,11 +336,32 @@ def run_train_tagger(
             eval_items=val,
             device=options.device,
         )
+        _trained(job, "map", metrics["map"], active_score, result)
+        start = "init_weights" if options.init_weights else "scratch"
         finish_job(
-            job, result={"version": version.version, "promoted": promoted, "map": metrics["map"]}
+            job,
+            result={
+                "version": version.version,
+                "promoted": promoted,
+                "map": metrics["map"],
+                "active_score": active_score,
+                "steps": result.steps,
+                "seconds": result.seconds,
+                "start": start,
+            },
         )
         session.commit()
-        return TrainOutcome(job.id, version.version, promoted, "map", metrics["map"], active_score)
+        return TrainOutcome(
+            job.id,
+            version.version,
+            promoted,
+            "map",
+            metrics["map"],
+            active_score,
+            steps=result.steps,
+            seconds=result.seconds,
+            start=start,
+        )
 
     return _run(factory, settings, slug, ModelKind.TAGGER, options, body)
 
@@ -270,15 +385,20 @@ def run_train_segmenter(
             )
         config = SegmenterTrainConfig(
             model=SegmenterConfig(
-                tags=vocab.tags, encoder=options.backbone, input_size=options.size
+                tags=vocab.tags,
+                encoder=options.backbone,
+                input_size=input_size(options, ModelKind.SEGMENTER),
             ),
-            epochs=options.epochs,
+            steps=training_steps(options, len(train)),
             batch_size=options.batch_size,
             seed=options.seed,
         )
-        net = build_segmenter(config.model)
-        _initial(net, options, job)
-        log_job(job, f"training on {len(train)} images, evaluating on {len(evaluation)}")
+        net, start = _segmenter_start(session, project, config.model, options, job)
+        log_job(
+            job,
+            f"training {config.steps} steps at {config.model.input_size} px on {len(train)} "
+            f"images, evaluating on {len(evaluation)}",
+        )
         session.commit()
         result = train_segmenter(
             config,
@@ -311,8 +431,30 @@ def run_train_segmenter(
             eval_items=evaluation,
             device=options.device,
         )
-        finish_job(job, result={"version": version.version, "promoted": promoted, **metrics})
+        _trained(job, "miou", miou, active_score, result)
+        finish_job(
+            job,
+            result={
+                "version": version.version,
+                "promoted": promoted,
+                **metrics,
+                "active_score": active_score,
+                "steps": result.steps,
+                "seconds": result.seconds,
+                "start": start,
+            },
+        )
         session.commit()
-        return TrainOutcome(job.id, version.version, promoted, "miou", miou, active_score)
+        return TrainOutcome(
+            job.id,
+            version.version,
+            promoted,
+            "miou",
+            miou,
+            active_score,
+            steps=result.steps,
+            seconds=result.seconds,
+            start=start,
+        )
 
     return _run(factory, settings, slug, ModelKind.SEGMENTER, options, body)

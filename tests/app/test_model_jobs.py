@@ -12,14 +12,19 @@ from sqlalchemy import func, select
 
 from app.config import Settings
 from app.db import make_engine, make_session_factory
+from app.jobs import train as train_job
+from app.jobs.datasets import vocabulary
+from app.jobs.lock import models_dir
 from app.jobs.predict import run_predict
 from app.jobs.seed import run_seed
 from app.jobs.train import (
     NotEnoughDataError,
     PretrainedWeightsError,
     TrainOptions,
+    input_size,
     run_train_segmenter,
     run_train_tagger,
+    training_steps,
 )
 from app.migrate import upgrade_to_head
 from app.models import (
@@ -38,13 +43,17 @@ from app.models import (
 from app.services.campaign import load_truth
 from app.services.errors import NotFoundError
 from app.services.importer import run_import
+from app.services.model_version import promote, register_model_version
+from app.services.project import get_project
 from ml.aggregation import grid
+from ml.checkpoints import config_to_dict, save_checkpoint
+from ml.segmenter import SegmenterConfig, build_segmenter
 from tests.app.conftest import SLUG, World
 
 pytestmark = pytest.mark.slow
 
 
-TINY = TrainOptions(epochs=6, size=64, backbone="resnet18", batch_size=8, device="cpu")
+TINY = TrainOptions(steps=6, size=64, backbone="resnet18", batch_size=8, device="cpu")
 # A tagger whose Grad-CAM localises after a few seconds on the CPU (see tests/ml); 128 px gives
 # it 4x4 feature maps, which localise more steadily than 96 px's 3x3.
 TINY_TAGGER = TrainOptions(epochs=10, size=128, backbone="resnet10t", batch_size=8, device="cpu")
@@ -114,6 +123,7 @@ def test_segmenter_trains_on_control_truth_only_and_predicts_masks(
     options = dataclasses.replace(TINY, init_weights=str(weights))
     outcome = run_train_segmenter(world.factory, world.settings, slug=SLUG, options=options)
     assert outcome.promoted and outcome.metric == "miou"
+    assert outcome.start == "init_weights" and outcome.steps == 6 and outcome.seconds > 0
     with world.factory() as session:
         job = session.get(Job, outcome.job_id)
         assert job is not None and "backbone initialised from" in job.log
@@ -162,3 +172,69 @@ def test_segmenter_without_masks_says_what_is_missing(
         job = session.scalar(select(Job))
         assert job is not None and job.status == JobStatus.FAILED and "complete masks" in job.log
     engine.dispose()
+
+
+def test_size_and_steps_defaults() -> None:
+    cpu = TrainOptions(device="cpu")
+    assert input_size(cpu, ModelKind.SEGMENTER) == 128  # CPU: 128 px unless asked otherwise
+    assert input_size(cpu, ModelKind.TAGGER) == 256
+    assert input_size(dataclasses.replace(cpu, size=64), ModelKind.SEGMENTER) == 64
+    assert training_steps(cpu, 1000) == 200 == training_steps(cpu, 3)
+    assert training_steps(dataclasses.replace(cpu, epochs=3, batch_size=16), 33) == 9
+
+
+def _active_segmenter(world: World, size: int) -> dict[str, torch.Tensor]:
+    """Register an untrained segmenter as the active v1 (as a finished training job would);
+    returns its weights."""
+    with world.factory() as session:
+        project = get_project(session, slug=SLUG)
+        config = SegmenterConfig(vocabulary(session, project=project).tags, input_size=size)
+        model = build_segmenter(config)
+        path = save_checkpoint(models_dir(world.settings, project) / "v1.pt", model, config)
+        version = register_model_version(
+            session,
+            project=project,
+            kind=ModelKind.SEGMENTER,
+            path=path,
+            config=config_to_dict(config),
+            data_snapshot={},
+            metrics={"miou": 0.0},
+        )
+        promote(session, version=version)
+        session.commit()
+    return model.state_dict()
+
+
+def test_segmenter_starts_from_the_active_one_when_its_config_fits(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weights = _active_segmenter(world, size=64)
+    started: list[dict[str, torch.Tensor]] = []
+    real = train_job.train_segmenter
+
+    def spy(*args: object, **kwargs: object) -> object:
+        model = kwargs["model"]
+        assert isinstance(model, torch.nn.Module)
+        started.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train_job, "train_segmenter", spy)
+    warm = dataclasses.replace(TINY, steps=2, from_active=True)
+    again = run_train_segmenter(world.factory, world.settings, slug=SLUG, options=warm)
+    assert again.start == "active v1" and again.steps == 2 and again.seconds > 0
+    assert all(torch.equal(started[0][k], v) for k, v in weights.items())
+    # Another input size cannot take the active weights as they are: from scratch, and why.
+    other = run_train_segmenter(
+        world.factory, world.settings, slug=SLUG, options=dataclasses.replace(warm, size=96)
+    )
+    assert other.start == "scratch"
+    first = "net.encoder.conv1.weight"
+    assert not torch.equal(started[1][first], weights[first])
+    with world.factory() as session:
+        jobs = session.scalars(select(Job).where(Job.kind == "train-segmenter").order_by(Job.id))
+        warm_job, cold_job = jobs.all()
+        assert "starting from the active v1 segmenter" in warm_job.log
+        assert "step 2/2: loss" in warm_job.log and "trained 2 steps in" in warm_job.log
+        assert warm_job.result["steps"] == 2 and warm_job.result["start"] == "active v1"
+        assert warm_job.result["active_score"] == again.active_score
+        assert "differs in input_size: training from scratch" in cold_job.log

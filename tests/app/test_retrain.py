@@ -13,11 +13,18 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import func, select
 
 from app.jobs.lock import JobBusyError
-from app.jobs.retrain import RetrainOptions, run_retrain, triage_unsupported
+from app.jobs.retrain import (
+    RetrainOptions,
+    model_prior_targets,
+    run_retrain,
+    touch_scores,
+    triage_unsupported,
+)
 from app.jobs.train import TrainOptions, run_train_segmenter
 from app.models import (
     Cell,
@@ -35,11 +42,13 @@ from app.models import (
 from app.services.model_version import active_model
 from app.services.project import get_project
 from app.services.target import ensure_target
+from ml.aggregation import grid
+from ml.calibration import MAX_MODEL_WEIGHT, Calibrator, model_weight, weight_cap, with_slope
 from ml.demo.dataset import write_demo_dataset
 from tests.app.conftest import SLUG, World
 
 pytestmark = pytest.mark.slow
-SEGMENTER = TrainOptions(epochs=6, size=64, backbone="resnet18", batch_size=8)
+SEGMENTER = TrainOptions(steps=6, size=64, backbone="resnet18", batch_size=8)
 TAGGER = TrainOptions(epochs=3, size=64, backbone="resnet10t", batch_size=8)
 TINY = RetrainOptions(segmenter=SEGMENTER, tagger=TAGGER, device="cpu")
 
@@ -50,10 +59,16 @@ def test_a_round_trains_promotes_sets_model_priors_retags_and_reranks(world: Wor
     assert report.tagger is not None and report.tagger.promoted
     assert report.images_retagged == 10 and report.reranked > 0
     assert report.model_weight is not None and report.priors_set > 0
+    assert report.model_slope is not None and report.calibration_cells >= 20
+    # A tiny model scores poorly on the frozen set: its weight is capped there, whatever the
+    # slope it earned on cells it was trained on.
+    assert 0 < report.model_weight <= weight_cap(report.model_miou)
+    assert report.segmenter.steps == 6 and report.segmenter.start == "scratch"
     with world.factory() as session:
         job = session.get(Job, report.job_id)
         assert job is not None and job.status == JobStatus.SUCCEEDED and job.progress == 1.0
         assert "model priors on open cells" in job.log
+        assert f"model prior weight {report.model_weight:.3f}" in job.log
         informed = session.scalar(
             select(func.count())
             .select_from(Cell)
@@ -64,24 +79,76 @@ def test_a_round_trains_promotes_sets_model_priors_retags_and_reranks(world: Wor
         states = set(session.scalars(select(Target.state)))
         assert TargetState.COLLECTING in states
 
-    # The next round fine-tunes the active tagger instead of starting over.
+    # The next round fine-tunes the active tagger and segmenter instead of starting over.
     again = run_retrain(world.factory, world.settings, slug=SLUG, options=TINY)
+    assert again.segmenter is not None and again.segmenter.start == "active v1"
     with world.factory() as session:
         job = session.get(Job, again.job_id)
         assert job is not None and "fine-tuning the tagger" in job.log
+        assert "segmenter v2 (6 steps from active v1" in job.log
         train_jobs = session.scalars(
             select(Job).where(Job.kind == "train-tagger").order_by(Job.id)
         ).all()
         assert "backbone initialised from" in train_jobs[-1].log
 
 
+def test_touch_scores_say_whether_any_of_the_object_is_in_the_cell() -> None:
+    soft = np.zeros((90, 90))
+    soft[28:31, 28:31] = 0.9  # a speck on the corner of four level-1 cells
+    cells = [grid.Cell(1, 0, 0), grid.Cell(1, 1, 1), grid.Cell(1, 2, 2), grid.Cell(2, 2, 2)]
+    np.testing.assert_allclose(touch_scores(soft, cells), [0.9, 0.9, 0.0, 0.9])
+    assert grid.cell_coverage(soft, cells)[0] < 0.01  # what the mean (coverage) said
+    assert touch_scores(np.ones((2, 2)), [grid.Cell(1, 0, 0)]).tolist() == [0.0]  # no pixels
+
+
+def test_a_poor_model_earns_a_small_weight_and_a_good_one_never_a_large_one() -> None:
+    sure = Calibrator("platt", (12.0,), (-6.0,))  # what a model fitted in-sample may earn
+    assert model_weight(sure, 0.1) < 0.5 and model_weight(sure, 0.05) < model_weight(sure, 0.1)
+    assert model_weight(sure, 0.9) == weight_cap(0.9) < MAX_MODEL_WEIGHT
+    assert model_weight(sure, 1.0) == MAX_MODEL_WEIGHT and model_weight(sure, None) < 1.5
+    assert model_weight(Calibrator("platt", (2.0,), (-1.0,)), 0.9) == 2.0  # under the cap
+    assert model_weight(Calibrator("platt", (-3.0,), (1.0,)), 0.9) == 0.0  # tells nothing
+    caps = [weight_cap(m) for m in np.linspace(0, 1, 21)]
+    assert caps == sorted(caps) and caps[0] == 0.0 and max(caps) <= MAX_MODEL_WEIGHT
+    scores = np.linspace(0, 1, 11)
+    shrunk = with_slope(sure, 0.4)
+    np.testing.assert_allclose(shrunk.log_odds(scores), sure.log_odds(scores) * 0.4 / 12)
+    assert abs(float(shrunk.log_odds(0.5))) < 1e-9  # the even-odds score stays where it was
+
+
+def test_the_model_prior_is_calibrated_on_control_and_complete_targets_never_frozen(
+    world: World,
+) -> None:
+    with world.factory() as session:
+        project = get_project(session, slug=SLUG)
+        targets = session.scalars(select(Target).where(Target.project_id == project.id)).all()
+        controls = {t.id for t in targets if t.control}
+        frozen = [t for t in targets if not t.control]  # the demo's truth covers every target
+        assert controls and frozen
+        frozen[0].state = TargetState.COMPLETE  # finished by the crowd: still never calibrated on
+        image = session.get(Image, frozen[1].image_id)
+        tag = session.scalars(
+            select(Tag).where(
+                Tag.project_id == project.id,
+                Tag.id.not_in([t.tag_id for t in targets if t.image_id == frozen[1].image_id]),
+            )
+        ).first()
+        assert image is not None and tag is not None
+        complete, _ = ensure_target(session, image=image, tag=tag)  # no ground truth
+        complete.state = TargetState.COMPLETE
+        session.flush()
+        open_targets, calibration = model_prior_targets(session, project)
+        assert {t.id for t, _, _ in calibration} == controls | {complete.id}
+        assert {t.id for t, _, _ in open_targets} == {t.id for t in frozen[1:]}
+
+
 def test_a_worse_model_is_not_promoted(world: World) -> None:
     good = run_train_segmenter(
-        world.factory, world.settings, slug=SLUG, options=replace(SEGMENTER, epochs=8, device="cpu")
+        world.factory, world.settings, slug=SLUG, options=replace(SEGMENTER, steps=8, device="cpu")
     )
     assert good.promoted
     worse = run_train_segmenter(
-        world.factory, world.settings, slug=SLUG, options=replace(SEGMENTER, epochs=1, device="cpu")
+        world.factory, world.settings, slug=SLUG, options=replace(SEGMENTER, steps=1, device="cpu")
     )
     assert worse.score is not None and worse.active_score is not None
     assert worse.score < worse.active_score and not worse.promoted
@@ -129,14 +196,14 @@ def test_a_retrain_killed_mid_training_leaves_the_active_model_and_no_partial_fi
     write_demo_dataset(tmp_path / "demo", seed=5, n_images=8)
     _cli(data, "import", str(tmp_path / "demo"), "--project", SLUG)
     small = ["--project", SLUG, "--size", "64", "--device", "cpu"]
-    _cli(data, "train", "segmenter", *small, "--epochs", "1")
+    _cli(data, "train", "segmenter", *small, "--steps", "1")
     models = data / "models" / SLUG
     before = sorted(p.name for p in models.iterdir())
     db = data / "tessera.db"
 
-    victim = _cli(data, "retrain", *small, "--epochs", "500", wait=False)
+    victim = _cli(data, "retrain", *small, "--steps", "5000", wait=False)
     deadline = time.monotonic() + 120
-    while not any(k == "train-segmenter" and "epoch 1/500" in log for k, _, log in _jobs(db)):
+    while not any(k == "train-segmenter" and "step 1/5000" in log for k, _, log in _jobs(db)):
         assert victim.poll() is None and time.monotonic() < deadline, victim.communicate()
         time.sleep(0.2)
     victim.send_signal(signal.SIGKILL)
@@ -150,7 +217,7 @@ def test_a_retrain_killed_mid_training_leaves_the_active_model_and_no_partial_fi
     assert active == [(1,)]
 
     # The next job finds the killed ones, marks them failed, and runs.
-    _cli(data, "retrain", *small, "--epochs", "1", "--tagger-epochs", "1")
+    _cli(data, "retrain", *small, "--steps", "1", "--tagger-epochs", "1")
     jobs = _jobs(db)
     killed = [j for j in jobs if j[0] in ("retrain", "train-segmenter") and j[1] == "failed"]
     assert len(killed) == 2 and all("killed?" in log for _, _, log in killed)
