@@ -64,6 +64,8 @@ from app.models import (
     Tag,
     Target,
     TargetState,
+    Window,
+    WindowState,
 )
 from app.services.campaign import uncertainty
 from app.services.consensus import refresh_cells
@@ -71,7 +73,7 @@ from app.services.image import image_path
 from app.services.job import finish_job, job_run, log_job
 from app.services.model_version import active_model
 from app.services.project import get_project
-from app.services.settle import settle_targets
+from app.services.settle import revalue_windows, settle_targets
 from app.storage import decode_mask_png
 from ml.aggregation import grid
 from ml.calibration import Calibrator, fit_calibrator, model_weight, with_slope
@@ -527,6 +529,18 @@ def rerank(session: Session, *, project: Project, seed: int = 0) -> int:
             target.priority = tag_priority * disagreement
         else:
             target.priority = tag_priority * uncertainty(posteriors) * (1.0 + disagreement)
+    session.flush()
+    # The picker orders windows by their stored value, which holds the target's priority.
+    revalue_windows(
+        session,
+        window_ids=set(
+            session.scalars(
+                select(Window.id).where(
+                    Window.project_id == project.id, Window.state == WindowState.OPEN
+                )
+            )
+        ),
+    )
     session.commit()
     return len(targets)
 

@@ -1,11 +1,13 @@
 """The task picker: the most valuable open work for one volunteer, leased to them.
 
-Value of a window = its target's priority x the uncertainty of its open cells. A volunteer never
-sees a cell they already answered. Known tiles keep at least the project's gold rate of what a
-volunteer answers: window tasks whose cells are all gold, or mosaics of known-true, known-false
-and unknown tiles of one tag (3-5-1 by default, reCAPTCHA's mix). An unknown window is leased to
-one volunteer at a time by a compare-and-set on its lease (with ``SKIP LOCKED`` on PostgreSQL,
-serialised writers on SQLite); an abandoned lease simply runs out.
+Value of a window = its target's priority x the uncertainty of its open cells, deeper windows
+first (``app.services.campaign.window_value``). A volunteer never sees a cell they already
+answered. Known tiles keep at least a gold rate of what a volunteer answers, the project's for a
+newcomer, less for one proven on gold, more for a doubtful one (``gold_rate_for``): window tasks
+whose cells are all gold, or mosaics of known-true, known-false and unknown tiles of one tag
+(3-5-1 by default, reCAPTCHA's mix), served only as known tiles that are due. An unknown window
+is leased to one volunteer at a time by a compare-and-set on its lease (with ``SKIP LOCKED`` on
+PostgreSQL, serialised writers on SQLite); an abandoned lease simply runs out.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from app.db import utcnow
 from app.models import (
     Cell,
     CellStatus,
+    Credibility,
     Gold,
     Project,
     Tag,
@@ -52,6 +55,34 @@ class Offer:
 
 def _answered_by(volunteer: Volunteer, cell_id_column: object) -> object:
     return exists().where(Vote.volunteer_id == volunteer.id, Vote.cell_id == cell_id_column)
+
+
+# The share of known tiles adapts to what a volunteer's gold answers have shown: a proven
+# volunteer (PROVEN_GOLD gold answers, Youden's J on them at least PROVEN_J) sees a quarter of
+# the project's gold rate (enough to notice one who turns careless), a doubtful one (J under
+# DOUBTFUL_J after DOUBTFUL_GOLD answers) twice it, a newcomer the rate itself.
+PROVEN_GOLD, PROVEN_J, PROVEN_SHARE = 30, 0.8, 0.25
+DOUBTFUL_GOLD, DOUBTFUL_J, DOUBTFUL_SHARE = 10, 0.5, 2.0
+
+
+def gold_rate_for(session: Session, volunteer: Volunteer, gold_rate: float) -> float:
+    """The share of known tiles this volunteer should see now (see ``PROVEN_GOLD``)."""
+    row = session.scalar(
+        select(Credibility).where(
+            Credibility.volunteer_id == volunteer.id, Credibility.category == ""
+        )
+    )
+    if row is None:
+        return gold_rate
+    tp, fn, tn, fp = row.gold_tp, row.gold_fn, row.gold_tn, row.gold_fp
+    answers = tp + fn + tn + fp
+    # Beta(1, 1) posterior means of sensitivity and specificity on gold alone.
+    j = (1 + tp) / (2 + tp + fn) + (1 + tn) / (2 + tn + fp) - 1.0
+    if answers >= PROVEN_GOLD and j >= PROVEN_J:
+        return gold_rate * PROVEN_SHARE
+    if answers >= DOUBTFUL_GOLD and j < DOUBTFUL_J:
+        return min(1.0, gold_rate * DOUBTFUL_SHARE)
+    return gold_rate
 
 
 def needs_known(volunteer: Volunteer, gold_rate: float) -> bool:
@@ -174,9 +205,14 @@ def _new_task(
 
 
 def _window_offer(
-    session: Session, project: Project, volunteer: Volunteer, tag: Tag | None, now: datetime
+    session: Session,
+    project: Project,
+    volunteer: Volunteer,
+    tag: Tag | None,
+    now: datetime,
+    *,
+    want_known: bool,
 ) -> Offer | None:
-    want_known = needs_known(volunteer, float(project.setting("gold_rate")))
     window = _known_window(session, project, volunteer, tag, now) if want_known else None
     window = window or _lease_unknown_window(session, project, volunteer, tag, now)
     if window is None and not want_known:
@@ -298,15 +334,20 @@ def next_task(
 ) -> Offer | None:
     """Lease the most valuable task for this volunteer, or None when nothing is left to ask."""
     now = now or utcnow()
+    # A mosaic spends eight known tiles on one unknown: in "auto" it is one way of serving the
+    # known tiles a volunteer is due (the other is a known window), never a task of its own.
+    due = needs_known(
+        volunteer, gold_rate_for(session, volunteer, float(project.setting("gold_rate")))
+    )
     want_mosaic = kind == "mosaic" or (
-        kind == "auto" and random.random() < float(project.setting("mosaic_share"))
+        kind == "auto" and due and random.random() < float(project.setting("mosaic_share"))
     )
     reason = None
     if want_mosaic:
         offer, reason = _mosaic_offer(session, project, volunteer, tag, now)
         if offer is not None:
             return offer
-    offer = _window_offer(session, project, volunteer, tag, now)
+    offer = _window_offer(session, project, volunteer, tag, now, want_known=due)
     if offer is not None and kind == "mosaic":
         offer.fallback_reason = reason
     return offer

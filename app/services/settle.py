@@ -58,19 +58,24 @@ def revalue_windows(session: Session, *, window_ids: set[int]) -> None:
     if not window_ids:
         return
     rows = session.execute(
-        select(Window.id, Target.priority, Target.control, Consensus.posterior)
+        select(Window.id, Window.level, Target.priority, Target.control, Consensus.posterior)
         .join(Target, Target.id == Window.target_id)
         .join(Cell, Cell.window_id == Window.id)
         .join(Consensus, Consensus.cell_id == Cell.id)
         .where(Window.id.in_(window_ids), Cell.status == CellStatus.OPEN)
     ).all()
     pending: dict[int, list[float]] = defaultdict(list)
-    target_of: dict[int, tuple[float, bool]] = {}
-    for window_id, prio, control, q in rows:
+    target_of: dict[int, tuple[int, float, bool]] = {}
+    for window_id, level, prio, control, q in rows:
         pending[window_id].append(q)
-        target_of[window_id] = (prio, control)
+        target_of[window_id] = (level, prio, control)
     values = [
-        {"id": w, "value": window_value(target_of[w][0], qs, control=target_of[w][1])}
+        {
+            "id": w,
+            "value": window_value(
+                target_of[w][1], qs, control=target_of[w][2], level=target_of[w][0]
+            ),
+        }
         for w, qs in pending.items()
     ]
     session.execute(update(Window), values)
@@ -177,7 +182,10 @@ def _update_windows(
             window.state, window.closed_at, window.value = WindowState.CLOSED, utcnow(), 0.0
             continue
         window.value = window_value(
-            target.priority, [consensus[c.id].posterior for c in pending], control=target.control
+            target.priority,
+            [consensus[c.id].posterior for c in pending],
+            control=target.control,
+            level=window.level,
         )
         still_open += 1
     return still_open

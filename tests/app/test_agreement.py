@@ -56,3 +56,15 @@ def test_volunteers_who_say_yes_to_nearly_everything_lose_their_weight_without_g
     ]
     _run(live, crowd, "red")  # mostly negative cells: a liar says yes to them
     assert max(_youden(live)) < 0.1, _youden(live)
+
+
+@pytest.mark.parametrize("live", [{"gold_rate": 0.0}], indirect=True)
+def test_liars_among_an_honest_majority_lose_their_weight_without_gold(live: Live) -> None:
+    honest = [live.volunteer("diligent", seed) for seed in range(5)]
+    liars = [
+        SimulatedVolunteer(TestClient(live.app), LIAR, np.random.default_rng(seed), live.truths)
+        for seed in range(5, 7)
+    ]
+    _run(live, honest + liars, "shape")
+    j = _youden(live)  # volunteers in creation order: the honest five, then the liars
+    assert min(j[:5]) > max(j[5:]) and max(j[5:]) < 0.1, j
