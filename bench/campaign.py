@@ -1,42 +1,54 @@
-"""A whole simulated campaign: mean mask IoU against human-seconds per object, with and
-without the learning loop.
+"""A whole simulated campaign: mean mask IoU against human-seconds per evaluation target, with
+and without the learning loop, over paired seeds.
 
-Usage: ``python bench/campaign.py [--quick] [--images N] [--device cpu|cuda|auto]``
+Usage: ``python bench/campaign.py [--quick] [--images N] [--seeds S ...] [--arms A ...]
+[--crowd realistic|harsh] [--device cpu|cuda|auto]``
 
-A demo project is generated and imported once; each arm runs on its own copy of it:
+Per seed a demo project of ``--images`` images (384-1024 px, COCO-like object sizes) is generated
+and imported once; each arm runs on its own copy of it, with the same volunteers answering from
+the same random streams (paired seeds):
 
 - ``crowd``: simulated volunteers only (no model);
-- ``loop-random``: the same crowd, and every ``--retrain-every`` answers a round of
-  ``tessera retrain`` (segmenter priors on open cells, re-tagging) with random acquisition;
+- ``loop-random``: the same crowd, and a round of ``tessera retrain`` (segmenter on control truth
+  and complete masks, its calibrated prior on open cells, its probability in the composition,
+  re-tagging) at each of ``--retrain-at`` human-seconds per target, random acquisition;
 - ``loop-uncertainty``: the same with uncertainty acquisition.
 
-Volunteers (60% diligent, 20% sloppy, 10% random clickers, 10% adversaries; ``ml.aggregation.
-simulate``; ``run_arm(kinds=...)`` takes another mix, as ``bench/adversarial.py`` does) answer
-real tasks through the HTTP API in-process, from the demo's ground truth; volunteer ``i`` draws
-its answers from its own random stream of ``--seed``. The full EM pass runs every
-``--em-every`` answers: by default as often as the served product runs it (every
-``consensus_interval_s``, 300 s) at the crowd's pace of one grid per volunteer every 10.3 s.
-An arm stops after ``--answers`` answers or when the crowd finds nothing more to answer (then
-it is measured once more). Every
-submitted grid costs 10.3 human-seconds (the measured mean time of a reCAPTCHA image grid).
-Human-seconds per object = answers x 10.3 / targets imported (evaluation and control). Targets
-that the loop's tagger adds later are served to the crowd (their cost counts) but are not in the
-denominator nor measured (they have no ground truth).
+Crowds (``ml.aggregation.simulate`` profiles): ``realistic`` is 80% diligent, 15% sloppy and 5%
+random clickers (20 volunteers); ``harsh`` (the stress arm) is 60% diligent, 20% sloppy, 10%
+random clickers and 10% adversaries. They answer real tasks through the HTTP API in-process,
+from the demo's ground truth. Every random generator is seeded from the seed: numpy's per
+volunteer, Python's (the picker's choices) per arm; SQLite's ``random()`` (which known window a
+volunteer is shown) cannot be seeded, so a seed's numbers still move a little between runs.
+The full EM pass runs as often as the served product runs it (every ``consensus_interval_s``)
+at the crowd's pace of one grid per volunteer every 10.3 s.
 
-The mask of an object at any point of the campaign is the composition of its finest cells
-(gold as 0/1, every other cell its current posterior, which includes the model's prior in the loop
-arms), above 0.5: an undecided cell is not claimed. IoU is measured against the ground truth of
-the evaluation targets (never served as gold, never trained on); an empty truth and an empty mask
-count as IoU 1. "IoU at 20 s/object" is interpolated linearly between the two measurements
-around that budget; "s/object to IoU x" is the first measurement at or above x.
+Cost: every submitted grid is 10.3 human-seconds (the measured mean time of a reCAPTCHA image
+grid), whatever it asked: window or mosaic, evaluation, control or tagger-added target. Human-
+seconds per target = all answers x 10.3 / evaluation targets (the targets with frozen ground
+truth, never served as gold nor trained on: only they are measured). An arm stops once it has
+spent the largest budget, or when the crowd finds nothing more to answer (its masks no longer
+change, so larger budgets read its final IoU).
 
-Targets: the full loop reaches mean IoU >= 0.85 at <= 20 human-seconds per object, and
-uncertainty acquisition needs at most half the human-seconds of random for the same IoU.
+The mask of a target is the product's composition (``app.services.masks.composition``: the
+finest cells per pixel, the image deciding inside border cells, the model's probability where
+there is one); an empty truth and an empty mask count as IoU 1. ``ceiling`` is the same
+composition fed perfect answers on every window the refinement rules open (``bench/ceiling.py``).
+Intervals are 95% t-intervals over seeds.
+
+Each arm ends with one line for scripts:
+``campaign: arm=... seeds=... iou@10=... iou@20=... iou@40=... iou@80=... iou@160=... ceiling=...``
+
+Targets (issue 16): loop-uncertainty >= 0.85 at <= 40 s; crowd >= 0.75 at <= 80 s; uncertainty
+reaches random's IoU at 40 s in <= 0.7x the human-seconds; ceiling >= 0.95.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
+import random
 import shutil
 import sys
 import tempfile
@@ -47,9 +59,10 @@ from pathlib import Path
 
 import numpy as np
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the simulated crowd of the tests
 from app.cli.serve import DEMO_SETTINGS
 from app.config import Settings
 from app.db import make_engine, make_session_factory
@@ -57,21 +70,27 @@ from app.jobs.retrain import RetrainOptions, run_retrain
 from app.jobs.train import TrainOptions
 from app.main import create_app, recompute_all
 from app.migrate import upgrade_to_head
-from app.models import Cell, Image, Project, Target
+from app.models import Cell, Consensus, Image, MaskSource, MaskVersion, Project, Target
 from app.security import VOLUNTEER_COOKIE
-from app.services.campaign import load_truth
+from app.services.campaign import load_truth, refinement_config
 from app.services.importer import run_import
-from app.services.masks.composition import compose_target
+from app.services.masks.composition import compose_target, load_pixels
 from app.services.project import create_project
+from bench.ceiling import perfect_levels
 from ml.aggregation.simulate import PROFILES
+from ml.composition import compose_mask
 from ml.demo.dataset import write_demo_dataset
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the simulated crowd of the tests
 from tests.app.crowd import SimulatedVolunteer, Truths
 
 SECONDS_PER_GRID = 10.3
 SLUG = "campaign"
-CROWD = ["diligent"] * 6 + ["sloppy"] * 2 + ["random_clicker", "adversary"]
+REALISTIC = ["diligent"] * 16 + ["sloppy"] * 3 + ["random_clicker"]
+HARSH = ["diligent"] * 6 + ["sloppy"] * 2 + ["random_clicker", "adversary"]
+CROWDS = {"realistic": REALISTIC, "harsh": HARSH}
+CROWD = HARSH  # bench/adversarial.py builds its own mixes; this is run_arm's default
+BUDGETS = (10.0, 20.0, 40.0, 80.0, 160.0)  # human-seconds per evaluation target
+MEASURE_AT = (0.0, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 80.0, 120.0, 160.0)
+ARMS = ("crowd", "loop-random", "loop-uncertainty")
 
 
 @dataclass(frozen=True)
@@ -108,51 +127,95 @@ def build(folder: Path, images: int, seed: int) -> None:
     engine.dispose()
 
 
-def measure(
-    settings: Settings, factory: sessionmaker[Session], truths: dict[int, np.ndarray]
-) -> tuple[float, int]:
-    ious, complete = [], 0
-    with factory() as session:
-        targets = session.scalars(
-            select(Target).join(Project).where(Project.slug == SLUG, Target.control.is_(False))
-        ).all()
-        for target in targets:
-            if target.id not in truths:
-                truth = load_truth(session, settings, target)
+class Measurer:
+    """Mean IoU of the evaluation targets' composed masks against their frozen truth.
+
+    A target's mask is recomposed only when its cells, posteriors or model prediction changed
+    since the last measurement (most do not between two measurements).
+    """
+
+    def __init__(self, settings: Settings, factory: sessionmaker[Session]) -> None:
+        self.settings, self.factory = settings, factory
+        self.truths: dict[int, np.ndarray] = {}
+        self.seen: dict[int, tuple[tuple[object, ...], float]] = {}
+
+    def evaluation_targets(self, session: Session) -> list[Target]:
+        return list(
+            session.scalars(
+                select(Target)
+                .join(Project)
+                .where(Project.slug == SLUG, Target.control.is_(False))
+                .order_by(Target.id)
+            )
+        )
+
+    def _truth(self, session: Session, target: Target) -> np.ndarray | None:
+        if target.id not in self.truths:
+            truth = load_truth(session, self.settings, target)
+            if truth is None:
+                return None
+            self.truths[target.id] = truth
+        return self.truths[target.id]
+
+    def _state(self, session: Session, target: Target, cells: list[Cell]) -> tuple[object, ...]:
+        posteriors = dict(
+            session.execute(
+                select(Consensus.cell_id, Consensus.posterior).where(
+                    Consensus.cell_id.in_([c.id for c in cells])
+                )
+            ).all()
+        )
+        model = session.scalar(
+            select(MaskVersion.id)
+            .where(MaskVersion.target_id == target.id, MaskVersion.source == MaskSource.MODEL)
+            .order_by(MaskVersion.version.desc())
+            .limit(1)
+        )
+        cells_state = tuple((c.id, c.label, c.retire_reason, posteriors.get(c.id)) for c in cells)
+        return (model, cells_state)
+
+    def measure(self) -> tuple[float, int]:
+        ious, complete = [], 0
+        with self.factory() as session:
+            for target in self.evaluation_targets(session):
+                truth = self._truth(session, target)
                 if truth is None:
+                    continue  # added by the tagger: no ground truth to measure against
+                cells = list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
+                state = self._state(session, target, cells)
+                if target.id not in self.seen or self.seen[target.id][0] != state:
+                    image = session.get(Image, target.image_id)
+                    hard = compose_target(
+                        session, settings=self.settings, target=target, image=image, cells=cells
+                    ).hard
+                    self.seen[target.id] = (state, iou(hard, truth))
+                ious.append(self.seen[target.id][1])
+                complete += target.state == "complete"
+        return float(np.mean(ious)) if ious else float("nan"), complete
+
+    def ceiling(self) -> float:
+        """Mean IoU of the composition fed perfect answers on every window the rules open."""
+        ious = []
+        with self.factory() as session:
+            project = session.scalar(select(Project).where(Project.slug == SLUG))
+            assert project is not None
+            config = refinement_config(project)
+            method = str(project.setting("composition"))
+            for target in self.evaluation_targets(session):
+                truth = self._truth(session, target)
+                image = session.get(Image, target.image_id)
+                if truth is None or image is None:
                     continue
-                truths[target.id] = truth
-            image = session.get(Image, target.image_id)
-            cells = list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
-            if image is None or not cells:
-                continue
-            hard = compose_target(
-                session, settings=settings, target=target, image=image, cells=cells
-            ).hard
-            truth = truths[target.id]
-            union = np.logical_or(hard, truth).sum()
-            ious.append(1.0 if union == 0 else np.logical_and(hard, truth).sum() / union)
-            complete += target.state == "complete"
-    return float(np.mean(ious)) if ious else float("nan"), complete
+                _, answered = perfect_levels(truth, config)[-1]
+                cells, labels = [c for c, _ in answered], [float(y) for _, y in answered]
+                pixels = load_pixels(self.settings, image)
+                ious.append(iou(compose_mask(pixels, cells, labels, method=method).hard, truth))
+        return float(np.mean(ious))
 
 
-def _point(
-    name: str,
-    answers: int,
-    n_targets: int,
-    settings: Settings,
-    factory: sessionmaker[Session],
-    masks: dict[int, np.ndarray],
-    started: float,
-) -> Point:
-    iou, complete = measure(settings, factory, masks)
-    per_object = answers * SECONDS_PER_GRID / n_targets
-    print(
-        f"  {name:17s} answers {answers:5d}  {per_object:6.1f} s/object  "
-        f"IoU {iou:.3f}  complete {complete}  ({time.perf_counter() - started:.0f} s)",
-        flush=True,
-    )
-    return Point(per_object, iou, complete, answers)
+def iou(mask: np.ndarray, truth: np.ndarray) -> float:
+    union = np.logical_or(mask, truth).sum()
+    return 1.0 if union == 0 else float(np.logical_and(mask, truth).sum() / union)
 
 
 @dataclass(frozen=True)
@@ -162,6 +225,16 @@ class Arm:
     points: list[Point]
     settings: Settings
     volunteers: list[tuple[str, str]]  # (kind, public id) of each simulated volunteer
+    ceiling: float = float("nan")
+    ran_out: bool = False  # the crowd found nothing more to answer before the cap
+
+    def at(self, seconds: float) -> float:
+        return at_budget(self.points, seconds, ran_out=self.ran_out)
+
+
+def answers_for(seconds: float, n_eval: int) -> int:
+    """Answers that make ``seconds`` human-seconds per evaluation target."""
+    return math.ceil(seconds * n_eval / SECONDS_PER_GRID)
 
 
 def run_arm(
@@ -173,23 +246,35 @@ def run_arm(
     kinds: Sequence[str] = CROWD,
 ) -> Arm:
     """Run one arm on its own copy of ``template``: volunteers of ``kinds`` (one each) answer
-    until ``args.answers`` grids are submitted or nobody finds a task."""
+    until ``args.answers`` grids are submitted (or the largest of ``args.budgets`` is spent)
+    or nobody finds a task. Measured every ``args.measure_every`` answers, or at each of
+    ``args.measure_at`` human-seconds per target; ``args.retrain_at`` (human-seconds per
+    target) says when a loop arm retrains (else every ``args.retrain_every`` answers)."""
     folder = work / name
     shutil.copytree(template, folder)
     settings = _settings(folder)
     engine = make_engine(settings.resolved_database_url)
     factory = make_session_factory(engine)
     loop = name.startswith("loop-")
+    measurer = Measurer(settings, factory)
     with factory() as session:
         project = session.scalar(select(Project).where(Project.slug == SLUG))
         assert project is not None
         if loop:
             project.settings = {**project.settings, "acquisition": name.split("-")[1]}
-        n_targets = session.scalar(select(func.count()).select_from(Target)) or 1
+        n_eval = len(measurer.evaluation_targets(session)) or 1
         session.commit()
+    ceiling = measurer.ceiling() if getattr(args, "ceiling", False) else float("nan")
+    measure_at = getattr(args, "measure_at", None)
+    checkpoints = {answers_for(s, n_eval) for s in measure_at} if measure_at is not None else set()
+    cap = args.answers
+    if getattr(args, "budgets", None):
+        cap = answers_for(max(args.budgets), n_eval)
+    retrain_at = {answers_for(s, n_eval) for s in getattr(args, "retrain_at", None) or []}
     app = create_app(settings)
     truths = Truths(settings, factory, absent_is_empty=True)
     rng = np.random.default_rng(args.seed)
+    random.seed(f"{args.seed}-{name.split('-seed')[0]}")  # the picker's choices, per arm
     crowd = [
         # Volunteer i answers from its own stream of the seed: the same in every arm.
         SimulatedVolunteer(
@@ -198,19 +283,34 @@ def run_arm(
         for i, k in enumerate(kinds)
     ]
     options = RetrainOptions(
-        segmenter=TrainOptions(epochs=args.epochs, size=args.size, batch_size=8),
-        tagger=TrainOptions(epochs=max(1, args.epochs // 3), size=args.size, batch_size=8),
+        segmenter=TrainOptions(steps=getattr(args, "steps", 200), size=args.size, batch_size=8),
+        tagger=TrainOptions(steps=max(1, getattr(args, "steps", 200) // 4), batch_size=8),
         device=args.device,
     )
     em_every = em_cadence(len(crowd), getattr(args, "em_every", None))
-    masks: dict[int, np.ndarray] = {}
     points: list[Point] = []
     answers, idle, retrained = 0, 0, -1
     started = time.perf_counter()
-    while answers < args.answers and idle < len(crowd):
-        if loop and answers % args.retrain_every == 0 and retrained != answers:
+
+    def point() -> None:
+        mean_iou, complete = measurer.measure()
+        per_target = answers * SECONDS_PER_GRID / n_eval
+        print(
+            f"  {name:24s} answers {answers:5d}  {per_target:6.1f} s/target  "
+            f"IoU {mean_iou:.3f}  complete {complete}  ({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
+        points.append(Point(per_target, mean_iou, complete, answers))
+
+    def due(every: int, at: set[int]) -> bool:
+        return answers in at if at else bool(every) and answers % every == 0
+
+    while answers < cap and idle < len(crowd):
+        if loop and retrained != answers and due(getattr(args, "retrain_every", 0), retrain_at):
             run_retrain(factory, settings, slug=SLUG, options=options)
             retrained = answers  # not again while volunteers find no task at this count
+        if answers == 0 and not points:
+            point()
         volunteer = crowd[int(rng.integers(len(crowd)))]
         if volunteer.step(SLUG) is None:
             idle += 1
@@ -218,17 +318,18 @@ def run_arm(
         idle, answers = 0, answers + 1
         if em_every and answers % em_every == 0:
             recompute_all(factory, settings)
-        if answers % args.measure_every == 0 or answers == args.answers:
-            points.append(_point(name, answers, n_targets, settings, factory, masks, started))
-    if answers and (not points or points[-1].answers != answers):  # the crowd ran out of work
-        points.append(_point(name, answers, n_targets, settings, factory, masks, started))
+        if due(getattr(args, "measure_every", 0), checkpoints) or answers == cap:
+            point()
+    ran_out = answers < cap
+    if answers and points[-1].answers != answers:  # the crowd ran out of work
+        point()
     engine.dispose()
     signer = app.state.signer
     ids = [
         (k, signer.read_volunteer_cookie(v.client.cookies.get(VOLUNTEER_COOKIE)) or "")
         for k, v in zip(kinds, crowd, strict=True)
     ]
-    return Arm(points, settings, ids)
+    return Arm(points, settings, ids, ceiling, ran_out)
 
 
 def em_cadence(volunteers: int, every: int | None) -> int:
@@ -241,93 +342,145 @@ def em_cadence(volunteers: int, every: int | None) -> int:
     return max(1, round(interval * volunteers / SECONDS_PER_GRID))
 
 
-def at_budget(points: list[Point], seconds: float) -> float:
-    """Mean IoU at ``seconds`` per object, interpolated; NaN outside the measured range."""
+def at_budget(points: list[Point], seconds: float, *, ran_out: bool = False) -> float:
+    """Mean IoU at ``seconds`` per target, interpolated; past the last point the final IoU if
+    the crowd ran out of work (the masks no longer change), else NaN (not measured)."""
     xs = [p.seconds_per_object for p in points]
-    if not points or not xs[0] <= seconds <= xs[-1]:
+    if not points or seconds < xs[0] or (seconds > xs[-1] and not ran_out):
         return float("nan")
     return float(np.interp(seconds, xs, [p.mean_iou for p in points]))
 
 
-def to_reach(points: list[Point], iou: float) -> float | None:
-    return next((p.seconds_per_object for p in points if p.mean_iou >= iou), None)
+def to_reach(points: list[Point], target_iou: float) -> float | None:
+    """Human-seconds per target at which the curve first reaches ``target_iou`` (interpolated
+    between the two points around it), or None."""
+    for a, b in itertools.pairwise(points):
+        if b.mean_iou >= target_iou:
+            if a.mean_iou >= target_iou:
+                return a.seconds_per_object
+            t = (target_iou - a.mean_iou) / (b.mean_iou - a.mean_iou)
+            return a.seconds_per_object + t * (b.seconds_per_object - a.seconds_per_object)
+    return None
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small project for a 2-core CPU")
-    parser.add_argument("--images", type=int, default=None)
-    parser.add_argument("--answers", type=int, default=None, help="grid answers per arm")
-    parser.add_argument("--retrain-every", type=int, default=None)
-    parser.add_argument("--measure-every", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=None, help="segmenter epochs per round")
-    parser.add_argument("--size", type=int, default=None)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--em-every", type=int, default=None, help="answers between EM passes (0: never)"
-    )
-    parser.add_argument("--plot", type=Path, default=Path("artifacts/campaign.png"))
-    args = parser.parse_args()
-    q = args.quick
-    args.images = args.images or (12 if q else 120)
-    args.answers = args.answers or (300 if q else 6000)
-    args.retrain_every = args.retrain_every or (100 if q else 1000)
-    args.measure_every = args.measure_every or (50 if q else 250)
-    args.epochs = args.epochs or (4 if q else 20)
-    args.size = args.size or (64 if q else 256)
-    print(
-        f"demo images {args.images}, {args.answers} answers per arm, retrain every "
-        f"{args.retrain_every}, segmenter {args.epochs} epochs at {args.size}px on {args.device}"
-    )
-    curves: dict[str, list[Point]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        template = work / "template"
-        build(template, args.images, args.seed)
-        for arm in ("crowd", "loop-random", "loop-uncertainty"):
-            curves[arm] = run_arm(arm, template, work, args).points
-    print("\narm                IoU at 20 s/object   s/object to IoU 0.85   final IoU")
-    for arm, points in curves.items():
-        reach = to_reach(points, 0.85)
-        final = points[-1].mean_iou if points else float("nan")
-        reach_text = f"{reach:.1f}" if reach is not None else "not reached"
-        print(f"{arm:18s} {at_budget(points, 20.0):18.3f}   {reach_text:>20s}   {final:9.3f}")
-    full = curves["loop-uncertainty"]
-    met = at_budget(full, 20.0) >= 0.85
-    print(
-        f"target IoU >= 0.85 at <= 20 s/object (loop, uncertainty): {'met' if met else 'NOT met'}"
-    )
-    best = max((p.mean_iou for p in curves["loop-random"]), default=float("nan"))
-    r_random, r_unc = to_reach(curves["loop-random"], best), to_reach(full, best)
-    if r_random and r_unc:
-        ratio = r_unc / r_random
+def interval(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% t-interval (0 for one value; NaNs dropped)."""
+    v = np.asarray([x for x in values if not math.isnan(x)], dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    if v.size == 1:
+        return float(v[0]), 0.0
+    t95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57}.get(int(v.size), 2.45)
+    return float(v.mean()), float(t95 * v.std(ddof=1) / math.sqrt(v.size))
+
+
+def summary_line(arm: str, seeds: Sequence[int], runs: Sequence[Arm]) -> str:
+    parts = [f"campaign: arm={arm} seeds={','.join(str(s) for s in seeds)}"]
+    for budget in BUDGETS:
+        mean, _ = interval([r.at(budget) for r in runs])
+        parts.append(f"iou@{budget:g}={mean:.3f}")
+    parts.append(f"ceiling={interval([r.ceiling for r in runs])[0]:.3f}")
+    return " ".join(parts)
+
+
+def report(results: dict[str, list[Arm]], seeds: Sequence[int]) -> None:
+    print("\nmean IoU (95% interval over seeds) at human-seconds per evaluation target")
+    print(f"{'arm':18s} " + " ".join(f"{f'@{b:g}s':>14s}" for b in BUDGETS))
+    for arm, runs in results.items():
+        cells = []
+        for budget in BUDGETS:
+            mean, half = interval([r.at(budget) for r in runs])
+            cells.append(f"{mean:.3f}±{half:.3f}".rjust(14))
+        print(f"{arm:18s} " + " ".join(cells))
+    if "loop-random" in results and "loop-uncertainty" in results:
+        ratios = []
+        for rand, unc in zip(results["loop-random"], results["loop-uncertainty"], strict=True):
+            goal = rand.at(40.0)
+            reach = to_reach(unc.points, goal)
+            ratios.append(float("nan") if reach is None else reach / 40.0)
+        mean, half = interval(ratios)
         print(
-            f"s/object to reach random's best IoU {best:.3f}: uncertainty/random = "
-            f"{ratio:.2f}; target <= 0.5: {'met' if ratio <= 0.5 else 'NOT met'}"
+            f"uncertainty reaches random's IoU at 40 s in {mean:.2f}±{half:.2f} x the "
+            f"human-seconds (target <= 0.7); per seed {[round(r, 2) for r in ratios]}"
         )
-    else:
-        print(
-            f"uncertainty never reached random's best IoU {best:.3f}: "
-            "target (<= half the human-seconds of random) NOT met"
-        )
+    for arm, runs in results.items():
+        print(summary_line(arm, seeds, runs))
+
+
+def plot(results: dict[str, list[Arm]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    args.plot.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arm, points in curves.items():
-        ax.plot([p.seconds_per_object for p in points], [p.mean_iou for p in points], label=arm)
-    ax.axhline(0.85, color="grey", linestyle=":")
-    ax.axvline(20, color="grey", linestyle=":")
-    ax.set_xlabel("human-seconds per object")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    xs = np.asarray(MEASURE_AT[1:])
+    for arm, runs in results.items():
+        stats = [interval([r.at(x) for r in runs]) for x in xs]
+        mean = np.asarray([s[0] for s in stats])
+        half = np.asarray([s[1] for s in stats])
+        ax.plot(xs, mean, label=arm)
+        ax.fill_between(xs, mean - half, mean + half, alpha=0.2)
+    ceiling = interval([r.ceiling for runs in results.values() for r in runs])[0]
+    ax.axhline(ceiling, color="black", linestyle="--", label=f"ceiling {ceiling:.2f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("human-seconds per evaluation target")
     ax.set_ylabel("mean mask IoU (evaluation targets)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(args.plot)
-    print(f"plot: {args.plot}")
+    fig.savefig(path)
+    print(f"plot: {path}")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, list[Arm]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a bounded run for the test suite")
+    parser.add_argument("--images", type=int, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=None)
+    parser.add_argument("--crowd", choices=sorted(CROWDS), default="realistic")
+    parser.add_argument("--budget", type=float, default=None, help="largest s/target to spend")
+    parser.add_argument("--retrain-at", type=float, nargs="+", default=None)
+    parser.add_argument("--steps", type=int, default=None, help="segmenter steps per round")
+    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--em-every", type=int, default=None, help="answers between EM passes (0: never)"
+    )
+    parser.add_argument("--plot", type=Path, default=Path("artifacts/campaign.png"))
+    args = parser.parse_args(argv)
+    q = args.quick
+    args.images = args.images or (4 if q else 24)
+    seeds = args.seeds or ([0] if q else [0, 1, 2])
+    arms = args.arms or (["crowd"] if q else list(ARMS))
+    budget = args.budget or (10.0 if q else max(BUDGETS))
+    args.budgets = [b for b in BUDGETS if b < budget] + [budget]
+    args.measure_at = [m for m in MEASURE_AT if m <= budget]
+    args.retrain_at = args.retrain_at or [0.0, 20.0, 60.0]
+    args.steps = args.steps or (20 if q else 150)
+    args.answers, args.ceiling = 0, True
+    print(
+        f"demo images {args.images}, seeds {seeds}, arms {arms}, crowd {args.crowd} "
+        f"({len(CROWDS[args.crowd])} volunteers), up to {budget:g} s/target; loop: retrain at "
+        f"{args.retrain_at} s/target, segmenter {args.steps} steps on {args.device}",
+        flush=True,
+    )
+    results: dict[str, list[Arm]] = {arm: [] for arm in arms}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            template = Path(tmp) / f"seed-{seed}" / "template"
+            build(template, args.images, seed)
+            for arm in arms:
+                arm_args = argparse.Namespace(**{**vars(args), "seed": seed})
+                results[arm].append(
+                    run_arm(
+                        f"{arm}-seed{seed}", template, Path(tmp), arm_args, kinds=CROWDS[args.crowd]
+                    )
+                )
+    report(results, seeds)
+    plot(results, args.plot)
+    return results
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""``bench/campaign.py``, bounded: the crowd arm on a few demo images up to 10 s per target.
+
+The targets are the benchmark's (three seeds, every arm, up to 160 s per target); this run checks
+what must hold in any run: the script runs end to end, prints its line for scripts, the crowd's
+masks improve from nothing, and nothing beats the ceiling of perfect answers."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TEST_DATABASE_URL
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "campaign.py"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        bool(TEST_DATABASE_URL), reason="the bench runs on SQLite files: in the SQLite pass only"
+    ),
+]
+
+
+def test_a_bounded_campaign_prints_its_line_and_the_crowd_improves_the_masks(
+    tmp_path: Path,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--plot", str(tmp_path / "c.png")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    line = re.search(
+        r"^campaign: arm=crowd seeds=0 iou@10=([\d.]+) iou@20=nan iou@40=nan iou@80=nan "
+        r"iou@160=nan ceiling=([\d.]+)$",
+        done.stdout,
+        flags=re.MULTILINE,
+    )
+    assert line is not None, done.stdout
+    at_10, ceiling = float(line[1]), float(line[2])
+    start = re.search(r"answers +0 +0\.0 s/target +IoU ([\d.]+)", done.stdout)
+    assert start is not None, done.stdout
+    assert float(start[1]) < at_10 < ceiling <= 1.0
+    assert ceiling > 0.85  # the composition fed perfect answers
+    assert (tmp_path / "c.png").stat().st_size > 0
