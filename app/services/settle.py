@@ -21,6 +21,8 @@ from app.models import (
     CellStatus,
     Consensus,
     Image,
+    ImageTag,
+    ImageTagSource,
     MaskSource,
     Project,
     RetireReason,
@@ -48,6 +50,7 @@ from ml.aggregation.rules import (
     choose_refinements,
     inherited_prior,
     leaf_cells,
+    search_small,
 )
 
 UNCERTAIN_REASON = "cells still uncertain after their vote budget"  # the triage reason
@@ -119,6 +122,17 @@ def _retire_open(
     return retire_cells(project, open_cells, posterior, credible)[1]
 
 
+def _tag_is_known(session: Session, target: Target) -> bool:
+    """Whether the image's tag came from people (an import or a curator), not the tagger: then
+    the object is there, and nine squares that do not show it mean that it is small."""
+    source = session.scalar(
+        select(ImageTag.source).where(
+            ImageTag.image_id == target.image_id, ImageTag.tag_id == target.tag_id
+        )
+    )
+    return source in (ImageTagSource.IMPORT, ImageTagSource.CURATOR)
+
+
 def _refine(
     session: Session,
     settings: Settings,
@@ -140,6 +154,15 @@ def _refine(
         opened=opened,
         config=refinement_config(project),
     )
+    if not deeper and _tag_is_known(session, target):
+        deeper = search_small(
+            [grid.Cell(c.level, c.row, c.col) for c in retired],
+            [int(bool(c.label)) for c in retired],
+            image.height,
+            image.width,
+            opened=opened,
+            config=refinement_config(project),
+        )
     if not deeper:
         return 0
     mask = load_truth(session, settings, target)

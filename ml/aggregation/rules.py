@@ -16,6 +16,10 @@ as long as the children would be at least ``min_cell_px`` pixels on their shorte
 deeper than ``max_level``. Adjacency across levels is decided on the grid of the finest level
 present, where every coarser cell paints its block.
 
+A target whose tag people gave the image (not the tagger) and whose nine first cells all came
+back negative holds an object too small to be seen in a ninth of the image: ``search_small``
+opens each of the nine cells as its own window, once.
+
 Children inherit a prior from their parent (``inherited_prior``): half its posterior log-odds,
 clipped to +-3. The crowd has said the parent shows the object, so before anyone looks at a
 child it more likely shows it than not; the shrinkage says that a border cell's children are
@@ -216,6 +220,35 @@ def choose_refinements(
         c
         for c, w, k in zip(cells, want, leaf, strict=True)
         if w and k and c not in skip and _deep_enough(c, height, width, config)
+    ]
+
+
+def search_small(
+    cells: Sequence[Cell],
+    labels: npt.ArrayLike,
+    height: int,
+    width: int,
+    *,
+    opened: Collection[Cell] = (),
+    config: RefinementConfig = RefinementConfig(),
+) -> list[Cell]:
+    """Windows to open when every first-level cell of a target the image *is* tagged with came
+    back negative: the object is too small to be seen in a ninth of the image (a sliver of each
+    square it touches), so each of the nine cells is shown as its own 3x3 grid, once.
+
+    Args:
+        cells: the target's retired cells; labels: their answers (1 = yes).
+
+    Returns:
+        The level-1 cells whose windows open: all nine, or none (some answer was yes, the
+        target is already deeper, or the cells would be too small).
+    """
+    y = np.asarray(labels).reshape(-1)
+    first = [c for c in cells if c.level == 1]
+    if len(first) != 9 or len(first) != len(cells) or y.any():
+        return []
+    return [
+        c for c in sorted(first) if c not in opened and _deep_enough(c, height, width, config)
     ]
 
 

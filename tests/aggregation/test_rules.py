@@ -70,3 +70,17 @@ def test_children_inherit_a_shrunk_prior_from_their_parent() -> None:
     out = inherited_prior([4.0, -1.0, 0.0, 40.0])
     assert np.allclose(out, [2.0, -0.5, 0.0, 3.0])  # half, clipped to +-3
     assert np.all(np.abs(out) <= np.abs([4.0, -1.0, 0.0, 40.0]))  # never more sure than the parent
+
+
+def test_a_tagged_object_no_first_square_showed_is_searched_for_one_level_down() -> None:
+    from ml.aggregation.grid import ROOT, children
+    from ml.aggregation.rules import RefinementConfig, search_small
+
+    first = list(children(ROOT))
+    config = RefinementConfig(min_cell_px=8, max_level=4)
+    assert search_small(first, [0] * 9, 600, 900, config=config) == sorted(first)
+    assert search_small(first, [0] * 8 + [1], 600, 900, config=config) == []  # it was seen
+    deeper = [*first, *children(first[0])]
+    assert search_small(deeper, [0] * 18, 600, 900, config=config) == []  # searched already
+    assert search_small(first, [0] * 9, 600, 900, opened=first, config=config) == []
+    assert search_small(first, [0] * 9, 30, 30, config=config) == []  # too small to split
