@@ -247,9 +247,7 @@ def search_small(
     first = [c for c in cells if c.level == 1]
     if len(first) != 9 or len(first) != len(cells) or y.any():
         return []
-    return [
-        c for c in sorted(first) if c not in opened and _deep_enough(c, height, width, config)
-    ]
+    return [c for c in sorted(first) if c not in opened and _deep_enough(c, height, width, config)]
 
 
 def _deep_enough(cell: Cell, height: int, width: int, config: RefinementConfig) -> bool:
