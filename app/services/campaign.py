@@ -28,13 +28,13 @@ from app.models import (
     GoldSource,
     Image,
     MaskSource,
-    MaskVersion,
     Project,
     RetireReason,
     Target,
     TargetState,
     Window,
 )
+from app.services.target import find_latest_mask
 from app.storage import decode_mask_png
 from ml.aggregation import grid
 from ml.aggregation.rules import RefinementConfig, choose_refinements
@@ -100,12 +100,7 @@ class Truth:
 
 
 def load_truth(session: Session, settings: Settings, target: Target) -> np.ndarray | None:
-    version = session.scalar(
-        select(MaskVersion)
-        .where(MaskVersion.target_id == target.id, MaskVersion.source == MaskSource.GROUND_TRUTH)
-        .order_by(MaskVersion.version.desc())
-        .limit(1)
-    )
+    version = find_latest_mask(session, target=target, source=MaskSource.GROUND_TRUTH)
     if version is None:
         return None
     mask = decode_mask_png(settings.data_dir / version.hard_path)

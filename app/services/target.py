@@ -12,6 +12,16 @@ from app.models import Image, MaskSource, MaskVersion, Tag, Target, TargetState
 from app.storage import FileStore, encode_mask_png
 
 
+def find_latest_mask(session: Session, *, target: Target, source: MaskSource) -> MaskVersion | None:
+    """The target's newest mask version from ``source``, or None."""
+    return session.scalar(
+        select(MaskVersion)
+        .where(MaskVersion.target_id == target.id, MaskVersion.source == source)
+        .order_by(MaskVersion.version.desc())
+        .limit(1)
+    )
+
+
 def find_target(session: Session, *, image: Image, tag: Tag) -> Target | None:
     if image.id is None or tag.id is None:
         return None

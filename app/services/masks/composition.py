@@ -20,12 +20,12 @@ from app.models import (
     Consensus,
     Image,
     MaskSource,
-    MaskVersion,
     Project,
     RetireReason,
     Target,
 )
 from app.services.image import image_path
+from app.services.target import find_latest_mask
 from app.storage import decode_mask_png
 from ml.aggregation import grid
 from ml.aggregation.rules import leaf_cells
@@ -61,12 +61,7 @@ def load_pixels(settings: Settings, image: Image) -> np.ndarray:
 
 def model_probability(session: Session, settings: Settings, target: Target) -> np.ndarray | None:
     """The segmenter's latest per-pixel probability for the target, if it has predicted it."""
-    version = session.scalar(
-        select(MaskVersion)
-        .where(MaskVersion.target_id == target.id, MaskVersion.source == MaskSource.MODEL)
-        .order_by(MaskVersion.version.desc())
-        .limit(1)
-    )
+    version = find_latest_mask(session, target=target, source=MaskSource.MODEL)
     if version is None:
         return None
     mask = decode_mask_png(settings.data_dir / (version.soft_path or version.hard_path))
