@@ -16,9 +16,9 @@ import random
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
-from sqlalchemy import Select, exists, func, insert, or_, select, update
+from sqlalchemy import Select, exists, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
@@ -85,6 +85,14 @@ def gold_rate_for(session: Session, volunteer: Volunteer, gold_rate: float) -> f
     return gold_rate
 
 
+def shuffled(column: Any) -> Any:
+    """An ORDER BY key that shuffles rows by their integer ``column``: a multiplicative hash
+    salted from Python's ``random``, where the database's ``random()`` cannot be seeded (a
+    simulated campaign with a seed runs the same twice)."""
+    salt = random.randrange(1_000_003)
+    return (column * 2654435761 + salt) % 1_000_003
+
+
 def needs_known(volunteer: Volunteer, gold_rate: float) -> bool:
     """Whether the next task must be known, so that the volunteer's share of known tiles stays
     at or above ``gold_rate`` even after it: looking one task ahead, not only at the past."""
@@ -148,7 +156,7 @@ def _known_window(
     session: Session, project: Project, volunteer: Volunteer, tag: Tag | None, now: datetime
 ) -> Window | None:
     query = _window_candidates(project, volunteer, tag, known=True, now=now)
-    window_id = session.scalar(query.order_by(func.random()).limit(1))
+    window_id = session.scalar(query.order_by(shuffled(Window.id)).limit(1))
     return session.get(Window, window_id) if window_id is not None else None
 
 
@@ -264,7 +272,7 @@ def _gold_cells(
             Gold.frozen.is_(False),
             ~_answered_by(volunteer, Cell.id),  # type: ignore[operator]
         )
-        .order_by(or_(Window.known, Window.state == WindowState.CLOSED).desc(), func.random())
+        .order_by(or_(Window.known, Window.state == WindowState.CLOSED).desc(), shuffled(Cell.id))
         .limit(n * MOSAIC_SAMPLE)
     )
     sample = list(session.scalars(query))
