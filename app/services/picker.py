@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Select, exists, insert, or_, select, update
+from sqlalchemy import BigInteger, Select, cast, exists, insert, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
@@ -90,7 +90,8 @@ def shuffled(column: Any) -> Any:
     salted from Python's ``random``, where the database's ``random()`` cannot be seeded (a
     simulated campaign with a seed runs the same twice)."""
     salt = random.randrange(1_000_003)
-    return (column * 2654435761 + salt) % 1_000_003
+    # 64-bit arithmetic: PostgreSQL would overflow an integer column times the multiplier.
+    return (cast(column, BigInteger) * literal(2654435761, BigInteger) + salt) % 1_000_003
 
 
 def needs_known(volunteer: Volunteer, gold_rate: float) -> bool:
