@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.models import (
     Cell,
+    CellStatus,
     Consensus,
     Image,
     MaskSource,
@@ -33,8 +34,24 @@ from ml.composition import Composed, compose_mask
 
 
 def leaf_posteriors(session: Session, *, cells: list[Cell]) -> tuple[list[grid.Cell], list[float]]:
-    """The finest cells (those without children) and their probabilities: gold and curator
-    answers as 0/1, every other cell its posterior."""
+    """The finest cells with evidence and their probabilities: gold and curator answers as 0/1,
+    every other cell its posterior.
+
+    A refined cell's children that nobody has answered yet carry only the prior they inherited
+    from it: they are left out, so that their parent's answer stands (an inherited 0.8 is not an
+    answer, and would otherwise turn their pixels into sure foreground). The first nine cells
+    stay in whatever their evidence (their prior is the tagger's or the model's).
+    """
+    n_votes = dict(
+        session.execute(
+            select(Consensus.cell_id, Consensus.n_votes).where(
+                Consensus.cell_id.in_([c.id for c in cells])
+            )
+        ).all()
+    )
+    cells = [
+        c for c in cells if c.level <= 1 or c.status != CellStatus.OPEN or n_votes.get(c.id, 0) > 0
+    ]
     addresses = [grid.Cell(c.level, c.row, c.col) for c in cells]
     leaves = [c for c, leaf in zip(cells, leaf_cells(addresses), strict=True) if leaf]
     posteriors = dict(

@@ -1,0 +1,49 @@
+"""A target's current mask moves only with answers: windows opened and not yet answered leave it
+as it was."""
+
+from __future__ import annotations
+
+import numpy as np
+from sqlalchemy import select
+
+from app.models import Cell, Project, Target, Window
+from app.services.campaign import load_truth
+from app.services.curation import set_cell
+from app.services.masks.composition import compose_target
+from app.services.settle import settle_target
+from ml.aggregation import grid
+from tests.app.conftest import Live
+
+SLUG = "demo"
+
+
+def test_unanswered_finer_windows_leave_the_mask_as_the_answers_made_it(live: Live) -> None:
+    with live.factory() as session:
+        project = session.scalar(select(Project).where(Project.slug == SLUG))
+        assert project is not None
+        for target in session.scalars(
+            select(Target).where(Target.control.is_(False)).order_by(Target.id)
+        ):
+            truth = load_truth(session, live.settings, target)
+            if truth is None or not truth.any():
+                continue
+            cells = list(
+                session.scalars(select(Cell).where(Cell.target_id == target.id, Cell.level == 1))
+            )
+            coverage = grid.cell_coverage(truth, [grid.Cell(1, c.row, c.col) for c in cells])
+            if 0 < (coverage > 0).sum() < 9:  # a border to refine
+                break
+        else:
+            raise AssertionError("the demo has no evaluation target with a border")
+        for cell, covered in zip(cells, coverage, strict=True):
+            set_cell(session, target=target, cell_id=cell.id, label=bool(covered > 0), curator="c")
+        session.flush()
+        before = compose_target(session, settings=live.settings, target=target).hard
+        settle_target(session, settings=live.settings, project=project, target=target)
+        session.flush()
+        opened = session.scalars(
+            select(Window.id).where(Window.target_id == target.id, Window.level == 1)
+        ).all()
+        after = compose_target(session, settings=live.settings, target=target).hard
+        assert opened, "the border squares open finer windows"
+        assert np.array_equal(before, after)
