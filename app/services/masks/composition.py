@@ -42,29 +42,25 @@ def leaf_posteriors(session: Session, *, cells: list[Cell]) -> tuple[list[grid.C
     answer, and would otherwise turn their pixels into sure foreground). The first nine cells
     stay in whatever their evidence (their prior is the tagger's or the model's).
     """
-    n_votes = dict(
-        session.execute(
-            select(Consensus.cell_id, Consensus.n_votes).where(
+    consensus = {
+        cell_id: (n, q)
+        for cell_id, n, q in session.execute(
+            select(Consensus.cell_id, Consensus.n_votes, Consensus.posterior).where(
                 Consensus.cell_id.in_([c.id for c in cells])
             )
-        ).all()
-    )
+        )
+    }
     cells = [
-        c for c in cells if c.level <= 1 or c.status != CellStatus.OPEN or n_votes.get(c.id, 0) > 0
+        c
+        for c in cells
+        if c.level <= 1 or c.status != CellStatus.OPEN or consensus.get(c.id, (0, 0.5))[0] > 0
     ]
     addresses = [grid.Cell(c.level, c.row, c.col) for c in cells]
     leaves = [c for c, leaf in zip(cells, leaf_cells(addresses), strict=True) if leaf]
-    posteriors = dict(
-        session.execute(
-            select(Consensus.cell_id, Consensus.posterior).where(
-                Consensus.cell_id.in_([c.id for c in leaves])
-            )
-        ).all()
-    )
     probs = [
         float(bool(c.label))
         if c.retire_reason in (RetireReason.GOLD, RetireReason.CURATOR)
-        else float(posteriors[c.id])
+        else float(consensus[c.id][1])
         for c in leaves
     ]
     return [grid.Cell(c.level, c.row, c.col) for c in leaves], probs
