@@ -37,6 +37,8 @@ from app.models import (
 from app.services.target import find_latest_mask
 from app.storage import decode_mask_png
 from ml.aggregation import grid
+from ml.aggregation.acquisition import object_area, window_gain
+from ml.aggregation.acquisition import uncertainty as cell_uncertainty
 from ml.aggregation.rules import RefinementConfig, choose_refinements
 
 # Gold must be unambiguous: clearly inside, or not touched at all.
@@ -61,34 +63,31 @@ def is_control(image_id: int, share: float) -> bool:
 
 # A control target's mask is known: its ambiguous cells (neither clearly in nor out, so not
 # gold) are worth asking about only when no real target has open work.
-CONTROL_WINDOW_WEIGHT = 0.05
-
-
-# Depth first: a window one level deeper is worth this many times more at equal uncertainty.
-# A refined cell's children inherit its answer shrunk to +-1.5 log-odds (uncertainty 0.36), so
-# with 3 a started target's border windows (0.36 x 3 = 1.08) come before another target's first
-# window (1.0): targets finish, their masks sharpen where the border is, and complete masks
-# feed the segmenter, instead of every target's first window being asked before any second one.
-DEPTH_FIRST = 3.0
+CONTROL_WINDOW_WEIGHT = 1e-6
 
 
 def window_value(
-    priority: float, posteriors: Sequence[float], *, control: bool, level: int = 0
+    priority: float,
+    posteriors: Sequence[float],
+    *,
+    control: bool,
+    level: int = 0,
+    area: float = 1.0,
 ) -> float:
-    """The picker's value of an open window whose parent cell is at ``level``: priority x
-    uncertainty of its open cells x ``DEPTH_FIRST ** level`` (``CONTROL_WINDOW_WEIGHT`` for a
-    control target's)."""
-    # A control target's pyramid is open to its finest level from the start: no depth bonus.
-    weight = CONTROL_WINDOW_WEIGHT if control else DEPTH_FIRST**level
-    return priority * uncertainty(posteriors) * weight
+    """The picker's value of an open window whose parent cell is at ``level``: priority x the
+    expected gain in mask quality of one answer (``ml.aggregation.acquisition.window_gain``,
+    from its open cells' posteriors and the object's expected ``area``), or a control target's
+    mean uncertainty x ``CONTROL_WINDOW_WEIGHT``."""
+    if control:
+        return priority * uncertainty(posteriors) * CONTROL_WINDOW_WEIGHT
+    return priority * window_gain(level, posteriors, area)
 
 
 def uncertainty(posteriors: Sequence[float]) -> float:
     """Mean closeness to 0.5 of the open cells' posteriors: 1 = unknown, 0 = settled."""
     if not posteriors:
         return 0.0
-    q = np.asarray(posteriors, dtype=np.float64)
-    return float(np.mean(1.0 - np.abs(2.0 * q - 1.0)))
+    return float(np.mean(cell_uncertainty(posteriors)))
 
 
 @dataclass
@@ -142,6 +141,9 @@ def open_windows(
                 list(q),
                 control=truth is not None and not truth.frozen,
                 level=parent.level,
+                # The window's own cells; a refined target's windows are valued again by the
+                # settler with the whole target's area (``settle.target_areas``).
+                area=object_area([parent.level + 1] * 9, list(q)),
             ),
         )
         for parent, q in zip(parents, posteriors, strict=True)

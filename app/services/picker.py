@@ -1,13 +1,14 @@
 """The task picker: the most valuable open work for one volunteer, leased to them.
 
-Value of a window = its target's priority x the uncertainty of its open cells, deeper windows
-first (``app.services.campaign.window_value``). A volunteer never sees a cell they already
-answered. Known tiles keep at least a gold rate of what a volunteer answers, the project's for a
-newcomer, less for one proven on gold, more for a doubtful one (``gold_rate_for``): window tasks
-whose cells are all gold, or mosaics of known-true, known-false and unknown tiles of one tag
-(3-5-1 by default, reCAPTCHA's mix), served only as known tiles that are due. An unknown window
-is leased to one volunteer at a time by a compare-and-set on its lease (with ``SKIP LOCKED`` on
-PostgreSQL, serialised writers on SQLite); an abandoned lease simply runs out.
+Value of a window = its target's priority x the expected gain in mask quality of one answer: the
+uncertainty of its open cells x their area relative to the object's expected area
+(``app.services.campaign.window_value``, ``ml.aggregation.acquisition``). A volunteer never sees a
+cell they already answered. Known tiles keep at least a gold rate of what a volunteer answers, the
+project's for a newcomer, less for one proven on gold, more for a doubtful one (``gold_rate_for``):
+window tasks whose cells are all gold, or mosaics of known-true, known-false and unknown tiles of
+one tag (3-5-1 by default, reCAPTCHA's mix), served only as known tiles that are due. An unknown
+window is leased to one volunteer at a time by a compare-and-set on its lease (with ``SKIP LOCKED``
+on PostgreSQL, serialised writers on SQLite); an abandoned lease simply runs out.
 """
 
 from __future__ import annotations

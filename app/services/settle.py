@@ -7,7 +7,7 @@ One writer per target: callers hold the targets' rows (``lock_targets``) while t
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +44,7 @@ from app.services.retirement import retire_cells
 from app.services.target import add_mask_version
 from app.storage import FileStore
 from ml.aggregation import grid
+from ml.aggregation.acquisition import object_area
 from ml.aggregation.rules import (
     INHERIT_CLIP,
     INHERIT_SHRINK,
@@ -56,30 +57,66 @@ from ml.aggregation.rules import (
 UNCERTAIN_REASON = "cells still uncertain after their vote budget"  # the triage reason
 
 
+def _object_area(cells: Sequence[Cell], posterior: Mapping[int, float]) -> float:
+    """The object's expected area from the target's finest cells (``acquisition.object_area``)."""
+    leaves = [
+        c
+        for c, leaf in zip(
+            cells, leaf_cells([grid.Cell(c.level, c.row, c.col) for c in cells]), strict=True
+        )
+        if leaf
+    ]
+    return object_area([c.level for c in leaves], [posterior[c.id] for c in leaves])
+
+
+def target_areas(session: Session, *, target_ids: set[int]) -> dict[int, float]:
+    """Each target's expected object area (fraction of the frame), from its finest cells."""
+    by_target: dict[int, list[Cell]] = defaultdict(list)
+    posterior: dict[int, float] = {}
+    for cell, q in session.execute(
+        select(Cell, Consensus.posterior)
+        .join(Consensus, Consensus.cell_id == Cell.id)
+        .where(Cell.target_id.in_(target_ids))
+    ):
+        by_target[cell.target_id].append(cell)
+        posterior[cell.id] = q
+    return {t: _object_area(cells, posterior) for t, cells in by_target.items()}
+
+
 def revalue_windows(session: Session, *, window_ids: set[int]) -> None:
-    """Update the picker's value of open windows from their open cells' posteriors."""
+    """Update the picker's value of open windows from their open cells' posteriors and their
+    target's expected object area."""
     if not window_ids:
         return
     rows = session.execute(
-        select(Window.id, Window.level, Target.priority, Target.control, Consensus.posterior)
+        select(
+            Window.id,
+            Window.level,
+            Window.target_id,
+            Target.priority,
+            Target.control,
+            Consensus.posterior,
+        )
         .join(Target, Target.id == Window.target_id)
         .join(Cell, Cell.window_id == Window.id)
         .join(Consensus, Consensus.cell_id == Cell.id)
         .where(Window.id.in_(window_ids), Cell.status == CellStatus.OPEN)
     ).all()
     pending: dict[int, list[float]] = defaultdict(list)
-    target_of: dict[int, tuple[int, float, bool]] = {}
-    for window_id, level, prio, control, q in rows:
+    target_of: dict[int, tuple[int, int, float, bool]] = {}
+    for window_id, level, target_id, prio, control, q in rows:
         pending[window_id].append(q)
-        target_of[window_id] = (level, prio, control)
+        target_of[window_id] = (level, target_id, prio, control)
+    areas = target_areas(session, target_ids={t for _, t, _, _ in target_of.values()})
     values = [
         {
             "id": w,
             "value": window_value(
-                target_of[w][1], qs, control=target_of[w][2], level=target_of[w][0]
+                prio, qs, control=control, level=level, area=areas.get(target_id, 1.0)
             ),
         }
         for w, qs in pending.items()
+        for level, target_id, prio, control in [target_of[w]]
     ]
     session.execute(update(Window), values)
 
@@ -195,6 +232,7 @@ def _update_windows(
         if cell.window_id is not None:
             by_window[cell.window_id].append(cell)
     still_open = 0
+    area = _object_area(cells, {c: q.posterior for c, q in consensus.items()})
     for window in session.scalars(
         select(Window).where(Window.target_id == target.id, Window.state == WindowState.OPEN)
     ):
@@ -209,6 +247,7 @@ def _update_windows(
             [consensus[c.id].posterior for c in pending],
             control=target.control,
             level=window.level,
+            area=area,
         )
         still_open += 1
     return still_open
