@@ -28,6 +28,7 @@ from ml.aggregation.credibility import (
     budget_shares,
     cells_logodds,
     sensitivity_specificity,
+    worker_llr,
 )
 
 COUNT_COLUMNS = COUNT_FIELDS  # Credibility's columns are WorkerCounts' fields
@@ -79,6 +80,15 @@ class CellVotes:
         """Credible votes per cell: each vote weighed by its volunteer's budget share."""
         shares = budget_shares(self.counts)[self.worker]
         return np.bincount(self.cell, weights=shares, minlength=n_cells)
+
+    def strongest_yes(self, n_cells: int) -> np.ndarray:
+        """Per cell, the log-likelihood ratio of its vote that speaks most for the object (0 if
+        none does): a credible volunteer's yes, or a confirmed adversary's no."""
+        llr_yes, llr_no = worker_llr(self.counts)
+        evidence = np.where(self.label == 1, llr_yes[self.worker], llr_no[self.worker])
+        out = np.zeros(n_cells)
+        np.maximum.at(out, self.cell, evidence)
+        return out
 
 
 def cell_votes(session: Session, *, cell_ids: list[int]) -> CellVotes:

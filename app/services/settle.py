@@ -40,7 +40,7 @@ from app.services.campaign import (
 )
 from app.services.consensus import cell_votes
 from app.services.masks.composition import compose_target
-from app.services.retirement import retire_cells
+from app.services.retirement import VOTED_REASONS, retire_cells
 from app.services.target import add_mask_version
 from app.storage import FileStore
 from ml.aggregation import grid
@@ -170,6 +170,23 @@ def _tag_is_known(session: Session, target: Target) -> bool:
     return source in (ImageTagSource.IMPORT, ImageTagSource.CURATOR)
 
 
+# A vote that disputes a negative cell: one that makes the object at least this many times more
+# likely (a newcomer's yes makes it 2x; a proven volunteer's 10-20x; a coin's, 1x).
+DISPUTE_RATIO = 4.0
+
+
+def _disputed(session: Session, retired: list[Cell]) -> list[bool]:
+    """Which retired cells are negative on their votes although a credible vote said yes
+    (``DISPUTE_RATIO``); a gold or a curator's answer is not disputed."""
+    voted = [i for i, c in enumerate(retired) if not c.label and c.retire_reason in VOTED_REASONS]
+    disputed = [False] * len(retired)
+    if voted:
+        votes = cell_votes(session, cell_ids=[retired[i].id for i in voted])
+        for i, llr in zip(voted, votes.strongest_yes(len(voted)), strict=True):
+            disputed[i] = bool(llr >= np.log(DISPUTE_RATIO))
+    return disputed
+
+
 def _refine(
     session: Session,
     settings: Settings,
@@ -188,6 +205,7 @@ def _refine(
         image.width,
         prior_logodds=[c.prior_logodds for c in retired],
         uncertain=[c.uncertain for c in retired],
+        disputed=_disputed(session, retired),
         opened=opened,
         config=refinement_config(project),
     )

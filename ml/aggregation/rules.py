@@ -9,8 +9,13 @@ Refine: among the leaf retired cells of a target (cells without retired descenda
 window one level deeper on
 
 * positive cells on the object's border: next (8-neighbourhood, at any level) to a retired
-  negative cell, and
-* cells where the prior disagrees with the consensus (``|sigmoid(prior) - label| >= disagreement``),
+  negative cell,
+* cells where the prior disagrees with the consensus
+  (``|sigmoid(prior) - label| >= disagreement``), and
+* *disputed* negative cells next to a retired positive one: some credible volunteer said yes.
+  People miss a part of the object that covers too little of a square for them to notice (and
+  careless people a good deal more), so a square on the border that the crowd split on often
+  holds a part of the object; one level down that part is a larger share of its squares;
 
 as long as the children would be at least ``min_cell_px`` pixels on their shorter side and no
 deeper than ``max_level``. Adjacency across levels is decided on the grid of the finest level
@@ -21,7 +26,7 @@ back negative holds an object too small to be seen in a ninth of the image: ``se
 opens each of the nine cells as its own window, once.
 
 Children inherit a prior from their parent (``inherited_prior``): half its posterior log-odds,
-clipped to +-3. The crowd has said the parent shows the object, so before anyone looks at a
+clipped to +-2. The crowd has said the parent shows the object, so before anyone looks at a
 child it more likely shows it than not; the shrinkage says that a border cell's children are
 mixed, and keeps a single credible vote able to overturn it. Without it a refined object would
 drop out of its own mask (its finest cells at 0.5) until every child had been answered.
@@ -121,7 +126,9 @@ class RefinementConfig:
 
 
 INHERIT_SHRINK = 0.5
-INHERIT_CLIP = 3.0
+# Under the retirement bar (logit 0.95 = 2.94): an inherited prior is a guess about mixed
+# children, never sure enough for a single vote to confirm (``confirmation_votes``).
+INHERIT_CLIP = 2.0
 
 
 def inherited_prior(parent_logodds: npt.ArrayLike) -> npt.NDArray[np.float64]:
@@ -156,8 +163,9 @@ def _label_grid(cells: Sequence[Cell], labels: npt.NDArray[np.int8], level: int)
     return grid
 
 
-def _touches_negative(cells: Sequence[Cell], grid: npt.NDArray, level: int) -> BoolArray:
-    neg = np.pad(grid == 0, 1)
+def _touches(cells: Sequence[Cell], grid: npt.NDArray, level: int, label: int) -> BoolArray:
+    """For each cell, whether it touches (8-neighbourhood, or overlaps) a leaf of ``label``."""
+    neg = np.pad(grid == label, 1)
     near = np.zeros_like(neg)
     for dr in (-1, 0, 1):
         for dc in (-1, 0, 1):
@@ -179,6 +187,7 @@ def choose_refinements(
     *,
     prior_logodds: npt.ArrayLike | None = None,
     uncertain: npt.ArrayLike | None = None,
+    disputed: npt.ArrayLike | None = None,
     opened: Collection[Cell] = (),
     config: RefinementConfig = RefinementConfig(),
 ) -> list[Cell]:
@@ -190,6 +199,8 @@ def choose_refinements(
         height, width: the image size in pixels.
         prior_logodds: the prior of each cell (CAM or model), optional.
         uncertain: cells retired for budget; skipped unless ``config.refine_uncertain``.
+        disputed: negative cells that a credible volunteer said yes to; those next to a
+            positive cell open too.
         opened: cells whose window is already open (skipped).
         config: size limits and the disagreement threshold.
 
@@ -204,12 +215,10 @@ def choose_refinements(
     y = np.asarray(labels, dtype=np.int8)
     leaf = np.asarray(leaf_cells(cells))
     finest = max(c.level for c in cells)
-    border = _touches_negative(
-        cells,
-        _label_grid([c for c, k in zip(cells, leaf, strict=True) if k], y[leaf], finest),
-        finest,
-    )
-    want = (y == 1) & border
+    painted = _label_grid([c for c, k in zip(cells, leaf, strict=True) if k], y[leaf], finest)
+    want = (y == 1) & _touches(cells, painted, finest, 0)
+    if disputed is not None:
+        want |= (y == 0) & np.asarray(disputed, dtype=bool) & _touches(cells, painted, finest, 1)
     if prior_logodds is not None:
         p = sigmoid(prior_logodds)
         want |= np.abs(p - y) >= config.disagreement
@@ -240,12 +249,14 @@ def search_small(
         cells: the target's retired cells; labels: their answers (1 = yes).
 
     Returns:
-        The level-1 cells whose windows open: all nine, or none (some answer was yes, the
-        target is already deeper, or the cells would be too small).
+        The level-1 cells whose windows open: those of the nine not open yet, or none (some
+        answer was yes, or the cells would be too small).
     """
     y = np.asarray(labels).reshape(-1)
     first = [c for c in cells if c.level == 1]
-    if len(first) != 9 or len(first) != len(cells) or y.any():
+    # Nothing said yes anywhere. Some first cells may have opened already: a yes that the
+    # evidence later overturned (a bad actor's, found out), which must not stop the search.
+    if len(first) != 9 or y.any():
         return []
     return [c for c in sorted(first) if c not in opened and _deep_enough(c, height, width, config)]
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from ml.aggregation.grid import Cell, children, level_cells
-from ml.aggregation.rules import RefinementConfig, RetirementConfig, choose_refinements, retire
+from ml.aggregation.rules import (
+    RefinementConfig,
+    RetirementConfig,
+    choose_refinements,
+    confirmation_votes,
+    retire,
+)
 
 
 def test_retire_confident_budget_and_gold() -> None:
@@ -64,12 +70,28 @@ def test_prior_disagreement_opens_a_window() -> None:
     assert choose_refinements(cells, labels, 900, 900, prior_logodds=prior) == [Cell(1, 2, 2)]
 
 
+def test_a_disputed_no_square_on_the_border_opens_a_window() -> None:
+    cells = level_cells(1)
+    labels = np.array([1, 0, 0, 0, 0, 0, 0, 0, 0], dtype=np.int8)  # the object in the corner
+    disputed = np.zeros(9, dtype=bool)
+    disputed[[1, 8]] = True  # someone credible saw it next door, and far away
+    config = RefinementConfig(min_cell_px=8)
+    plain = choose_refinements(cells, labels, 900, 900, config=config)
+    assert plain == [Cell(1, 0, 0)]
+    # Only the disputed square next to the object gets a closer look.
+    opened = choose_refinements(cells, labels, 900, 900, disputed=disputed, config=config)
+    assert opened == [Cell(1, 0, 0), Cell(1, 0, 1)]
+
+
 def test_children_inherit_a_shrunk_prior_from_their_parent() -> None:
     from ml.aggregation.rules import inherited_prior
 
     out = inherited_prior([4.0, -1.0, 0.0, 40.0])
-    assert np.allclose(out, [2.0, -0.5, 0.0, 3.0])  # half, clipped to +-3
+    assert np.allclose(out, [2.0, -0.5, 0.0, 2.0])  # half, clipped to +-2
     assert np.all(np.abs(out) <= np.abs([4.0, -1.0, 0.0, 40.0]))  # never more sure than the parent
+    # Never sure enough that one vote would retire a child (the bar is logit 0.95).
+    needed = confirmation_votes(out, RetirementConfig(), confirm_votes=1)
+    assert np.all(needed == RetirementConfig().min_votes)
 
 
 def test_a_tagged_object_no_first_square_showed_is_searched_for_one_level_down() -> None:
@@ -80,7 +102,9 @@ def test_a_tagged_object_no_first_square_showed_is_searched_for_one_level_down()
     config = RefinementConfig(min_cell_px=8, max_level=4)
     assert search_small(first, [0] * 9, 600, 900, config=config) == sorted(first)
     assert search_small(first, [0] * 8 + [1], 600, 900, config=config) == []  # it was seen
+    # One first cell was opened on a yes that the evidence overturned since: the others open.
     deeper = [*first, *children(first[0])]
-    assert search_small(deeper, [0] * 18, 600, 900, config=config) == []  # searched already
+    opened = search_small(deeper, [0] * 18, 600, 900, opened={first[0]}, config=config)
+    assert opened == sorted(first)[1:]
     assert search_small(first, [0] * 9, 600, 900, opened=first, config=config) == []
     assert search_small(first, [0] * 9, 30, 30, config=config) == []  # too small to split
