@@ -53,8 +53,8 @@ POSITIVE = 0.8  # a cell at or over this posterior may hold sure foreground (its
 CORE_CELLS = 1.5  # sure foreground starts farther from the border than a cell's diagonal (1.41)
 RAMP_PX = 4.0  # band confidence reaches 1 this far from the decided border
 GRABCUT_ITERATIONS = 3
-BG_COLOURS = 8  # k-means centres of the sure background's colours
-BG_SAMPLE = 4000  # sure-background pixels they are fitted on
+COLOUR_BINS = 8  # per channel, for the colour frequencies of ``object_coloured``
+OBJECT_RATIO = 2.0  # a colour this much more common in the band than the background: the object's
 GRABCUT_MAX_PIXELS = 120_000  # larger crops run downscaled (GrabCut's cost grows with area)
 
 FloatMask = npt.NDArray[np.float32]
@@ -167,45 +167,56 @@ def _crop(tm: Trimap) -> tuple[slice, slice] | None:
     return slice(top, bottom), slice(left, right)
 
 
-def unlike_background(pixels: np.ndarray, sure_bg: BoolMask, rng_seed: int = 0) -> BoolMask:
-    """Pixels whose colour no sure-background pixel nearby has: farther from every one of
-    ``BG_COLOURS`` k-means centres of the sure background than 95% of its own pixels are.
+def object_coloured(pixels: np.ndarray, sure_bg: BoolMask, band: BoolMask) -> BoolMask:
+    """The pixels whose colour is at least ``OBJECT_RATIO`` times more common in the band
+    than in the sure background around it (colours in ``COLOUR_BINS`` bins per channel).
 
     A *no* cell is clean background, which a *yes* cell is not: this is what seeds GrabCut's
     probable labels in the band when there is no model (a band that is mostly background, as
-    around a small object, would otherwise teach GrabCut's object model the background).
+    around a small object, would otherwise teach GrabCut's object model the background). The
+    band is a mixture of the object and the background around it, so the background's colours
+    are no more common in it than in the sure background, and the object's colours are far more
+    common. A ratio of frequencies, not "some background pixel has this colour", because a *no*
+    is sometimes wrong: a careless crowd says no to a square that holds a sliver of the object,
+    which puts a few of the object's pixels into the sure background, and one of them must not
+    make the object's colour background.
 
-    Shape: pixels ``(H, W, 3)``, sure_bg and the result ``(H, W)``.
+    Shape: pixels ``(H, W, 3)``, sure_bg, band and the result ``(H, W)``.
     """
-    bg = pixels[sure_bg].astype(np.float32)  # (N, 3)
-    if len(bg) < BG_COLOURS:
-        return np.ones(sure_bg.shape, dtype=bool)
-    sample = np.random.default_rng(rng_seed).permutation(len(bg))[:BG_SAMPLE]
-    criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 10, 1.0)
-    cv2.setRNGSeed(rng_seed)
-    _, _, centres = cv2.kmeans(bg[sample], BG_COLOURS, None, criteria, 1, cv2.KMEANS_PP_CENTERS)
-
-    def nearest(colours: np.ndarray) -> np.ndarray:  # (N, 3) -> (N,)
-        d = ((colours[:, None, :] - centres[None, :, :]) ** 2).sum(axis=2)
-        return np.sqrt(d.min(axis=1))
-
-    bar = float(np.quantile(nearest(bg[sample]), 0.95))
-    flat = pixels.reshape(-1, 3).astype(np.float32)
-    return (nearest(flat) > bar).reshape(sure_bg.shape)
+    if not sure_bg.any() or not band.any():
+        return band.copy()
+    step = 256 // COLOUR_BINS
+    q = (pixels[:, :, :3].astype(np.int32) // step).reshape(-1, 3)
+    code = ((q[:, 0] * COLOUR_BINS) + q[:, 1]) * COLOUR_BINS + q[:, 2]  # (H*W,)
+    n_bins = COLOUR_BINS**3
+    in_band = np.bincount(code[band.reshape(-1)], minlength=n_bins) / band.sum()
+    # One pseudo-pixel per bin: a colour the background never showed counts as rare in it.
+    in_bg = (np.bincount(code[sure_bg.reshape(-1)], minlength=n_bins) + 1.0) / (
+        sure_bg.sum() + n_bins
+    )
+    ratio = (in_band / in_bg)[code].reshape(band.shape)
+    return ratio >= OBJECT_RATIO
 
 
 def _grabcut_labels(tm: Trimap, pixels: np.ndarray, model: FloatMask | None) -> np.ndarray:
     """GrabCut's initial labels on a crop: the trimap, and in the band the model's decision,
-    or else which pixels look unlike the background (all of the band if none do)."""
+    or else the object's colours (``object_coloured``; all of the band if none stand out).
+
+    Pixels of *no* cells in the object's colours are labelled probably foreground, not sure
+    background: they are never painted (the hard mask keeps out of *no* cells), but they must
+    not teach GrabCut's background model the object's colours, which a wrong *no* on a sliver
+    of the object would."""
     labels = np.full(tm.band.shape, cv2.GC_PR_BGD, dtype=np.uint8)  # (h, w)
+    coloured = object_coloured(pixels, tm.sure_bg, tm.band)
     if model is not None:
         probable_fg = tm.band & (model >= 0.5)
     else:
-        probable_fg = tm.band & unlike_background(pixels, tm.sure_bg)
+        probable_fg = tm.band & coloured
         if not probable_fg.any():
             probable_fg = tm.band
     labels[probable_fg] = cv2.GC_PR_FGD
-    labels[tm.sure_bg] = cv2.GC_BGD
+    labels[tm.sure_bg & ~coloured] = cv2.GC_BGD
+    labels[tm.sure_bg & coloured] = cv2.GC_PR_FGD
     labels[tm.sure_fg] = cv2.GC_FGD
     return labels
 
@@ -219,6 +230,7 @@ def _run_grabcut(pixels: np.ndarray, labels: np.ndarray) -> BoolMask:
         pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
         labels = cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST)
     fg_models, bg_models = np.zeros((1, 65)), np.zeros((1, 65))
+    cv2.setRNGSeed(0)  # GrabCut's colour models start from k-means: the same mask every time
     cv2.grabCut(
         pixels,
         labels,

@@ -99,3 +99,19 @@ def test_a_small_object_in_big_yes_cells_is_found_from_what_the_no_cells_show() 
     truth = scene.tag_masks["star"]
     cells, probs = _perfect(truth, 1)
     assert _iou(compose_mask(scene.image, cells, probs).hard, truth) >= 0.3
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_wrong_no_on_a_sliver_does_not_make_the_object_background(seed: int) -> None:
+    # A careless crowd says no to the border squares that hold less than 40% of the object:
+    # those pixels are never painted, but they must not teach the background model the
+    # object's colour, or the yes squares lose the object too (IoU 0.18-0.32 before).
+    image, truth = _scene(seed=seed)
+    cells = grid.level_cells(2)
+    coverage = grid.cell_coverage(truth, cells)
+    probs = [float(c > 0.4) for c in coverage]  # slivers missed
+    assert sum(0 < c <= 0.4 for c in coverage) > 0
+    claimed = compose_mask(image, cells, probs).hard
+    reachable = truth & trimap(cells, probs, *truth.shape).claimed  # what a no leaves to find
+    assert not (claimed & ~trimap(cells, probs, *truth.shape).claimed).any()  # a no stays a no
+    assert _iou(claimed, reachable) >= 0.9
