@@ -40,6 +40,7 @@ from ml.train import (
     evaluate_segmenter,
     resolve_device,
     score_tagger,
+    seed_everything,
     train_segmenter,
     train_tagger,
 )
@@ -215,6 +216,7 @@ def _segmenter_start(
                 job,
                 f"the {name} segmenter differs in {', '.join(differs)}: training from scratch",
             )
+    seed_everything(options.seed)  # the initial weights too: the same data give the same model
     net = build_segmenter(config)
     _initial(net, options, job)
     return net, "init_weights" if options.init_weights else "scratch"
@@ -306,6 +308,7 @@ def run_train_tagger(
             batch_size=options.batch_size,
             seed=options.seed,
         )
+        seed_everything(options.seed)  # the initial weights too: the same data give the same model
         net = build_tagger(config.model)
         _initial(net, options, job)
         log_job(
