@@ -221,14 +221,19 @@ def _grabcut_labels(tm: Trimap, pixels: np.ndarray, model: FloatMask | None) -> 
     return labels
 
 
-def _run_grabcut(pixels: np.ndarray, labels: np.ndarray) -> BoolMask:
-    """GrabCut on one crop, downscaled past ``GRABCUT_MAX_PIXELS``. Returns foreground."""
+def _run_grabcut(pixels: np.ndarray, labels: np.ndarray) -> BoolMask | None:
+    """GrabCut on one crop, downscaled past ``GRABCUT_MAX_PIXELS``. Returns foreground, or None
+    where the (downscaled) labels hold no sample of the object or none of the background, which
+    GrabCut cannot start from."""
     h, w = labels.shape
     scale = min(1.0, float(np.sqrt(GRABCUT_MAX_PIXELS / (h * w))))
     if scale < 1.0:
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
         labels = cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST)
+    fg_like = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
+    if fg_like.all() or not fg_like.any():
+        return None
     fg_models, bg_models = np.zeros((1, 65)), np.zeros((1, 65))
     cv2.setRNGSeed(0)  # GrabCut's colour models start from k-means: the same mask every time
     cv2.grabCut(
@@ -256,11 +261,11 @@ def compose_by_grabcut(tm: Trimap, image: np.ndarray, model: FloatMask | None) -
     labels = _grabcut_labels(_cropped(tm, window), pixels, model_crop)  # (h, w)
     fallback = np.zeros(tm.band.shape, dtype=bool)
     fallback[window] = labels == cv2.GC_PR_FGD
-    fg_like = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
-    if fg_like.all() or not fg_like.any():  # GrabCut needs samples of both
-        return _finish(tm, tm.claimed if model is None else tm.claimed & (model >= 0.5))
+    cut = _run_grabcut(pixels, labels)
     fg = np.zeros(tm.band.shape, dtype=bool)
-    fg[window] = _run_grabcut(pixels, labels)
+    # Without samples of both kinds GrabCut cannot run: its initial labels stand (a tiny object
+    # in a large band, say, whose few pixels the downscaling lost).
+    fg[window] = cut if cut is not None else (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
     return _finish(tm, fg, fallback)
 
 

@@ -115,3 +115,16 @@ def test_a_wrong_no_on_a_sliver_does_not_make_the_object_background(seed: int) -
     reachable = truth & trimap(cells, probs, *truth.shape).claimed  # what a no leaves to find
     assert not (claimed & ~trimap(cells, probs, *truth.shape).claimed).any()  # a no stays a no
     assert _iou(claimed, reachable) >= 0.9
+
+
+def test_a_band_too_large_for_its_few_object_pixels_still_composes() -> None:
+    # A demo scene's circle of 258 px, mostly hidden behind a square of its colour, on a
+    # 1004x565 image asked at level 1: the band is downscaled for GrabCut, which loses the few
+    # pixels of the object's colours, and GrabCut cannot start without samples of the object
+    # (OpenCV raised, and the request that composed the mask failed).
+    scene = next(s for s in generate_scenes(seed=0, n_images=1) if s.name == "demo_0000")
+    truth = scene.tag_masks["circle"]
+    cells, probs = _perfect(truth, 1)
+    hard = compose_mask(scene.image, cells, probs).hard
+    claimed = grid.compose(cells, probs, *truth.shape)[1]
+    assert hard.any() and not (hard & ~claimed).any()
