@@ -76,6 +76,7 @@ from app.services.campaign import load_truth, refinement_config
 from app.services.importer import run_import
 from app.services.masks.composition import compose_target, load_pixels
 from app.services.project import create_project
+from app.services.target import child_targets, is_union
 from bench.ceiling import perfect_levels
 from ml.aggregation.simulate import PROFILES
 from ml.composition import compose_mask
@@ -158,6 +159,12 @@ class Measurer:
         return self.truths[target.id]
 
     def _state(self, session: Session, target: Target, cells: list[Cell]) -> tuple[object, ...]:
+        """What the target's composed mask depends on; a union's is its children's."""
+        if is_union(session, target=target):
+            return tuple(
+                self._state(session, child, self._cells(session, child))
+                for child in child_targets(session, target=target)
+            )
         posteriors = dict(
             session.execute(
                 select(Consensus.cell_id, Consensus.posterior).where(
@@ -174,6 +181,10 @@ class Measurer:
         cells_state = tuple((c.id, c.label, c.retire_reason, posteriors.get(c.id)) for c in cells)
         return (model, cells_state)
 
+    @staticmethod
+    def _cells(session: Session, target: Target) -> list[Cell]:
+        return list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
+
     def measure(self) -> tuple[float, int]:
         ious, complete = [], 0
         with self.factory() as session:
@@ -181,7 +192,7 @@ class Measurer:
                 truth = self._truth(session, target)
                 if truth is None:
                     continue  # added by the tagger: no ground truth to measure against
-                cells = list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
+                cells = self._cells(session, target)
                 state = self._state(session, target, cells)
                 if target.id not in self.seen or self.seen[target.id][0] != state:
                     image = session.get(Image, target.image_id)

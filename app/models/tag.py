@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import Float, ForeignKey, String, Text, UniqueConstraint
+from sqlalchemy import Boolean, Float, ForeignKey, String, Text, UniqueConstraint, false
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.db import Base, utcnow
@@ -36,6 +36,9 @@ class Tag(Base):
         ForeignKey("tags.id", ondelete="SET NULL"), index=True
     )
     description: Mapped[str] = mapped_column(Text, default="")
+    # Every instance of the tag is one of its children's (a "shape" is a circle, a square ...):
+    # its mask is the union of theirs, so an image tagged with children costs no second pyramid.
+    exhaustive: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # Campaign priority of the tag (project setting per tag); targets inherit it.
     priority: Mapped[float] = mapped_column(Float, default=1.0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

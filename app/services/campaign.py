@@ -34,7 +34,7 @@ from app.models import (
     TargetState,
     Window,
 )
-from app.services.target import find_latest_mask
+from app.services.target import can_be_union, find_latest_mask
 from app.storage import decode_mask_png
 from ml.aggregation import grid
 from ml.aggregation.acquisition import object_area, window_gain
@@ -239,12 +239,20 @@ def open_target(
     truth_mask: np.ndarray | None = None,
     root_prior: Sequence[float] | None = None,
 ) -> None:
-    """Move a seeded target to collecting: its level-0 window opens (and more for controls)."""
+    """Move a seeded target to collecting: its level-0 window opens (and more for controls).
+
+    A target whose mask is the union of its children's (``can_be_union``) opens no window: the
+    crowd answers for the children only, and it finishes with them (``masks.union``). A
+    control target keeps its pyramid, whose known tiles check volunteers.
+    """
     mask = truth_mask if truth_mask is not None else load_truth(session, settings, target)
     truth = None
     if mask is not None:
         control = is_control(target.image_id, float(project.setting("control_share")))
         truth = Truth(mask=mask, frozen=not control)
+    if (truth is None or truth.frozen) and can_be_union(session, target=target):
+        target.state, target.control = TargetState.COLLECTING, False
+        return
     parents = [grid.ROOT]
     if truth is not None and not truth.frozen:
         parents = control_pyramid(truth.mask, image.height, image.width, refinement_config(project))

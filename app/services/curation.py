@@ -44,8 +44,9 @@ from app.services.campaign import uncertainty
 from app.services.consensus import credibility_estimates
 from app.services.errors import InvalidInputError, NotFoundError
 from app.services.masks.composition import compose_target
+from app.services.masks.union import finish_unions
 from app.services.recompute import recompute_project
-from app.services.target import add_mask_version
+from app.services.target import add_mask_version, child_targets, is_union
 from app.services.volunteer import display_name
 from app.storage import FileStore
 from ml.aggregation import grid
@@ -244,6 +245,8 @@ class TargetView:
     levels: list[int]  # the levels that have cells
     level: int | None  # the level shown; None: the finest cells
     masks: list[MaskVersion]  # newest first
+    # A union of its children's masks (no pyramid of its own): (target id, tag name) of each part
+    parts: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def final_mask(self) -> MaskVersion | None:
@@ -347,7 +350,13 @@ def target_view(session: Session, *, target: Target, level: int | None = None) -
             .order_by(MaskVersion.version.desc())
         )
     )
-    return TargetView(target, image, tag, views, levels, level, masks)
+    children = child_targets(session, target=target) if is_union(session, target=target) else []
+    parts = [
+        (child.id, child_tag.display_name)
+        for child in children
+        if (child_tag := session.get(Tag, child.tag_id)) is not None
+    ]
+    return TargetView(target, image, tag, views, levels, level, masks, parts)
 
 
 def _descendants(cells: list[Cell], cell: Cell) -> list[Cell]:
@@ -443,6 +452,7 @@ def finish_target(
     if image_tag is not None:
         image_tag.status = tag_status
     session.flush()
+    finish_unions(session, settings=settings, target=target)
     recompute_project(session, settings=settings, project=project)
     return version
 

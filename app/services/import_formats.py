@@ -49,6 +49,7 @@ class VocabularyEntry:
     parent: str | None
     aliases: tuple[str, ...]
     description: str
+    exhaustive: bool = False  # the tag's mask is the union of its children's
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,9 @@ def _load_json(path: Path) -> Any:
 
 
 def read_vocabulary(path: Path) -> list[VocabularyEntry]:
-    """``{"tags": [{"name", "display_name", "category", "parent", "aliases", "description"}]}``"""
+    """``{"tags": [{"name", "display_name", "category", "parent", "aliases", "description",
+    "exhaustive"}]}``; ``exhaustive`` (true/false, default false) says that every instance of
+    the tag is one of its children's."""
     data = _load_json(path)
     items = data.get("tags") if isinstance(data, dict) else None
     if not isinstance(items, list):
@@ -181,6 +184,8 @@ def read_vocabulary(path: Path) -> list[VocabularyEntry]:
     for index, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise ImportFormatError(f"{path.name} tag {index}: needs a 'name' string")
+        if not isinstance(item.get("exhaustive", False), bool):
+            raise ImportFormatError(f"{path.name} tag {index}: 'exhaustive' must be true or false")
         entries.append(
             VocabularyEntry(
                 name=item["name"],
@@ -189,6 +194,7 @@ def read_vocabulary(path: Path) -> list[VocabularyEntry]:
                 parent=item.get("parent"),
                 aliases=tuple(item.get("aliases") or ()),
                 description=str(item.get("description") or ""),
+                exhaustive=bool(item.get("exhaustive", False)),
             )
         )
     return entries

@@ -40,6 +40,7 @@ from app.services.campaign import (
 )
 from app.services.consensus import cell_votes
 from app.services.masks.composition import compose_target
+from app.services.masks.union import finish_unions
 from app.services.retirement import VOTED_REASONS, retire_cells
 from app.services.target import add_mask_version
 from app.storage import FileStore
@@ -315,6 +316,7 @@ def settle_target(
     target.state = TargetState.TRIAGE if uncertain else TargetState.COMPLETE
     target.triage_reason = UNCERTAIN_REASON if uncertain else None
     result.completed, result.triaged = not uncertain, uncertain
+    finish_unions(session, settings=settings, target=target)
     return result
 
 

@@ -85,13 +85,15 @@ def _category(value: str, where: str) -> TagCategory:
 
 
 def apply_vocabulary(resolver: TagResolver, entries: list[VocabularyEntry]) -> None:
-    """Create or update tags from a vocabulary: display names, categories, parents, aliases."""
+    """Create or update tags from a vocabulary: display names, categories, parents, aliases,
+    exhaustiveness."""
     tags = {}
     for entry in entries:
         tag = resolver.ensure(entry.name)
         tag.display_name = entry.display_name
         tag.category = _category(entry.category, f"vocabulary tag {entry.name!r}")
         tag.description = entry.description or tag.description
+        tag.exhaustive = entry.exhaustive
         tags[entry.name] = tag
     for entry in entries:
         tag = tags[entry.name]

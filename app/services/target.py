@@ -8,7 +8,7 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.models import Image, MaskSource, MaskVersion, Tag, Target, TargetState
+from app.models import Image, MaskSource, MaskVersion, Tag, Target, TargetState, Window
 from app.storage import FileStore, encode_mask_png
 
 
@@ -28,6 +28,34 @@ def find_target(session: Session, *, image: Image, tag: Tag) -> Target | None:
     return session.scalar(
         select(Target).where(Target.image_id == image.id, Target.tag_id == tag.id)
     )
+
+
+def child_targets(session: Session, *, target: Target) -> list[Target]:
+    """The targets of the same image whose tag is a child of this target's tag."""
+    return list(
+        session.scalars(
+            select(Target)
+            .join(Tag, Tag.id == Target.tag_id)
+            .where(Target.image_id == target.image_id, Tag.parent_id == target.tag_id)
+            .order_by(Target.id)
+        )
+    )
+
+
+def can_be_union(session: Session, *, target: Target) -> bool:
+    """Whether the target's mask can be its children's union: its tag is exhaustive (every
+    instance is one of its children's) and the image has targets of its children."""
+    tag = session.get(Tag, target.tag_id)
+    return tag is not None and tag.exhaustive and bool(child_targets(session, target=target))
+
+
+def is_union(session: Session, *, target: Target) -> bool:
+    """Whether the target's mask is its children's union: opened without a pyramid of its own
+    (``app.services.campaign.open_target``) because it can be one."""
+    if target.state == TargetState.SEEDED or target.control:
+        return False
+    own = session.scalar(select(Window.id).where(Window.target_id == target.id).limit(1))
+    return own is None and can_be_union(session, target=target)
 
 
 def ensure_target(session: Session, *, image: Image, tag: Tag) -> tuple[Target, bool]:

@@ -5,7 +5,8 @@ Layout::
     OUT/
       images/<name>.png   RGB PNG, lossless
       tags.txt            "<name>.png tag1 tag2 ..." per image (Danbooru style)
-      vocabulary.json     {"tags": [{name, display_name, category, parent, aliases, description}]}
+      vocabulary.json     {"tags": [{name, display_name, category, parent, aliases, description,
+                                  exhaustive}]}
       annotations.json    COCO instances, one iscrowd RLE annotation per (object, tag)
 
 Each image lists every tag of its objects, parents included; on some lines a tag is written as
@@ -79,6 +80,7 @@ def vocabulary_json() -> dict[str, Any]:
             "parent": tag.parent,
             "aliases": list(tag.aliases),
             "description": tag.description,
+            "exhaustive": tag.exhaustive,
         }
         for tag in VOCABULARY
     ]

@@ -30,10 +30,19 @@ class DemoTag:
     parent: str | None
     aliases: tuple[str, ...]
     description: str
+    exhaustive: bool = False  # every instance is one of its children's (see the module doc)
 
 
 VOCABULARY: tuple[DemoTag, ...] = (
-    DemoTag("shape", "Shape", "general", None, (), "Any foreground shape, whatever its form."),
+    DemoTag(
+        "shape",
+        "Shape",
+        "general",
+        None,
+        (),
+        "Any foreground shape, whatever its form.",
+        exhaustive=True,
+    ),
     DemoTag(
         "polygon",
         "Polygon",
@@ -41,6 +50,7 @@ VOCABULARY: tuple[DemoTag, ...] = (
         "shape",
         (),
         "A shape with straight edges: a square, a triangle or a star.",
+        exhaustive=True,
     ),
     DemoTag("circle", "Circle", "general", "shape", ("disc", "round"), "A filled circle."),
     DemoTag("square", "Square", "general", "polygon", (), "A filled square, possibly rotated."),
@@ -73,6 +83,7 @@ VOCABULARY: tuple[DemoTag, ...] = (
         None,
         ("textured",),
         "An object covered by a visible pattern in a darker shade of its colour.",
+        exhaustive=True,
     ),
     DemoTag(
         "striped",

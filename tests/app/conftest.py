@@ -17,6 +17,7 @@ from app.config import Settings
 from app.db import make_engine, make_session_factory
 from app.main import create_app
 from app.migrate import upgrade_to_head
+from app.models import Target, Window
 from app.services.importer import run_import
 from app.services.project import create_project
 from ml.aggregation.simulate import PROFILES
@@ -24,6 +25,8 @@ from ml.demo.dataset import write_demo_dataset
 from tests.app.crowd import SimulatedVolunteer, Truths
 
 SLUG = "demo"
+# Targets with a pyramid of their own (the union of its children's targets has none).
+HAS_PYRAMID = select(Window.id).where(Window.target_id == Target.id).exists()
 
 
 def app_settings(data_dir: Path, database_url: str) -> Settings:

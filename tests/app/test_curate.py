@@ -35,7 +35,7 @@ from app.services.errors import ConflictError, InvalidInputError, UnauthorizedEr
 from app.services.recompute import recompute_project
 from app.services.volunteer_review import suspicion_flags
 from app.storage import decode_mask_png
-from tests.app.conftest import SLUG, Live
+from tests.app.conftest import HAS_PYRAMID, SLUG, Live
 
 PASSWORD = "correct horse battery"
 
@@ -72,7 +72,10 @@ def triage_some(live: Live, n: int = 2) -> list[int]:
     """Send the first ``n`` evaluation targets to triage, as an exhausted vote budget would."""
     with live.factory() as session:
         targets = session.scalars(
-            select(Target).where(Target.control.is_(False)).order_by(Target.id).limit(n)
+            select(Target)
+            .where(Target.control.is_(False), HAS_PYRAMID)
+            .order_by(Target.id)
+            .limit(n)
         ).all()
         for target in targets:
             target.state = TargetState.TRIAGE
@@ -592,7 +595,11 @@ def test_open_targets_with_disagreement_or_a_doubtful_tag_are_queued(live: Live)
     with live.factory() as session:
         open_targets = session.scalars(
             select(Target)
-            .where(Target.state == TargetState.COLLECTING, Target.control.is_(False))
+            .where(
+                Target.state == TargetState.COLLECTING,
+                Target.control.is_(False),
+                HAS_PYRAMID,
+            )
             .order_by(Target.id)
             .limit(2)
         ).all()

@@ -15,6 +15,7 @@ from sqlalchemy import Engine, select, update
 from app.db import make_engine
 from app.models import Cell, Gold, GoldSource, MaskSource, MaskVersion, Target, TargetState
 from tests.app.browser import CHROMIUM, Server, browser, demo_server, new_page, screenshot
+from tests.app.conftest import HAS_PYRAMID
 
 pytestmark = [
     pytest.mark.browser,
@@ -61,7 +62,10 @@ def test_a_curator_logs_in_fixes_cells_and_accepts_a_triage_item(
     engine: Engine = make_engine(server.database_url)
     with engine.begin() as conn:
         target_id = conn.scalar(
-            select(Target.id).where(Target.control.is_(False)).order_by(Target.id).limit(1)
+            select(Target.id)
+            .where(Target.control.is_(False), HAS_PYRAMID)
+            .order_by(Target.id)
+            .limit(1)
         )
         conn.execute(
             update(Target)
@@ -125,7 +129,10 @@ def test_a_curator_paints_a_pixel_fix(browser: object, server: Server) -> None:
     engine: Engine = make_engine(server.database_url)
     with engine.connect() as conn:
         target_id = conn.scalar(
-            select(Target.id).where(Target.control.is_(False)).order_by(Target.id).limit(1)
+            select(Target.id)
+            .where(Target.control.is_(False), HAS_PYRAMID)
+            .order_by(Target.id)
+            .limit(1)
         )
     page = new_page(browser, server, viewport={"width": 1200, "height": 900})
     page.goto(f"{server.url}/login?next=/curate/targets/{target_id}")  # type: ignore[attr-defined]

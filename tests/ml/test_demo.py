@@ -268,7 +268,10 @@ def test_folder_layout_and_vocabulary_json(written: Path) -> None:
         "parent",
         "aliases",
         "description",
+        "exhaustive",
     }
+    # A parent is exhaustive when every instance is one of its children's.
+    assert {t["name"] for t in vocabulary if t["exhaustive"]} == {"shape", "polygon", "patterned"}
     assert not list(written.parent.glob(".demo.partial-*"))
 
 

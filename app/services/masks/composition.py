@@ -4,7 +4,8 @@ One composition serves everything that shows or uses a mask: the mask a target c
 a curator's accept, the current mask of an unfinished target (curator overlay, export of work
 in progress) and the campaign benchmark. The numbers are ``ml.composition``'s; this module loads
 what they need: the finest cells and their posteriors (gold and curator answers as 0/1), the
-image's pixels, and the segmenter's latest prediction for the target, if there is one.
+image's pixels, and the segmenter's latest prediction for the target, if there is one. A
+target whose tag's mask is the union of its children's (``is_union``) is composed as that union.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from app.models import (
     Target,
 )
 from app.services.image import image_path
-from app.services.target import find_latest_mask
+from app.services.target import child_targets, find_latest_mask, is_union
 from app.storage import decode_mask_png
 from ml.aggregation import grid
 from ml.aggregation.rules import leaf_cells
@@ -98,6 +99,14 @@ def compose_target(
     image = image or session.get(Image, target.image_id)
     project = session.get(Project, target.project_id)
     assert image is not None and project is not None
+    if is_union(session, target=target):
+        return _union(
+            session,
+            settings=settings,
+            children=child_targets(session, target=target),
+            image=image,
+            pixels=pixels,
+        )
     if cells is None:
         cells = list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
     leaves, probs = leaf_posteriors(session, cells=cells)
@@ -108,3 +117,24 @@ def compose_target(
         model = None  # a prediction of another size (a replaced file): not evidence here
     method = str(project.setting("composition"))
     return compose_mask(pixels, leaves, probs, model=model, method=method)
+
+
+def _union(
+    session: Session,
+    *,
+    settings: Settings,
+    children: list[Target],
+    image: Image,
+    pixels: np.ndarray | None,
+) -> Composed:
+    """The union of the children's masks: a pixel is in it if it is in any of theirs (the soft
+    mask: the most probable child's probability)."""
+    if pixels is None:
+        pixels = load_pixels(settings, image)
+    parts = [
+        compose_target(session, settings=settings, target=c, image=image, pixels=pixels)
+        for c in children
+    ]
+    soft = np.maximum.reduce([p.soft for p in parts])
+    hard = np.logical_or.reduce([p.hard for p in parts])
+    return Composed(soft.astype(np.float32), hard)
