@@ -43,6 +43,7 @@ from app.config import Settings
 from app.models import Cell, Image, MaskSource, MaskVersion, Project, Tag, Target, TargetState
 from app.services.errors import InvalidInputError
 from app.services.masks.composition import compose_target, load_pixels
+from app.services.target import is_union
 from app.storage import atomic_write_bytes, decode_mask_png, encode_mask_png
 
 RESULT_SOURCES = (MaskSource.CONSENSUS, MaskSource.CURATOR, MaskSource.GROUND_TRUTH)
@@ -116,7 +117,7 @@ def _unfinished(
     pixels: tuple[int, np.ndarray] | None = None  # the last image's, as targets come by image
     for target, image, tag_row in _targets(session, project, tag, UNFINISHED_STATES):
         cells = list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
-        if not cells:
+        if not cells and not is_union(session, target=target):  # a union's cells are its parts'
             continue
         if pixels is None or pixels[0] != image.id:
             pixels = (image.id, load_pixels(settings, image))
