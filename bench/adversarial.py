@@ -52,15 +52,30 @@ from sqlalchemy import func, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.db import make_engine, make_session_factory
-from app.models import DEFAULT_PROJECT_SETTINGS, Project, Target, Volunteer, Vote
+from app.models import (
+    DEFAULT_PROJECT_SETTINGS,
+    Cell,
+    CellStatus,
+    Project,
+    RetireReason,
+    Target,
+    Volunteer,
+    Vote,
+)
+from app.services.campaign import load_truth
 from app.services.consensus import credibility_estimates
 from app.services.volunteer_review import review_volunteers
 from bench.campaign import SLUG, Arm, Point, build, run_arm
+from ml.aggregation import grid
 
 HONEST_MIX = {"diligent": 3, "sloppy": 1}  # 75% / 25%
 BAD_MIX = {"adversary": 3, "random_clicker": 2}  # 30% / 20% of the diluted crowd
 ARMS = ("honest", "adversarial")
 TARGET_POINTS = 2.0
+# A cell is clear-cut when the object fills at least this much of it or none: everyone who
+# looks answers it the same (a sloppy volunteer's threshold is 0.25), so a wrong retired label
+# there is the consensus's error, not a judgement call.
+CLEAR_CUT = 0.25
 WIDTHS = (15, 7, 8, 6, 6, 6)  # the per-kind table's columns
 
 
@@ -91,6 +106,34 @@ class Group:
     sensitivity: float  # mean over the kind's volunteers
     specificity: float
     flagged: int
+
+
+def wrong_cells(arm: Arm) -> tuple[int, int]:
+    """(wrong, all) clear-cut cells (``CLEAR_CUT``) that votes retired on evaluation targets.
+
+    This is what bad actors would move if they could: the crowd's answers. The final masks'
+    IoU moves with them too, but also with which cells the campaign happened to refine (a
+    different stream of tasks), and on a few targets one object found or lost is many points."""
+    engine = make_engine(arm.settings.resolved_database_url)
+    wrong = total = 0
+    with make_session_factory(engine)() as session:
+        for target in session.scalars(select(Target).where(Target.control.is_(False))):
+            truth = load_truth(session, arm.settings, target)
+            cells = [
+                c
+                for c in session.scalars(select(Cell).where(Cell.target_id == target.id))
+                if c.status == CellStatus.RETIRED
+                and c.retire_reason not in (RetireReason.GOLD, RetireReason.CURATOR)
+            ]
+            if truth is None or not cells:
+                continue
+            cover = grid.cell_coverage(truth, [grid.Cell(c.level, c.row, c.col) for c in cells])
+            clear = (cover == 0) | (cover >= CLEAR_CUT)
+            labels = np.array([bool(c.label) for c in cells])
+            wrong += int((labels != (cover >= CLEAR_CUT))[clear].sum())
+            total += int(clear.sum())
+    engine.dispose()
+    return wrong, total
 
 
 def groups(arm: Arm) -> tuple[list[Group], dict[str, int]]:
@@ -141,6 +184,7 @@ class Run:
     groups: list[Group]
     states: dict[str, int]  # evaluation targets by state at the end
     seconds: float
+    cells: tuple[int, int] = (0, 0)  # (wrong, all) clear-cut retired cells (``wrong_cells``)
 
     @property
     def answers(self) -> int:
@@ -174,7 +218,8 @@ def run_one(seed: int, arm: str, template: Path, args: argparse.Namespace) -> Ru
             f"{arm}-seed{seed}", template, Path(tmp), arm_args, kinds=crowd_of(arm, args.honest)
         )
         kinds, states = groups(result)
-        return Run(seed, arm, result.points, kinds, states, time.perf_counter() - started)
+        cells = wrong_cells(result)
+        return Run(seed, arm, result.points, kinds, states, time.perf_counter() - started, cells)
 
 
 def _pm(values: list[float]) -> str:
@@ -215,6 +260,10 @@ def print_finals(runs: list[Run], cap: int) -> tuple[list[float], bool]:
         print(
             f"seed {s}: honest {100 * h.final_iou:.1f} ({_ended(h, cap)}), adversarial "
             f"{100 * a.final_iou:.1f} ({_ended(a, cap)}), delta {100 * deltas[-1]:+.1f}"
+        )
+        print(
+            f"seed {s}: clear-cut cells retired wrong: honest {h.cells[0]}/{h.cells[1]}, "
+            f"adversarial {a.cells[0]}/{a.cells[1]}"
         )
     print(
         f"answers the adversarial crowd needed to finish: {np.mean(ratios):.2f}x the honest "

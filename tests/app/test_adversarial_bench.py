@@ -17,7 +17,13 @@ from tests.conftest import TEST_DATABASE_URL
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "adversarial.py"
 BOUNDED = ["--quick", "--answers", "8000", "--measure-every", "500"]
-ONE_SEED_POINTS = 6.0  # the five-seed target is 2; one seed moves by a few points per run
+# One seed on two images has about 8 evaluation targets: one object that one arm finds and the
+# other loses (a different stream of tasks refines other cells) moves the mean by 12 points, so
+# a single run's IoU only says that no more than one object went. What bad actors must not move
+# is the crowd's answers: the clear-cut cells they retire wrong (0/669 honest, 1/564 adversarial
+# when this was written), against the honest crowd's, in points.
+ONE_SEED_POINTS = 15.0  # the five-seed target is 2
+WRONG_CELL_POINTS = 1.0
 
 pytestmark = [
     pytest.mark.slow,
@@ -52,6 +58,11 @@ def test_both_crowds_run_out_of_work_and_every_bad_actor_is_found_out() -> None:
     final = re.search(r"final masks: delta ([+-][\d.]+) ± nan IoU points.*: (PASS|FAIL) ", output)
     assert final is not None, output  # not INCOMPLETE: both campaigns ended under the cap
     assert abs(float(final.group(1))) <= ONE_SEED_POINTS, output
+    cells = re.search(r"retired wrong: honest (\d+)/(\d+), adversarial (\d+)/(\d+)", output)
+    assert cells is not None, output
+    honest_wrong, honest_all, bad_wrong, bad_all = (int(g) for g in cells.groups())
+    assert honest_all > 100 and bad_all > 100, output
+    assert 100 * (bad_wrong / bad_all - honest_wrong / honest_all) <= WRONG_CELL_POINTS, output
     for kind in ("adversary", "random_clicker"):
         votes, sens, spec, flagged, people = _row(output, "adversarial", kind)
         assert votes > 0 and flagged == people, output
