@@ -23,7 +23,6 @@ from app.models import (
     Image,
     ImageTag,
     ImageTagSource,
-    MaskSource,
     Project,
     RetireReason,
     Target,
@@ -39,11 +38,9 @@ from app.services.campaign import (
     window_value,
 )
 from app.services.consensus import cell_votes
-from app.services.masks.composition import compose_target
+from app.services.masks.composition import record_consensus_mask
 from app.services.masks.union import finish_unions
 from app.services.retirement import VOTED_REASONS, retire_cells
-from app.services.target import add_mask_version
-from app.storage import FileStore
 from ml.aggregation import grid
 from ml.aggregation.acquisition import object_area
 from ml.aggregation.rules import (
@@ -276,16 +273,7 @@ def _complete(
     session: Session, settings: Settings, target: Target, image: Image, cells: list[Cell]
 ) -> bool:
     """Compose the final mask from the finest retired cells. Returns whether it is uncertain."""
-    composed = compose_target(session, settings=settings, target=target, image=image, cells=cells)
-    add_mask_version(
-        session,
-        target=target,
-        mask=composed.hard,
-        soft=composed.soft,
-        source=MaskSource.CONSENSUS,
-        store=FileStore(settings.masks_dir),
-        written=[],
-    )
+    record_consensus_mask(session, settings=settings, target=target, image=image, cells=cells)
     is_leaf = leaf_cells([grid.Cell(c.level, c.row, c.col) for c in cells])
     return any(c.uncertain for c, leaf in zip(cells, is_leaf, strict=True) if leaf)
 

@@ -27,8 +27,8 @@ from app.models import (
     Target,
 )
 from app.services.image import image_path
-from app.services.target import child_targets, find_latest_mask, is_union
-from app.storage import decode_mask_png
+from app.services.target import add_mask_version, child_targets, find_latest_mask, is_union
+from app.storage import FileStore, decode_mask_png
 from ml.aggregation import grid
 from ml.aggregation.rules import leaf_cells
 from ml.composition import Composed, compose_mask
@@ -117,6 +117,28 @@ def compose_target(
         model = None  # a prediction of another size (a replaced file): not evidence here
     method = str(project.setting("composition"))
     return compose_mask(pixels, leaves, probs, model=model, method=method)
+
+
+def record_consensus_mask(
+    session: Session,
+    *,
+    settings: Settings,
+    target: Target,
+    image: Image | None = None,
+    cells: list[Cell] | None = None,
+) -> Composed:
+    """Compose the target's mask (``compose_target``) and keep it as its consensus mask."""
+    composed = compose_target(session, settings=settings, target=target, image=image, cells=cells)
+    add_mask_version(
+        session,
+        target=target,
+        mask=composed.hard,
+        soft=composed.soft,
+        source=MaskSource.CONSENSUS,
+        store=FileStore(settings.masks_dir),
+        written=[],
+    )
+    return composed
 
 
 def _union(

@@ -14,10 +14,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.models import MaskSource, Tag, Target, TargetState
-from app.services.masks.composition import compose_target
-from app.services.target import add_mask_version, child_targets, is_union
-from app.storage import FileStore
+from app.models import Tag, Target, TargetState
+from app.services.masks.composition import record_consensus_mask
+from app.services.target import child_targets, is_union
 
 FINISHED = (TargetState.COMPLETE, TargetState.TRIAGE)
 UNION_TRIAGE_REASON = "a part of it (a child tag's target) is in triage"
@@ -47,16 +46,7 @@ def finish_unions(session: Session, *, settings: Settings, target: Target) -> in
     children = child_targets(session, target=parent)
     if any(c.state not in FINISHED for c in children):
         return 0
-    composed = compose_target(session, settings=settings, target=parent)
-    add_mask_version(
-        session,
-        target=parent,
-        mask=composed.hard,
-        soft=composed.soft,
-        source=MaskSource.CONSENSUS,
-        store=FileStore(settings.masks_dir),
-        written=[],
-    )
+    record_consensus_mask(session, settings=settings, target=parent)
     triaged = any(c.state == TargetState.TRIAGE for c in children)
     parent.state = TargetState.TRIAGE if triaged else TargetState.COMPLETE
     parent.triage_reason = UNION_TRIAGE_REASON if triaged else None
