@@ -28,6 +28,7 @@ from app.models import (
     WindowState,
 )
 from app.services.consensus import Fresh
+from app.services.target import reopen_unions_above
 from ml.aggregation.rules import Retirement, RetirementConfig, confirmation_votes, retire
 
 
@@ -198,6 +199,7 @@ def _reopen(session: Session, cell: Cell) -> None:
     target = session.get(Target, cell.target_id)
     if target is not None and target.state != TargetState.COLLECTING:
         target.state, target.triage_reason = TargetState.COLLECTING, None
+        reopen_unions_above(session, target=target)
     window = session.get(Window, cell.window_id) if cell.window_id is not None else None
     if window is not None and window.state == WindowState.CLOSED:
         window.state, window.closed_at = WindowState.OPEN, None

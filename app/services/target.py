@@ -58,6 +58,38 @@ def is_union(session: Session, *, target: Target) -> bool:
     return own is None and can_be_union(session, target=target)
 
 
+def union_parent(session: Session, *, target: Target) -> Target | None:
+    """The target of the same image whose tag is this one's parent, when it is a union (its
+    row locked: whoever finishes or reopens a part changes it once)."""
+    tag = session.get(Tag, target.tag_id)
+    if tag is None or tag.parent_id is None:
+        return None
+    parent = session.scalar(
+        select(Target)
+        .where(Target.image_id == target.image_id, Target.tag_id == tag.parent_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    return parent if parent is not None and is_union(session, target=parent) else None
+
+
+def reopen_unions_above(session: Session, *, target: Target) -> None:
+    """A part opened again: the unions above it that the consensus finished collect again
+    (their mask is recomposed when the part finishes); a curator's finished union stays."""
+    parent = union_parent(session, target=target)
+    while parent is not None and parent.state != TargetState.COLLECTING:
+        latest = session.scalar(
+            select(MaskVersion.source)
+            .where(MaskVersion.target_id == parent.id)
+            .order_by(MaskVersion.version.desc())
+            .limit(1)
+        )
+        if latest != MaskSource.CONSENSUS:
+            return
+        parent.state, parent.triage_reason = TargetState.COLLECTING, None
+        parent = union_parent(session, target=parent)
+
+
 def ensure_target(session: Session, *, image: Image, tag: Tag) -> tuple[Target, bool]:
     """The target for (image, tag), created in the seeded state if new."""
     session.flush()

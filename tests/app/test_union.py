@@ -8,7 +8,13 @@ from sqlalchemy import select
 from app.models import MaskSource, Project, Role, Tag, Target, TargetState, Window
 from app.services.curation import accept_target
 from app.services.masks.composition import compose_target
-from app.services.target import child_targets, find_latest_mask, is_union
+from app.services.masks.union import finish_unions
+from app.services.target import (
+    child_targets,
+    find_latest_mask,
+    is_union,
+    reopen_unions_above,
+)
 from app.storage import decode_mask_png
 from tests.app.conftest import Live
 from tests.app.test_curate import logged_in
@@ -76,6 +82,18 @@ def test_the_union_finishes_with_its_last_child_and_its_mask_is_theirs(live: Liv
         assert version is not None
         mask = decode_mask_png(live.settings.data_dir / version.hard_path) > 0.5
         assert np.array_equal(mask, np.logical_or.reduce(masks))
+
+        # Late evidence opens a part again (the consensus's own decisions follow their votes):
+        # the union collects again, and finishes again, with a new mask, when the part does.
+        part = next(c for c in children if not is_union(session, target=c))
+        part.state = TargetState.COLLECTING
+        reopen_unions_above(session, target=part)
+        assert union.state == TargetState.COLLECTING
+        part.state = TargetState.COMPLETE
+        assert finish_unions(session, settings=live.settings, target=part) >= 1
+        assert union.state == TargetState.COMPLETE
+        again = find_latest_mask(session, target=union, source=MaskSource.CONSENSUS)
+        assert again is not None and again.version > version.version
 
 
 def test_a_curator_sees_what_a_union_is_made_of_and_its_current_mask(live: Live) -> None:

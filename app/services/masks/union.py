@@ -5,43 +5,29 @@ square, a triangle or a star) costs no pyramid of its own on an image that has t
 children (``app.services.target.can_be_union``): the crowd answers for the children, and the
 parent's mask is composed as their union (``compose_target``). The parent finishes once every
 child has: complete, or in triage when a child is. Whoever finishes the last child finishes the
-parent, holding its row, so two children finishing at once finish it once.
+parent, holding its row, so two children finishing at once finish it once; a part the
+consensus opens again opens its unions again (``app.services.target.reopen_unions_above``).
 """
 
 from __future__ import annotations
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.models import Tag, Target, TargetState
+from app.models import Target, TargetState
 from app.services.masks.composition import record_consensus_mask
-from app.services.target import child_targets, is_union
+from app.services.target import child_targets, union_parent
 
 FINISHED = (TargetState.COMPLETE, TargetState.TRIAGE)
 UNION_TRIAGE_REASON = "a part of it (a child tag's target) is in triage"
-
-
-def _parent_target(session: Session, target: Target) -> Target | None:
-    tag = session.get(Tag, target.tag_id)
-    if tag is None or tag.parent_id is None:
-        return None
-    return session.scalar(
-        select(Target)
-        .where(Target.image_id == target.image_id, Target.tag_id == tag.parent_id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    )
 
 
 def finish_unions(session: Session, *, settings: Settings, target: Target) -> int:
     """After ``target`` finished, finish the union targets above it whose children all have.
 
     Returns how many finished."""
-    parent = _parent_target(session, target)
+    parent = union_parent(session, target=target)
     if parent is None or parent.state != TargetState.COLLECTING:
-        return 0
-    if not is_union(session, target=parent):
         return 0
     children = child_targets(session, target=parent)
     if any(c.state not in FINISHED for c in children):
