@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import Engine, select, update
 
 from app.db import make_engine
-from app.models import Cell, Gold, GoldSource, MaskSource, MaskVersion, Target, TargetState
+from app.models import Cell, Gold, GoldSource, MaskSource, MaskVersion, Tag, Target, TargetState
 from tests.app.browser import CHROMIUM, Server, browser, demo_server, new_page, screenshot
 from tests.app.conftest import HAS_PYRAMID
 
@@ -180,3 +180,38 @@ def test_a_curator_paints_a_pixel_fix(browser: object, server: Server) -> None:
     assert mask[h // 2, w // 2] and mask[h // 2, int(w * 0.7)]  # painted along the stroke
     far = np.r_[0 : h // 4, h - h // 4 : h]
     assert np.array_equal(mask[far], before[far])  # and nothing changed far from it
+
+
+def test_a_union_page_names_its_parts_and_shows_its_current_mask(
+    browser: object, server: Server
+) -> None:
+    add_curator(server, "noether")
+    engine: Engine = make_engine(server.database_url)
+    with engine.connect() as conn:
+        union_id = conn.scalar(
+            select(Target.id)
+            .join(Tag, Tag.id == Target.tag_id)
+            .where(Target.control.is_(False), Tag.exhaustive.is_(True), ~HAS_PYRAMID)
+            .order_by(Target.id)
+            .limit(1)
+        )
+    engine.dispose()
+    assert union_id is not None, "the demo marks shape, polygon and patterned exhaustive"
+    page = new_page(browser, server, viewport={"width": 1200, "height": 900})
+    page.goto(f"{server.url}/login?next=/curate/targets/{union_id}")  # type: ignore[attr-defined]
+    page.get_by_label("Name").fill("noether")  # type: ignore[attr-defined]
+    page.get_by_label("Password").fill(PASSWORD)  # type: ignore[attr-defined]
+    page.get_by_role("button", name="Log in").click()  # type: ignore[attr-defined]
+    page.wait_for_url(f"{server.url}/curate/targets/{union_id}")  # type: ignore[attr-defined]
+    parts = page.locator(".union-parts a")  # type: ignore[attr-defined]
+    assert parts.count() >= 1
+    page.get_by_label("current mask (composed now)").check()  # type: ignore[attr-defined]
+    overlay = page.locator("img.mask-overlay.current")  # type: ignore[attr-defined]
+    overlay.wait_for(state="visible")
+    page.wait_for_function(  # type: ignore[attr-defined]
+        "() => document.querySelector('img.mask-overlay.current').naturalWidth > 0"
+    )
+    screenshot(page, "curate-union.png")
+    parts.first.click()
+    page.wait_for_url(f"{server.url}/curate/targets/*")  # type: ignore[attr-defined]
+    assert "/curate/targets/" in page.url and not page.url.endswith(f"/{union_id}")  # type: ignore[attr-defined]
