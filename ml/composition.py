@@ -23,9 +23,13 @@ pixel of every positive border cell, and its IoU is capped by the size of the fi
    * ``model``: the segmenter's per-pixel probability, where one is given (else ``cells``);
    * ``grabcut``: GrabCut (Rother, Kolmogorov and Blake, SIGGRAPH 2004, as OpenCV implements
      it) initialised with the trimap, the segmenter's probability seeding its probable labels
-     where one is given. Colour models are fitted to the sure and probable regions and a graph
-     cut on the image's edges places the border. It runs on a crop around the band (downscaled
-     when large), so its cost follows the border, not the image.
+     where one is given; else the band's pixels in colours far more common in the band than in
+     the *no* cells and unlike the common colours of the *no* cells away from the claim (a
+     wrong *no* on a sliver is next to the claim). Colour models are fitted to the sure and
+     probable regions and a graph cut on the image's edges places the border. It runs once per
+     connected region of claimed cells, on a crop around that region's band (downscaled when
+     large), so its cost follows the border, not the image, and each object of a tag gets
+     colour models from its own surroundings.
 
    Assumptions: the object differs from its surroundings in colour or edges near its border
    (GrabCut); a *no* cell is right (the consensus made it so, and gold checks it).
@@ -53,6 +57,9 @@ POSITIVE = 0.8  # a cell at or over this posterior may hold sure foreground (its
 CORE_CELLS = 1.5  # sure foreground starts farther from the border than a cell's diagonal (1.41)
 RAMP_PX = 4.0  # band confidence reaches 1 this far from the decided border
 GRABCUT_ITERATIONS = 3
+BG_COLOURS = 8  # k-means centres of the sure background's colours (``unlike_background``)
+BG_SAMPLE = 4000  # sure-background pixels they are fitted on
+FAR_BG_MIN = 100  # fewer sure-background pixels away from the claim: use all of them
 COLOUR_BINS = 8  # per channel, for the colour frequencies of ``object_coloured``
 OBJECT_RATIO = 2.0  # a colour this much more common in the band than the background: the object's
 GRABCUT_MAX_PIXELS = 120_000  # larger crops run downscaled (GrabCut's cost grows with area)
@@ -71,6 +78,7 @@ class Trimap:
     band: BoolMask  # probably foreground: in a positive cell, near the decided border
     claimed: BoolMask  # in a cell whose posterior is over 0.5
     positive: tuple[grid.PixelRect, ...]  # the finest cells claimed positive
+    side: FloatMask | None = None  # the pixel's finest cell's shorter side in pixels
 
     @property
     def probable_bg(self) -> BoolMask:
@@ -106,7 +114,7 @@ def trimap(cells: Sequence[grid.Cell], probs: npt.ArrayLike, height: int, width:
         for c, q, leaf in zip(cells, p, leaf_cells(cells), strict=True)
         if leaf and q > 0.5
     )
-    return Trimap(posterior, sure_fg, sure_bg, claimed & ~sure_fg, claimed, positive)
+    return Trimap(posterior, sure_fg, sure_bg, claimed & ~sure_fg, claimed, positive, side)
 
 
 def _keep_every_yes(tm: Trimap, hard: BoolMask, fallback: BoolMask | None = None) -> BoolMask:
@@ -155,12 +163,12 @@ def compose_by_model(tm: Trimap, image: np.ndarray, model: FloatMask | None) -> 
     return Composed(soft.astype(np.float32), hard)
 
 
-def _crop(tm: Trimap) -> tuple[slice, slice] | None:
+def _crop(band: BoolMask) -> tuple[slice, slice] | None:
     """A rectangle around the band with room for some sure pixels of both kinds, or None."""
-    rows, cols = np.nonzero(tm.band)
+    rows, cols = np.nonzero(band)
     if rows.size == 0:
         return None
-    h, w = tm.band.shape
+    h, w = band.shape
     pad = max(8, int(0.25 * max(rows.max() - rows.min(), cols.max() - cols.min())))
     top, bottom = max(0, rows.min() - pad), min(h, rows.max() + 1 + pad)
     left, right = max(0, cols.min() - pad), min(w, cols.max() + 1 + pad)
@@ -179,7 +187,9 @@ def object_coloured(pixels: np.ndarray, sure_bg: BoolMask, band: BoolMask) -> Bo
     common. A ratio of frequencies, not "some background pixel has this colour", because a *no*
     is sometimes wrong: a careless crowd says no to a square that holds a sliver of the object,
     which puts a few of the object's pixels into the sure background, and one of them must not
-    make the object's colour background.
+    make the object's colour background. ``_grabcut_labels`` also asks that the colour be
+    unlike the background's (``unlike_background``): a ratio alone lets through background
+    colours that merely happen to be a little more common in a small band.
 
     Shape: pixels ``(H, W, 3)``, sure_bg, band and the result ``(H, W)``.
     """
@@ -198,27 +208,69 @@ def object_coloured(pixels: np.ndarray, sure_bg: BoolMask, band: BoolMask) -> Bo
     return ratio >= OBJECT_RATIO
 
 
+def unlike_background(pixels: np.ndarray, sure_bg: BoolMask, rng_seed: int = 0) -> BoolMask:
+    """Pixels whose colour no sure-background pixel nearby has: farther from every one of
+    ``BG_COLOURS`` k-means centres of the sure background than 95% of its own pixels are.
+
+    A *no* cell is clean background, which a *yes* cell is not: this is what seeds GrabCut's
+    probable labels in the band when there is no model (a band that is mostly background, as
+    around a small object, would otherwise teach GrabCut's object model the background).
+
+    Shape: pixels ``(H, W, 3)``, sure_bg and the result ``(H, W)``.
+    """
+    bg = pixels[sure_bg].astype(np.float32)  # (N, 3)
+    if len(bg) < BG_COLOURS:
+        return np.ones(sure_bg.shape, dtype=bool)
+    sample = np.random.default_rng(rng_seed).permutation(len(bg))[:BG_SAMPLE]
+    criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 10, 1.0)
+    cv2.setRNGSeed(rng_seed)
+    _, _, centres = cv2.kmeans(bg[sample], BG_COLOURS, None, criteria, 1, cv2.KMEANS_PP_CENTERS)
+
+    def nearest(colours: np.ndarray) -> np.ndarray:  # (N, 3) -> (N,)
+        d = ((colours[:, None, :] - centres[None, :, :]) ** 2).sum(axis=2)
+        return np.sqrt(d.min(axis=1))
+
+    bar = float(np.quantile(nearest(bg[sample]), 0.95))
+    flat = pixels.reshape(-1, 3).astype(np.float32)
+    return (nearest(flat) > bar).reshape(sure_bg.shape)
+
+
 def _grabcut_labels(tm: Trimap, pixels: np.ndarray, model: FloatMask | None) -> np.ndarray:
     """GrabCut's initial labels on a crop: the trimap, and in the band the model's decision,
-    or else the object's colours (``object_coloured``; all of the band if none stand out).
+    or else the object's colours (all of the band if none stand out): those far more common in
+    the band than in the sure background (``object_coloured``) and unlike every common colour
+    of the sure background away from the claimed cells (``unlike_background``).
 
-    Pixels of *no* cells in the object's colours are labelled probably foreground, not sure
-    background: they are never painted (the hard mask keeps out of *no* cells), but they must
-    not teach GrabCut's background model the object's colours, which a wrong *no* on a sliver
-    of the object would."""
+    The second test's background leaves out the *no* cells next to the claimed ones, where a
+    wrong *no* on a sliver of the object would put the object's colour among the background's
+    common colours. Sure background is ``GC_BGD`` everywhere: a *no* cell in the object's colour
+    is more often a neighbouring thing of that colour than a wrong *no*, and relabelling those
+    pixels as probable object hid the neighbour's colour from the background model."""
     labels = np.full(tm.band.shape, cv2.GC_PR_BGD, dtype=np.uint8)  # (h, w)
-    coloured = object_coloured(pixels, tm.sure_bg, tm.band)
     if model is not None:
         probable_fg = tm.band & (model >= 0.5)
     else:
-        probable_fg = tm.band & coloured
+        far_bg = tm.sure_bg & ~_next_to_claim(tm)
+        reference = far_bg if far_bg.sum() >= FAR_BG_MIN else tm.sure_bg
+        probable_fg = (
+            tm.band
+            & object_coloured(pixels, tm.sure_bg, tm.band)
+            & unlike_background(pixels, reference)
+        )
         if not probable_fg.any():
             probable_fg = tm.band
     labels[probable_fg] = cv2.GC_PR_FGD
-    labels[tm.sure_bg & ~coloured] = cv2.GC_BGD
-    labels[tm.sure_bg & coloured] = cv2.GC_PR_FGD
+    labels[tm.sure_bg] = cv2.GC_BGD
     labels[tm.sure_fg] = cv2.GC_FGD
     return labels
+
+
+def _next_to_claim(tm: Trimap) -> BoolMask:
+    """Pixels within one of their cell's sides of a pixel claimed positive: the *no* cells where
+    a careless crowd's wrong *no* on a sliver of the object would be."""
+    d = cv2.distanceTransform((~tm.claimed).astype(np.uint8), cv2.DIST_L2, 3)
+    side = tm.side if tm.side is not None else np.ones(d.shape, dtype=np.float32)
+    return np.asarray(d <= side)
 
 
 def _run_grabcut(pixels: np.ndarray, labels: np.ndarray) -> BoolMask | None:
@@ -253,19 +305,29 @@ def _run_grabcut(pixels: np.ndarray, labels: np.ndarray) -> BoolMask | None:
 
 def compose_by_grabcut(tm: Trimap, image: np.ndarray, model: FloatMask | None) -> Composed:
     """GrabCut decides the band (see the module docstring); ``cells`` where it cannot run."""
-    window = _crop(tm)
-    if window is None:
+    if not tm.band.any():
         return _finish(tm, tm.claimed)
-    pixels = np.ascontiguousarray(_rgb(image)[window])
-    model_crop = _crop_of(model, window)
-    labels = _grabcut_labels(_cropped(tm, window), pixels, model_crop)  # (h, w)
-    fallback = np.zeros(tm.band.shape, dtype=bool)
-    fallback[window] = labels == cv2.GC_PR_FGD
-    cut = _run_grabcut(pixels, labels)
+    # One GrabCut per connected region of claimed cells, on a crop around its band: a tag's
+    # several objects (or pieces) each get colour models from their own surroundings.
+    n, comp = cv2.connectedComponents(tm.claimed.astype(np.uint8), connectivity=8)
+    parts = [comp == i for i in range(1, n)]
+    rgb = _rgb(image)
     fg = np.zeros(tm.band.shape, dtype=bool)
-    # Without samples of both kinds GrabCut cannot run: its initial labels stand (a tiny object
-    # in a large band, say, whose few pixels the downscaling lost).
-    fg[window] = cut if cut is not None else (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
+    fallback = np.zeros(tm.band.shape, dtype=bool)
+    for part in parts:
+        window = _crop(part & tm.band)
+        if window is None:
+            fg |= part & tm.claimed
+            continue
+        pixels = np.ascontiguousarray(rgb[window])
+        labels = _grabcut_labels(_cropped(tm, window), pixels, _crop_of(model, window))
+        fallback[window] |= (labels == cv2.GC_PR_FGD) & part[window]
+        cut = _run_grabcut(pixels, labels)
+        # Without samples of both kinds GrabCut cannot run: its initial labels stand (a tiny
+        # object in a large band, say, whose few pixels the downscaling lost).
+        if cut is None:
+            cut = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
+        fg[window] |= cut & part[window]
     return _finish(tm, fg, fallback)
 
 
@@ -277,6 +339,7 @@ def _cropped(tm: Trimap, window: tuple[slice, slice]) -> Trimap:
         tm.band[window],
         tm.claimed[window],
         (),
+        None if tm.side is None else tm.side[window],
     )
 
 
