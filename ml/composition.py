@@ -59,6 +59,7 @@ RAMP_PX = 4.0  # band confidence reaches 1 this far from the decided border
 GRABCUT_ITERATIONS = 3
 BG_COLOURS = 8  # k-means centres of the sure background's colours (``unlike_background``)
 BG_SAMPLE = 4000  # sure-background pixels they are fitted on
+SEED_KEPT = 0.25  # less of the ratio's seed left by ``unlike_background``: the ratio alone
 FAR_BG_MIN = 100  # fewer sure-background pixels away from the claim: use all of them
 COLOUR_BINS = 8  # per channel, for the colour frequencies of ``object_coloured``
 OBJECT_RATIO = 2.0  # a colour this much more common in the band than the background: the object's
@@ -252,11 +253,13 @@ def _grabcut_labels(tm: Trimap, pixels: np.ndarray, model: FloatMask | None) -> 
     else:
         far_bg = tm.sure_bg & ~_next_to_claim(tm)
         reference = far_bg if far_bg.sum() >= FAR_BG_MIN else tm.sure_bg
-        probable_fg = (
-            tm.band
-            & object_coloured(pixels, tm.sure_bg, tm.band)
-            & unlike_background(pixels, reference)
-        )
+        coloured = tm.band & object_coloured(pixels, tm.sure_bg, tm.band)
+        probable_fg = coloured & unlike_background(pixels, reference)
+        if probable_fg.sum() < SEED_KEPT * coloured.sum():
+            # Most of the band's own colours are common in the background too: the object is
+            # coloured like its surroundings, and the second test would leave GrabCut's object
+            # model a sample too small to learn it from; the frequency ratio alone decides.
+            probable_fg = coloured
         if not probable_fg.any():
             probable_fg = tm.band
     labels[probable_fg] = cv2.GC_PR_FGD
