@@ -138,7 +138,7 @@ class Measurer:
     def __init__(self, settings: Settings, factory: sessionmaker[Session]) -> None:
         self.settings, self.factory = settings, factory
         self.truths: dict[int, np.ndarray] = {}
-        self.seen: dict[int, tuple[tuple[object, ...], float]] = {}
+        self.masks: dict[int, tuple[tuple[object, ...], np.ndarray]] = {}
 
     def evaluation_targets(self, session: Session) -> list[Target]:
         return list(
@@ -159,12 +159,7 @@ class Measurer:
         return self.truths[target.id]
 
     def _state(self, session: Session, target: Target, cells: list[Cell]) -> tuple[object, ...]:
-        """What the target's composed mask depends on; a union's is its children's."""
-        if is_union(session, target=target):
-            return tuple(
-                self._state(session, child, self._cells(session, child))
-                for child in child_targets(session, target=target)
-            )
+        """What the target's composed mask depends on (a target with cells of its own)."""
         posteriors = dict(
             session.execute(
                 select(Consensus.cell_id, Consensus.posterior).where(
@@ -185,6 +180,29 @@ class Measurer:
     def _cells(session: Session, target: Target) -> list[Cell]:
         return list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
 
+    def _hard(self, session: Session, target: Target) -> np.ndarray:
+        """The target's composed hard mask, composed again only when its state changed; a
+        union's is the union of its children's (composing a union composes every child, and
+        a campaign measures the children too)."""
+        if is_union(session, target=target):
+            image = session.get(Image, target.image_id)
+            assert image is not None
+            parts = [self._hard(session, c) for c in child_targets(session, target=target)]
+            return (
+                np.logical_or.reduce(parts)
+                if parts
+                else np.zeros((image.height, image.width), dtype=bool)
+            )
+        cells = self._cells(session, target)
+        state = self._state(session, target, cells)
+        if target.id not in self.masks or self.masks[target.id][0] != state:
+            image = session.get(Image, target.image_id)
+            hard = compose_target(
+                session, settings=self.settings, target=target, image=image, cells=cells
+            ).hard
+            self.masks[target.id] = (state, hard)
+        return self.masks[target.id][1]
+
     def measure(self) -> tuple[float, int]:
         ious, complete = [], 0
         with self.factory() as session:
@@ -192,15 +210,7 @@ class Measurer:
                 truth = self._truth(session, target)
                 if truth is None:
                     continue  # added by the tagger: no ground truth to measure against
-                cells = self._cells(session, target)
-                state = self._state(session, target, cells)
-                if target.id not in self.seen or self.seen[target.id][0] != state:
-                    image = session.get(Image, target.image_id)
-                    hard = compose_target(
-                        session, settings=self.settings, target=target, image=image, cells=cells
-                    ).hard
-                    self.seen[target.id] = (state, iou(hard, truth))
-                ious.append(self.seen[target.id][1])
+                ious.append(iou(self._hard(session, target), truth))
                 complete += target.state == "complete"
         return float(np.mean(ious)) if ious else float("nan"), complete
 
