@@ -22,7 +22,8 @@ Under the project's model-job lock (``app.jobs.lock``), as one recorded job:
 6. open targets are re-ranked by the project's acquisition function: ``uncertainty`` (each
    window's value is the expected gain of an answer from its open cells' fused posteriors,
    ``app.services.settle.revalue_windows``; a target where model and crowd disagree weighs more),
-   ``disagreement`` or ``random`` (targets in a random order).
+   ``disagreement`` or ``random`` (targets in a random order); a tag the tagger added weighs
+   its probability until the crowd confirms it (``app.services.target.tag_belief``).
 
 A crash or kill at any step leaves the active models, votes and masks as they were: steps
 commit on their own, a checkpoint is complete before it is registered, and the next job run on
@@ -75,6 +76,7 @@ from app.services.job import finish_job, job_run, log_job
 from app.services.model_version import active_model
 from app.services.project import get_project
 from app.services.settle import revalue_windows, settle_targets
+from app.services.target import tag_belief
 from app.storage import decode_mask_png
 from ml.aggregation import grid
 from ml.calibration import Calibrator, fit_calibrator, model_weight, with_slope
@@ -520,7 +522,7 @@ def rerank(session: Session, *, project: Project, seed: int = 0) -> int:
             .join(Consensus, Consensus.cell_id == Cell.id)
             .where(Cell.target_id == target.id, Cell.status == CellStatus.OPEN)
         ).all()
-        tag_priority = float(priority)
+        tag_priority = float(priority) * tag_belief(session, target=target)
         if acquisition == "random":
             target.priority = tag_priority * rng.random()
             continue

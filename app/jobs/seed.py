@@ -5,7 +5,8 @@ classifier tags above their tuned thresholds (imported and curated tags are left
 computes a Grad-CAM heatmap per predicted tag and reduces it to a prior per level-1 cell. Targets
 are created for new (image, tag) pairs and opened with that prior; open targets whose level-1
 cells have no votes yet get the prior too. A target's priority grows with the tag's probability
-and the heatmap's contrast, so images with strong, confident heatmaps are asked about first.
+(``app.services.target.tag_belief``: 1 for tags people gave or confirmed) and the heatmap's
+contrast, so images with strong, confident heatmaps are asked about first.
 
 The heatmap-to-probability map is calibrated (Platt, or isotonic once there are thousands of
 cells: ``ml.cam.calibration_method``) on the cells of masks the project
@@ -43,7 +44,7 @@ from app.services.image import image_path
 from app.services.job import finish_job, job_run
 from app.services.model_version import active_model
 from app.services.project import get_project
-from app.services.target import ensure_target
+from app.services.target import ensure_target, tag_belief
 from ml.aggregation.grid import level_coverage
 from ml.calibration import Calibrator, fit_calibrator
 from ml.cam import calibration_method, cell_heat, heat_log_odds, tag_cams, to_image_size
@@ -165,7 +166,7 @@ def _apply(
     """Create or update the pair's target. Returns (created, prior set)."""
     target, created = ensure_target(session, image=pair.image, tag=pair.tag)
     contrast = float(pair.heat.max() - pair.heat.mean())
-    target.priority = pair.tag.priority * (0.5 + pair.probability) * (0.5 + contrast)
+    target.priority = pair.tag.priority * tag_belief(session, target=target) * (0.5 + contrast)
     if target.state == TargetState.SEEDED:
         open_target(
             session,

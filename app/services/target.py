@@ -8,7 +8,19 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.models import Image, MaskSource, MaskVersion, Tag, Target, TargetState, Window
+from app.models import (
+    Cell,
+    CellStatus,
+    Image,
+    ImageTag,
+    ImageTagSource,
+    MaskSource,
+    MaskVersion,
+    Tag,
+    Target,
+    TargetState,
+    Window,
+)
 from app.storage import FileStore, encode_mask_png
 
 
@@ -141,3 +153,31 @@ def add_mask_version(
     )
     session.add(version)
     return version
+
+
+def tag_belief(session: Session, *, target: Target) -> float:
+    """How sure we are that the target's tag is on its image at all: 1 for a tag an import or
+    a curator gave, or one the crowd has confirmed (a cell of the target retired positive);
+    else the tagger's probability. A window's worth is the gain of an answer *if* there is
+    something to segment, so a tag the tagger added weighs its probability until the crowd has
+    seen it: a guess must not take the first looks of tags people gave (measured: a tagger
+    trained on 7 images added 124 tags to 24 images, and a quarter of the answers went to them).
+    """
+    rows = session.execute(
+        select(ImageTag.source, ImageTag.probability).where(
+            ImageTag.image_id == target.image_id, ImageTag.tag_id == target.tag_id
+        )
+    ).all()
+    if not rows or any(source != ImageTagSource.CLASSIFIER for source, _ in rows):
+        return 1.0
+    confirmed = session.scalar(
+        select(Cell.id)
+        .where(
+            Cell.target_id == target.id,
+            Cell.status == CellStatus.RETIRED,
+            Cell.label.is_(True),
+        )
+        .limit(1)
+    )
+    guess = max(float(p) for _, p in rows)
+    return 1.0 if confirmed is not None else float(np.clip(guess, 0.0, 1.0))

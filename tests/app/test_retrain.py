@@ -21,6 +21,7 @@ from app.jobs.lock import JobBusyError
 from app.jobs.retrain import (
     RetrainOptions,
     model_prior_targets,
+    rerank,
     run_retrain,
     touch_scores,
     triage_unsupported,
@@ -28,6 +29,7 @@ from app.jobs.retrain import (
 from app.jobs.train import TrainOptions, run_train_segmenter
 from app.models import (
     Cell,
+    CellStatus,
     Image,
     ImageTag,
     ImageTagSource,
@@ -41,7 +43,7 @@ from app.models import (
 )
 from app.services.model_version import active_model
 from app.services.project import get_project
-from app.services.target import ensure_target
+from app.services.target import ensure_target, tag_belief
 from ml.aggregation import grid
 from ml.calibration import MAX_MODEL_WEIGHT, Calibrator, model_weight, weight_cap, with_slope
 from ml.demo.dataset import write_demo_dataset
@@ -274,3 +276,56 @@ def test_tags_that_lost_support_and_empty_masks_go_to_triage(world: World) -> No
         )
         assert triaged == 1 and guess.state == TargetState.TRIAGE
         assert confirmed.state == TargetState.COLLECTING
+
+
+def test_a_tag_the_tagger_guessed_weighs_its_probability_until_the_crowd_confirms_it(
+    world: World,
+) -> None:
+    with world.factory() as session:
+        project = get_project(session, slug=SLUG)
+        image = session.scalars(select(Image).where(Image.project_id == project.id)).first()
+        assert image is not None
+        on_image = set(
+            session.scalars(select(ImageTag.tag_id).where(ImageTag.image_id == image.id))
+        )
+        other = session.scalars(
+            select(Tag).where(Tag.project_id == project.id, Tag.id.not_in(on_image))
+        ).first()
+        given = session.scalar(select(Target).where(Target.image_id == image.id))
+        assert other is not None and given is not None
+        session.add(
+            ImageTag(
+                image_id=image.id,
+                tag_id=other.id,
+                source=ImageTagSource.CLASSIFIER,
+                probability=0.3,
+            )
+        )
+        guess, _ = ensure_target(session, image=image, tag=other)
+        guess.state = given.state = TargetState.COLLECTING
+        session.flush()
+        assert tag_belief(session, target=given) == 1.0  # people gave it
+        assert tag_belief(session, target=guess) == pytest.approx(0.3)
+
+        rerank(session, project=project)
+        assert guess.priority == pytest.approx(0.3 * other.priority)
+        given_tag = session.get(Tag, given.tag_id)
+        assert given_tag is not None
+        assert given.priority == pytest.approx(given_tag.priority)  # no votes: no disagreement
+
+        # A cell of the guess retires positive: the crowd has seen the tag there.
+        session.add(
+            Cell(
+                target_id=guess.id,
+                level=1,
+                row=0,
+                col=0,
+                status=CellStatus.RETIRED,
+                label=True,
+            )
+        )
+        session.flush()
+        assert tag_belief(session, target=guess) == 1.0
+        rerank(session, project=project)
+        assert guess.priority == pytest.approx(other.priority)
+        assert given.priority == pytest.approx(given_tag.priority)
