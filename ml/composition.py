@@ -60,6 +60,8 @@ GRABCUT_ITERATIONS = 3
 BG_COLOURS = 8  # k-means centres of the sure background's colours (``unlike_background``)
 BG_SAMPLE = 4000  # sure-background pixels they are fitted on
 SEED_KEPT = 0.25  # less of the ratio's seed left by ``unlike_background``: the ratio alone
+NEARBY_SHARE = 0.1  # of the pixels around one: a background colour seen near it
+NEARBY_KEPT = 0.05  # less of the seed left by ``unlike_nearby_background``: it stands
 FAR_BG_MIN = 100  # fewer sure-background pixels away from the claim: use all of them
 COLOUR_BINS = 8  # per channel, for the colour frequencies of ``object_coloured``
 OBJECT_RATIO = 2.0  # a colour this much more common in the band than the background: the object's
@@ -209,8 +211,32 @@ def object_coloured(pixels: np.ndarray, sure_bg: BoolMask, band: BoolMask) -> Bo
     return ratio >= OBJECT_RATIO
 
 
+def _background_colours(
+    pixels: np.ndarray, sure_bg: BoolMask, rng_seed: int
+) -> tuple[np.ndarray, float] | None:
+    """``BG_COLOURS`` k-means centres of the sure background's colours and the distance within
+    which 95% of its pixels lie from their nearest centre; None with too few pixels.
+
+    Shape: pixels ``(H, W, 3)``, sure_bg ``(H, W)``; centres ``(BG_COLOURS, 3)``.
+    """
+    bg = pixels[sure_bg].astype(np.float32)  # (N, 3)
+    if len(bg) < BG_COLOURS:
+        return None
+    sample = bg[np.random.default_rng(rng_seed).permutation(len(bg))[:BG_SAMPLE]]
+    criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 10, 1.0)
+    cv2.setRNGSeed(rng_seed)
+    _, _, centres = cv2.kmeans(sample, BG_COLOURS, None, criteria, 1, cv2.KMEANS_PP_CENTERS)
+    return centres, float(np.quantile(_distances(sample, centres).min(axis=1), 0.95))
+
+
+def _distances(colours: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Euclidean colour distances. Shape: colours ``(N, 3)``, centres ``(K, 3)``, out ``(N, K)``."""
+    d = colours.astype(np.float32)[:, None, :] - centres[None, :, :]
+    return np.sqrt((d**2).sum(axis=2))
+
+
 def unlike_background(pixels: np.ndarray, sure_bg: BoolMask, rng_seed: int = 0) -> BoolMask:
-    """Pixels whose colour no sure-background pixel nearby has: farther from every one of
+    """Pixels whose colour no sure-background pixel has: farther from every one of
     ``BG_COLOURS`` k-means centres of the sure background than 95% of its own pixels are.
 
     A *no* cell is clean background, which a *yes* cell is not: this is what seeds GrabCut's
@@ -219,28 +245,52 @@ def unlike_background(pixels: np.ndarray, sure_bg: BoolMask, rng_seed: int = 0) 
 
     Shape: pixels ``(H, W, 3)``, sure_bg and the result ``(H, W)``.
     """
-    bg = pixels[sure_bg].astype(np.float32)  # (N, 3)
-    if len(bg) < BG_COLOURS:
+    fitted = _background_colours(pixels, sure_bg, rng_seed)
+    if fitted is None:
         return np.ones(sure_bg.shape, dtype=bool)
-    sample = np.random.default_rng(rng_seed).permutation(len(bg))[:BG_SAMPLE]
-    criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 10, 1.0)
-    cv2.setRNGSeed(rng_seed)
-    _, _, centres = cv2.kmeans(bg[sample], BG_COLOURS, None, criteria, 1, cv2.KMEANS_PP_CENTERS)
+    centres, bar = fitted
+    return (_distances(pixels.reshape(-1, 3), centres).min(axis=1) > bar).reshape(sure_bg.shape)
 
-    def nearest(colours: np.ndarray) -> np.ndarray:  # (N, 3) -> (N,)
-        d = ((colours[:, None, :] - centres[None, :, :]) ** 2).sum(axis=2)
-        return np.sqrt(d.min(axis=1))
 
-    bar = float(np.quantile(nearest(bg[sample]), 0.95))
-    flat = pixels.reshape(-1, 3).astype(np.float32)
-    return (nearest(flat) > bar).reshape(sure_bg.shape)
+def unlike_nearby_background(
+    pixels: np.ndarray, sure_bg: BoolMask, candidates: BoolMask, radius: float, rng_seed: int = 0
+) -> BoolMask:
+    """The ``candidates`` whose colour is unlike every background colour seen near them: for
+    each k-means colour of the sure background (``_background_colours``), a candidate within
+    its distance of it is background-like if that colour's sure-background pixels fill at
+    least ``NEARBY_SHARE`` of the box of ``radius`` pixels around it.
+
+    A background is seldom one set of colours over a whole image: light falls off, a wall
+    meets a floor, and a tint near the object can be rare far away, where a global test lets
+    it seed the object. The share is of the whole box, not of its background pixels: a wrong
+    *no* on a sliver of the object puts a few of the object's pixels into the sure background
+    beside it, and they must not make its colour background (a colour must be common there).
+
+    Shape: pixels ``(H, W, 3)``, sure_bg, candidates and the result ``(H, W)``.
+    """
+    fitted = _background_colours(pixels, sure_bg, rng_seed)
+    if fitted is None or not candidates.any():
+        return candidates.copy()
+    centres, bar = fitted
+    nearest = np.full(sure_bg.shape, -1, dtype=np.int32)  # (H, W): a bg pixel's colour
+    nearest[sure_bg] = _distances(pixels[sure_bg], centres).argmin(axis=1)
+    near_centre = _distances(pixels[candidates], centres) <= bar  # (n_candidates, K)
+    box = (2 * int(radius) + 1, 2 * int(radius) + 1)
+    like = np.zeros(int(candidates.sum()), dtype=bool)
+    for k in range(len(centres)):
+        share = cv2.blur((nearest == k).astype(np.float32), box)[candidates]
+        like |= near_centre[:, k] & (share > NEARBY_SHARE)
+    out = np.zeros_like(candidates)
+    out[candidates] = ~like
+    return out
 
 
 def _grabcut_labels(tm: Trimap, pixels: np.ndarray, model: FloatMask | None) -> np.ndarray:
     """GrabCut's initial labels on a crop: the trimap, and in the band the model's decision,
     or else the object's colours (all of the band if none stand out): those far more common in
     the band than in the sure background (``object_coloured``) and unlike every common colour
-    of the sure background away from the claimed cells (``unlike_background``).
+    of the sure background away from the claimed cells (``unlike_background``), and then of
+    the background colours seen near them (``unlike_nearby_background``).
 
     The second test's background leaves out the *no* cells next to the claimed ones, where a
     wrong *no* on a sliver of the object would put the object's colour among the background's
@@ -262,6 +312,13 @@ def _grabcut_labels(tm: Trimap, pixels: np.ndarray, model: FloatMask | None) -> 
             probable_fg = coloured
         if not probable_fg.any():
             probable_fg = tm.band
+        # The same test against the background colours seen near each pixel; where it leaves
+        # next to nothing, a neighbour of the object's colour sits in the *no* cells beside it
+        # (a yellow circle by a yellow triangle) and the test above stands.
+        radius = float(np.median(tm.side[tm.band])) if tm.side is not None else 16.0
+        nearby = unlike_nearby_background(pixels, tm.sure_bg, probable_fg, max(8.0, radius))
+        if nearby.sum() >= NEARBY_KEPT * probable_fg.sum():
+            probable_fg = nearby
     labels[probable_fg] = cv2.GC_PR_FGD
     labels[tm.sure_bg] = cv2.GC_BGD
     labels[tm.sure_fg] = cv2.GC_FGD
