@@ -29,6 +29,12 @@ def _perfect(truth: np.ndarray, level: int) -> tuple[list[grid.Cell], list[float
     return cells, [float(c > 0) for c in grid.cell_coverage(truth, cells)]
 
 
+def _finest_perfect(truth: np.ndarray) -> tuple[list[grid.Cell], list[float]]:
+    """The finest cells of the whole refinement pyramid, perfectly answered."""
+    _, answered = perfect_levels(truth, RefinementConfig(min_cell_px=16))[-1]
+    return [c for c, _ in answered], [float(y) for _, y in answered]
+
+
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
@@ -159,9 +165,7 @@ def test_an_object_coloured_like_its_surroundings_keeps_enough_seed_to_be_cut() 
     # 0.10); with too little of the colour ratio's seed left, the ratio alone seeds.
     scene = next(s for s in generate_scenes(seed=0, n_images=10) if s.name == "demo_0009")
     truth = scene.tag_masks["square"]
-    _, answered = perfect_levels(truth, RefinementConfig(min_cell_px=16))[-1]
-    cells, probs = [c for c, _ in answered], [float(y) for _, y in answered]
-    assert _iou(compose_mask(scene.image, cells, probs).hard, truth) >= 0.8
+    assert _iou(compose_mask(scene.image, *_finest_perfect(truth)).hard, truth) >= 0.8
 
 
 def test_an_object_in_front_of_another_is_cut_from_it_by_the_colours_around_it() -> None:
@@ -171,6 +175,4 @@ def test_an_object_in_front_of_another_is_cut_from_it_by_the_colours_around_it()
     # (IoU 0.68 at the finest level); the background colours seen near each pixel leave it out.
     scene = next(s for s in generate_scenes(seed=0, n_images=8) if s.name == "demo_0007")
     truth = scene.tag_masks["square"]
-    _, answered = perfect_levels(truth, RefinementConfig(min_cell_px=16))[-1]
-    cells, probs = [c for c, _ in answered], [float(y) for _, y in answered]
-    assert _iou(compose_mask(scene.image, cells, probs).hard, truth) >= 0.9
+    assert _iou(compose_mask(scene.image, *_finest_perfect(truth)).hard, truth) >= 0.9
