@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SECRET_FILE_NAME = "secret_key"
@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     consensus_interval_s: float = 300.0
 
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(default=8000, ge=1, le=65535)
 
     # Task requests (next, submit, skip) a minute, per volunteer and per client address; 0: off.
     # A person answers a grid in 3 s or more: 2 requests each, so 180 leaves room to spare.
@@ -129,4 +129,14 @@ class Settings(BaseSettings):
 
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    """The settings from the environment; a value that cannot be used raises ``SettingsError``
+    naming its variable (``TESSERA_PORT=80000``: "TESSERA_PORT: Input should be less than or
+    equal to 65535"), never a traceback."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"TESSERA_{'.'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            for e in exc.errors()
+        )
+        raise SettingsError(f"invalid settings: {problems}") from None

@@ -10,6 +10,8 @@ from contextlib import asynccontextmanager
 from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
@@ -23,6 +25,7 @@ from app.db import engine_for, make_session_factory
 from app.pages import FRONTEND_DIR, templates
 from app.pages import curate as curate_pages
 from app.pages import curate_import as curate_import_pages
+from app.pages import docs as docs_pages
 from app.pages import home as home_pages
 from app.pages import volunteer as volunteer_pages
 from app.ratelimit import RateLimiter, RateLimitExceeded
@@ -44,6 +47,42 @@ from app.services.submission import GoneError
 log = logging.getLogger(__name__)
 
 
+def _wants_page(request: Request) -> bool:
+    """Whether a person's browser asked for a page (not the API, not a script)."""
+    accepts_html = "text/html" in request.headers.get("accept", "")
+    return accepts_html and not request.url.path.startswith("/api")
+
+
+ERROR_TITLES = {
+    403: "Not allowed",
+    404: "Not found",
+    409: "Already done",
+    410: "Gone",
+    411: "Length required",
+    413: "Too large",
+    422: "That did not work",
+}
+
+
+def _error_response(request: Request, status: int, message: str) -> Response:
+    """The API's ``{"detail": ...}``, or for a page a page that says what went wrong and where
+    to go on from (a curator's form must not end on raw JSON)."""
+    if not _wants_page(request):
+        return JSONResponse(status_code=status, content={"detail": message})
+    curator = request.url.path.startswith(("/curate", "/admin"))
+    return templates.TemplateResponse(
+        request,
+        "error.html",
+        {
+            "title": ERROR_TITLES.get(status, "Something went wrong"),
+            "message": message,
+            "back_url": "/curate" if curator else "/",
+            "back_label": "Back to the curator's workspace" if curator else "Back to the start",
+        },
+        status_code=status,
+    )
+
+
 def _error_handlers(app: FastAPI) -> None:
     statuses: dict[type[Exception], int] = {
         NotFoundError: 404,
@@ -56,10 +95,23 @@ def _error_handlers(app: FastAPI) -> None:
     }
     for exc_type, status in statuses.items():
 
-        def handler(_request: Request, exc: Exception, status: int = status) -> JSONResponse:
-            return JSONResponse(status_code=status, content={"detail": str(exc)})
+        def handler(request: Request, exc: Exception, status: int = status) -> Response:
+            return _error_response(request, status, str(exc))
 
         app.add_exception_handler(exc_type, handler)
+
+    async def invalid_handler(request: Request, exc: Exception) -> Response:
+        """Malformed parameters: FastAPI's list for the API, a page saying which for a page."""
+        assert isinstance(exc, RequestValidationError)
+        if not _wants_page(request):
+            return await request_validation_exception_handler(request, exc)
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}"
+            for e in exc.errors()
+        )
+        return _error_response(request, 422, problems)
+
+    app.add_exception_handler(RequestValidationError, invalid_handler)
 
     def token_handler(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, TokenError)
@@ -70,8 +122,7 @@ def _error_handlers(app: FastAPI) -> None:
 
     def login_handler(request: Request, exc: Exception) -> Response:
         """A page asked for without a login shows the login form (401); the API says why."""
-        wants_page = "text/html" in request.headers.get("accept", "")
-        if request.url.path.startswith("/api") or not wants_page:
+        if not _wants_page(request):
             return JSONResponse(status_code=401, content={"detail": str(exc)})
         login_url = "/login?" + urlencode({"next": request.url.path})
         return templates.TemplateResponse(
@@ -149,6 +200,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="Tessera",
         summary="Turn tagged images into segmentation masks with a crowd in the loop.",
         version="0.1.0",
+        # /docs is served from this server (app.pages.docs): the defaults load from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -181,5 +235,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(volunteer_pages.router)
     app.include_router(curate_pages.router)
     app.include_router(curate_import_pages.router)
+    app.include_router(docs_pages.router)
     app.mount("/static", StaticFiles(directory=FRONTEND_DIR / "static"), name="static")
     return app

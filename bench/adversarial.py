@@ -64,7 +64,7 @@ from app.models import (
 )
 from app.services.campaign import load_truth
 from app.services.consensus import credibility_estimates
-from app.services.volunteer_review import review_volunteers
+from app.services.curation.volunteer_review import review_volunteers
 from bench.campaign import SLUG, Arm, Point, build, run_arm
 from ml.aggregation import grid
 

@@ -53,8 +53,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,18 @@ from app.jobs.retrain import RetrainOptions, run_retrain
 from app.jobs.train import TrainOptions
 from app.main import create_app, recompute_all
 from app.migrate import upgrade_to_head
-from app.models import Cell, Consensus, Image, MaskSource, MaskVersion, Project, Target
+from app.models import (
+    Cell,
+    Consensus,
+    Image,
+    MaskSource,
+    MaskVersion,
+    Project,
+    Target,
+    Task,
+    TaskState,
+    Window,
+)
 from app.security import VOLUNTEER_COOKIE
 from app.services.campaign import load_truth, refinement_config
 from app.services.importer import run_import
@@ -92,6 +104,30 @@ CROWD = HARSH  # bench/adversarial.py builds its own mixes; this is run_arm's de
 BUDGETS = (10.0, 20.0, 40.0, 80.0, 160.0)  # human-seconds per evaluation target
 MEASURE_AT = (0.0, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 80.0, 120.0, 160.0)
 ARMS = ("crowd", "loop-random", "loop-uncertainty")
+
+
+# COCO's object sizes, in pixels of area: small < 32^2 <= medium < 96^2 <= large.
+SIZES = (("small", 32**2), ("medium", 96**2), ("large", math.inf))
+
+
+def size_class(truth: np.ndarray) -> str:
+    """COCO's size of a target's object (``SIZES``), or ``absent`` for an empty truth (a tag
+    the image does not have)."""
+    area = int(truth.sum())
+    if area == 0:
+        return "absent"
+    return next(name for name, below in SIZES if area < below)
+
+
+@dataclass(frozen=True)
+class SizeShare:
+    """What the evaluation targets of one size class got: their mean IoU, and the grids
+    answered on their first windows (the whole image) and on finer ones."""
+
+    targets: int
+    mean_iou: float
+    first: int
+    finer: int
 
 
 @dataclass(frozen=True)
@@ -214,6 +250,32 @@ class Measurer:
                 complete += target.state == "complete"
         return float(np.mean(ious)) if ious else float("nan"), complete
 
+    def by_size(self) -> dict[str, SizeShare]:
+        """Where the answers went and what they bought, per object size (``size_class``):
+        a benchmark's mean hides which objects the budget does not reach."""
+        ious: dict[str, list[float]] = defaultdict(list)
+        grids: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # first windows, finer ones
+        with self.factory() as session:
+            levels: dict[int, list[int]] = defaultdict(list)
+            for target_id, level in session.execute(
+                select(Window.target_id, Window.level)
+                .join(Task, Task.window_id == Window.id)
+                .where(Task.state == TaskState.SUBMITTED, Window.known.is_(False))
+            ):
+                levels[target_id].append(level)
+            for target in self.evaluation_targets(session):
+                truth = self._truth(session, target)
+                if truth is None:
+                    continue
+                name = size_class(truth)
+                ious[name].append(iou(self._hard(session, target), truth))
+                grids[name][0] += sum(level == 0 for level in levels[target.id])
+                grids[name][1] += sum(level > 0 for level in levels[target.id])
+        return {
+            name: SizeShare(len(v), float(np.mean(v)), grids[name][0], grids[name][1])
+            for name, v in ious.items()
+        }
+
     def ceiling(self) -> float:
         """Mean IoU of the composition fed perfect answers on every window the rules open."""
         ious = []
@@ -248,6 +310,7 @@ class Arm:
     volunteers: list[tuple[str, str]]  # (kind, public id) of each simulated volunteer
     ceiling: float = float("nan")
     ran_out: bool = False  # the crowd found nothing more to answer before the cap
+    sizes: dict[str, SizeShare] = field(default_factory=dict)  # at the end, by object size
 
     def at(self, seconds: float) -> float:
         return at_budget(self.points, seconds, ran_out=self.ran_out)
@@ -344,13 +407,15 @@ def run_arm(
     ran_out = answers < cap
     if answers and points[-1].answers != answers:  # the crowd ran out of work
         point()
+    sizes = measurer.by_size()
+    print(f"  {name:24s} {size_line(sizes)}", flush=True)
     engine.dispose()
     signer = app.state.signer
     ids = [
         (k, signer.read_volunteer_cookie(v.client.cookies.get(VOLUNTEER_COOKIE)) or "")
         for k, v in zip(kinds, crowd, strict=True)
     ]
-    return Arm(points, settings, ids, ceiling, ran_out)
+    return Arm(points, settings, ids, ceiling, ran_out, sizes)
 
 
 def em_cadence(volunteers: int, every: int | None) -> int:
@@ -395,6 +460,18 @@ def interval(values: Sequence[float]) -> tuple[float, float]:
     return float(v.mean()), float(t95 * v.std(ddof=1) / math.sqrt(v.size))
 
 
+def size_line(sizes: dict[str, SizeShare]) -> str:
+    """One line: per object size, the targets, their mean IoU and the grids each got (first
+    windows + finer ones)."""
+    order = [name for name, _ in SIZES] + ["absent"]
+    return " | ".join(
+        f"{name} n={s.targets} IoU {s.mean_iou:.3f} grids {s.first / s.targets:.1f}"
+        f"+{s.finer / s.targets:.1f}"
+        for name in order
+        if (s := sizes.get(name)) is not None
+    )
+
+
 def summary_line(arm: str, seeds: Sequence[int], runs: Sequence[Arm]) -> str:
     parts = [f"campaign: arm={arm} seeds={','.join(str(s) for s in seeds)}"]
     for budget in BUDGETS:
@@ -424,6 +501,18 @@ def report(results: dict[str, list[Arm]], seeds: Sequence[int]) -> None:
             f"uncertainty reaches random's IoU at 40 s in {mean:.2f}±{half:.2f} x the "
             f"human-seconds (target <= 0.7); per seed {[round(r, 2) for r in ratios]}"
         )
+    print("\nat the end, by COCO object size: targets, mean IoU (over seeds), grids answered on")
+    print("first windows (the whole image) + finer windows, per target")
+    for arm, runs in results.items():
+        parts = []
+        for name in [n for n, _ in SIZES] + ["absent"]:
+            shares = [r.sizes[name] for r in runs if name in r.sizes]
+            if shares:
+                n = sum(s.targets for s in shares)
+                mean, half = interval([s.mean_iou for s in shares])
+                first, finer = sum(s.first for s in shares) / n, sum(s.finer for s in shares) / n
+                parts.append(f"{name} {n} IoU {mean:.3f}±{half:.3f} grids {first:.1f}+{finer:.1f}")
+        print(f"{arm:18s} " + " | ".join(parts))
     for arm, runs in results.items():
         print(summary_line(arm, seeds, runs))
 

@@ -18,7 +18,7 @@ from app.deps import (
     SignerDep,
     WriteSessionDep,
 )
-from app.models import Cell, Image, Target, Task, TaskTile
+from app.models import Cell, Image, Target, Task, TaskKind, TaskTile, Window
 from app.schemas.task import (
     SkipCreate,
     SubmissionCreate,
@@ -34,7 +34,16 @@ from app.services.picker import Offer, next_task
 from app.services.project import get_project
 from app.services.submission import skip, submit
 from app.services.tag import TagResolver
-from app.services.tile import DEFAULT_AUGMENTATION, PLAIN, render_tile, tile_seed, tile_size
+from app.services.tile import (
+    DEFAULT_AUGMENTATION,
+    PLAIN,
+    render_context,
+    render_tile,
+    source_size,
+    tile_seed,
+    tile_size,
+)
+from ml.aggregation import grid
 
 router = APIRouter(tags=["tasks"])
 
@@ -63,8 +72,19 @@ def _task_read(session: SessionDep, signer: SignerDep, offer: Offer, public_id: 
     tiles = []
     for position, cell in enumerate(offer.cells):
         width, height = tile_size(images[cell.target_id], cell)
+        source_width, source_height = source_size(images[cell.target_id], cell)
         url = f"/api/tasks/{task.id}/tiles/{position}"
-        tiles.append(TileView(position=position, url=url, width=width, height=height))
+        tiles.append(
+            TileView(
+                position=position,
+                url=url,
+                width=width,
+                height=height,
+                source_width=source_width,
+                source_height=source_height,
+            )
+        )
+    window = _context_window(session, task)
     return TaskRead(
         id=task.id,
         kind=task.kind.value,
@@ -77,8 +97,27 @@ def _task_read(session: SessionDep, signer: SignerDep, offer: Offer, public_id: 
         ),
         prompt=f"Select all squares with {offer.tag.display_name}",
         tiles=tiles,
+        context_url=f"/api/tasks/{task.id}/context" if window is not None else None,
+        # The area around a window a ninth of the image or less: the whole image shows it small.
+        around_url=(
+            f"/api/tasks/{task.id}/context?view=around"
+            if window is not None and window.level >= AROUND_FROM_LEVEL
+            else None
+        ),
         fallback_reason=offer.fallback_reason,
     )
+
+
+AROUND_FROM_LEVEL = 2
+
+
+def _context_window(session: SessionDep, task: Task) -> Window | None:
+    """The window a task shows, when it has a context picture: a window task finer than the
+    whole image (a mosaic's tiles come from many images; the first window is the image)."""
+    if task.kind != TaskKind.WINDOW or task.window_id is None:
+        return None
+    window = session.get(Window, task.window_id)
+    return window if window is not None and window.level > 0 else None
 
 
 @router.get(
@@ -141,6 +180,46 @@ def get_tile(
     augmentation = DEFAULT_AUGMENTATION if settings.tile_augmentation else PLAIN
     jpeg = render_tile(
         settings, image, cell, seed=tile_seed(task.nonce, position), augmentation=augmentation
+    )
+    return Response(
+        jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"}
+    )
+
+
+@router.get(
+    "/tasks/{task_id}/context",
+    response_class=Response,
+    summary="Where a task's window is in its image (JPEG), for the volunteer it was given to",
+    responses={
+        200: {"content": {"image/jpeg": {}}, "description": "The picture"},
+        404: ERRORS[404],
+    },
+)
+def get_context(
+    task_id: RowId,
+    session: SessionDep,
+    settings: SettingsDep,
+    volunteer: KnownVolunteerDep,
+    view: Annotated[
+        Literal["image", "around"],
+        Query(description="the whole image, or the area around the window"),
+    ] = "image",
+) -> Response:
+    task = session.get(Task, task_id)
+    if task is None or volunteer is None or task.volunteer_id != volunteer.id:
+        raise NotFoundError("no such task for this volunteer")
+    window = _context_window(session, task)
+    image = None
+    if window is not None:
+        image = session.scalar(
+            select(Image)
+            .join(Target, Target.image_id == Image.id)
+            .where(Target.id == window.target_id)
+        )
+    if window is None or image is None:
+        raise NotFoundError(f"task {task_id} shows no window within an image")
+    jpeg = render_context(
+        settings, image, grid.Cell(window.level, window.row, window.col), around=view == "around"
     )
     return Response(
         jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"}

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
 
 from app.config import Settings, SettingsError, get_settings
 from app.db import engine_for
@@ -30,11 +33,55 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     return typer.Exit(code)
 
 
-def load_settings() -> Settings:
+@app.callback()
+def main_options(
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            help="the data folder (images, masks, models; the SQLite database by default); "
+            "else TESSERA_DATA_DIR, else ./tessera-data",
+        ),
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            help="the database (e.g. postgresql+psycopg://...); else TESSERA_DATABASE_URL, "
+            "else SQLite in the data folder",
+        ),
+    ] = None,
+) -> None:
+    """Tessera: tagged images to segmentation masks, with a crowd in the loop."""
+    # Through the environment: the settings read it, and so do the processes a command starts
+    # (the scheduler's retrains, `serve --scheduler`).
+    if data_dir is not None:
+        os.environ["TESSERA_DATA_DIR"] = str(data_dir)
+    if database_url is not None:
+        os.environ["TESSERA_DATABASE_URL"] = database_url
+
+
+def load_settings(*, existing: bool = False) -> Settings:
+    """The settings, after a line on stderr saying which data folder and database a command
+    uses. ``existing``: a command that only reads refuses a data folder or SQLite database that
+    is not there, instead of creating an empty one (a mistyped --data-dir)."""
     try:
-        return get_settings()
+        settings = get_settings()
     except SettingsError as exc:
         raise fail(str(exc)) from exc
+    database = make_url(settings.resolved_database_url).render_as_string(hide_password=True)
+    err.print(f"[dim]data folder {settings.data_dir.resolve()} · database {database}[/]")
+    if existing:
+        missing = not settings.data_dir.is_dir()
+        if settings.is_sqlite:
+            database_file = Path(make_url(settings.resolved_database_url).database or "")
+            missing = missing or not database_file.is_file()
+        if missing:
+            raise fail(
+                f"there is no Tessera data in {settings.data_dir.resolve()}: give the right "
+                "--data-dir (or TESSERA_DATA_DIR); this command reads only, so it created nothing"
+            )
+    return settings
 
 
 def ready_engine(settings: Settings) -> Engine:

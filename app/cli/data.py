@@ -49,7 +49,7 @@ def db_upgrade() -> None:
 @db_app.command("current")
 def db_current() -> None:
     """Show the schema revision of the database."""
-    engine = engine_for(load_settings())
+    engine = engine_for(load_settings(existing=True))
     console.print(current_revision(engine) or "empty (run `tessera db upgrade`)")
 
 
@@ -100,7 +100,7 @@ def import_command(
 @project_app.command("list")
 def project_list() -> None:
     """List projects with their counts."""
-    engine = ready_engine(load_settings())
+    engine = ready_engine(load_settings(existing=True))
     with make_session_factory(engine)() as session:
         summaries = list_project_summaries(session)
     table = Table("slug", "name", "images", "tags", "targets")
@@ -211,7 +211,7 @@ def user_list() -> None:
     """List the accounts and their roles."""
     from app.services.account import list_accounts
 
-    settings = load_settings()
+    settings = load_settings(existing=True)
     with make_session_factory(ready_engine(settings))() as session:
         table = Table("name", "role", "last login")
         for account in list_accounts(session):
@@ -239,7 +239,7 @@ def export_command(
     """
     from app.services.masks.export import NothingToExportError, export_project
 
-    settings = load_settings()
+    settings = load_settings(existing=True)
     with make_session_factory(ready_engine(settings))() as session:
         try:
             target = get_project(session, slug=project)

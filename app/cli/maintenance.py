@@ -29,7 +29,7 @@ def doctor_command(
     ] = DEFAULT_GRACE_S,
 ) -> None:
     """Check that the database and the data folder agree; exit 1 when something is wrong."""
-    settings = load_settings()
+    settings = load_settings(existing=True)
     engine = ready_engine(settings)
     with make_session_factory(engine)() as session:
         result = check(session, settings=settings)
@@ -59,7 +59,7 @@ def backup_command(
     out: Annotated[Path, typer.Argument(help="the backup to write: .tar, .tar.gz or .tgz")],
 ) -> None:
     """Back up the database and the files it names into one archive (safe while serving)."""
-    settings = load_settings()
+    settings = load_settings(existing=True)
     if not out.name.endswith((".tar", ".tar.gz", ".tgz")):
         raise fail(f"{out}: name the backup .tar, .tar.gz or .tgz")
     engine = ready_engine(settings)

@@ -228,7 +228,7 @@ def model_list(project: ProjectOption = DEMO_PROJECT) -> None:
     """Model versions with their metrics; * marks the active ones."""
     from app.services.model_version import list_model_versions
 
-    with make_session_factory(ready_engine(load_settings()))() as session:
+    with make_session_factory(ready_engine(load_settings(existing=True)))() as session:
         try:
             versions = list_model_versions(session, project=get_project(session, slug=project))
         except NotFoundError as exc:
@@ -280,7 +280,7 @@ def export_model(
     from ml.segmenter import Segmenter
     from ml.tagger import Tagger
 
-    with make_session_factory(ready_engine(load_settings()))() as session:
+    with make_session_factory(ready_engine(load_settings(existing=True)))() as session:
         try:
             version = active_model(
                 session, project=get_project(session, slug=project), kind=ModelKind(kind)

@@ -16,7 +16,7 @@ from app.db import make_session_factory
 from app.services.importer import ImportReport, run_import
 from app.services.project import create_project, find_project
 
-DEMO_SETTINGS = {"min_cell_px": 8, "max_level": 4}
+DEMO_SETTINGS = {"min_cell_px": 16, "max_level": 4}
 
 
 def _serve(settings: Settings, host: str, port: int, workers: int = 1) -> None:
@@ -42,7 +42,7 @@ def _serve(settings: Settings, host: str, port: int, workers: int = 1) -> None:
 @app.command("serve")
 def serve(
     host: Annotated[str | None, typer.Option(help="address to bind")] = None,
-    port: Annotated[int | None, typer.Option(help="port to bind")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="port to bind")] = None,
     workers: Annotated[
         int, typer.Option(min=1, max=64, help="worker processes (PostgreSQL scales with them)")
     ] = 1,
@@ -97,7 +97,7 @@ def demo(
         bool, typer.Option("--serve/--no-serve", help="start the server")
     ] = True,
     host: Annotated[str | None, typer.Option(help="address to bind")] = None,
-    port: Annotated[int | None, typer.Option(help="port to bind")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="port to bind")] = None,
 ) -> None:
     """Generate a demo project of procedural scenes with exact masks, then serve it."""
     settings = load_settings()

@@ -23,7 +23,9 @@ Under the project's model-job lock (``app.jobs.lock``), as one recorded job:
    window's value is the expected gain of an answer from its open cells' fused posteriors,
    ``app.services.settle.revalue_windows``; a target where model and crowd disagree weighs more),
    ``disagreement`` or ``random`` (targets in a random order); a tag the tagger added weighs
-   its probability until the crowd confirms it (``app.services.target.tag_belief``).
+   its probability until the crowd confirms it (``app.services.target.tag_belief``);
+7. the evaluation targets' masks are composed and scored against their truth, per tag, against
+   the human-seconds spent so far (``app.services.curation.quality``): the dashboard's curve.
 
 A crash or kill at any step leaves the active models, votes and masks as they were: steps
 commit on their own, a checkpoint is complete before it is registered, and the next job run on
@@ -71,6 +73,7 @@ from app.models import (
     WindowState,
 )
 from app.services.consensus import refresh_cells
+from app.services.curation.quality import record_quality
 from app.services.image import image_path
 from app.services.job import finish_job, job_run, log_job
 from app.services.model_version import active_model
@@ -118,6 +121,9 @@ class RetrainReport:
     targets_created: int = 0
     triaged: int = 0
     reranked: int = 0
+    # Mean IoU of the evaluation targets' masks after the round, and human-seconds per target.
+    mask_iou: float | None = None
+    human_seconds: float | None = None
 
 
 def run_retrain(
@@ -154,6 +160,10 @@ def run_retrain(
             _retag(factory, settings, session, project, options.device, report)
             step("re-ranking targets", 0.9)
             report.reranked = rerank(session, project=project)
+            step("mask quality on the evaluation targets", 0.95)
+            reading = record_quality(session, settings=settings, project=project)
+            if reading is not None:
+                report.mask_iou, report.human_seconds = reading.mean_iou, reading.human_seconds
             finish_job(job, result=_summary(report))
             session.commit()
     return report

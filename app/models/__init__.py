@@ -1,7 +1,7 @@
 """The tables, one module per domain word. Importing this package registers them all."""
 
 from app.models.account import Account, Role
-from app.models.consensus import Consensus, MaskSource, MaskVersion
+from app.models.consensus import Consensus, MaskSource, MaskVersion, QualitySnapshot
 from app.models.image import Image, ImageEmbedding, ImageTag, ImageTagSource, ImageTagStatus
 from app.models.model_version import Job, JobStatus, ModelKind, ModelVersion
 from app.models.project import DEFAULT_PROJECT_SETTINGS, Project
@@ -39,6 +39,7 @@ __all__ = [
     "ModelKind",
     "ModelVersion",
     "Project",
+    "QualitySnapshot",
     "RetireReason",
     "Role",
     "Tag",

@@ -52,3 +52,21 @@ class MaskVersion(Base):
     area_fraction: Mapped[float] = mapped_column(Float, default=0.0)
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class QualitySnapshot(Base):
+    """Mean mask IoU of a project's evaluation targets (frozen ground truth) at one moment,
+    against the human-seconds spent so far per evaluation target: per tag, and over all tags
+    (``tag_id`` null). Recorded by the learning loop's jobs; the dashboard draws the curves."""
+
+    __tablename__ = "quality_snapshots"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), index=True
+    )
+    tag_id: Mapped[int | None] = mapped_column(ForeignKey("tags.id", ondelete="CASCADE"))
+    taken_at: Mapped[datetime] = mapped_column(default=utcnow)
+    human_seconds: Mapped[float] = mapped_column(Float)  # per evaluation target, all answers
+    mean_iou: Mapped[float] = mapped_column(Float)
+    targets: Mapped[int] = mapped_column(Integer)

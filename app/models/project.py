@@ -13,7 +13,7 @@ from app.db import Base, utcnow
 DEFAULT_PROJECT_SETTINGS: dict[str, Any] = {
     # How deep the grid pyramid may go, and the smallest cell worth asking about.
     "max_level": 4,
-    "min_cell_px": 8,
+    "min_cell_px": 16,
     # Votes per cell before it is retired as uncertain, and the confidence to retire early.
     # Budget and min_votes count credible votes: a random clicker's counts for almost nothing.
     "vote_budget": 7,

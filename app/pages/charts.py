@@ -35,7 +35,7 @@ def line_chart(
     def sy(y: float) -> float:
         return HEIGHT - PAD - (y - y0) / (y1 - y0) * (HEIGHT - 2 * PAD)
 
-    colours = ["#1f5fd6", "#d6401f", "#1f9d55", "#8a3ffc"]
+    colours = ["#1f5fd6", "#d6401f", "#1f9d55", "#8a3ffc", "#b07800", "#00828c"]
     parts = [
         f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
         f'aria-label="{escape(title)}"><title>{escape(title)}</title>',

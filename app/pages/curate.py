@@ -31,12 +31,20 @@ from app.deps import (
     WriteSessionDep,
     with_csrf_cookie,
 )
-from app.models import Image, MaskVersion, Project, Role, Tag, Target
+from app.models import Image, MaskVersion, Project, Role, Tag, Target, TargetState
 from app.pages import templates
 from app.pages.charts import line_chart
 from app.security import SESSION_COOKIE, SESSION_MAX_AGE_S
 from app.services.account import authenticate, create_account, list_accounts
-from app.services.curation import (
+from app.services.curation.browse import SORTS, browse_targets
+from app.services.curation.mask_edit import (
+    MAX_MASK_BYTES,
+    add_curator_tag,
+    decode_painted_mask,
+    save_painted_mask,
+)
+from app.services.curation.quality import quality_series
+from app.services.curation.triage import (
     accept_target,
     get_target,
     reject_target,
@@ -45,27 +53,21 @@ from app.services.curation import (
     triage_queue,
     triage_reasons,
 )
+from app.services.curation.volunteer_review import (
+    get_volunteer_by_id,
+    projects_of_volunteer,
+    review_volunteers,
+    unban_volunteer,
+)
 from app.services.dashboard import project_dashboard
 from app.services.errors import InvalidInputError, NotFoundError, UnauthorizedError
 from app.services.image import image_path
-from app.services.mask_edit import (
-    MAX_MASK_BYTES,
-    add_curator_tag,
-    decode_painted_mask,
-    save_painted_mask,
-)
 from app.services.masks.composition import compose_target
 from app.services.masks.export import export_project
 from app.services.project import get_project, list_project_summaries
 from app.services.recompute import recompute_project
 from app.services.similar import similar_images
 from app.services.volunteer import ban_volunteer
-from app.services.volunteer_review import (
-    get_volunteer_by_id,
-    projects_of_volunteer,
-    review_volunteers,
-    unban_volunteer,
-)
 from app.storage import encode_mask_png
 
 router = APIRouter(include_in_schema=False)
@@ -171,6 +173,54 @@ def queue(
             "reasons": triage_reasons(session, project=current) if current else [],
             "tag": tag or "",
             "reason": reason or "",
+        },
+    )
+
+
+@router.get("/curate/targets", response_class=HTMLResponse)
+def targets_page(
+    request: Request,
+    session: SessionDep,
+    curator: CuratorDep,
+    csrf: CsrfTokenDep,
+    project: str | None = None,
+    tag: str | None = None,
+    state: str | None = None,
+    image: str | None = None,
+    sort: str = "uncertainty",
+    page: int = 1,
+) -> HTMLResponse:
+    current = _project(session, project)
+    found = (
+        browse_targets(
+            session, project=current, tag=tag, state=state, image=image, sort=sort, page=page
+        )
+        if current
+        else None
+    )
+    tags = (
+        list(
+            session.scalars(select(Tag.name).where(Tag.project_id == current.id).order_by(Tag.name))
+        )
+        if current
+        else []
+    )
+    filters = {"project": current.slug if current else "", "tag": tag or "", "state": state or ""}
+    filters |= {"image": image or "", "sort": sort}
+    return _page(
+        request,
+        "curate_targets.html",
+        {
+            "account": curator,
+            "csrf": csrf,
+            "projects": list_project_summaries(session),
+            "project": current,
+            "found": found,
+            "tags": tags,
+            "states": [s.value for s in TargetState],
+            "sorts": SORTS,
+            "filters": filters,
+            "query": lambda **changes: urlencode({**filters, **changes}),
         },
     )
 
@@ -382,7 +432,16 @@ def dashboard_page(
     current = _project(session, project)
     board = project_dashboard(session, settings=settings, project=current) if current else None
     charts = []
-    if board is not None:
+    if board is not None and current is not None:
+        charts.append(
+            line_chart(
+                quality_series(session, project=current),
+                title="Mask quality against human effort (evaluation targets, per tag)",
+                x_label="human-seconds per evaluation target (recorded by each retrain)",
+                y_label="mean IoU",
+                y_range=(0.0, 1.0),
+            )
+        )
         charts.append(
             line_chart(
                 {"mean IoU": board.gold_iou},

@@ -8,7 +8,12 @@ from fastapi.responses import HTMLResponse
 from app.deps import KnownVolunteerDep, SessionDep
 from app.pages import templates
 from app.services.project import get_project
-from app.services.volunteer import leaderboard, volunteer_stats
+from app.services.volunteer import (
+    MIN_GOLD_FOR_LEVEL,
+    QUALITY_LEVELS,
+    leaderboard,
+    volunteer_stats,
+)
 
 router = APIRouter(include_in_schema=False)
 
@@ -24,7 +29,12 @@ def me(request: Request, session: SessionDep, volunteer: KnownVolunteerDep) -> H
     stats = volunteer_stats(session, volunteer=volunteer) if volunteer else None
     board = leaderboard(session, volunteer=volunteer, limit=100)
     rank = next((row.rank for row in board if row.is_you), None)
-    return templates.TemplateResponse(request, "me.html", {"stats": stats, "rank": rank})
+    levels = [(round(100 * bound), name) for bound, name in QUALITY_LEVELS]
+    return templates.TemplateResponse(
+        request,
+        "me.html",
+        {"stats": stats, "rank": rank, "levels": levels, "min_known": MIN_GOLD_FOR_LEVEL},
+    )
 
 
 @router.get("/leaderboard", response_class=HTMLResponse)

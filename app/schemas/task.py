@@ -19,6 +19,10 @@ class TileView(BaseModel):
     url: str = Field(description="the tile's image (JPEG), for this volunteer only")
     width: int = Field(description="tile width in pixels as served")
     height: int = Field(description="tile height in pixels as served")
+    source_width: int = Field(
+        description="width of the part of the image the tile shows, in the source image's pixels"
+    )
+    source_height: int = Field(description="its height, in source pixels")
 
 
 class TaskRead(BaseModel):
@@ -29,6 +33,15 @@ class TaskRead(BaseModel):
     tag: TagView
     prompt: str
     tiles: list[TileView]
+    context_url: str | None = Field(
+        default=None,
+        description="for a window finer than the whole image: the whole image (JPEG) with the "
+        "window outlined and the rest dimmed, to show where the squares are",
+    )
+    around_url: str | None = Field(
+        default=None,
+        description="for a deeper window: the area around it (JPEG), the window outlined",
+    )
     fallback_reason: str | None = Field(
         default=None, description="why a mosaic was asked for but a window task is served"
     )

@@ -34,6 +34,7 @@ from app.models import (
     TargetState,
     Window,
 )
+from app.services.masks.composition import load_pixels
 from app.services.target import can_be_union, find_latest_mask
 from app.storage import decode_mask_png
 from ml.aggregation import grid
@@ -44,6 +45,11 @@ from ml.aggregation.rules import RefinementConfig, choose_refinements
 # Gold must be unambiguous: clearly inside, or not touched at all.
 GOLD_TRUE_COVERAGE = 0.25
 GOLD_FALSE_COVERAGE = 0.0
+# ... and judgeable: a tile whose pixels hardly vary (the inside of a flat object, a blank wall)
+# shows nothing a person can recognise, so volunteers are never scored on one. The largest
+# channel's standard deviation, in 8-bit levels: the demo's flat fills are 3 (sensor noise),
+# its textured background 4-16 and object edges 8-54.
+GOLD_MIN_CONTRAST = 4.0
 
 
 def refinement_config(project: Project) -> RefinementConfig:
@@ -92,10 +98,12 @@ def uncertainty(posteriors: Sequence[float]) -> float:
 
 @dataclass
 class Truth:
-    """A target's ground truth, and whether it is served (control) or held out (frozen)."""
+    """A target's ground truth, and whether it is served (control) or held out (frozen); the
+    image's pixels, when at hand, keep flat tiles out of the served gold."""
 
     mask: np.ndarray  # (H, W) bool
     frozen: bool
+    pixels: np.ndarray | None = None  # (H, W, 3) uint8
 
 
 def load_truth(session: Session, settings: Settings, target: Target) -> np.ndarray | None:
@@ -183,12 +191,17 @@ def _add_gold(
     addresses: Sequence[grid.Cell],
     truth: Truth,
 ) -> np.ndarray:
-    """Gold for the unambiguous cells; served ones retire at once. Returns which are served."""
+    """Gold for the unambiguous cells (``GOLD_TRUE_COVERAGE``) that show something to judge
+    (``GOLD_MIN_CONTRAST``, when the pixels are known); served ones retire at once. Returns
+    which are served."""
     coverage = grid.cell_coverage(truth.mask, addresses)
+    judgeable = np.ones(len(cells), dtype=bool)
+    if truth.pixels is not None and not truth.frozen:
+        judgeable = grid.cell_contrast(truth.pixels, addresses) >= GOLD_MIN_CONTRAST
     served = np.zeros(len(cells), dtype=bool)
     for i, (cell, cov) in enumerate(zip(cells, coverage, strict=True)):
         label = _gold_label(float(cov))
-        if label is None:
+        if label is None or not judgeable[i]:
             continue
         session.add(
             Gold(
@@ -249,7 +262,8 @@ def open_target(
     truth = None
     if mask is not None:
         control = is_control(target.image_id, float(project.setting("control_share")))
-        truth = Truth(mask=mask, frozen=not control)
+        pixels = load_pixels(settings, image) if control else None
+        truth = Truth(mask=mask, frozen=not control, pixels=pixels)
     if (truth is None or truth.frozen) and can_be_union(session, target=target):
         target.state, target.control = TargetState.COLLECTING, False
         return

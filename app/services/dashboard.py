@@ -121,6 +121,11 @@ def _effort(session: Session, project: Project) -> tuple[float, list[tuple[float
     return total, points
 
 
+def human_seconds(session: Session, *, project: Project) -> float:
+    """The human-seconds volunteers spent on the project's submitted tasks."""
+    return _effort(session, project)[0]
+
+
 def project_dashboard(session: Session, *, settings: Settings, project: Project) -> Dashboard:
     states = dict(
         session.execute(

@@ -8,6 +8,11 @@ percent, a little noise, and a random JPEG quality. A known tile therefore never
 as the same bytes or the same pixels, so it cannot be memorised or matched by a hash, while it
 shows what the cell shows. The rendering is a function of the task's secret nonce and the
 tile's position: the same task's tile is the same on every fetch.
+
+A window finer than the whole image also has *context* pictures (``render_context``): the whole
+image, small, the window's area outlined and the rest dimmed, and for a deeper window the area
+around it, so that a volunteer shown nine zoomed patches sees where they are and what is around
+them (reCAPTCHA always shows the scene).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image as PILImage
-from PIL import ImageEnhance
+from PIL import ImageDraw, ImageEnhance
 
 from app.config import Settings
 from app.models import Cell, Image
@@ -29,6 +34,9 @@ from app.storage import atomic_write_bytes
 from ml.aggregation import grid
 
 TILE_SIDE = 192
+CONTEXT_SIDE = 320  # the context picture's long side, in pixels
+CONTEXT_DIM = 0.45  # how bright the image outside the window stays in the context picture
+CONTEXT_OUTLINE = (255, 176, 32)  # the window's outline: amber, as the focused tile's ring
 BASE_QUALITY = 95  # the cached cut, re-encoded once per task
 
 
@@ -63,6 +71,12 @@ def _geometry(image: Image, cell: Cell, side: int, shift: float) -> _Geometry:
         min(image.width, rect.right + mx),
     )
     return _Geometry(rect, outer, side / max(rect.width, rect.height, 1))
+
+
+def source_size(image: Image, cell: Cell) -> tuple[int, int]:
+    """(width, height) in source pixels of the part of the image a cell's tile shows."""
+    rect = grid.cell_rect(grid.Cell(cell.level, cell.row, cell.col), image.height, image.width)
+    return rect.width, rect.height
 
 
 def tile_size(image: Image, cell: Cell, side: int = TILE_SIDE) -> tuple[int, int]:
@@ -133,4 +147,56 @@ def render_tile(
         tile = PILImage.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8))
     buf = io.BytesIO()
     tile.save(buf, format="JPEG", quality=int(rng.integers(a.quality[0], a.quality[1] + 1)))
+    return buf.getvalue()
+
+
+def render_context(
+    settings: Settings,
+    image: Image,
+    window: grid.Cell,
+    *,
+    around: bool = False,
+    side: int = CONTEXT_SIDE,
+) -> bytes:
+    """The JPEG of the whole image (or, ``around``, of the window and as much again on every
+    side: what the nine squares sit in) with ``window`` (the cell a window divides into nine)
+    outlined and everything else dimmed to ``CONTEXT_DIM``."""
+    rect = grid.cell_rect(window, image.height, image.width)
+    view = grid.PixelRect(0, 0, image.height, image.width)
+    if around:
+        view = grid.PixelRect(
+            max(0, rect.top - rect.height),
+            max(0, rect.left - rect.width),
+            min(image.height, rect.bottom + rect.height),
+            min(image.width, rect.right + rect.width),
+        )
+    scale = side / max(view.width, view.height, 1)
+    size = (max(1, round(view.width * scale)), max(1, round(view.height * scale)))
+    with PILImage.open(image_path(settings, image)) as img:
+        crop = img.convert("RGB").crop((view.left, view.top, view.right, view.bottom))
+        picture = crop.resize(size, PILImage.Resampling.LANCZOS)
+    # The window's box at this scale, at least 3 px wide so that a deep window still shows.
+    left, right = (
+        math.floor((rect.left - view.left) * scale),
+        math.ceil((rect.right - view.left) * scale),
+    )
+    top, bottom = (
+        math.floor((rect.top - view.top) * scale),
+        math.ceil((rect.bottom - view.top) * scale),
+    )
+    right, bottom = max(right, left + 3), max(bottom, top + 3)
+    pixels = np.asarray(picture, dtype=np.float32)  # (H, W, 3)
+    inside = np.zeros(pixels.shape[:2], dtype=bool)
+    inside[top:bottom, left:right] = True
+    pixels[~inside] *= CONTEXT_DIM
+    out = PILImage.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    box = (
+        max(0, left - 2),
+        max(0, top - 2),
+        min(size[0], right + 2) - 1,
+        min(size[1], bottom + 2) - 1,
+    )
+    ImageDraw.Draw(out).rectangle(box, outline=CONTEXT_OUTLINE, width=2)
+    buf = io.BytesIO()
+    out.save(buf, format="JPEG", quality=85)
     return buf.getvalue()

@@ -201,6 +201,24 @@ def cell_coverage(mask: npt.ArrayLike, cells: Sequence[Cell]) -> FloatArray:
     return np.where(area > 0, total / np.maximum(area, 1), 0.0)
 
 
+def cell_contrast(pixels: npt.ArrayLike, cells: Sequence[Cell]) -> FloatArray:
+    """How much each cell's pixels vary: the standard deviation over the cell, the largest of
+    the colour channels (a red edge on green of equal brightness still counts).
+
+    Shape:
+        pixels: ``(H, W)`` or ``(H, W, C)``, any scale; returns ``(n_cells,)`` on that scale.
+    """
+    values = np.asarray(pixels, dtype=np.float64)
+    if values.ndim == 2:
+        values = values[:, :, None]
+    spread = np.zeros(len(cells), dtype=np.float64)
+    for channel in np.moveaxis(values, 2, 0):
+        mean = cell_coverage(channel, cells)
+        square = cell_coverage(channel**2, cells)
+        spread = np.maximum(spread, np.sqrt(np.maximum(square - mean**2, 0.0)))
+    return spread
+
+
 def level_coverage(mask: npt.ArrayLike, level: int) -> FloatArray:
     """Coverage of every cell of one level, as a grid.
 

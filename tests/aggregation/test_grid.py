@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ml.aggregation import grid
 from ml.aggregation.grid import (
     Cell,
     cell_coverage,
@@ -95,3 +96,15 @@ def test_compose_fill_and_validation() -> None:
     assert hard.sum() == 9
     with pytest.raises(ValueError):
         compose([Cell(1, 1, 1)], [0.9, 0.1], 9, 9)
+
+
+def test_cell_contrast_is_the_largest_channels_spread() -> None:
+    pixels = np.zeros((9, 9, 3))
+    pixels[:3, :3, 0] = np.tile([0.0, 10.0, 0.0], (3, 1))  # red stripes: spread in one channel
+    pixels[3:6, 3:6] = 7.0  # flat grey
+    cells = [grid.Cell(1, 0, 0), grid.Cell(1, 1, 1), grid.Cell(0, 0, 0)]
+    spread = grid.cell_contrast(pixels, cells)
+    assert spread[0] == pytest.approx(np.std([0.0, 10.0, 0.0]))
+    assert spread[1] == pytest.approx(0.0)
+    assert spread[2] > 0
+    assert grid.cell_contrast(pixels[:, :, 0], cells)[0] == pytest.approx(spread[0])  # (H, W)

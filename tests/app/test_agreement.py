@@ -46,7 +46,11 @@ def test_agreeing_volunteers_earn_credibility_and_settle_cells_before_any_em_pas
     assert confident and confident >= 9
 
 
-@pytest.mark.parametrize("live", [{"gold_rate": 0.0}], indirect=True)
+# Cells down to 8 px: these four scenes then hold enough squares for the liars' answers to show.
+DEEP = {"gold_rate": 0.0, "min_cell_px": 8}
+
+
+@pytest.mark.parametrize("live", [DEEP], indirect=True)
 def test_volunteers_who_say_yes_to_nearly_everything_lose_their_weight_without_gold(
     live: Live,
 ) -> None:
@@ -58,7 +62,7 @@ def test_volunteers_who_say_yes_to_nearly_everything_lose_their_weight_without_g
     assert max(_youden(live)) < 0.1, _youden(live)
 
 
-@pytest.mark.parametrize("live", [{"gold_rate": 0.0}], indirect=True)
+@pytest.mark.parametrize("live", [DEEP], indirect=True)
 def test_liars_among_an_honest_majority_lose_their_weight_without_gold(live: Live) -> None:
     honest = [live.volunteer("diligent", seed) for seed in range(5)]
     liars = [

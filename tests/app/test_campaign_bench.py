@@ -11,8 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from bench.campaign import size_class
 from tests.conftest import TEST_DATABASE_URL
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "campaign.py"
@@ -48,4 +50,21 @@ def test_a_bounded_campaign_prints_its_line_and_the_crowd_improves_the_masks(
     assert start is not None, done.stdout
     assert float(start[1]) < at_10 < ceiling <= 1.0
     assert ceiling > 0.85  # the composition fed perfect answers
+    sizes = re.search(r"^crowd +(small|medium|large) .*$", done.stdout, flags=re.MULTILINE)
+    assert sizes is not None, done.stdout
+    shares = re.findall(r"(small|medium|large) (\d+) IoU ([\d.]+)±[\d.]+ grids", sizes[0])
+    assert shares and all(0.0 <= float(v) <= 1.0 for _, _, v in shares), sizes[0]
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_object_sizes_are_cocos_pixel_areas() -> None:
+    def square(side: int) -> np.ndarray:
+        mask = np.zeros((200, 200), dtype=bool)
+        mask[:side, :side] = True
+        return mask
+
+    assert size_class(square(0)) == "absent"
+    assert size_class(square(31)) == "small"
+    assert size_class(square(32)) == "medium"
+    assert size_class(square(95)) == "medium"
+    assert size_class(square(96)) == "large"

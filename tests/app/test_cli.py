@@ -93,6 +93,44 @@ def test_serve_upgrades_sqlite_by_itself_and_answers(tmp_path: Path) -> None:
         proc.wait(timeout=20)
 
 
+def test_every_command_takes_the_data_folder_says_which_and_reading_creates_none(
+    tmp_path: Path,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
+
+    def tessera(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*TESSERA, *args], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
+        )
+
+    missing = tmp_path / "typo"
+    for command in (["project", "list"], ["doctor"], ["model", "list"], ["user", "list"]):
+        result = tessera("--data-dir", str(missing), *command)
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert "there is no Tessera data" in result.stderr and "created nothing" in result.stderr
+        assert not missing.exists()
+    data = tmp_path / "here"
+    made = tessera("--data-dir", str(data), "db", "upgrade")
+    assert made.returncode == 0, made.stderr
+    assert f"data folder {data.resolve()}" in made.stderr
+    listed = tessera("--data-dir", str(data), "project", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert not (tmp_path / "tessera-data").exists()  # nothing fell back to the default
+
+
+def test_serve_refuses_a_port_that_does_not_exist(tmp_path: Path) -> None:
+    for port in ("80000", "0", "-1"):
+        result = run(tmp_path / "data", "serve", "--port", port)
+        assert result.returncode == 2, result.stdout
+        assert "Invalid value for '--port'" in result.stderr, result.stderr
+    env = _env(tmp_path / "data") | {"TESSERA_PORT": "80000"}
+    result = subprocess.run(
+        [*TESSERA, "serve"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2 and "port" in result.stderr.lower(), result.stderr
+    assert "serving" not in result.stdout
+
+
 def test_serve_in_production_without_secret_refuses(tmp_path: Path) -> None:
     env = _env(tmp_path / "data") | {"TESSERA_ENVIRONMENT": "production"}
     result = subprocess.run(

@@ -31,9 +31,9 @@ from app.models import (
     Volunteer,
 )
 from app.services.account import authenticate, create_account
+from app.services.curation.volunteer_review import suspicion_flags
 from app.services.errors import ConflictError, InvalidInputError, UnauthorizedError
 from app.services.recompute import recompute_project
-from app.services.volunteer_review import suspicion_flags
 from app.storage import decode_mask_png
 from tests.app.conftest import HAS_PYRAMID, SLUG, Live
 
@@ -103,6 +103,7 @@ def test_passwords_are_hashed_and_checked(live: Live) -> None:
 # Every curator and admin route, with the least role that may use it.
 ROUTES = [
     ("GET", "/curate", Role.CURATOR),
+    ("GET", "/curate/targets", Role.CURATOR),
     ("GET", "/curate/targets/{target}", Role.CURATOR),
     ("GET", "/curate/images/{target}", Role.CURATOR),
     ("POST", "/curate/targets/{target}/cells/{cell}", Role.CURATOR),
@@ -590,7 +591,7 @@ def test_the_similar_page_searches_the_stored_embeddings(live: Live) -> None:
 
 def test_open_targets_with_disagreement_or_a_doubtful_tag_are_queued(live: Live) -> None:
     from app.models import Consensus, ImageTagSource
-    from app.services.curation import DISAGREE, TAGGER_UNSURE, triage_queue
+    from app.services.curation.triage import DISAGREE, TAGGER_UNSURE, triage_queue
 
     with live.factory() as session:
         open_targets = session.scalars(
@@ -684,3 +685,100 @@ def test_the_current_mask_is_composed_now(live: Live) -> None:
 
     client.post(f"/curate/targets/{target_id}/accept", data={"csrf_token": token})
     assert "current mask (composed now)" not in client.get(f"/curate/targets/{target_id}").text
+
+
+def test_the_targets_browser_filters_sorts_and_pages(live: Live) -> None:
+    from app.services.curation.browse import PAGE_SIZE, browse_targets
+
+    for seed in range(3):
+        live.volunteer(seed=seed).step(SLUG)  # some answered cells, so that uncertainty varies
+    with live.factory() as session:
+        project = session.scalar(select(Project).where(Project.slug == SLUG))
+        assert project is not None
+        everything = session.scalar(
+            select(func.count()).select_from(Target).where(Target.project_id == project.id)
+        )
+        first = browse_targets(session, project=project)
+        assert first.total == everything and len(first.rows) == min(everything, PAGE_SIZE)
+        assert first.pages == -(-everything // PAGE_SIZE)
+        uncertainties = [-1.0 if r.uncertainty is None else r.uncertainty for r in first.rows]
+        assert uncertainties == sorted(uncertainties, reverse=True)
+        assert any(r.uncertainty is not None and r.uncertainty < 1.0 for r in first.rows)
+        by_id = browse_targets(session, project=project, sort="id")
+        ids = [r.target_id for r in by_id.rows]
+        assert ids == sorted(ids)
+        if by_id.pages > 1:
+            second = browse_targets(session, project=project, sort="id", page=2)
+            assert second.rows[0].target_id > ids[-1]
+        row = first.rows[0]
+        one_tag = browse_targets(session, project=project, tag=row.tag, state=row.state)
+        assert one_tag.total >= 1
+        assert {(r.tag, r.state) for r in one_tag.rows} == {(row.tag, row.state)}
+        named = browse_targets(session, project=project, image=row.image_name[2:-2].upper())
+        assert row.image_name in {r.image_name for r in named.rows}
+        assert browse_targets(session, project=project, image="no such file").total == 0
+        for bad in ({"state": "sleeping"}, {"sort": "colour"}, {"page": 0}):
+            with pytest.raises(InvalidInputError):
+                browse_targets(session, project=project, **bad)  # type: ignore[arg-type]
+
+
+def test_the_targets_page_and_curator_errors_are_pages(live: Live) -> None:
+    add_account(live, "cora", Role.CURATOR)
+    client = logged_in(live, Role.CURATOR)
+    html = {"accept": "text/html"}
+    page = client.get("/curate/targets", params={"state": "collecting"}, headers=html)
+    assert page.status_code == 200
+    assert "least certain first" in page.text and "/curate/targets/" in page.text
+    assert 'href="/curate/targets"' in client.get("/curate", headers=html).text  # the nav
+    for url, params, status in [
+        ("/curate/targets", {"state": "sleeping"}, 422),
+        ("/curate/targets", {"page": "two"}, 422),
+        ("/curate/targets/999999", {}, 404),
+    ]:
+        shown = client.get(url, params=params, headers=html)
+        assert shown.status_code == status
+        assert shown.headers["content-type"].startswith("text/html"), shown.text
+        assert "Back to the curator" in shown.text
+    # Scripts and the API keep their JSON.
+    assert client.get("/curate/targets/999999").json()["detail"]
+    api = client.get("/api/projects/no-such-project/tasks/next", headers=html)
+    assert api.status_code == 404 and api.json()["detail"]
+
+
+def test_mask_quality_against_human_seconds_is_recorded_per_tag_and_charted(live: Live) -> None:
+    from app.models import QualitySnapshot
+    from app.services.curation.quality import (
+        evaluation_targets,
+        quality_series,
+        record_quality,
+    )
+
+    with live.factory() as session:
+        project = session.scalar(select(Project).where(Project.slug == SLUG))
+        assert project is not None
+        before = record_quality(session, settings=live.settings, project=project)
+        session.commit()
+    crowd = [live.volunteer("diligent", s) for s in range(3)]
+    for _ in range(5):
+        for v in crowd:
+            v.step(SLUG)
+    with live.factory() as session:
+        project = session.scalar(select(Project).where(Project.slug == SLUG))
+        assert project is not None
+        after = record_quality(session, settings=live.settings, project=project)
+        session.commit()
+        n_eval = len(evaluation_targets(session, project=project))
+        rows = session.scalars(select(QualitySnapshot)).all()
+        series = quality_series(session, project=project)
+    assert before is not None and after is not None and n_eval > 0
+    assert before.human_seconds == 0.0 < after.human_seconds
+    assert sum(n for n, _ in after.by_tag.values()) == n_eval
+    # One row over all tags and one per tag, each reading.
+    assert len(rows) == 2 * (1 + len(after.by_tag))
+    assert next(iter(series)) == "all tags"
+    assert series["all tags"] == [
+        (before.human_seconds, before.mean_iou),
+        (after.human_seconds, after.mean_iou),
+    ]
+    page = logged_in(live, Role.CURATOR).get("/curate/dashboard")
+    assert "Mask quality against human effort" in page.text

@@ -143,8 +143,20 @@ def test_a_curator_paints_a_pixel_fix(browser: object, server: Server) -> None:
     page.get_by_role("button", name="Paint", exact=True).click()  # type: ignore[attr-defined]
     # Painting starts once the current mask is loaded into the brush's canvas.
     page.wait_for_function("() => !document.getElementById('paint-save').disabled")  # type: ignore[attr-defined]
+    # The canvas opens where the curator is looking, with Save under it: no scrolling.
+    page.wait_for_function(  # type: ignore[attr-defined]
+        """() => {
+            const inView = (el) => {
+                const r = el.getBoundingClientRect();
+                return r.top >= -1 && r.bottom <= window.innerHeight + 1;
+            };
+            return inView(document.querySelector('canvas.paint'))
+                && inView(document.getElementById('paint-save'));
+        }"""
+    )
+    height = page.evaluate("document.documentElement.scrollHeight")  # type: ignore[attr-defined]
+    assert height < 2600, height  # the votes table is folded away, not 6,000 px of page
     canvas = page.locator("canvas.paint")  # type: ignore[attr-defined]
-    canvas.scroll_into_view_if_needed()
     box = canvas.bounding_box()
     # One horizontal stroke across the middle of the image.
     page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.5)  # type: ignore[attr-defined]
@@ -215,3 +227,33 @@ def test_a_union_page_names_its_parts_and_shows_its_current_mask(
     parts.first.click()
     page.wait_for_url(f"{server.url}/curate/targets/*")  # type: ignore[attr-defined]
     assert "/curate/targets/" in page.url and not page.url.endswith(f"/{union_id}")  # type: ignore[attr-defined]
+
+
+def test_a_curator_reaches_a_collecting_target_from_the_dashboard_in_two_clicks(
+    browser: object, server: Server
+) -> None:
+    add_curator(server, "ada")
+    page = new_page(browser, server, viewport={"width": 1280, "height": 800})
+    page.goto(f"{server.url}/login?next=/curate/dashboard")  # type: ignore[attr-defined]
+    page.get_by_label("Name").fill("ada")  # type: ignore[attr-defined]
+    page.get_by_label("Password").fill(PASSWORD)  # type: ignore[attr-defined]
+    page.get_by_role("button", name="Log in").click()  # type: ignore[attr-defined]
+    page.wait_for_url(f"{server.url}/curate/dashboard")  # type: ignore[attr-defined]
+    page.locator("a:has([data-state=collecting])").click()  # type: ignore[attr-defined]  # 1
+    page.wait_for_url("**/curate/targets?*state=collecting*")  # type: ignore[attr-defined]
+    screenshot(page, "curate-targets.png")
+    states = page.locator("table.targets tbody td:nth-child(3)").all_inner_texts()  # type: ignore[attr-defined]
+    assert states and set(states) == {"collecting"}
+    page.get_by_role("link", name="Open").first.click()  # type: ignore[attr-defined]  # 2
+    page.wait_for_url("**/curate/targets/*")  # type: ignore[attr-defined]
+    target_id = int(page.url.rsplit("/", 1)[1])  # type: ignore[attr-defined]
+    engine: Engine = make_engine(server.database_url)
+    with engine.connect() as conn:
+        state = conn.scalar(select(Target.state).where(Target.id == target_id))
+    engine.dispose()
+    assert state == TargetState.COLLECTING
+    # An error on a curator's page is a page with a way back, not JSON.
+    page.goto(f"{server.url}/curate/targets?state=sleeping")  # type: ignore[attr-defined]
+    assert "unknown state" in page.inner_text("main")  # type: ignore[attr-defined]
+    page.get_by_role("link", name="Back to the curator's workspace").click()  # type: ignore[attr-defined]
+    page.wait_for_url(f"{server.url}/curate")  # type: ignore[attr-defined]

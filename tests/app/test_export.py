@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 from sqlalchemy import select
 
 from app.models import Image, Project, Tag, Target, TargetState
-from app.services.curation import accept_target
+from app.services.curation.triage import accept_target
 from app.services.masks.export import NothingToExportError, export_project
 from tests.app.conftest import SLUG, Live
 from tests.app.test_cli import run

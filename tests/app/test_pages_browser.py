@@ -6,11 +6,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import Engine, select, update
 
 from app.db import make_engine
-from app.models import Project, Task, TaskState, Vote
+from app.models import Gold, Project, Task, TaskState, TaskTile, Vote
 from tests.app.browser import CHROMIUM, Server, browser, demo_server, new_page, screenshot
 
 pytestmark = [
@@ -96,7 +97,7 @@ def test_answers_by_mouse_are_stored_exactly_as_clicked(
         votes = votes_of(db, task_id)
         assert len(votes) == 9
         assert {p for p, y in votes.items() if y} == chosen
-    assert page.inner_text("#counter") == "3 answered"  # type: ignore[attr-defined]
+    assert page.inner_text("#counter") == "3 grids answered"  # type: ignore[attr-defined]
 
 
 def test_keyboard_uses_the_keypad_layout_enter_verifies_s_skips(
@@ -180,8 +181,137 @@ def test_contribution_and_leaderboard_pages(browser: object, server: Server) -> 
         "localStorage.getItem('tessera.outbox.demo') === '[]'"
     )
     page.goto(f"{server.url}/me")  # type: ignore[attr-defined]
-    assert page.inner_text("#answers") == "9"  # type: ignore[attr-defined]
+    assert page.inner_text("#answers") == "9"  # type: ignore[attr-defined]  (squares)
+    assert page.inner_text("#tasks") == "1"  # type: ignore[attr-defined]  (grids)
+    assert "excellent" in page.inner_text("main")  # type: ignore[attr-defined]  (what it means)
     quality = page.inner_text("#quality")  # type: ignore[attr-defined]
     assert quality in {"new", "learning", "fair", "good", "excellent"}
     page.goto(f"{server.url}/leaderboard")  # type: ignore[attr-defined]
     assert "(you)" in page.inner_text("table.leaderboard")  # type: ignore[attr-defined]
+
+
+# Everything a volunteer needs to answer a grid, at once: all nine tiles whole on screen (never
+# cropped), Verify in view, and for a window finer than the image, where it is in the image.
+GRID_CHECK = """() => {
+    const view = {w: window.innerWidth, h: window.innerHeight};
+    const inView = (r) => r.top >= 0 && r.left >= 0 && r.bottom <= view.h && r.right <= view.w;
+    const tiles = [...document.querySelectorAll('.tile')].map((t) => {
+        const img = t.querySelector('img');
+        return {box: t.getBoundingClientRect(), fit: getComputedStyle(img).objectFit};
+    });
+    const context = document.getElementById('context');
+    const picture = context.querySelector('img.whole');
+    const around = context.querySelector('img.around');
+    return {
+        tilesInView: tiles.every((t) => inView(t.box)),
+        fits: [...new Set(tiles.map((t) => t.fit))],
+        tileAspects: tiles.map((t) => t.box.width / t.box.height),
+        verifyInView: inView(document.getElementById('verify').getBoundingClientRect()),
+        context: !context.hidden && picture.complete && picture.naturalWidth > 0,
+        contextInView: !context.hidden && inView(picture.getBoundingClientRect()),
+        around: !around.hidden && around.complete && around.naturalWidth > 0
+            && inView(around.getBoundingClientRect()),
+        kind: document.getElementById('grid').dataset.kind,
+    };
+}"""
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("desktop", {"viewport": {"width": 1280, "height": 800}}),
+        (
+            "phone",
+            {
+                "viewport": {"width": 390, "height": 844},
+                "is_mobile": True,
+                "has_touch": True,
+                "device_scale_factor": 2,
+            },
+        ),
+    ],
+)
+def test_every_grid_fits_the_screen_whole_and_fine_windows_show_where_they_are(
+    browser: object, server: Server, name: str, options: dict[str, object]
+) -> None:
+    page = new_page(browser, server, **options)
+    page.goto(f"{server.url}/p/demo")  # type: ignore[attr-defined]
+    previous, with_context, with_around = None, 0, 0
+    for i in range(24):
+        previous = shown_task(page, previous)
+        grid = page.evaluate(GRID_CHECK)  # type: ignore[attr-defined]
+        assert grid["tilesInView"] and grid["verifyInView"], (i, grid)
+        assert grid["fits"] == ["contain"], grid  # letterboxed, never cropped
+        assert all(0.74 <= a <= 1.34 for a in grid["tileAspects"]), grid
+        if grid["context"]:
+            assert grid["contextInView"], grid
+            with_context += 1
+            if with_context == 1:
+                screenshot(page, f"grid-context-{name}.png")
+        if grid["around"]:
+            with_around += 1
+            if with_around == 1:
+                screenshot(page, f"grid-around-{name}.png")
+        page.click("#verify")  # type: ignore[attr-defined]
+    # The demo's control targets open their pyramids at once, so finer known windows come
+    # within the first grids (the gold rate); each must have shown its context.
+    assert with_context > 0 and with_around > 0, (with_context, with_around)
+
+
+def _known_answers(db: Engine, task_id: int) -> dict[int, bool]:
+    with db.connect() as conn:
+        rows = conn.execute(
+            select(TaskTile.position, Gold.label)
+            .join(Gold, Gold.cell_id == TaskTile.cell_id)
+            .where(TaskTile.task_id == task_id, TaskTile.known.is_(True))
+        ).all()
+    return {p: bool(y) for p, y in rows}
+
+
+def test_the_check_again_warning_clears_once_a_grid_is_right(
+    browser: object, server: Server, db: Engine
+) -> None:
+    page = new_page(browser, server)
+    page.goto(f"{server.url}/p/demo")  # type: ignore[attr-defined]
+    previous, wrong_done = None, False
+    for _ in range(60):
+        previous = shown_task(page, previous)
+        known = _known_answers(db, int(previous))
+        if known:
+            # Wrong on every known tile first, then right on every one.
+            chosen = {p for p, y in known.items() if y == wrong_done}
+            for position in chosen:
+                page.click(f".tile[data-position='{position}']")  # type: ignore[attr-defined]
+        page.click("#verify")  # type: ignore[attr-defined]
+        if known and not wrong_done:
+            page.wait_for_function(  # type: ignore[attr-defined]
+                "() => document.getElementById('status').textContent.includes('did not look right')"
+            )
+            wrong_done = True
+        elif known:
+            page.wait_for_function(  # type: ignore[attr-defined]
+                "() => !document.getElementById('status').textContent.includes('did not look')"
+            )
+            assert "looked right" in page.inner_text("#status")  # type: ignore[attr-defined]
+            return
+    pytest.fail("no two grids with known tiles in 60")
+
+
+def test_pages_have_an_icon(server: Server) -> None:
+    icon = httpx.get(f"{server.url}/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+    page = httpx.get(f"{server.url}/p/demo").text
+    assert 'rel="icon"' in page
+
+
+def test_the_api_docs_render_every_operation_without_internet(
+    browser: object, server: Server
+) -> None:
+    page = new_page(browser, server)  # every request off localhost is refused
+    page.goto(f"{server.url}/docs")  # type: ignore[attr-defined]
+    page.wait_for_selector(".opblock", timeout=20_000)  # type: ignore[attr-defined]
+    operations = page.locator(".opblock").count()  # type: ignore[attr-defined]
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    assert spec["openapi"].startswith("3.1")
+    assert operations == sum(len(methods) for methods in spec["paths"].values())
+    screenshot(page, "api-docs.png")

@@ -37,6 +37,7 @@ from app.models import (
     JobStatus,
     ModelKind,
     ModelVersion,
+    QualitySnapshot,
     Tag,
     Target,
     TargetState,
@@ -66,7 +67,11 @@ def test_a_round_trains_promotes_sets_model_priors_retags_and_reranks(world: Wor
     # slope it earned on cells it was trained on.
     assert 0 < report.model_weight <= weight_cap(report.model_miou)
     assert report.segmenter.steps == 6 and report.segmenter.start == "scratch"
+    # The round ends with a reading of mask quality on the evaluation targets.
+    assert report.mask_iou is not None and 0.0 <= report.mask_iou <= 1.0
     with world.factory() as session:
+        readings = session.scalars(select(QualitySnapshot)).all()
+        assert {r.mean_iou for r in readings if r.tag_id is None} == {report.mask_iou}
         job = session.get(Job, report.job_id)
         assert job is not None and job.status == JobStatus.SUCCEEDED and job.progress == 1.0
         assert "model priors on open cells" in job.log

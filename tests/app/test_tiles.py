@@ -10,8 +10,19 @@ import numpy as np
 from PIL import Image as PILImage
 from sqlalchemy import select
 
-from app.models import Cell, Image, Target
-from app.services.tile import PLAIN, Augmentation, render_tile, tile_seed, tile_size
+from app.models import Cell, Gold, Image, Tag, Target, Task, TaskKind, Window
+from app.services.campaign import Truth, open_windows
+from app.services.image import image_path
+from app.services.tile import (
+    CONTEXT_SIDE,
+    PLAIN,
+    Augmentation,
+    render_context,
+    render_tile,
+    tile_seed,
+    tile_size,
+)
+from ml.aggregation import grid
 from tests.app.conftest import SLUG, Live
 
 
@@ -87,3 +98,132 @@ def test_a_tasks_tile_is_the_same_on_every_fetch_and_differs_between_tasks(live:
     assert first.status_code == second.status_code == 200
     assert first.content == second.content
     assert tile_seed("a", 0) != tile_seed("b", 0) != tile_seed("a", 1)
+
+
+def test_a_fine_window_shows_where_it_is_in_the_whole_image(live: Live) -> None:
+    with live.factory() as session:
+        image = session.scalars(select(Image).order_by(Image.id)).first()
+        assert image is not None
+        session.expunge(image)
+    window = grid.Cell(1, 1, 2)  # the middle right ninth
+    jpeg = render_context(live.settings, image, window)
+    picture = _pixels(jpeg)
+    assert max(picture.shape) == CONTEXT_SIDE
+    rect = grid.cell_rect(window, *picture.shape)
+    plain = np.asarray(
+        PILImage.open(image_path(live.settings, image)).convert("L").resize(picture.shape[::-1]),
+        dtype=np.float64,
+    )
+    inside = (slice(rect.top + 4, rect.bottom - 4), slice(rect.left + 4, rect.right - 4))
+    outside = (slice(0, rect.top - 4), slice(0, rect.left - 4))
+    assert abs(picture[inside].mean() - plain[inside].mean()) < 6  # the window as it is
+    assert picture[outside].mean() < 0.6 * plain[outside].mean()  # the rest dimmed
+    # Around a deep window: the window and as much again on each side, the window in the middle.
+    deep = grid.Cell(3, 13, 13)
+    around = _pixels(render_context(live.settings, image, deep, around=True))
+    h, w = around.shape
+    middle = around[h // 3 + 3 : 2 * h // 3 - 3, w // 3 + 3 : 2 * w // 3 - 3]
+    edge = around[: h // 3 - 3, : w // 3 - 3]
+    source = grid.cell_rect(deep, image.height, image.width)
+    zoom = np.asarray(
+        PILImage.open(image_path(live.settings, image))
+        .convert("L")
+        .crop(
+            (
+                source.left - source.width,
+                source.top - source.height,
+                source.right + source.width,
+                source.bottom + source.height,
+            )
+        )
+        .resize((w, h)),
+        dtype=np.float64,
+    )
+    assert (
+        abs(middle.mean() - zoom[h // 3 + 3 : 2 * h // 3 - 3, w // 3 + 3 : 2 * w // 3 - 3].mean())
+        < 8
+    )
+    assert edge.mean() < 0.6 * zoom[: h // 3 - 3, : w // 3 - 3].mean()
+
+
+def test_the_task_api_gives_source_pixels_and_a_context_only_for_fine_windows(
+    live: Live,
+) -> None:
+    volunteer, other = live.volunteer(), live.volunteer(seed=1)
+    seen_context = seen_first = False
+    for _ in range(40):
+        task = volunteer.next_task(SLUG)
+        if task is None:
+            break
+        for tile in task["tiles"]:
+            assert tile["source_width"] > 0 and tile["source_height"] > 0
+        with live.factory() as session:
+            row = session.get(Task, task["id"])
+            assert row is not None
+            window = session.get(Window, row.window_id) if row.window_id else None
+            fine = row.kind == TaskKind.WINDOW and window is not None and window.level > 0
+            if window is not None and row.kind == TaskKind.WINDOW:
+                image = session.get(Image, session.get(Target, window.target_id).image_id)
+                side = image.width // 3 ** (window.level + 1)
+                assert abs(task["tiles"][0]["source_width"] - side) <= 1
+        if fine and window is not None and window.level >= 2:
+            around = volunteer.client.get(task["around_url"])
+            assert around.status_code == 200 and around.headers["content-type"] == "image/jpeg"
+        else:
+            assert task["around_url"] is None
+        if fine:
+            assert task["context_url"] == f"/api/tasks/{task['id']}/context"
+            shown = volunteer.client.get(task["context_url"])
+            assert shown.status_code == 200 and shown.headers["content-type"] == "image/jpeg"
+            assert other.client.get(task["context_url"]).status_code == 404  # not theirs
+            seen_context = True
+        else:
+            assert task["context_url"] is None
+            missing = volunteer.client.get(f"/api/tasks/{task['id']}/context")
+            assert missing.status_code == 404 and "no window" in missing.json()["detail"]
+            seen_first = True
+        volunteer.answer(SLUG, task)
+        if seen_context and seen_first:
+            return
+    raise AssertionError(f"context seen: {seen_context}, a first window seen: {seen_first}")
+
+
+def test_a_flat_tile_is_never_served_as_gold(live: Live) -> None:
+    rng = np.random.default_rng(0)
+    with live.factory() as session:
+        image = session.scalars(select(Image).order_by(Image.id)).first()
+        assert image is not None
+        used = set(session.scalars(select(Target.tag_id).where(Target.image_id == image.id)))
+        tag = session.scalars(select(Tag).where(Tag.id.not_in(used))).first()
+        if tag is None:  # every tag is on this image: a new one
+            tag = Tag(project_id=image.project_id, name="flat_test", display_name="Flat")
+            session.add(tag)
+            session.flush()
+        target = Target(project_id=image.project_id, image_id=image.id, tag_id=tag.id)
+        session.add(target)
+        session.flush()
+        h, w = image.height, image.width
+        # The object fills the left two thirds; its left third is one flat colour, the rest of
+        # the image a texture.
+        pixels = rng.normal(120, 12, (h, w, 3)).clip(0, 255).astype(np.uint8)
+        pixels[:, : w // 3] = (200, 30, 30)
+        mask = np.zeros((h, w), dtype=bool)
+        mask[:, : 2 * w // 3] = True
+        open_windows(
+            session,
+            target=target,
+            parents=[grid.ROOT],
+            truth=Truth(mask=mask, frozen=False, pixels=pixels),
+        )
+        session.flush()
+        gold = dict(
+            session.execute(
+                select(Cell.col, Gold.label)
+                .join(Gold, Gold.cell_id == Cell.id)
+                .where(Cell.target_id == target.id)
+            ).all()
+        )
+        session.rollback()
+    # Column 0 is flat: no gold there, though the object covers it; columns 1 and 2 are gold.
+    assert gold and set(gold) == {1, 2}
+    assert gold[1] is True and gold[2] is False

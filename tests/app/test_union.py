@@ -6,7 +6,7 @@ import numpy as np
 from sqlalchemy import select
 
 from app.models import MaskSource, Project, Role, Tag, Target, TargetState, Window
-from app.services.curation import accept_target
+from app.services.curation.triage import accept_target
 from app.services.masks.composition import compose_target
 from app.services.masks.union import finish_unions
 from app.services.target import (

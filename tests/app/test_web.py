@@ -33,7 +33,14 @@ def test_healthz(client: TestClient) -> None:
 
 
 def test_openapi_docs(client: TestClient) -> None:
-    assert client.get("/docs").status_code == 200
+    page = client.get("/docs")
+    assert page.status_code == 200
+    # Swagger UI from this server, never from a CDN.
+    assert "/docs/assets/swagger-ui-bundle.js" in page.text and "cdn" not in page.text.lower()
+    script = client.get("/docs/assets/swagger-ui-bundle.js")
+    assert script.status_code == 200 and len(script.content) > 100_000
+    assert client.get("/docs/assets/swagger-ui.css").headers["content-type"].startswith("text/css")
+    assert client.get("/docs/assets/swagger-editor.js").status_code == 404  # only what /docs uses
     schema = client.get("/openapi.json").json()
     assert "/api/projects" in schema["paths"]
 

@@ -87,6 +87,8 @@ document.getElementById("paint-start").addEventListener("click", async () => {
   view.classList.add("painting");
   redraw();
   document.getElementById("paint-save").disabled = false;
+  // The canvas is where the curator paints: bring it (and the tools under it) into view.
+  view.scrollIntoView({ block: "start", behavior: "smooth" });
 });
 
 form.addEventListener("submit", async (event) => {

@@ -15,6 +15,9 @@ const counterEl = document.getElementById("counter");
 const verifyBtn = document.getElementById("verify");
 const skipBtn = document.getElementById("skip");
 const doneEl = document.getElementById("done");
+const contextEl = document.getElementById("context");
+const contextImg = contextEl.querySelector("img.whole");
+const aroundImg = contextEl.querySelector("img.around");
 
 // Keypad layout: 7 8 9 / 4 5 6 / 1 2 3 maps onto the grid's rows.
 const KEY_TO_POSITION = { 7: 0, 8: 1, 9: 2, 4: 3, 5: 4, 6: 5, 1: 6, 2: 7, 3: 8 };
@@ -45,7 +48,12 @@ async function fetchTask(attempt = 0) {
     const response = await fetch(`/api/projects/${slug}/tasks/next`, { credentials: "same-origin" });
     if (!response.ok) throw new Error(`the server answered ${response.status}`);
     const offer = await response.json();
-    if (offer.task) await Promise.all(offer.task.tiles.map((t) => preload(t.url)));
+    if (offer.task) {
+      const urls = offer.task.tiles.map((t) => t.url);
+      if (offer.task.context_url) urls.push(offer.task.context_url);
+      if (offer.task.around_url) urls.push(offer.task.around_url);
+      await Promise.all(urls.map(preload));
+    }
     return offer;
   } catch (error) {
     const wait = Math.min(1000 * 2 ** attempt, 15000);
@@ -68,9 +76,18 @@ function render(task) {
   strong.textContent = task.tag.display_name;
   promptEl.append(strong);
   descriptionEl.textContent = task.tag.description || "";
-  const aspect = task.tiles[0].width / task.tiles[0].height;
-  gridEl.style.setProperty("--tile-aspect", String(aspect));
+  // A window's nine tiles share one shape, kept within 3:4 and 4:3 (a longer tile is
+  // letterboxed, never cropped); a mosaic's come from many images: square boxes.
+  const first = task.tiles[0];
+  const aspect = task.kind === "window" ? Math.min(4 / 3, Math.max(3 / 4, first.width / first.height)) : 1;
+  root.style.setProperty("--tile-aspect", String(aspect));
   gridEl.dataset.kind = task.kind;
+  contextEl.hidden = !task.context_url;
+  if (task.context_url) contextImg.src = task.context_url;
+  else contextImg.removeAttribute("src");
+  aroundImg.hidden = !task.around_url;
+  if (task.around_url) aroundImg.src = task.around_url;
+  else aroundImg.removeAttribute("src");
   for (const tile of tiles) {
     const data = task.tiles[Number(tile.dataset.position)];
     tile.querySelector("img").src = data.url;
@@ -151,6 +168,8 @@ async function flush(attempt = 0) {
           say("Some squares did not look right. Please check each grid carefully.", "warn");
         } else if (statusEl.dataset.kind === "error") {
           say("Back online: your answers were sent.");
+        } else if (result.feedback === "ok" && statusEl.dataset.kind === "warn") {
+          say("Thank you: that one looked right.");
         }
       } else {
         const detail = (await response.json().catch(() => ({}))).detail || response.statusText;
@@ -191,7 +210,7 @@ async function act(kind) {
       const elapsed = Math.round(performance.now() - shownAt);
       queue("submit", { token: task.token, selected: [...selected].sort(), elapsed_ms: elapsed });
       answered += 1;
-      counterEl.textContent = `${answered} answered`;
+      counterEl.textContent = `${answered} grid${answered === 1 ? "" : "s"} answered`;
     } else {
       queue("skip", { token: task.token });
     }

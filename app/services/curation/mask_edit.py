@@ -22,7 +22,7 @@ from app.models import (
     TargetState,
 )
 from app.services.campaign import open_target
-from app.services.curation import finish_target
+from app.services.curation.triage import finish_target
 from app.services.errors import ConflictError, InvalidInputError
 from app.services.tag import TagResolver
 from app.services.target import ensure_target

@@ -1,0 +1,1 @@
+"""The curator's work: triage, fixing masks, reviewing volunteers, browsing targets."""
