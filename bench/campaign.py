@@ -75,6 +75,8 @@ from app.models import (
     Cell,
     Consensus,
     Image,
+    ImageTag,
+    ImageTagSource,
     MaskSource,
     MaskVersion,
     Project,
@@ -105,6 +107,9 @@ BUDGETS = (10.0, 20.0, 40.0, 80.0, 160.0)  # human-seconds per evaluation target
 MEASURE_AT = (0.0, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 80.0, 120.0, 160.0)
 ARMS = ("crowd", "loop-random", "loop-uncertainty")
 
+
+# Where grids go (``Measurer.spent``).
+SPENT = ("evaluation", "control", "tagger", "other", "known")
 
 # COCO's object sizes, in pixels of area: small < 32^2 <= medium < 96^2 <= large.
 SIZES = (("small", 32**2), ("medium", 96**2), ("large", math.inf))
@@ -276,6 +281,38 @@ class Measurer:
             for name, v in ious.items()
         }
 
+    def spent(self) -> dict[str, int]:
+        """Where the submitted grids went (``SPENT``): evaluation targets, control targets,
+        targets of tags only the tagger gave (in the demo every such tag is wrong: people gave
+        every tag an image has), other targets, and known tasks (all-gold windows, mosaics).
+        Every grid counts in the budget, so a share that is not ``evaluation`` is overhead."""
+        with self.factory() as session:
+            evaluation = {t.id for t in self.evaluation_targets(session)}
+            sources: dict[tuple[int, int], set[ImageTagSource]] = defaultdict(set)
+            for image_id, tag_id, source in session.execute(
+                select(ImageTag.image_id, ImageTag.tag_id, ImageTag.source)
+            ):
+                sources[image_id, tag_id].add(source)
+            spent = dict.fromkeys(SPENT, 0)
+            for known, target_id, control, image_id, tag_id in session.execute(
+                select(Window.known, Target.id, Target.control, Target.image_id, Target.tag_id)
+                .select_from(Task)
+                .outerjoin(Window, Window.id == Task.window_id)
+                .outerjoin(Target, Target.id == Window.target_id)
+                .where(Task.state == TaskState.SUBMITTED)
+            ):
+                if known or target_id is None:
+                    spent["known"] += 1
+                elif target_id in evaluation:
+                    spent["evaluation"] += 1
+                elif control:
+                    spent["control"] += 1
+                elif sources[image_id, tag_id] == {ImageTagSource.CLASSIFIER}:
+                    spent["tagger"] += 1
+                else:
+                    spent["other"] += 1
+        return spent
+
     def ceiling(self) -> float:
         """Mean IoU of the composition fed perfect answers on every window the rules open."""
         ious = []
@@ -311,6 +348,7 @@ class Arm:
     ceiling: float = float("nan")
     ran_out: bool = False  # the crowd found nothing more to answer before the cap
     sizes: dict[str, SizeShare] = field(default_factory=dict)  # at the end, by object size
+    spent: dict[str, int] = field(default_factory=dict)  # grids, by where they went
 
     def at(self, seconds: float) -> float:
         return at_budget(self.points, seconds, ran_out=self.ran_out)
@@ -407,15 +445,16 @@ def run_arm(
     ran_out = answers < cap
     if answers and points[-1].answers != answers:  # the crowd ran out of work
         point()
-    sizes = measurer.by_size()
+    sizes, spent = measurer.by_size(), measurer.spent()
     print(f"  {name:24s} {size_line(sizes)}", flush=True)
+    print(f"  {name:24s} {spent_line(spent)}", flush=True)
     engine.dispose()
     signer = app.state.signer
     ids = [
         (k, signer.read_volunteer_cookie(v.client.cookies.get(VOLUNTEER_COOKIE)) or "")
         for k, v in zip(kinds, crowd, strict=True)
     ]
-    return Arm(points, settings, ids, ceiling, ran_out, sizes)
+    return Arm(points, settings, ids, ceiling, ran_out, sizes, spent)
 
 
 def em_cadence(volunteers: int, every: int | None) -> int:
@@ -472,6 +511,14 @@ def size_line(sizes: dict[str, SizeShare]) -> str:
     )
 
 
+def spent_line(spent: dict[str, int]) -> str:
+    """One line: the share of the submitted grids that went where (``Measurer.spent``)."""
+    total = sum(spent.values()) or 1
+    return "grids to " + ", ".join(
+        f"{name} {100 * spent.get(name, 0) / total:.0f}%" for name in SPENT
+    )
+
+
 def summary_line(arm: str, seeds: Sequence[int], runs: Sequence[Arm]) -> str:
     parts = [f"campaign: arm={arm} seeds={','.join(str(s) for s in seeds)}"]
     for budget in BUDGETS:
@@ -513,6 +560,10 @@ def report(results: dict[str, list[Arm]], seeds: Sequence[int]) -> None:
                 first, finer = sum(s.first for s in shares) / n, sum(s.finer for s in shares) / n
                 parts.append(f"{name} {n} IoU {mean:.3f}±{half:.3f} grids {first:.1f}+{finer:.1f}")
         print(f"{arm:18s} " + " | ".join(parts))
+    print("\nwhere the grids went (all seeds): every grid counts in the budget")
+    for arm, runs in results.items():
+        total = {name: sum(r.spent.get(name, 0) for r in runs) for name in SPENT}
+        print(f"{arm:18s} {spent_line(total)}")
     for arm, runs in results.items():
         print(summary_line(arm, seeds, runs))
 

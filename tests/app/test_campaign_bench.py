@@ -54,6 +54,17 @@ def test_a_bounded_campaign_prints_its_line_and_the_crowd_improves_the_masks(
     assert sizes is not None, done.stdout
     shares = re.findall(r"(small|medium|large) (\d+) IoU ([\d.]+)±[\d.]+ grids", sizes[0])
     assert shares and all(0.0 <= float(v) <= 1.0 for _, _, v in shares), sizes[0]
+    # Where the grids went: mostly to the evaluation targets; none to tags the tagger gave, as
+    # the crowd arm has no tagger.
+    spent = re.search(
+        r"^crowd +grids to evaluation (\d+)%, control (\d+)%, tagger (\d+)%, other (\d+)%, "
+        r"known (\d+)%$",
+        done.stdout,
+        flags=re.MULTILINE,
+    )
+    assert spent is not None, done.stdout
+    shares_spent = [int(v) for v in spent.groups()]
+    assert 98 <= sum(shares_spent) <= 102 and shares_spent[0] > 0 and shares_spent[2] == 0
     assert (tmp_path / "c.png").stat().st_size > 0
 
 
