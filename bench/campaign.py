@@ -2,7 +2,7 @@
 and without the learning loop, over paired seeds.
 
 Usage: ``python bench/campaign.py [--quick] [--images N] [--seeds S ...] [--arms A ...]
-[--crowd realistic|harsh] [--device cpu|cuda|auto]``
+[--crowd realistic|harsh] [--device cpu|cuda|auto] [--keep DIR]``
 
 Per seed a demo project of ``--images`` images (384-1024 px, COCO-like object sizes) is generated
 and imported once; each arm runs on its own copy of it, with the same volunteers answering from
@@ -46,6 +46,7 @@ reaches random's IoU at 40 s in <= 0.7x the human-seconds; ceiling >= 0.95.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import math
 import random
@@ -54,7 +55,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -594,6 +595,18 @@ def plot(results: dict[str, list[Arm]], path: Path) -> None:
     print(f"plot: {path}")
 
 
+@contextlib.contextmanager
+def _work_folder(keep: Path | None) -> Iterator[str]:
+    """Where the arms' projects are made: ``keep`` (left in place), else a temporary folder."""
+    if keep is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            yield tmp
+        return
+    keep.mkdir(parents=True)
+    yield str(keep)
+    print(f"kept every arm's project under {keep}", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, list[Arm]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a bounded run for the test suite")
@@ -610,7 +623,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[Arm]]:
         "--em-every", type=int, default=None, help="answers between EM passes (0: never)"
     )
     parser.add_argument("--plot", type=Path, default=Path("artifacts/campaign.png"))
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="keep every arm's project (database, images, masks) in this new folder, to study "
+        "its votes afterwards (default: a temporary folder, removed at the end)",
+    )
     args = parser.parse_args(argv)
+    if args.keep is not None and args.keep.exists():
+        parser.error(f"--keep {args.keep}: the folder exists; name a new one")
     q = args.quick
     args.images = args.images or (4 if q else 24)
     seeds = args.seeds or ([0] if q else [0, 1, 2])
@@ -628,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[Arm]]:
         flush=True,
     )
     results: dict[str, list[Arm]] = {arm: [] for arm in arms}
-    with tempfile.TemporaryDirectory() as tmp:
+    with _work_folder(args.keep) as tmp:
         for seed in seeds:
             template = Path(tmp) / f"seed-{seed}" / "template"
             build(template, args.images, seed)

@@ -31,7 +31,10 @@ def test_a_bounded_campaign_prints_its_line_and_the_crowd_improves_the_masks(
     tmp_path: Path,
 ) -> None:
     done = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--plot", str(tmp_path / "c.png")],
+        [
+            *(sys.executable, str(BENCH), "--quick", "--plot", str(tmp_path / "c.png")),
+            *("--keep", str(tmp_path / "kept")),
+        ],
         capture_output=True,
         text=True,
         timeout=900,
@@ -66,6 +69,19 @@ def test_a_bounded_campaign_prints_its_line_and_the_crowd_improves_the_masks(
     shares_spent = [int(v) for v in spent.groups()]
     assert 98 <= sum(shares_spent) <= 102 and shares_spent[0] > 0 and shares_spent[2] == 0
     assert (tmp_path / "c.png").stat().st_size > 0
+    # --keep leaves the arm's project to study (its votes are in its database).
+    assert (tmp_path / "kept" / "crowd-seed0" / "tessera.db").stat().st_size > 0
+
+
+def test_keep_refuses_a_folder_that_exists(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--keep", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 2 and "the folder exists; name a new one" in done.stderr
 
 
 def test_object_sizes_are_cocos_pixel_areas() -> None:
