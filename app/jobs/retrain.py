@@ -26,7 +26,8 @@ Under the project's model-job lock (``app.jobs.lock``), as one recorded job:
    window's value is the expected gain of an answer from its open cells' fused posteriors,
    ``app.services.settle.revalue_windows``; a target where model and crowd disagree weighs more),
    ``disagreement`` or ``random`` (targets in a random order); a tag the tagger added weighs
-   its probability until the crowd confirms it (``app.services.target.tag_belief``);
+   its probability, updated by the crowd's first answers, in its windows' values
+   (``app.services.target.tag_beliefs``);
 7. the evaluation targets' masks are composed and scored against their truth, per tag, against
    the human-seconds spent so far (``app.services.curation.quality``): the dashboard's curve.
 
@@ -82,7 +83,6 @@ from app.services.job import finish_job, job_run, log_job
 from app.services.model_version import active_model
 from app.services.project import get_project
 from app.services.settle import revalue_windows, settle_targets
-from app.services.target import tag_belief
 from app.storage import decode_mask_png
 from ml.aggregation import grid
 from ml.calibration import Calibrator, fit_calibrator, model_weight, with_slope
@@ -537,7 +537,7 @@ def rerank(session: Session, *, project: Project, seed: int = 0) -> int:
             .join(Consensus, Consensus.cell_id == Cell.id)
             .where(Cell.target_id == target.id, Cell.status == CellStatus.OPEN)
         ).all()
-        tag_priority = float(priority) * tag_belief(session, target=target)
+        tag_priority = float(priority)
         if acquisition == "random":
             target.priority = tag_priority * rng.random()
             continue

@@ -4,9 +4,10 @@ For every image the active tagger has not seen, the job stores the tagger's embe
 classifier tags above their tuned thresholds (imported and curated tags are left as they are),
 computes a Grad-CAM heatmap per predicted tag and reduces it to a prior per level-1 cell. Targets
 are created for new (image, tag) pairs and opened with that prior; open targets whose level-1
-cells have no votes yet get the prior too. A target's priority grows with the tag's probability
-(``app.services.target.tag_belief``: 1 for tags people gave or confirmed) and the heatmap's
-contrast, so images with strong, confident heatmaps are asked about first.
+cells have no votes yet get the prior too. A target's priority grows with the heatmap's
+contrast, so images with strong heatmaps are asked about first; its windows' values also weigh
+how sure we are the tag is there at all (``app.services.target.tag_beliefs``: 1 for tags people
+gave or confirmed, else the tagger's probability updated by the crowd's first answers).
 
 The heatmap-to-probability map is calibrated (Platt, or isotonic once there are thousands of
 cells: ``ml.cam.calibration_method``) on the cells of masks the project
@@ -44,7 +45,7 @@ from app.services.image import image_path
 from app.services.job import finish_job, job_run
 from app.services.model_version import active_model
 from app.services.project import get_project
-from app.services.target import ensure_target, tag_belief
+from app.services.target import ensure_target
 from ml.aggregation.grid import level_coverage
 from ml.calibration import Calibrator, fit_calibrator
 from ml.cam import calibration_method, cell_heat, heat_log_odds, tag_cams, to_image_size
@@ -166,7 +167,7 @@ def _apply(
     """Create or update the pair's target. Returns (created, prior set)."""
     target, created = ensure_target(session, image=pair.image, tag=pair.tag)
     contrast = float(pair.heat.max() - pair.heat.mean())
-    target.priority = pair.tag.priority * tag_belief(session, target=target) * (0.5 + contrast)
+    target.priority = pair.tag.priority * (0.5 + contrast)
     if target.state == TargetState.SEEDED:
         open_target(
             session,

@@ -35,7 +35,7 @@ from app.models import (
     Window,
 )
 from app.services.masks.composition import load_pixels
-from app.services.target import can_be_union, find_latest_mask
+from app.services.target import can_be_union, find_latest_mask, tag_belief
 from app.storage import decode_mask_png
 from ml.aggregation import grid
 from ml.aggregation.acquisition import object_area, window_gain
@@ -79,14 +79,16 @@ def window_value(
     control: bool,
     level: int = 0,
     area: float = 1.0,
+    belief: float = 1.0,
 ) -> float:
-    """The picker's value of an open window whose parent cell is at ``level``: priority x the
+    """The picker's value of an open window whose parent cell is at ``level``: priority x how
+    sure we are the tag is there at all (``belief``, ``app.services.target.tag_beliefs``) x the
     expected gain in mask quality of one answer (``ml.aggregation.acquisition.window_gain``,
     from its open cells' posteriors and the object's expected ``area``), or a control target's
     mean uncertainty x ``CONTROL_WINDOW_WEIGHT``."""
     if control:
         return priority * uncertainty(posteriors) * CONTROL_WINDOW_WEIGHT
-    return priority * window_gain(level, posteriors, area)
+    return priority * belief * window_gain(level, posteriors, area)
 
 
 def uncertainty(posteriors: Sequence[float]) -> float:
@@ -136,6 +138,7 @@ def open_windows(
     """
     priors = np.zeros((len(parents), 9)) if prior_logodds is None else np.asarray(prior_logodds)
     posteriors = 1.0 / (1.0 + np.exp(-priors))  # (n_windows, 9)
+    belief = tag_belief(session, target=target)
     windows = [
         Window(
             project_id=target.project_id,
@@ -152,6 +155,7 @@ def open_windows(
                 # The window's own cells; a refined target's windows are valued again by the
                 # settler with the whole target's area (``settle.target_areas``).
                 area=object_area([parent.level + 1] * 9, list(q)),
+                belief=belief,
             ),
         )
         for parent, q in zip(parents, posteriors, strict=True)

@@ -1,7 +1,8 @@
 """The task picker: the most valuable open work for one volunteer, leased to them.
 
-Value of a window = its target's priority x the expected gain in mask quality of one answer: the
-uncertainty of its open cells x their area relative to the object's expected area
+Value of a window = its target's priority x how sure we are its tag is there at all (1 unless the
+tagger guessed it) x the expected gain in mask quality of one answer: the uncertainty of its open
+cells x their area relative to the object's expected area
 (``app.services.campaign.window_value``, ``ml.aggregation.acquisition``). A volunteer never sees a
 cell they already answered. Known tiles keep at least a gold rate of what a volunteer answers, the
 project's for a newcomer, less for one proven on gold, more for a doubtful one (``gold_rate_for``):

@@ -41,6 +41,7 @@ from app.services.consensus import cell_votes
 from app.services.masks.composition import record_consensus_mask
 from app.services.masks.union import finish_unions
 from app.services.retirement import VOTED_REASONS, retire_cells
+from app.services.target import tag_belief, tag_beliefs
 from ml.aggregation import grid
 from ml.aggregation.acquisition import object_area
 from ml.aggregation.rules import (
@@ -105,12 +106,19 @@ def revalue_windows(session: Session, *, window_ids: set[int]) -> None:
     for window_id, level, target_id, prio, control, q in rows:
         pending[window_id].append(q)
         target_of[window_id] = (level, target_id, prio, control)
-    areas = target_areas(session, target_ids={t for _, t, _, _ in target_of.values()})
+    target_ids = {t for _, t, _, _ in target_of.values()}
+    areas = target_areas(session, target_ids=target_ids)
+    beliefs = tag_beliefs(session, target_ids=target_ids)
     values = [
         {
             "id": w,
             "value": window_value(
-                prio, qs, control=control, level=level, area=areas.get(target_id, 1.0)
+                prio,
+                qs,
+                control=control,
+                level=level,
+                area=areas.get(target_id, 1.0),
+                belief=beliefs.get(target_id, 1.0),
             ),
         }
         for w, qs in pending.items()
@@ -249,6 +257,7 @@ def _update_windows(
             by_window[cell.window_id].append(cell)
     still_open = 0
     area = _object_area(cells, {c: q.posterior for c, q in consensus.items()})
+    belief = tag_belief(session, target=target)
     for window in session.scalars(
         select(Window).where(Window.target_id == target.id, Window.state == WindowState.OPEN)
     ):
@@ -264,6 +273,7 @@ def _update_windows(
             control=target.control,
             level=window.level,
             area=area,
+            belief=belief,
         )
         still_open += 1
     return still_open

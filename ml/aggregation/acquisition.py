@@ -62,3 +62,35 @@ def window_gain(level: int, posteriors: Sequence[float], area: float) -> float:
     if not len(posteriors):
         return 0.0
     return float(np.sum(uncertainty(posteriors)) * cell_area(level + 1) / max(area, 1e-12))
+
+
+def presence(guess: float, prior_logodds: Sequence[float], logodds: Sequence[float]) -> float:
+    """How likely a tag the tagger guessed (with probability ``guess``) is on the image at all,
+    given what the crowd has said of the first-level cells that tile the whole frame.
+
+    The crowd's answers weigh "this cell holds some of it" against "it does not" by the
+    likelihood ratio ``LR_i = exp(logodds_i - prior_i)`` (the votes' share of the consensus
+    log-odds). Under "absent" every cell is empty; under "present" the object is somewhere, and
+    we take the place the answers are judged by to be any one of the cells alike:
+
+        odds(present | answers) = odds(guess) * mean_i LR_i
+
+    With no answers this is the guess; nine credible "no"s drive it towards 0, and one credible
+    "yes" anywhere keeps it alive. Where the object is does not come from the prior: a Grad-CAM
+    or model prior that points at the wrong cells must not turn the crowd's "yes" elsewhere
+    into evidence against the tag (were the prior's cells taken as independent, one credible
+    "yes" beside three credible "no"s where the prior was 0.7 would cut a 0.3 guess to 0.03).
+
+    A guessed tag's windows are worth their gain *if* the tag is there, so the picker weighs
+    them by this: the budget leaves a wrong guess as soon as the crowd says so, instead of when
+    its cells reach the area floor one by one.
+
+    Shape:
+        prior_logodds, logodds ``(n_cells,)``, the first-level cells.
+    """
+    p = float(np.clip(guess, 1e-9, 1.0 - 1e-9))
+    if not len(prior_logodds):
+        return p
+    evidence = np.asarray(logodds, dtype=np.float64) - np.asarray(prior_logodds, dtype=np.float64)
+    odds = p / (1.0 - p) * float(np.mean(np.exp(np.clip(evidence, -50.0, 50.0))))
+    return float(odds / (1.0 + odds))

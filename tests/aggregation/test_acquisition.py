@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ml.aggregation.acquisition import MIN_OBJECT_AREA, object_area, window_gain
+from ml.aggregation.acquisition import MIN_OBJECT_AREA, object_area, presence, window_gain
 
 
 def test_a_first_look_is_worth_more_than_a_fine_border() -> None:
@@ -36,3 +36,33 @@ def test_a_window_gains_more_the_less_its_cells_are_known(qs: list[float], level
     area = 0.05
     sharper = [q if abs(q - 0.5) > 0.49 else q + np.sign(q - 0.5 or 1) * 0.1 for q in qs]
     assert window_gain(level, sharper, area) <= window_gain(level, qs, area) + 1e-12
+
+
+def test_a_guess_keeps_its_probability_until_answers_move_it() -> None:
+    prior = [-2.0, 1.5, 0.0, -1.0, 2.0, -3.0, 0.5, 0.0, -0.5]
+    assert abs(presence(0.3, prior, prior) - 0.3) < 1e-12  # no answers yet
+    assert presence(0.3, [], []) == 0.3
+    no = [p - 3.0 for p in prior]
+    assert presence(0.3, prior, no) < 0.03  # nine credible "no"s: very likely not there
+    # One credible "yes" keeps it alive wherever it is, even where the prior was lowest.
+    low = int(np.argmin(prior))
+    one = list(no)
+    one[low] = prior[low] + 3.0
+    assert presence(0.3, prior, one) > 0.4
+    assert presence(0.3, prior, [p + 3.0 for p in prior]) > 0.85
+
+
+@given(
+    st.floats(0.01, 0.99),
+    st.lists(st.floats(-4, 4), min_size=9, max_size=9),
+    st.lists(st.floats(-6, 6), min_size=9, max_size=9),
+    st.integers(0, 8),
+    st.floats(0.1, 5),
+)
+def test_more_evidence_for_a_cell_never_lowers_the_belief(
+    guess: float, prior: list[float], evidence: list[float], cell: int, more: float
+) -> None:
+    logodds = [p + e for p, e in zip(prior, evidence, strict=True)]
+    before = presence(guess, prior, logodds)
+    logodds[cell] += more
+    assert 0.0 <= before <= presence(guess, prior, logodds) <= 1.0

@@ -32,6 +32,7 @@ from app.jobs.train import TrainOptions, run_train_segmenter
 from app.models import (
     Cell,
     CellStatus,
+    Consensus,
     Image,
     ImageTag,
     ImageTagSource,
@@ -43,11 +44,14 @@ from app.models import (
     Tag,
     Target,
     TargetState,
+    Window,
 )
+from app.services.campaign import open_target, window_value
 from app.services.model_version import active_model
 from app.services.project import get_project
 from app.services.target import ensure_target, tag_belief
 from ml.aggregation import grid
+from ml.aggregation.acquisition import object_area
 from ml.calibration import MAX_MODEL_WEIGHT, Calibrator, model_weight, weight_cap, with_slope
 from ml.demo.dataset import write_demo_dataset
 from tests.app.conftest import SLUG, World
@@ -285,7 +289,7 @@ def test_tags_that_lost_support_and_empty_masks_go_to_triage(world: World) -> No
         assert confirmed.state == TargetState.COLLECTING
 
 
-def test_a_tag_the_tagger_guessed_weighs_its_probability_until_the_crowd_confirms_it(
+def test_a_guessed_tag_weighs_its_probability_until_the_crowd_says_whether_it_is_there(
     world: World,
 ) -> None:
     with world.factory() as session:
@@ -309,33 +313,55 @@ def test_a_tag_the_tagger_guessed_weighs_its_probability_until_the_crowd_confirm
             )
         )
         guess, _ = ensure_target(session, image=image, tag=other)
-        guess.state = given.state = TargetState.COLLECTING
+        session.flush()
+        open_target(
+            session,
+            settings=world.settings,
+            project=project,
+            target=guess,
+            image=image,
+            root_prior=[0.0] * 9,
+        )
+        given.state = TargetState.COLLECTING
         session.flush()
         assert tag_belief(session, target=given) == 1.0  # people gave it
-        assert tag_belief(session, target=guess) == pytest.approx(0.3)
+        assert tag_belief(session, target=guess) == pytest.approx(0.3)  # nobody has looked
 
-        rerank(session, project=project)
-        assert guess.priority == pytest.approx(0.3 * other.priority)
-        given_tag = session.get(Tag, given.tag_id)
-        assert given_tag is not None
-        assert given.priority == pytest.approx(given_tag.priority)  # no votes: no disagreement
+        window = session.scalars(select(Window).where(Window.target_id == guess.id)).one()
+        cells = list(session.scalars(select(Cell).where(Cell.window_id == window.id)))
 
-        # A cell of the guess retires positive: the crowd has seen the tag there.
-        session.add(
-            Cell(
-                target_id=guess.id,
-                level=1,
-                row=0,
-                col=0,
-                status=CellStatus.RETIRED,
-                label=True,
-            )
+        def answered(evidence: list[float]) -> float:
+            """The guess's window value after the crowd's ``evidence`` (log-odds) per cell."""
+            for cell, e in zip(cells, evidence, strict=True):
+                consensus = session.get(Consensus, cell.id)
+                assert consensus is not None
+                consensus.logodds = cell.prior_logodds + e
+            session.flush()
+            rerank(session, project=project)
+            session.refresh(window)
+            return window.value
+
+        # The value is the tagger's probability x the gain it would be worth were the tag there.
+        flat = answered([0.0] * 9)
+        assert guess.priority == pytest.approx(other.priority)
+        half = [0.5] * 9
+        area = object_area([1] * 9, half)
+        assert flat == pytest.approx(
+            0.3 * window_value(guess.priority, half, control=False, level=0, area=area)
         )
+        # The crowd says "not here" of every first cell: the guess stops drawing answers.
+        # (Its cells' own gain stays: a cell at 0.05 is as uncertain per unit of the area
+        # it leaves the object as one at 0.5 was.)
+        assert answered([-3.0] * 9) < 0.1 * flat
+        assert tag_belief(session, target=guess) < 0.03
+        # ... or "here" of one: the tag may well be there after all.
+        answered([3.0] + [-3.0] * 8)
+        assert tag_belief(session, target=guess) > 0.4
+
+        # A first cell of the guess retires positive: the crowd has seen the tag there.
+        cells[0].status, cells[0].label = CellStatus.RETIRED, True
         session.flush()
         assert tag_belief(session, target=guess) == 1.0
-        rerank(session, project=project)
-        assert guess.priority == pytest.approx(other.priority)
-        assert given.priority == pytest.approx(given_tag.priority)
 
 
 def test_the_segmenters_priors_are_not_replaced_by_the_taggers_grad_cam(
