@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import json
 import math
 import random
 import shutil
@@ -73,6 +74,7 @@ from app.jobs.train import TrainOptions
 from app.main import create_app, recompute_all
 from app.migrate import upgrade_to_head
 from app.models import (
+    DEFAULT_PROJECT_SETTINGS,
     Cell,
     Consensus,
     Image,
@@ -156,7 +158,19 @@ def _settings(folder: Path) -> Settings:
     )
 
 
-def build(folder: Path, images: int, seed: int) -> None:
+def project_setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` (the value as JSON, else as text) for one of the project's settings."""
+    key, sep, value = text.partition("=")
+    if not sep or key not in DEFAULT_PROJECT_SETTINGS:
+        known = ", ".join(sorted(DEFAULT_PROJECT_SETTINGS))
+        raise argparse.ArgumentTypeError(f"{text!r}: want KEY=VALUE with KEY one of {known}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def build(folder: Path, images: int, seed: int, overrides: dict[str, object] | None = None) -> None:
     folder.mkdir(parents=True)
     settings = _settings(folder)
     engine = make_engine(settings.resolved_database_url)
@@ -165,7 +179,7 @@ def build(folder: Path, images: int, seed: int) -> None:
     write_demo_dataset(source, seed=seed, n_images=images)
     with make_session_factory(engine)() as session:
         project = create_project(session, slug=SLUG)
-        project.settings = dict(DEMO_SETTINGS)
+        project.settings = {**DEMO_SETTINGS, **(overrides or {})}
         run_import(session, settings=settings, project_slug=SLUG, path=source, tag_file=None)
     engine.dispose()
 
@@ -622,6 +636,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[Arm]]:
     parser.add_argument(
         "--em-every", type=int, default=None, help="answers between EM passes (0: never)"
     )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        type=project_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a project setting for every arm (e.g. min_votes=2); may be repeated",
+    )
     parser.add_argument("--plot", type=Path, default=Path("artifacts/campaign.png"))
     parser.add_argument(
         "--keep",
@@ -646,14 +669,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[Arm]]:
     print(
         f"demo images {args.images}, seeds {seeds}, arms {arms}, crowd {args.crowd} "
         f"({len(CROWDS[args.crowd])} volunteers), up to {budget:g} s/target; loop: retrain at "
-        f"{args.retrain_at} s/target, segmenter {args.steps} steps on {args.device}",
+        f"{args.retrain_at} s/target, segmenter {args.steps} steps on {args.device}"
+        + "".join(f"; {k}={v!r}" for k, v in args.overrides),
         flush=True,
     )
     results: dict[str, list[Arm]] = {arm: [] for arm in arms}
     with _work_folder(args.keep) as tmp:
         for seed in seeds:
             template = Path(tmp) / f"seed-{seed}" / "template"
-            build(template, args.images, seed)
+            build(template, args.images, seed, dict(args.overrides))
             for arm in arms:
                 arm_args = argparse.Namespace(**{**vars(args), "seed": seed})
                 results[arm].append(

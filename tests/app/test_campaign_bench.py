@@ -6,7 +6,9 @@ masks improve from nothing, and nothing beats the ceiling of perfect answers."""
 
 from __future__ import annotations
 
+import json
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +35,7 @@ def test_a_bounded_campaign_prints_its_line_and_the_crowd_improves_the_masks(
     done = subprocess.run(
         [
             *(sys.executable, str(BENCH), "--quick", "--plot", str(tmp_path / "c.png")),
-            *("--keep", str(tmp_path / "kept")),
+            *("--keep", str(tmp_path / "kept"), "--set", "vote_budget=6"),
         ],
         capture_output=True,
         text=True,
@@ -70,7 +72,12 @@ def test_a_bounded_campaign_prints_its_line_and_the_crowd_improves_the_masks(
     assert 98 <= sum(shares_spent) <= 102 and shares_spent[0] > 0 and shares_spent[2] == 0
     assert (tmp_path / "c.png").stat().st_size > 0
     # --keep leaves the arm's project to study (its votes are in its database).
-    assert (tmp_path / "kept" / "crowd-seed0" / "tessera.db").stat().st_size > 0
+    kept = tmp_path / "kept" / "crowd-seed0" / "tessera.db"
+    assert kept.stat().st_size > 0
+    # --set reached the arm's project.
+    with sqlite3.connect(kept) as db:
+        (settings,) = db.execute("SELECT settings FROM projects").fetchone()
+    assert json.loads(settings)["vote_budget"] == 6
 
 
 def test_keep_refuses_a_folder_that_exists(tmp_path: Path) -> None:
@@ -82,6 +89,17 @@ def test_keep_refuses_a_folder_that_exists(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 2 and "the folder exists; name a new one" in done.stderr
+
+
+def test_set_refuses_a_setting_projects_do_not_have() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--set", "min_vote=2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 2 and "want KEY=VALUE with KEY one of" in done.stderr
 
 
 def test_object_sizes_are_cocos_pixel_areas() -> None:
