@@ -77,7 +77,7 @@ from app.models import (
     WindowState,
 )
 from app.services.consensus import refresh_cells
-from app.services.curation.quality import record_quality
+from app.services.curation.quality import MAX_QUALITY_TARGETS, record_quality
 from app.services.image import image_path
 from app.services.job import finish_job, job_run, log_job
 from app.services.model_version import active_model
@@ -105,6 +105,9 @@ class RetrainOptions:
     segmenter: TrainOptions = field(default_factory=TrainOptions)
     tagger: TrainOptions = field(default_factory=lambda: TrainOptions(epochs=5))
     device: str = "auto"
+    # The round's reading of mask quality composes at most this many evaluation targets (an
+    # even sample; each GrabCut over an uncertain image takes up to about a second on a CPU).
+    quality_targets: int = MAX_QUALITY_TARGETS
 
 
 @dataclass
@@ -166,7 +169,9 @@ def run_retrain(
             step("re-ranking targets", 0.9)
             report.reranked = rerank(session, project=project)
             step("mask quality on the evaluation targets", 0.95)
-            reading = record_quality(session, settings=settings, project=project)
+            reading = record_quality(
+                session, settings=settings, project=project, limit=options.quality_targets
+            )
             if reading is not None:
                 report.mask_iou, report.human_seconds = reading.mean_iou, reading.human_seconds
             finish_job(job, result=_summary(report))

@@ -59,7 +59,8 @@ from tests.app.conftest import SLUG, World
 pytestmark = pytest.mark.slow
 SEGMENTER = TrainOptions(steps=6, size=64, backbone="resnet18", batch_size=8)
 TAGGER = TrainOptions(epochs=3, size=64, backbone="resnet10t", batch_size=8)
-TINY = RetrainOptions(segmenter=SEGMENTER, tagger=TAGGER, device="cpu")
+# The quality reading composes a sample of 8 evaluation targets (all ~50 took most of a round).
+TINY = RetrainOptions(segmenter=SEGMENTER, tagger=TAGGER, device="cpu", quality_targets=8)
 
 
 def test_a_round_trains_promotes_sets_model_priors_retags_and_reranks(world: World) -> None:

@@ -24,9 +24,11 @@ from app.models import Image, MaskSource, MaskVersion, Project, QualitySnapshot,
 from app.services.campaign import load_truth
 from app.services.dashboard import human_seconds, iou
 from app.services.masks.composition import compose_target, load_pixels
+from ml.composition import Composed
 
-# Composing a mask takes 0.05-0.25 s: a reading of a large project scores an even sample of its
-# evaluation targets (every k-th by id), so that a retrain spends at most about a minute on it.
+# Composing a mask takes 0.05-0.25 s, and about 1.3 s where a poor first model leaves most of a
+# 600x900 image uncertain (measured in the retrain tests): a reading of a large project scores
+# an even sample of its evaluation targets (every k-th by id), a few minutes at most.
 MAX_QUALITY_TARGETS = 300
 
 
@@ -57,26 +59,35 @@ def evaluation_targets(session: Session, *, project: Project) -> list[Target]:
     )
 
 
-def measure_quality(session: Session, *, settings: Settings, project: Project) -> QualityReading:
+def measure_quality(
+    session: Session, *, settings: Settings, project: Project, limit: int = MAX_QUALITY_TARGETS
+) -> QualityReading:
     """Score every evaluation target's mask as composed now (see the module docstring); of more
-    than ``MAX_QUALITY_TARGETS``, an even sample by id."""
+    than ``limit``, an even sample by id."""
     every_target = evaluation_targets(session, project=project)
-    step = -(-len(every_target) // MAX_QUALITY_TARGETS) if every_target else 1
+    step = -(-len(every_target) // max(limit, 1)) if every_target else 1
     targets = every_target[::step]
     scores: dict[int, list[float]] = defaultdict(list)
     pixels: dict[int, np.ndarray] = {}
-    for target in targets:
+    composed: dict[int, Composed] = {}  # each target once, a union's parts included
+    for target in sorted(targets, key=lambda t: (t.image_id, t.id)):
         truth = load_truth(session, settings, target)
         image = session.get(Image, target.image_id)
         if truth is None or image is None:
             continue
         if image.id not in pixels:
-            pixels.clear()  # one image's pixels at a time: targets come image by image
+            pixels.clear()  # one image's pixels and masks at a time
+            composed.clear()
             pixels[image.id] = load_pixels(settings, image)
-        composed = compose_target(
-            session, settings=settings, target=target, image=image, pixels=pixels[image.id]
+        mask = compose_target(
+            session,
+            settings=settings,
+            target=target,
+            image=image,
+            pixels=pixels[image.id],
+            composed=composed,
         )
-        scores[target.tag_id].append(iou(composed.hard, truth))
+        scores[target.tag_id].append(iou(mask.hard, truth))
     every = [s for tag_scores in scores.values() for s in tag_scores]
     return QualityReading(
         human_seconds=human_seconds(session, project=project) / max(len(every_target), 1),
@@ -86,10 +97,11 @@ def measure_quality(session: Session, *, settings: Settings, project: Project) -
 
 
 def record_quality(
-    session: Session, *, settings: Settings, project: Project
+    session: Session, *, settings: Settings, project: Project, limit: int = MAX_QUALITY_TARGETS
 ) -> QualityReading | None:
-    """Measure and store one reading (nothing without evaluation targets)."""
-    reading = measure_quality(session, settings=settings, project=project)
+    """Measure and store one reading (nothing without evaluation targets; ``limit``: see
+    ``measure_quality``)."""
+    reading = measure_quality(session, settings=settings, project=project, limit=limit)
     if reading.mean_iou is None:
         return None
     rows: list[tuple[int | None, int, float]] = [

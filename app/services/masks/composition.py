@@ -90,12 +90,32 @@ def compose_target(
     image: Image | None = None,
     cells: list[Cell] | None = None,
     pixels: np.ndarray | None = None,
+    composed: dict[int, Composed] | None = None,
 ) -> Composed:
     """The target's soft and hard mask now (see the module docstring).
 
     ``image``, ``cells`` and ``pixels`` are loaded when not given. The method is the project's
-    ``composition`` setting.
+    ``composition`` setting. ``composed`` keeps the masks composed so far by target id, so that
+    one pass over an image's targets composes each once (a union's parts are targets too, and
+    a union may be another union's part).
     """
+    if composed is not None and target.id in composed:
+        return composed[target.id]
+    result = _compose(session, settings, target, image, cells, pixels, composed)
+    if composed is not None:
+        composed[target.id] = result
+    return result
+
+
+def _compose(
+    session: Session,
+    settings: Settings,
+    target: Target,
+    image: Image | None,
+    cells: list[Cell] | None,
+    pixels: np.ndarray | None,
+    composed: dict[int, Composed] | None,
+) -> Composed:
     image = image or session.get(Image, target.image_id)
     project = session.get(Project, target.project_id)
     assert image is not None and project is not None
@@ -106,6 +126,7 @@ def compose_target(
             children=child_targets(session, target=target),
             image=image,
             pixels=pixels,
+            composed=composed,
         )
     if cells is None:
         cells = list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
@@ -148,13 +169,16 @@ def _union(
     children: list[Target],
     image: Image,
     pixels: np.ndarray | None,
+    composed: dict[int, Composed] | None,
 ) -> Composed:
     """The union of the children's masks: a pixel is in it if it is in any of theirs (the soft
     mask: the most probable child's probability)."""
     if pixels is None:
         pixels = load_pixels(settings, image)
     parts = [
-        compose_target(session, settings=settings, target=c, image=image, pixels=pixels)
+        compose_target(
+            session, settings=settings, target=c, image=image, pixels=pixels, composed=composed
+        )
         for c in children
     ]
     soft = np.maximum.reduce([p.soft for p in parts])
