@@ -20,7 +20,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import BigInteger, Select, cast, exists, insert, literal, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    Select,
+    case,
+    cast,
+    exists,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
@@ -158,8 +169,23 @@ def _lease_unknown_window(
 def _known_window(
     session: Session, project: Project, volunteer: Volunteer, tag: Tag | None, now: datetime
 ) -> Window | None:
+    """A random known window this volunteer has not seen, one that holds both known-true and
+    known-false cells first: an answer to it checks both of their error rates. (An all-object
+    window says nothing of a volunteer's specificity, an all-background one nothing of their
+    sensitivity; measured, a volunteer's first known task was often a window of nine known-true
+    cells, and their specificity stayed at the prior.)"""
+
+    def holds(label: bool) -> Any:
+        return (
+            select(Gold.id)
+            .join(Cell, Cell.id == Gold.cell_id)
+            .where(Cell.window_id == Window.id, Gold.label.is_(label), Gold.frozen.is_(False))
+            .exists()
+        )
+
+    mixed = case((holds(True) & holds(False), 0), else_=1)
     query = _window_candidates(project, volunteer, tag, known=True, now=now)
-    window_id = session.scalar(query.order_by(shuffled(Window.id)).limit(1))
+    window_id = session.scalar(query.order_by(mixed, shuffled(Window.id)).limit(1))
     return session.get(Window, window_id) if window_id is not None else None
 
 

@@ -23,6 +23,7 @@ from app.models import (
     TaskTile,
     Volunteer,
     Vote,
+    Window,
 )
 from app.services.campaign import load_truth
 from app.services.recompute import recompute_project
@@ -205,6 +206,45 @@ def test_known_tiles_make_up_at_least_the_gold_rate(live: Live) -> None:
     with live.factory() as session:
         known = session.scalars(select(TaskTile.known)).all()
     assert np.mean(known) >= 0.15
+
+
+@pytest.mark.parametrize("live", [{"control_share": 1.0}], indirect=True)
+def test_a_newcomers_known_window_checks_both_kinds_of_error(live: Live) -> None:
+    """A known window with known-true and known-false cells comes before one of a single kind."""
+
+    def labels(window_id: int) -> set[bool]:
+        with live.factory() as session:
+            return set(
+                session.scalars(
+                    select(Gold.label)
+                    .join(Cell, Cell.id == Gold.cell_id)
+                    .where(Cell.window_id == window_id)
+                )
+            )
+
+    with live.factory() as session:
+        known = session.scalars(select(Window.id).where(Window.known.is_(True))).all()
+    kinds = [labels(w) for w in known]
+    assert {True, False} in kinds and any(len(k) == 1 for k in kinds)  # both sorts exist
+    # One mixed known window among every single-kind one: chance alone would rarely pick it.
+    mixed = [w for w, k in zip(known, kinds, strict=True) if k == {True, False}]
+    with live.factory() as session:
+        for window in session.scalars(select(Window).where(Window.id.in_(mixed[1:]))):
+            window.known = False
+        session.commit()
+    for seed in range(6):
+        volunteer = live.volunteer(seed=seed)
+        task = volunteer.next_task(SLUG, kind="window")
+        assert task is not None
+        with live.factory() as session:
+            window_id = session.scalar(
+                select(Cell.window_id)
+                .join(TaskTile, TaskTile.cell_id == Cell.id)
+                .where(TaskTile.task_id == task["id"], TaskTile.known.is_(True))
+                .limit(1)
+            )
+        assert window_id is not None, "a newcomer's first task is known"
+        assert labels(window_id) == {True, False}
 
 
 @pytest.mark.parametrize("live", [{"control_share": 1.0}], indirect=True)
