@@ -8,8 +8,9 @@ SQLite) would only repeat its SQLite run. They are reported as deselected."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -84,33 +85,92 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
     )
 
 
+def _admin(database_url: str) -> Engine:
+    return make_engine(database_url).execution_options(isolation_level="AUTOCOMMIT")
+
+
+def _drop_database(admin: Engine, name: str) -> None:
+    with admin.connect() as conn:
+        conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = :name AND pid <> pg_backend_pid()"
+            ),
+            {"name": name},
+        )
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+
+
 @contextmanager
-def _new_database(database_url: str, sqlite_path: Path) -> Iterator[str]:
-    """A brand-new empty database on the run's backend, dropped afterwards."""
+def _new_database(
+    database_url: str, sqlite_path: Path, *, template: str | None = None
+) -> Iterator[str]:
+    """A brand-new database on the run's backend, dropped afterwards: empty, or a copy of
+    ``template`` (a database URL of the same backend that nothing is connected to)."""
+    import sqlite3
     import uuid
 
     from sqlalchemy import make_url
 
     if database_url.startswith("sqlite"):
+        if template is not None:
+            source = make_url(template).database
+            assert source is not None
+            src, dst = sqlite3.connect(source), sqlite3.connect(sqlite_path)
+            try:
+                src.backup(dst)
+            finally:
+                src.close()
+                dst.close()
         yield f"sqlite:///{sqlite_path}"
         return
     name = f"tessera_t_{uuid.uuid4().hex[:10]}"
-    admin = make_engine(database_url).execution_options(isolation_level="AUTOCOMMIT")
+    admin = _admin(database_url)
+    copy_of = f' TEMPLATE "{make_url(template).database}"' if template else ""
     with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
+        conn.execute(text(f'CREATE DATABASE "{name}"{copy_of}'))
     try:
         yield make_url(database_url).set(database=name).render_as_string(False)
     finally:
-        with admin.connect() as conn:
-            conn.execute(
-                text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :name AND pid <> pg_backend_pid()"
-                ),
-                {"name": name},
-            )
-            conn.execute(text(f'DROP DATABASE "{name}"'))
+        _drop_database(admin, name)
         admin.dispose()
+
+
+class Templates:
+    """Databases (with their data folders) built once per run and copied for each test that
+    asks: a test gets a project of its own without paying for its import every time."""
+
+    def __init__(self, database_url: str, root: Path) -> None:
+        self.database_url = database_url
+        self.root = root
+        self.built: dict[str, tuple[str, Path]] = {}
+        self.dropped = ExitStack()
+
+    def copy(
+        self, key: str, build: Callable[[str, Path], None], *, into: Path
+    ) -> AbstractContextManager[str]:
+        """A new database copied from the template ``key`` (built by ``build(url, data_dir)``
+        the first time) and its data folder copied to ``into``; the database is dropped when
+        the returned context ends. ``build`` must leave no connection open."""
+        if key not in self.built:
+            folder = self.root / f"t{len(self.built)}"
+            folder.mkdir()
+            url = self.dropped.enter_context(
+                _new_database(self.database_url, folder / "template.db")
+            )
+            build(url, folder / "data")
+            self.built[key] = (url, folder / "data")
+        url, data = self.built[key]
+        if data.exists():
+            shutil.copytree(data, into)
+        return _new_database(self.database_url, into.parent / f"{into.name}.db", template=url)
+
+
+@pytest.fixture(scope="session")
+def templates(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Templates]:
+    built = Templates(database_url, tmp_path_factory.mktemp("templates"))
+    yield built
+    built.dropped.close()
 
 
 @pytest.fixture

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from app.services.project import create_project
 from ml.aggregation.simulate import PROFILES
 from ml.demo.dataset import write_demo_dataset
 from tests.app.crowd import SimulatedVolunteer, Truths
+from tests.conftest import Templates
 
 SLUG = "demo"
 # Targets with a pyramid of their own (the union of its children's targets has none).
@@ -49,22 +51,38 @@ class World:
     factory: sessionmaker[Session]
 
 
+def _demo_project(
+    seed: int, n_images: int, project_settings: dict[str, object] | None
+) -> Callable[[str, Path], None]:
+    """A builder of a template database holding the demo project, for ``Templates.copy``."""
+
+    def build(url: str, data_dir: Path) -> None:
+        engine = make_engine(url)
+        upgrade_to_head(engine)
+        source = data_dir.parent / "demo"
+        write_demo_dataset(source, seed=seed, n_images=n_images)
+        settings = app_settings(data_dir, url)
+        with make_session_factory(engine)() as session:
+            if project_settings is not None:
+                project = create_project(session, slug=SLUG)
+                project.settings = dict(project_settings)
+                session.commit()
+            run_import(session, settings=settings, project_slug=SLUG, path=source, tag_file=None)
+        engine.dispose()
+
+    return build
+
+
 @pytest.fixture
-def world(
-    request: pytest.FixtureRequest, fresh_database_url: str, tmp_path: Path
-) -> Iterator[World]:
-    """A migrated database with a demo project of ``request.param`` images (10 by default)."""
-    settings = app_settings(tmp_path / "data", fresh_database_url)
-    engine = make_engine(fresh_database_url)
-    upgrade_to_head(engine)
-    write_demo_dataset(tmp_path / "demo", seed=11, n_images=getattr(request, "param", 10))
-    factory = make_session_factory(engine)
-    with factory() as session:
-        run_import(
-            session, settings=settings, project_slug=SLUG, path=tmp_path / "demo", tag_file=None
-        )
-    yield World(settings, factory)
-    engine.dispose()
+def world(request: pytest.FixtureRequest, templates: Templates, tmp_path: Path) -> Iterator[World]:
+    """A migrated database with a demo project of ``request.param`` images (10 by default),
+    copied from one built once per run."""
+    n_images = getattr(request, "param", 10)
+    data = tmp_path / "data"
+    with templates.copy(f"world-{n_images}", _demo_project(11, n_images, None), into=data) as url:
+        engine = make_engine(url)
+        yield World(app_settings(data, url), make_session_factory(engine))
+        engine.dispose()
 
 
 @dataclass
@@ -85,21 +103,17 @@ class Live:
 
 
 @pytest.fixture
-def live(fresh_database_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Live]:
-    """The demo project (4 scenes) on a fresh database; ``indirect`` params set its settings."""
-    settings = app_settings(tmp_path / "data", fresh_database_url)
-    engine = make_engine(fresh_database_url)
-    upgrade_to_head(engine)
-    write_demo_dataset(tmp_path / "demo", seed=3, n_images=4)
-    factory = make_session_factory(engine)
-    with factory() as session:
-        project = create_project(session, slug=SLUG)
-        project.settings = dict(getattr(request, "param", {}))
-        session.commit()
-        run_import(
-            session, settings=settings, project_slug=SLUG, path=tmp_path / "demo", tag_file=None
-        )
-    app = create_app(settings)
-    yield Live(app, settings, factory, Truths(settings, factory))
-    app.state.engine.dispose()
-    engine.dispose()
+def live(templates: Templates, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Live]:
+    """The demo project (4 scenes) on a database of its own; ``indirect`` params set its
+    settings."""
+    project_settings = dict(getattr(request, "param", {}))
+    key = "live-" + json.dumps(project_settings, sort_keys=True)
+    data = tmp_path / "data"
+    with templates.copy(key, _demo_project(3, 4, project_settings), into=data) as url:
+        settings = app_settings(data, url)
+        engine = make_engine(url)
+        factory = make_session_factory(engine)
+        app = create_app(settings)
+        yield Live(app, settings, factory, Truths(settings, factory))
+        app.state.engine.dispose()
+        engine.dispose()
