@@ -30,6 +30,7 @@ from app.pages import home as home_pages
 from app.pages import volunteer as volunteer_pages
 from app.ratelimit import RateLimiter, RateLimitExceeded
 from app.security import Signer, TokenError, TokenProblem
+from app.services.crowd.answer import GoneError
 from app.services.errors import (
     ConflictError,
     ForbiddenError,
@@ -42,7 +43,6 @@ from app.services.errors import (
 from app.services.metrics import DatabaseCollector, RequestMetrics
 from app.services.project import get_project, list_project_summaries
 from app.services.recompute import recompute_project
-from app.services.submission import GoneError
 
 log = logging.getLogger(__name__)
 

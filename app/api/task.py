@@ -29,10 +29,10 @@ from app.schemas.task import (
     TileView,
 )
 from app.security import TaskClaims
+from app.services.crowd.answer import skip, submit
+from app.services.crowd.picker import Offer, next_task
 from app.services.errors import ForbiddenError, NotFoundError
-from app.services.picker import Offer, next_task
 from app.services.project import get_project
-from app.services.submission import skip, submit
 from app.services.tag import TagResolver
 from app.services.tile import (
     DEFAULT_AUGMENTATION,

@@ -10,8 +10,8 @@ window tasks whose cells are all gold, or mosaics of known-true, known-false and
 one tag (3-5-1 by default, reCAPTCHA's mix), served only as known tiles that are due. A first
 window with few open cells left is asked together with other such windows of its tag, as one
 mosaic of their open cells (``_straggler_offer``), instead of a grid of mostly settled squares.
-An unknown window is leased to one volunteer at a time by a compare-and-set on its lease (with ``SKIP LOCKED``
-on PostgreSQL, serialised writers on SQLite); an abandoned lease simply runs out.
+An unknown window is leased to one volunteer at a time by a compare-and-set on its lease (with
+``SKIP LOCKED`` on PostgreSQL, serialised writers on SQLite); an abandoned lease simply runs out.
 """
 
 from __future__ import annotations

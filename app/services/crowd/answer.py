@@ -140,7 +140,7 @@ def _apply_credits(session: Session, credits: dict[int, np.ndarray]) -> None:
 
 def _release(session: Session, task: Task, volunteer: Volunteer) -> None:
     """Free the windows this task leased to the volunteer: its own, and every window whose
-    cells a mosaic of open cells pooled (``app.services.picker``)."""
+    cells a mosaic of open cells pooled (``app.services.crowd.picker``)."""
     window_ids = set(
         session.scalars(
             select(Cell.window_id)
