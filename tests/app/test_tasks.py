@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 from PIL import Image as PILImage
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from app.models import (
     Cell,
@@ -18,15 +18,12 @@ from app.models import (
     MaskSource,
     MaskVersion,
     Project,
-    RetireReason,
-    Tag,
     Target,
     TargetState,
     TaskTile,
     Volunteer,
     Vote,
     Window,
-    WindowState,
 )
 from app.services.campaign import load_truth
 from app.services.recompute import recompute_project
@@ -316,81 +313,3 @@ def test_volunteer_stats_are_coarse(live: Live) -> None:
     stats = volunteer.client.get("/api/volunteers/me").json()
     assert stats["answers"] == 27 and stats["tasks"] == 3
     assert stats["quality"] in {"new", "learning", "fair", "good", "excellent"}
-
-
-def _first_windows(live: Live, tag: str, open_cells: list[int]) -> list[int]:
-    """First windows of ``tag`` (one per target) with only ``open_cells[k]`` cells still open,
-    ranked in that order by value above every other window; the tag's other windows closed.
-    Returns their ids."""
-    with live.factory() as session:
-        windows = session.scalars(
-            select(Window)
-            .join(Target, Target.id == Window.target_id)
-            .join(Tag, Tag.id == Window.tag_id)
-            .where(Tag.name == tag)
-            .order_by(Target.control, Window.level, Window.id)
-        ).all()
-        for other in windows[len(open_cells) :]:
-            other.state = WindowState.CLOSED
-        windows = windows[: len(open_cells)]
-        assert all(w.level == 0 and not w.known for w in windows)
-        assert len(windows) == len(open_cells)
-        session.execute(update(Window).values(value=0.0))
-        for rank, (window, n_open) in enumerate(zip(windows, open_cells, strict=True)):
-            window.value = 100.0 - rank
-            cells = session.scalars(
-                select(Cell).where(Cell.window_id == window.id).order_by(Cell.row, Cell.col)
-            ).all()
-            for cell in cells[n_open:]:
-                cell.status, cell.label = CellStatus.RETIRED, False
-                cell.retire_reason = RetireReason.CONFIDENT
-        session.commit()
-        return [w.id for w in windows]
-
-
-def _task_windows(live: Live, task_id: int) -> list[tuple[int | None, CellStatus, bool]]:
-    with live.factory() as session:
-        return [
-            (window_id, status, known)
-            for window_id, status, known in session.execute(
-                select(Cell.window_id, Cell.status, TaskTile.known)
-                .join(Cell, Cell.id == TaskTile.cell_id)
-                .where(TaskTile.task_id == task_id)
-                .order_by(TaskTile.position)
-            )
-        ]
-
-
-def _leased_by(live: Live, window_ids: list[int]) -> list[int | None]:
-    with live.factory() as session:
-        return [session.get_one(Window, w).leased_by for w in window_ids]
-
-
-@pytest.mark.parametrize("live", [{"gold_rate": 0.0}], indirect=True)
-def test_first_windows_with_few_open_squares_are_asked_together_in_one_mosaic(
-    live: Live,
-) -> None:
-    # Two windows with three open squares each; a better one with seven between them.
-    first, many, third = _first_windows(live, "triangle", [3, 7, 3])
-    volunteer = live.volunteer()
-    task = volunteer.next_task(SLUG, tag="triangle")
-    assert task is not None and task["kind"] == "mosaic"
-    tiles = _task_windows(live, task["id"])
-    assert len(tiles) == 9 and not any(known for _, _, known in tiles)
-    asked = [w for w, status, _ in tiles if status == CellStatus.OPEN]
-    # Every open square of both, none of the window that has many; settled squares fill it.
-    assert sorted(asked) == [first] * 3 + [third] * 3
-    assert {w for w, _, _ in tiles} == {first, third}
-    leased = _leased_by(live, [first, third, many])
-    assert leased[0] is not None and leased == [leased[0], leased[0], None]
-    result = volunteer.answer(SLUG, task)
-    assert result["votes"] == 9
-    assert _leased_by(live, [first, third]) == [None, None]  # both given back
-
-
-@pytest.mark.parametrize("live", [{"gold_rate": 0.0}], indirect=True)
-def test_a_window_with_few_open_squares_and_none_like_it_is_asked_in_place(live: Live) -> None:
-    (only,) = _first_windows(live, "triangle", [2])
-    task = live.volunteer().next_task(SLUG, tag="triangle")
-    assert task is not None and task["kind"] == "window"
-    assert {w for w, _, _ in _task_windows(live, task["id"])} == {only}

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -139,25 +139,11 @@ def _apply_credits(session: Session, credits: dict[int, np.ndarray]) -> None:
 
 
 def _release(session: Session, task: Task, volunteer: Volunteer) -> None:
-    """Free the windows this task leased to the volunteer: its own, and every window whose
-    cells a mosaic of open cells pooled (``app.services.crowd.picker``)."""
-    window_ids = set(
-        session.scalars(
-            select(Cell.window_id)
-            .join(TaskTile, TaskTile.cell_id == Cell.id)
-            .where(
-                TaskTile.task_id == task.id, TaskTile.known.is_(False), Cell.window_id.is_not(None)
-            )
-        )
-    )
-    if task.window_id is not None:
-        window_ids.add(task.window_id)
-    session.execute(
-        update(Window)
-        .where(Window.id.in_(window_ids), Window.leased_by == volunteer.id)
-        .values(leased_until=None, leased_by=None)
-        .execution_options(synchronize_session=False)
-    )
+    if task.window_id is None:
+        return
+    window = session.get(Window, task.window_id)
+    if window is not None and window.leased_by == volunteer.id:
+        window.leased_until, window.leased_by = None, None
 
 
 def submit(

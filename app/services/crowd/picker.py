@@ -7,11 +7,9 @@ cells x their area relative to the object's expected area
 cell they already answered. Known tiles keep at least a gold rate of what a volunteer answers, the
 project's for a newcomer, less for one proven on gold, more for a doubtful one (``gold_rate_for``):
 window tasks whose cells are all gold, or mosaics of known-true, known-false and unknown tiles of
-one tag (3-5-1 by default, reCAPTCHA's mix), served only as known tiles that are due. A first
-window with few open cells left is asked together with other such windows of its tag, as one
-mosaic of their open cells (``_straggler_offer``), instead of a grid of mostly settled squares.
-An unknown window is leased to one volunteer at a time by a compare-and-set on its lease (with
-``SKIP LOCKED`` on PostgreSQL, serialised writers on SQLite); an abandoned lease simply runs out.
+one tag (3-5-1 by default, reCAPTCHA's mix), served only as known tiles that are due. An unknown
+window is leased to one volunteer at a time by a compare-and-set on its lease (with ``SKIP LOCKED``
+on PostgreSQL, serialised writers on SQLite); an abandoned lease simply runs out.
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ from sqlalchemy import (
     case,
     cast,
     exists,
-    func,
     insert,
     literal,
     or_,
@@ -257,83 +254,6 @@ def _new_task(
     return task
 
 
-# A window with this many open cells or fewer (its others settled) is served together with other
-# such windows of its tag, as one mosaic of their open cells: a grid of it alone would spend
-# most of a volunteer's look on squares already decided. Measured on the crowd campaign (seed 0,
-# 24 images, 80 s/target): 13% of the window tasks showed at most four open cells of nine, and
-# one vote in ten went to a cell already retired.
-STRAGGLER_CELLS = 4
-STRAGGLER_WINDOWS = 8  # other windows looked at for one mosaic
-# Only windows over the whole image pool (89 of those 136 tasks): their squares are a ninth of an
-# image each and show their own surroundings, while a finer square alone in a mosaic loses the
-# scene around it, which its window shows.
-STRAGGLER_MAX_LEVEL = 0
-
-
-def _open_cells(session: Session, window: Window) -> list[Cell]:
-    return [c for c in _window_cells(session, window) if c.status == CellStatus.OPEN]
-
-
-def _straggler_offer(
-    session: Session, project: Project, volunteer: Volunteer, window: Window, now: datetime
-) -> Offer | None:
-    """The open cells of the leased ``window``, when few are left, and of other such windows
-    of its tag (each leased to this volunteer too) as one mosaic, filled up with the windows'
-    settled cells; None when no other window joins (then the window is served as it is, its
-    squares in place)."""
-    if window.level > STRAGGLER_MAX_LEVEL:
-        return None
-    cells = _open_cells(session, window)
-    if not cells or len(cells) > STRAGGLER_CELLS:
-        return None
-    open_count = (
-        select(func.count(Cell.id))
-        .where(Cell.window_id == Window.id, Cell.status == CellStatus.OPEN)
-        .scalar_subquery()
-    )
-    tag = session.get(Tag, window.tag_id)
-    assert tag is not None
-    others = session.scalars(
-        _window_candidates(project, volunteer, tag, known=False, now=now)
-        .where(
-            Window.id != window.id,
-            Window.level <= STRAGGLER_MAX_LEVEL,
-            open_count.between(1, STRAGGLER_CELLS),
-        )
-        .order_by(Window.value.desc(), Window.id.desc())
-        .limit(STRAGGLER_WINDOWS)
-    ).all()
-    joined = [window]
-    for window_id in others:
-        if len(cells) >= TILES:
-            break
-        other = _lease(session, window_id, volunteer, now, _lease_until(project, now))
-        if other is None:
-            continue
-        more = _open_cells(session, other)
-        if not more or len(cells) + len(more) > TILES:  # whole windows only: all of it is asked
-            other.leased_until, other.leased_by = None, None
-            continue
-        joined.append(other)
-        cells += more
-    if len(joined) == 1:
-        return None
-    settled = [c for w in joined for c in _window_cells(session, w) if c.status != CellStatus.OPEN]
-    cells += settled[: TILES - len(cells)]
-    task = _new_task(
-        session,
-        project=project,
-        volunteer=volunteer,
-        tag_id=tag.id,
-        kind=TaskKind.MOSAIC,
-        window=window,
-        cells=cells,
-        known=[False] * len(cells),
-        now=now,
-    )
-    return Offer(task=task, tag=tag, cells=cells, known=[False] * len(cells))
-
-
 def _window_offer(
     session: Session,
     project: Project,
@@ -342,15 +262,9 @@ def _window_offer(
     now: datetime,
     *,
     want_known: bool,
-    pool_stragglers: bool = False,
 ) -> Offer | None:
     window = _known_window(session, project, volunteer, tag, now) if want_known else None
-    if window is None:
-        window = _lease_unknown_window(session, project, volunteer, tag, now)
-        if window is not None and pool_stragglers:
-            pooled = _straggler_offer(session, project, volunteer, window, now)
-            if pooled is not None:
-                return pooled
+    window = window or _lease_unknown_window(session, project, volunteer, tag, now)
     if window is None and not want_known:
         window = _known_window(session, project, volunteer, tag, now)
     if window is None:
@@ -483,9 +397,7 @@ def next_task(
         offer, reason = _mosaic_offer(session, project, volunteer, tag, now)
         if offer is not None:
             return offer
-    offer = _window_offer(
-        session, project, volunteer, tag, now, want_known=due, pool_stragglers=kind == "auto"
-    )
+    offer = _window_offer(session, project, volunteer, tag, now, want_known=due)
     if offer is not None and kind == "mosaic":
         offer.fallback_reason = reason
     return offer
