@@ -23,6 +23,7 @@ from app.cli.common import (
     ready_engine,
 )
 from app.db import make_session_factory
+from app.services.curation.quality import MAX_QUALITY_TARGETS
 from app.services.errors import NotFoundError
 from app.services.project import get_project
 
@@ -199,10 +200,18 @@ def retrain(
     size: Size = None,
     device: Device = "auto",
     seed: Seed = 0,
+    quality_targets: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="evaluation targets composed for the round's mask-quality reading (an even "
+            "sample; each costs about a second of GrabCut)",
+        ),
+    ] = MAX_QUALITY_TARGETS,
 ) -> None:
     """One round of the learning loop: train (the segmenter from the active one when it fits),
-    promote if better, model priors, re-tag, re-rank. --steps, --epochs and --size are the
-    segmenter's; --size also sets the tagger's (default 256)."""
+    promote if better, model priors, re-tag, re-rank, read mask quality. --steps, --epochs and
+    --size are the segmenter's; --size also sets the tagger's (default 256)."""
     from app.jobs.lock import JobBusyError
     from app.jobs.retrain import RetrainOptions, run_retrain
     from app.jobs.train import TrainOptions
@@ -213,6 +222,7 @@ def retrain(
         segmenter=TrainOptions(steps=steps, epochs=epochs, size=size, seed=seed),
         tagger=TrainOptions(epochs=tagger_epochs, size=size, seed=seed),
         device=device,
+        quality_targets=quality_targets,
     )
     try:
         report = run_retrain(

@@ -59,8 +59,9 @@ from tests.app.conftest import SLUG, World
 pytestmark = pytest.mark.slow
 SEGMENTER = TrainOptions(steps=6, size=64, backbone="resnet18", batch_size=8)
 TAGGER = TrainOptions(epochs=3, size=64, backbone="resnet10t", batch_size=8)
-# The quality reading composes a sample of 8 evaluation targets (all ~50 took most of a round).
-TINY = RetrainOptions(segmenter=SEGMENTER, tagger=TAGGER, device="cpu", quality_targets=8)
+# The quality reading composes a sample of 2 evaluation targets (all ~50 took most of a round;
+# early GrabCut on an untrained model's uncertain image takes a second or two each).
+TINY = RetrainOptions(segmenter=SEGMENTER, tagger=TAGGER, device="cpu", quality_targets=2)
 
 
 def test_a_round_trains_promotes_sets_model_priors_retags_and_reranks(world: World) -> None:
@@ -231,7 +232,7 @@ def test_a_retrain_killed_mid_training_leaves_the_active_model_and_no_partial_fi
     assert active == [(1,)]
 
     # The next job finds the killed ones, marks them failed, and runs.
-    _cli(data, "retrain", *small, "--steps", "1", "--tagger-epochs", "1")
+    _cli(data, "retrain", *small, "--steps", "1", "--tagger-epochs", "1", "--quality-targets", "2")
     jobs = _jobs(db)
     killed = [j for j in jobs if j[0] in ("retrain", "train-segmenter") and j[1] == "failed"]
     assert len(killed) == 2 and all("killed?" in log for _, _, log in killed)
