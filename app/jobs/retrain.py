@@ -24,7 +24,8 @@ Under the project's model-job lock (``app.jobs.lock``), as one recorded job:
    after a small confirmation sample (``model_confirm_votes``);
 6. open targets are re-ranked by the project's acquisition function: ``uncertainty`` (each
    window's value is the expected gain of an answer from its open cells' fused posteriors,
-   ``app.services.settle.revalue_windows``; a target where model and crowd disagree weighs more),
+   ``app.services.crowd.settle.revalue_windows``; a target where model and crowd disagree
+   weighs more),
    ``disagreement`` or ``random`` (targets in a random order); a tag the tagger added weighs
    its probability, updated by the crowd's first answers, in its windows' values
    (``app.services.target.tag_beliefs``);
@@ -77,12 +78,12 @@ from app.models import (
     WindowState,
 )
 from app.services.consensus import refresh_cells
+from app.services.crowd.settle import revalue_windows, settle_targets
 from app.services.curation.quality import MAX_QUALITY_TARGETS, record_quality
 from app.services.image import image_path
 from app.services.job import finish_job, job_run, log_job
 from app.services.model_version import active_model
 from app.services.project import get_project
-from app.services.settle import revalue_windows, settle_targets
 from app.storage import decode_mask_png
 from ml.aggregation import grid
 from ml.calibration import Calibrator, fit_calibrator, model_weight, with_slope

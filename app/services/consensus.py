@@ -2,8 +2,8 @@
 
 The numbers come from ``ml.aggregation``; this module loads what they need and writes back what
 they give. A cell's posterior is recomputed from all its counted votes whenever it gets a new
-one (``refresh_cells``); ``app.services.retirement`` then decides which cells are done, and
-``app.services.settle`` refines, closes windows and completes targets. ``recompute_project``
+one (``refresh_cells``); ``app.services.crowd.retirement`` then decides which cells are done, and
+``app.services.crowd.settle`` refines, closes windows and completes targets. ``recompute_project``
 (``app.services.recompute``) runs the batch two-coin EM over every vote of a project, leaving
 banned volunteers out.
 """

@@ -29,8 +29,8 @@ from app.models import (
     Vote,
 )
 from app.services.consensus import COUNT_COLUMNS
-from app.services.retirement import VOTED_REASONS, follow_evidence, following
-from app.services.settle import lock_targets, settle_targets
+from app.services.crowd.retirement import VOTED_REASONS, follow_evidence, following
+from app.services.crowd.settle import lock_targets, settle_targets
 from app.services.volunteer import credibility_of
 from ml.aggregation.credibility import WorkerCounts, budget_shares
 from ml.aggregation.dawid_skene import dawid_skene, gold_counts

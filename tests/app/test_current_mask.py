@@ -8,9 +8,9 @@ from sqlalchemy import select
 
 from app.models import Cell, Project, Target, Window
 from app.services.campaign import load_truth
+from app.services.crowd.settle import settle_target
 from app.services.curation.triage import set_cell
 from app.services.masks.composition import compose_target
-from app.services.settle import settle_target
 from ml.aggregation import grid
 from tests.app.conftest import Live
 

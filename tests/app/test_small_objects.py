@@ -5,8 +5,8 @@ from __future__ import annotations
 from sqlalchemy import select, update
 
 from app.models import Cell, ImageTag, ImageTagSource, Project, Target, Window
+from app.services.crowd.settle import settle_target
 from app.services.curation.triage import set_cell
-from app.services.settle import settle_target
 from tests.app.conftest import HAS_PYRAMID, Live
 
 SLUG = "demo"

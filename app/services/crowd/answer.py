@@ -37,9 +37,9 @@ from app.services.consensus import (
     gold_labels,
     refresh_cells,
 )
+from app.services.crowd.retirement import retire_fresh
+from app.services.crowd.settle import lock_targets, revalue_windows, settle_targets
 from app.services.errors import ConflictError, ForbiddenError, InvalidInputError, NotFoundError
-from app.services.retirement import retire_fresh
-from app.services.settle import lock_targets, revalue_windows, settle_targets
 from app.services.volunteer import credibility_of
 from ml.aggregation.credibility import gold_credit
 

@@ -38,9 +38,9 @@ from app.services.campaign import (
     window_value,
 )
 from app.services.consensus import cell_votes
+from app.services.crowd.retirement import VOTED_REASONS, retire_cells
 from app.services.masks.composition import record_consensus_mask
 from app.services.masks.union import finish_unions
-from app.services.retirement import VOTED_REASONS, retire_cells
 from app.services.target import tag_belief, tag_beliefs
 from ml.aggregation import grid
 from ml.aggregation.acquisition import object_area
