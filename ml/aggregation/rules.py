@@ -23,7 +23,8 @@ present, where every coarser cell paints its block.
 
 A target whose tag people gave the image (not the tagger) and whose nine first cells all came
 back negative holds an object too small to be seen in a ninth of the image: ``search_small``
-opens each of the nine cells as its own window, once.
+opens each of the nine cells as its own window, once. Their squares start at ``SEARCH_PRIOR``:
+the object is in few of them, so one credible "no" is enough for each of the others.
 
 Children inherit a prior from their parent (``inherited_prior``): half its posterior log-odds,
 clipped to +-2. The crowd has said the parent shows the object, so before anyone looks at a
@@ -41,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ml.aggregation.grid import Cell, ancestor, cell_arrays, children, min_cell_size
-from ml.aggregation.votes import BoolArray, sigmoid
+from ml.aggregation.votes import BoolArray, logit, sigmoid
 
 
 @dataclass(frozen=True)
@@ -98,20 +99,37 @@ def retire(
     return Retirement(retired=retired, uncertain=uncertain, label=label)
 
 
+# The votes' own log-likelihood ratio, in the direction of a sure prior, that confirms it on
+# fewer than ``min_votes`` votes: one answer from a volunteer proven on gold brings 1.8-2.4, a
+# sloppy one's (who misses what covers little of a square) about 1, a newcomer's less.
+CONFIRM_EVIDENCE = 1.5
+
+
 def confirmation_votes(
-    prior_logodds: npt.ArrayLike, config: RetirementConfig, *, confirm_votes: int
+    prior_logodds: npt.ArrayLike,
+    config: RetirementConfig,
+    *,
+    confirm_votes: int,
+    posterior: npt.ArrayLike | None = None,
 ) -> npt.NDArray[np.int64]:
     """Votes each cell needs before it may retire on confidence.
 
-    A cell whose prior alone reaches the retirement confidence (a model that is sure) needs
-    ``confirm_votes`` agreeing votes (a disagreeing vote pulls the posterior back under the bar,
-    so the cell stays open for more); every other cell needs ``config.min_votes``.
+    A cell whose prior alone reaches the retirement confidence (a model that is sure, a square
+    of a small-object search) needs ``confirm_votes`` agreeing votes, if those votes bring at
+    least ``CONFIRM_EVIDENCE`` of log-likelihood ratio its way (the posterior's log-odds less the
+    prior's): a sure prior is confirmed by a credible answer, not by any. A disagreeing vote
+    pulls the posterior back under the bar, so the cell stays open for more; every other cell
+    needs ``config.min_votes``. Without ``posterior`` the votes are not weighed.
 
     Shape:
-        prior_logodds ``(n_cells,)``; returns ``(n_cells,)``.
+        prior_logodds, posterior ``(n_cells,)``; returns ``(n_cells,)``.
     """
+    prior = np.asarray(prior_logodds, dtype=np.float64)
     bar = np.log(config.confidence) - np.log1p(-config.confidence)
-    sure = np.abs(np.asarray(prior_logodds, dtype=np.float64)) >= bar
+    sure = np.abs(prior) >= bar
+    if posterior is not None:
+        evidence = logit(posterior) - prior
+        sure &= np.sign(prior) * evidence >= CONFIRM_EVIDENCE
     return np.where(sure, min(confirm_votes, config.min_votes), config.min_votes).astype(np.int64)
 
 
@@ -129,6 +147,14 @@ INHERIT_SHRINK = 0.5
 # Under the retirement bar (logit 0.95 = 2.94): an inherited prior is a guess about mixed
 # children, never sure enough for a single vote to confirm (``confirmation_votes``).
 INHERIT_CLIP = 2.0
+
+
+# The prior of the squares a small-object search opens (``search_small``): nine first squares
+# came back empty, so the object covers a sliver of the image and few of the 81 squares below
+# hold any of it (1.4% in a crowd campaign). Just past the retirement bar, so that one credible
+# answer that agrees retires an empty square (``confirmation_votes``); a yes reopens the
+# question at once.
+SEARCH_PRIOR = -3.0
 
 
 def inherited_prior(parent_logodds: npt.ArrayLike) -> npt.NDArray[np.float64]:

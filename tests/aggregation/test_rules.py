@@ -94,6 +94,33 @@ def test_children_inherit_a_shrunk_prior_from_their_parent() -> None:
     assert np.all(needed == RetirementConfig().min_votes)
 
 
+def test_a_sure_prior_is_confirmed_early_only_by_votes_that_weigh_enough() -> None:
+    from ml.aggregation.rules import CONFIRM_EVIDENCE, SEARCH_PRIOR
+    from ml.aggregation.votes import sigmoid
+
+    config = RetirementConfig()
+    bar = np.log(config.confidence / (1 - config.confidence))
+    assert abs(SEARCH_PRIOR) >= bar  # a search square is sure enough to be confirmed by one answer
+    prior = np.full(4, SEARCH_PRIOR)
+    # The votes' log-LR: a proven volunteer's no, a sloppy one's, a yes, none at all.
+    evidence = np.array([-2.0, -0.95, 1.9, 0.0])
+    posterior = sigmoid(prior + evidence)
+    needed = confirmation_votes(prior, config, confirm_votes=1, posterior=posterior)
+    assert needed.tolist() == [1, config.min_votes, config.min_votes, config.min_votes]
+    # A cell retires on the credible answer; the sloppy "no" alone does not retire it, although
+    # its posterior is past the bar.
+    decision = retire(posterior, np.ones(4), config=config, min_votes=needed)
+    assert decision.retired.tolist() == [True, False, False, False]
+    assert sigmoid(SEARCH_PRIOR - 0.95) < 1 - config.confidence
+    # The same for a sure positive prior (a model that is sure), in its direction.
+    up = confirmation_votes(
+        [4.0, 4.0], config, confirm_votes=1, posterior=sigmoid([4.0 + CONFIRM_EVIDENCE, 4.5])
+    )
+    assert up.tolist() == [1, config.min_votes]
+    # Without the posterior only the prior counts.
+    assert confirmation_votes(prior, config, confirm_votes=1).tolist() == [1] * 4
+
+
 def test_a_tagged_object_no_first_square_showed_is_searched_for_one_level_down() -> None:
     from ml.aggregation.grid import ROOT, children
     from ml.aggregation.rules import RefinementConfig, search_small

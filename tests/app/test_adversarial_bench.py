@@ -1,8 +1,8 @@
-"""``bench/adversarial.py``, bounded: one seed on two demo images, both arms to the end.
+"""``bench/adversarial.py``, bounded: two seeds on two demo images each, both arms to the end.
 
-The IoU target is the benchmark's, over five seeds (one seed moves by a point or two from run
-to run); this run checks what must hold in any run: both campaigns end, the bad actors leave the
-final masks close to the honest crowd's, and every bad actor is learned for what it is."""
+The IoU target is the benchmark's, over five seeds; this run checks what must hold in any run:
+both campaigns end, the bad actors leave the final masks close to the honest crowd's, and every
+bad actor is learned for what it is."""
 
 from __future__ import annotations
 
@@ -16,13 +16,16 @@ import pytest
 from tests.conftest import TEST_DATABASE_URL
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "adversarial.py"
-BOUNDED = ["--quick", "--answers", "8000", "--measure-every", "500"]
+BOUNDED = ["--answers", "8000", "--measure-every", "500", "--seeds", "0", "1"]
 # One seed on two images has about 8 evaluation targets: one object that one arm finds and the
-# other loses (a different stream of tasks refines other cells) moves the mean by 12 points, so
-# a single run's IoU only says that no more than one object went. What bad actors must not move
-# is the crowd's answers: the clear-cut cells they retire wrong (0/669 honest, 1/564 adversarial
-# when this was written), against the honest crowd's, in points.
-ONE_SEED_POINTS = 15.0  # the five-seed target is 2
+# other loses (a different stream of tasks refines other cells) moves that seed's mean by 12
+# points, the mean of two seeds by 6. Measured with one seed alone, a better search for small
+# objects (which the honest crowd profits from first) moved seed 0 from -13.3 to -15.4 and seed 1
+# from +8.5 to +5.1: one seed says little, so two are run, and their mean may be an object and a
+# few points off. What bad actors must not move is the crowd's answers: the clear-cut cells
+# they retire wrong (0/617 honest, 1/555 adversarial on seed 0 when this was written), against
+# the honest crowd's, in points.
+TWO_SEED_POINTS = 9.0  # the five-seed target is 2
 WRONG_CELL_POINTS = 1.0
 
 pytestmark = [
@@ -53,14 +56,16 @@ def test_both_crowds_run_out_of_work_and_every_bad_actor_is_found_out() -> None:
     )
     output = f"{done.stdout}\n{done.stderr}"
     assert done.returncode in (0, 1), output  # 1: this seed missed the five-seed target
-    assert re.search(r"honest [\d.]+ \(out of work after \d+ answers\)", output), output
-    assert re.search(r"adversarial [\d.]+ \(out of work after \d+ answers\)", output), output
-    final = re.search(r"final masks: delta ([+-][\d.]+) ± nan IoU points.*: (PASS|FAIL) ", output)
+    ended = r"honest [\d.]+ \(out of work after \d+ answers\), adversarial [\d.]+ \(out of work"
+    assert len(re.findall(ended, output)) == 2, output
+    final = re.search(
+        r"final masks: delta ([+-][\d.]+) ± [\d.]+ IoU points.*: (PASS|FAIL) ", output
+    )
     assert final is not None, output  # not INCOMPLETE: both campaigns ended under the cap
-    assert abs(float(final.group(1))) <= ONE_SEED_POINTS, output
-    cells = re.search(r"retired wrong: honest (\d+)/(\d+), adversarial (\d+)/(\d+)", output)
-    assert cells is not None, output
-    honest_wrong, honest_all, bad_wrong, bad_all = (int(g) for g in cells.groups())
+    assert abs(float(final.group(1))) <= TWO_SEED_POINTS, output
+    cells = re.findall(r"retired wrong: honest (\d+)/(\d+), adversarial (\d+)/(\d+)", output)
+    assert len(cells) == 2, output
+    honest_wrong, honest_all, bad_wrong, bad_all = (sum(int(c[i]) for c in cells) for i in range(4))
     assert honest_all > 100 and bad_all > 100, output
     assert 100 * (bad_wrong / bad_all - honest_wrong / honest_all) <= WRONG_CELL_POINTS, output
     for kind in ("adversary", "random_clicker"):

@@ -100,12 +100,16 @@ def following(session: Session, cells: list[Cell]) -> list[int]:
     return [i for i in voted if cells[i].target_id in open_to_votes]
 
 
-def _min_votes(project: Project, cells: list[Cell]) -> npt.NDArray[np.int64]:
-    """Credible votes each cell needs before it may retire on confidence."""
+def _min_votes(
+    project: Project, cells: list[Cell], posterior: npt.ArrayLike
+) -> npt.NDArray[np.int64]:
+    """Credible votes each cell needs before it may retire on confidence (fewer where the votes
+    confirm a sure prior: ``confirmation_votes``)."""
     return confirmation_votes(
         [c.prior_logodds for c in cells],
         retirement_config(project),
         confirm_votes=int(project.setting("model_confirm_votes")),
+        posterior=posterior,
     )
 
 
@@ -116,7 +120,7 @@ def _decide(
         posterior,
         credible,
         config=retirement_config(project),
-        min_votes=_min_votes(project, cells),
+        min_votes=_min_votes(project, cells, posterior),
     )
 
 
@@ -170,7 +174,7 @@ def follow_evidence(
     q = np.asarray(posterior, dtype=np.float64)
     n = np.asarray(credible, dtype=np.float64)
     decision = _decide(project, cells, q, n)
-    backed = n >= _min_votes(project, cells)
+    backed = n >= _min_votes(project, cells, q)
     changed = []
     for i, cell in enumerate(cells):
         label = bool(decision.label[i])

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -47,6 +48,7 @@ from ml.aggregation.acquisition import object_area
 from ml.aggregation.rules import (
     INHERIT_CLIP,
     INHERIT_SHRINK,
+    SEARCH_PRIOR,
     choose_refinements,
     inherited_prior,
     leaf_cells,
@@ -193,6 +195,26 @@ def _disputed(session: Session, retired: list[Cell]) -> list[bool]:
     return disputed
 
 
+def _inherited(session: Session, parents: list[Cell]) -> npt.NDArray[np.float64]:
+    """The prior of each parent's children (``inherited_prior``): from its posterior, or from a
+    gold or curator answer taken as sure."""
+    logodds = dict(
+        session.execute(
+            select(Consensus.cell_id, Consensus.logodds).where(
+                Consensus.cell_id.in_([p.id for p in parents])
+            )
+        ).all()
+    )
+    return inherited_prior(
+        [
+            (INHERIT_CLIP / INHERIT_SHRINK) * (1 if p.label else -1)
+            if p.retire_reason in (RetireReason.GOLD, RetireReason.CURATOR)
+            else logodds.get(p.id, 0.0)
+            for p in parents
+        ]
+    )
+
+
 def _refine(
     session: Session,
     settings: Settings,
@@ -215,7 +237,8 @@ def _refine(
         opened=opened,
         config=refinement_config(project),
     )
-    if not deeper and _tag_is_known(session, target):
+    searching = not deeper and _tag_is_known(session, target)
+    if searching:
         deeper = search_small(
             [grid.Cell(c.level, c.row, c.col) for c in retired],
             [int(bool(c.label)) for c in retired],
@@ -229,20 +252,11 @@ def _refine(
     mask = load_truth(session, settings, target)
     truth = Truth(mask=mask, frozen=True) if mask is not None else None
     by_address = {grid.Cell(c.level, c.row, c.col): c for c in retired}
-    logodds = dict(
-        session.execute(
-            select(Consensus.cell_id, Consensus.logodds).where(
-                Consensus.cell_id.in_([by_address[p].id for p in deeper])
-            )
-        ).all()
-    )
-    parent_logodds = [
-        (INHERIT_CLIP / INHERIT_SHRINK) * (1 if by_address[p].label else -1)
-        if by_address[p].retire_reason in (RetireReason.GOLD, RetireReason.CURATOR)
-        else logodds.get(by_address[p].id, 0.0)
-        for p in deeper
-    ]
-    priors = [[float(v)] * 9 for v in inherited_prior(parent_logodds)]
+    if searching:
+        inherited = [SEARCH_PRIOR] * len(deeper)
+    else:
+        inherited = list(_inherited(session, [by_address[p] for p in deeper]))
+    priors = [[float(v)] * 9 for v in inherited]
     open_windows(session, target=target, parents=deeper, truth=truth, prior_logodds=priors)
     return len(deeper)
 
