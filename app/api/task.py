@@ -218,9 +218,14 @@ def get_context(
         )
     if window is None or image is None:
         raise NotFoundError(f"task {task_id} shows no window within an image")
-    jpeg = render_context(
-        settings, image, grid.Cell(window.level, window.row, window.col), around=view == "around"
+    # The nine squares shown: the window's children, or a block shifted over its neighbours.
+    cells = session.scalars(
+        select(Cell).join(TaskTile, TaskTile.cell_id == Cell.id).where(TaskTile.task_id == task.id)
     )
+    area = grid.cells_rect(
+        [grid.Cell(c.level, c.row, c.col) for c in cells], image.height, image.width
+    )
+    jpeg = render_context(settings, image, area, around=view == "around")
     return Response(
         jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"}
     )

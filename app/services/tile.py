@@ -153,15 +153,15 @@ def render_tile(
 def render_context(
     settings: Settings,
     image: Image,
-    window: grid.Cell,
+    area: grid.PixelRect,
     *,
     around: bool = False,
     side: int = CONTEXT_SIDE,
 ) -> bytes:
-    """The JPEG of the whole image (or, ``around``, of the window and as much again on every
-    side: what the nine squares sit in) with ``window`` (the cell a window divides into nine)
-    outlined and everything else dimmed to ``CONTEXT_DIM``."""
-    rect = grid.cell_rect(window, image.height, image.width)
+    """The JPEG of the whole image (or, ``around``, of the area and as much again on every
+    side: what the nine squares sit in) with ``area`` (what a grid task's nine squares show:
+    ``grid.cells_rect``) outlined and everything else dimmed to ``CONTEXT_DIM``."""
+    rect = area
     view = grid.PixelRect(0, 0, image.height, image.width)
     if around:
         view = grid.PixelRect(

@@ -94,3 +94,60 @@ def presence(guess: float, prior_logodds: Sequence[float], logodds: Sequence[flo
     evidence = np.asarray(logodds, dtype=np.float64) - np.asarray(prior_logodds, dtype=np.float64)
     odds = p / (1.0 - p) * float(np.mean(np.exp(np.clip(evidence, -50.0, 50.0))))
     return float(odds / (1.0 + odds))
+
+
+def best_block(
+    gain: npt.ArrayLike, usable: npt.ArrayLike, window: npt.ArrayLike, anchor: tuple[int, int]
+) -> tuple[int, int]:
+    """The 3x3 block of same-level cells worth most to ask about in place of the window whose
+    top-left cell is ``anchor``.
+
+    A window is the nine children of one cell; once most of them are settled (a border cell
+    split between volunteers stays open after its neighbours retire), one more answer to it
+    costs a whole grid for one or two squares. The object's border runs across windows, so
+    the block of nine squares shifted over the neighbouring windows often holds the open
+    squares of two windows: the same grid of one contiguous area, worth more.
+
+    A block answers every open square of each window it touches, the window's own included: a
+    volunteer is never shown a square twice, so a window they saw a part of is not theirs to
+    see again, and a block that left one of its open squares out would take that square away
+    from them for nothing (with few volunteers, from everyone).
+
+    Args:
+        gain: per cell of the level's lattice (a window's level + 1), what an answer to it is
+            worth: above 0 for the open cells, 0 for the settled ones.
+        usable: per cell, whether it may be shown (it exists, and this volunteer has not
+            answered it).
+        window: per cell, the window it belongs to (any integer label; cells that do not
+            exist are not usable).
+        anchor: (row, col) of the window's top-left cell on the lattice.
+
+    Shape:
+        gain, usable, window ``(n, n)``, n >= 3.
+
+    Returns:
+        (row, col) of the chosen block's top-left cell: ``anchor`` unless a block worth more
+        exists (ties keep the window).
+    """
+    g = np.asarray(gain, dtype=np.float64)
+    ok = np.asarray(usable, dtype=bool)
+    label = np.asarray(window)
+    n = g.shape[0]
+    r0, c0 = anchor
+    best, best_value = (r0, c0), float(g[r0 : r0 + 3, c0 : c0 + 3].sum())
+    open_of = {int(w): int(((label == w) & (g > 0)).sum()) for w in np.unique(label[g > 0])}
+    for top in range(max(0, r0 - 2), min(n - 3, r0 + 2) + 1):
+        for left in range(max(0, c0 - 2), min(n - 3, c0 + 2) + 1):
+            block = (slice(top, top + 3), slice(left, left + 3))
+            if not ok[block].all():
+                continue
+            inside = label[block][g[block] > 0]
+            touched = np.unique(label[block])
+            if label[r0, c0] not in touched or any(
+                int((inside == w).sum()) != open_of.get(int(w), 0) for w in touched
+            ):
+                continue
+            value = float(g[block].sum())
+            if value > best_value + 1e-12:
+                best, best_value = (top, left), value
+    return best

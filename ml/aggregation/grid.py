@@ -88,6 +88,18 @@ def cell_rect(cell: Cell, height: int, width: int) -> PixelRect:
     return PixelRect(top, left, bottom, right)
 
 
+def cells_rect(cells: Sequence[Cell], height: int, width: int) -> PixelRect:
+    """The smallest pixel rectangle that holds all of ``cells`` (a window's nine children, or
+    a block of nine shifted over neighbouring windows: the area a grid task shows)."""
+    rects = [cell_rect(c, height, width) for c in cells]
+    return PixelRect(
+        min(r.top for r in rects),
+        min(r.left for r in rects),
+        max(r.bottom for r in rects),
+        max(r.right for r in rects),
+    )
+
+
 def children(cell: Cell) -> tuple[Cell, ...]:
     """The nine children of ``cell`` (its window), row-major."""
     check_cell(cell)

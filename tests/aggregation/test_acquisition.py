@@ -66,3 +66,35 @@ def test_more_evidence_for_a_cell_never_lowers_the_belief(
     before = presence(guess, prior, logodds)
     logodds[cell] += more
     assert 0.0 <= before <= presence(guess, prior, logodds) <= 1.0
+
+
+def test_a_window_with_few_open_squares_shifts_to_the_block_that_holds_more() -> None:
+    from ml.aggregation.acquisition import best_block
+
+    # A 9x9 lattice (level 2), nine windows; the window at (3, 3) has one open square, its
+    # right-hand neighbour three, along the object's border.
+    windows = np.arange(9).reshape(3, 3).repeat(3, axis=0).repeat(3, axis=1)
+    gain = np.zeros((9, 9))
+    gain[4, 5] = 1.0
+    gain[3:6, 6] = [1.0, 0.5, 1.0]
+    usable = np.ones((9, 9), dtype=bool)
+    # Both windows' open squares in one grid.
+    assert best_block(gain, usable, windows, (3, 3)) == (3, 4)
+    # Never a block that leaves out an open square of the window, even one worth more.
+    far = gain.copy()
+    far[1:3, 1:4] = 1.0
+    assert best_block(far, usable, windows, (3, 3)) == (3, 4)
+    # Nor one that leaves out an open square of a window it touches: this volunteer could not
+    # be shown that window again.
+    beyond = gain.copy()
+    beyond[4, 8] = 1.0
+    assert best_block(beyond, usable, windows, (3, 3)) == (3, 3)
+    # Only blocks whose every cell may be shown: none with a square this volunteer answered.
+    usable[3, 6] = False
+    assert best_block(gain, usable, windows, (3, 3)) == (3, 3)
+    # Ties keep the window; at the lattice's edge blocks stay inside it.
+    ones = np.ones((9, 9))
+    assert best_block(ones, np.ones((9, 9), dtype=bool), windows, (0, 0)) == (0, 0)
+    corner = np.zeros((9, 9))
+    corner[0, 2], corner[0, 3:5] = 1.0, 1.0
+    assert best_block(corner, np.ones((9, 9), dtype=bool), windows, (0, 0)) == (0, 2)

@@ -106,7 +106,7 @@ def test_a_fine_window_shows_where_it_is_in_the_whole_image(live: Live) -> None:
         assert image is not None
         session.expunge(image)
     window = grid.Cell(1, 1, 2)  # the middle right ninth
-    jpeg = render_context(live.settings, image, window)
+    jpeg = render_context(live.settings, image, grid.cell_rect(window, image.height, image.width))
     picture = _pixels(jpeg)
     assert max(picture.shape) == CONTEXT_SIDE
     rect = grid.cell_rect(window, *picture.shape)
@@ -120,11 +120,11 @@ def test_a_fine_window_shows_where_it_is_in_the_whole_image(live: Live) -> None:
     assert picture[outside].mean() < 0.6 * plain[outside].mean()  # the rest dimmed
     # Around a deep window: the window and as much again on each side, the window in the middle.
     deep = grid.Cell(3, 13, 13)
-    around = _pixels(render_context(live.settings, image, deep, around=True))
+    source = grid.cell_rect(deep, image.height, image.width)
+    around = _pixels(render_context(live.settings, image, source, around=True))
     h, w = around.shape
     middle = around[h // 3 + 3 : 2 * h // 3 - 3, w // 3 + 3 : 2 * w // 3 - 3]
     edge = around[: h // 3 - 3, : w // 3 - 3]
-    source = grid.cell_rect(deep, image.height, image.width)
     zoom = np.asarray(
         PILImage.open(image_path(live.settings, image))
         .convert("L")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+import numpy as np
 from sqlalchemy import (
     BigInteger,
     Select,
@@ -34,10 +35,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from app.db import utcnow
+from app.db import as_utc, utcnow
 from app.models import (
     Cell,
     CellStatus,
+    Consensus,
     Credibility,
     Gold,
     Project,
@@ -51,6 +53,7 @@ from app.models import (
     Window,
     WindowState,
 )
+from ml.aggregation.acquisition import best_block, uncertainty
 
 TaskKindRequest = Literal["auto", "window", "mosaic"]
 TILES = 9
@@ -270,6 +273,8 @@ def _window_offer(
     if window is None:
         return None
     cells = _window_cells(session, window)
+    if not window.known and window.level > 0:
+        cells = _shifted_block(session, window, cells, volunteer, now)
     gold = _gold_ids(session, window_cells=[c.id for c in cells])
     known = [c.id in gold for c in cells]
     task = _new_task(
@@ -286,6 +291,54 @@ def _window_offer(
     tag_row = session.get(Tag, window.tag_id)
     assert tag_row is not None
     return Offer(task=task, tag=tag_row, cells=cells, known=known)
+
+
+def _shifted_block(
+    session: Session, window: Window, cells: list[Cell], volunteer: Volunteer, now: datetime
+) -> list[Cell]:
+    """The window's nine cells, or the block of nine same-level cells shifted over its
+    neighbours that answers every open square of the windows it touches and is worth more
+    (``acquisition.best_block``): once a window's settled squares outnumber its open ones, a
+    grid of it spends a volunteer's ten seconds on one or two squares. Cells of another
+    volunteer's leased window, of a known window, or that this volunteer answered are not
+    shown; the task keeps the window's lease."""
+    if all(c.status == CellStatus.OPEN for c in cells):
+        return cells  # nothing settled yet: the window is the best grid there
+    # The window and the eight around it, on their own 9x9 lattice (the window at 3..5).
+    level, top, left = window.level + 1, window.row * 3 - 3, window.col * 3 - 3
+    voted = select(Vote.id).where(Vote.volunteer_id == volunteer.id, Vote.cell_id == Cell.id)
+    rows = session.execute(
+        select(
+            Cell,
+            voted.exists(),
+            Consensus.posterior,
+            Window.known,
+            Window.leased_by,
+            Window.leased_until,
+        )
+        .join(Window, Window.id == Cell.window_id)
+        .outerjoin(Consensus, Consensus.cell_id == Cell.id)
+        .where(
+            Cell.target_id == window.target_id,
+            Cell.level == level,
+            Cell.row.between(top, top + 8),
+            Cell.col.between(left, left + 8),
+        )
+    ).all()
+    gain, usable = np.zeros((9, 9)), np.zeros((9, 9), dtype=bool)
+    owner = np.full((9, 9), -1, dtype=np.int64)
+    by_place: dict[tuple[int, int], Cell] = {}
+    for cell, answered, posterior, known, leased_by, leased_until in rows:
+        r, c = cell.row - top, cell.col - left
+        by_place[(r, c)], owner[r, c] = cell, cell.window_id or -1
+        if cell.status == CellStatus.OPEN:
+            gain[r, c] = max(float(uncertainty([0.5 if posterior is None else posterior])[0]), 1e-9)
+        leased = leased_until is not None and as_utc(leased_until) > as_utc(now)
+        usable[r, c] = not (answered or known or (leased and leased_by != volunteer.id))
+    r0, c0 = best_block(gain, usable, owner, (3, 3))
+    if (r0, c0) == (3, 3):
+        return cells
+    return [by_place[(r0 + i, c0 + j)] for i in range(3) for j in range(3)]
 
 
 MOSAIC_SAMPLE = 8  # gold cells drawn per tile wanted, to find enough distinct targets
