@@ -3,12 +3,15 @@ TESSERA_TEST_DATABASE_URL says so), migrated with Alembic, and a savepoint per t
 
 Against PostgreSQL only the tests that use the database run: every database fixture depends on
 ``database_url``, so a test without it (pure numpy, model training, the CLI on its own embedded
-SQLite) would only repeat its SQLite run. They are reported as deselected."""
+SQLite) would only repeat its SQLite run. They are reported as deselected; so are the ``bench``
+tests in the pass that ``TESSERA_BENCH_PASS`` does not name."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
@@ -22,16 +25,48 @@ from app.db import Base, make_engine
 from app.migrate import upgrade_to_head
 
 TEST_DATABASE_URL = os.environ.get("TESSERA_TEST_DATABASE_URL", "")
+# Tests marked ``bench`` start a bench/ script that makes its own SQLite projects whatever the
+# pass, so they run in one pass only: the one TESSERA_BENCH_PASS names ("sqlite" by default;
+# .ci/run, which runs both passes side by side, gives them to the shorter PostgreSQL pass).
+BENCH_PASS = os.environ.get("TESSERA_BENCH_PASS", "sqlite")
+THIS_PASS = "postgres" if TEST_DATABASE_URL else "sqlite"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not TEST_DATABASE_URL:
-        return
-    uses_db = [i for i in items if "database_url" in getattr(i, "fixturenames", ())]
-    others = [i for i in items if i not in uses_db]
+    if BENCH_PASS not in ("sqlite", "postgres"):
+        raise pytest.UsageError(
+            f"TESSERA_BENCH_PASS must be sqlite or postgres, not {BENCH_PASS!r}"
+        )
+    benches = [i for i in items if i.get_closest_marker("bench") is not None]
+    keep = [
+        i
+        for i in items
+        if (i in benches and BENCH_PASS == THIS_PASS)
+        or (
+            i not in benches
+            and (not TEST_DATABASE_URL or "database_url" in getattr(i, "fixturenames", ()))
+        )
+    ]
+    others = [i for i in items if i not in keep]
     if others:
         config.hook.pytest_deselected(items=others)
-        items[:] = uses_db
+        items[:] = keep
+
+
+def run_script(args: list[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a script in a process group of its own, its output captured; past ``timeout`` the
+    whole group is killed (a bench's worker processes too: left behind, they would hold the
+    CPU for the rest of the run) and the test fails with what the script had printed."""
+    with subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"{args[1]} ran past {timeout:.0f} s\n{out}\n{err}")
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
 def _reset(engine: Engine) -> None:

@@ -17,30 +17,22 @@ import numpy as np
 import pytest
 
 from bench.campaign import size_class
-from tests.conftest import TEST_DATABASE_URL
+from tests.conftest import run_script
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "campaign.py"
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        bool(TEST_DATABASE_URL), reason="the bench runs on SQLite files: in the SQLite pass only"
-    ),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.bench]
 
 
 def test_a_bounded_campaign_prints_its_line_and_the_crowd_improves_the_masks(
     tmp_path: Path,
 ) -> None:
-    done = subprocess.run(
+    done = run_script(
         [
             *(sys.executable, str(BENCH), "--quick", "--plot", str(tmp_path / "c.png")),
             *("--keep", str(tmp_path / "kept"), "--set", "vote_budget=6"),
         ],
-        capture_output=True,
-        text=True,
         timeout=900,
-        check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     line = re.search(
