@@ -68,7 +68,7 @@ from sqlalchemy.orm import Session, sessionmaker
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the simulated crowd of the tests
 from app.cli.serve import DEMO_SETTINGS
 from app.config import Settings
-from app.db import make_engine, make_session_factory
+from app.db import as_utc, make_engine, make_session_factory
 from app.jobs.retrain import RetrainOptions, run_retrain
 from app.jobs.train import TrainOptions
 from app.main import create_app, recompute_all
@@ -85,7 +85,9 @@ from app.models import (
     Project,
     Target,
     Task,
+    TaskKind,
     TaskState,
+    TaskTile,
     Window,
 )
 from app.security import VOLUNTEER_COOKIE
@@ -328,6 +330,26 @@ class Measurer:
                     spent["other"] += 1
         return spent
 
+    def settled_tiles(self) -> tuple[int, int]:
+        """(tiles already settled when shown, tiles shown) over the submitted window tasks of
+        unknown windows: a window is served until its last square settles, and each grid of it
+        asks again about the squares that already have. A cell opened again since counts as
+        it is now."""
+        with self.factory() as session:
+            rows = session.execute(
+                select(Task.issued_at, Cell.retired_at)
+                .join(TaskTile, TaskTile.task_id == Task.id)
+                .join(Cell, Cell.id == TaskTile.cell_id)
+                .join(Window, Window.id == Task.window_id)
+                .where(
+                    Task.state == TaskState.SUBMITTED,
+                    Task.kind == TaskKind.WINDOW,
+                    Window.known.is_(False),
+                )
+            ).all()
+        settled = sum(1 for issued, retired in rows if retired and as_utc(retired) < as_utc(issued))
+        return settled, len(rows)
+
     def ceiling(self) -> float:
         """Mean IoU of the composition fed perfect answers on every window the rules open."""
         ious = []
@@ -364,6 +386,7 @@ class Arm:
     ran_out: bool = False  # the crowd found nothing more to answer before the cap
     sizes: dict[str, SizeShare] = field(default_factory=dict)  # at the end, by object size
     spent: dict[str, int] = field(default_factory=dict)  # grids, by where they went
+    settled: tuple[int, int] = (0, 0)  # window tiles shown already settled, of all shown
 
     def at(self, seconds: float) -> float:
         return at_budget(self.points, seconds, ran_out=self.ran_out)
@@ -460,16 +483,16 @@ def run_arm(
     ran_out = answers < cap
     if answers and points[-1].answers != answers:  # the crowd ran out of work
         point()
-    sizes, spent = measurer.by_size(), measurer.spent()
+    sizes, spent, settled = measurer.by_size(), measurer.spent(), measurer.settled_tiles()
     print(f"  {name:24s} {size_line(sizes)}", flush=True)
-    print(f"  {name:24s} {spent_line(spent)}", flush=True)
+    print(f"  {name:24s} {spent_line(spent)}; {settled_line(settled)}", flush=True)
     engine.dispose()
     signer = app.state.signer
     ids = [
         (k, signer.read_volunteer_cookie(v.client.cookies.get(VOLUNTEER_COOKIE)) or "")
         for k, v in zip(kinds, crowd, strict=True)
     ]
-    return Arm(points, settings, ids, ceiling, ran_out, sizes, spent)
+    return Arm(points, settings, ids, ceiling, ran_out, sizes, spent, settled)
 
 
 def em_cadence(volunteers: int, every: int | None) -> int:
@@ -534,6 +557,11 @@ def spent_line(spent: dict[str, int]) -> str:
     )
 
 
+def settled_line(settled: tuple[int, int]) -> str:
+    """How much of what window grids asked was settled already (``Measurer.settled_tiles``)."""
+    return f"window tiles already settled when shown {100 * settled[0] / max(settled[1], 1):.0f}%"
+
+
 def summary_line(arm: str, seeds: Sequence[int], runs: Sequence[Arm]) -> str:
     parts = [f"campaign: arm={arm} seeds={','.join(str(s) for s in seeds)}"]
     for budget in BUDGETS:
@@ -578,7 +606,8 @@ def report(results: dict[str, list[Arm]], seeds: Sequence[int]) -> None:
     print("\nwhere the grids went (all seeds): every grid counts in the budget")
     for arm, runs in results.items():
         total = {name: sum(r.spent.get(name, 0) for r in runs) for name in SPENT}
-        print(f"{arm:18s} {spent_line(total)}")
+        settled = (sum(r.settled[0] for r in runs), sum(r.settled[1] for r in runs))
+        print(f"{arm:18s} {spent_line(total)}; {settled_line(settled)}")
     for arm, runs in results.items():
         print(summary_line(arm, seeds, runs))
 

@@ -55,12 +55,13 @@ def test_a_bounded_campaign_prints_its_line_and_the_crowd_improves_the_masks(
     # the crowd arm has no tagger.
     spent = re.search(
         r"^crowd +grids to evaluation (\d+)%, control (\d+)%, tagger (\d+)%, other (\d+)%, "
-        r"known (\d+)%$",
+        r"known (\d+)%; window tiles already settled when shown (\d+)%$",
         done.stdout,
         flags=re.MULTILINE,
     )
     assert spent is not None, done.stdout
-    shares_spent = [int(v) for v in spent.groups()]
+    *shares_spent, settled = [int(v) for v in spent.groups()]
+    assert settled < 100  # a window is served for its open squares
     assert 98 <= sum(shares_spent) <= 102 and shares_spent[0] > 0 and shares_spent[2] == 0
     assert (tmp_path / "c.png").stat().st_size > 0
     # --keep leaves the arm's project to study (its votes are in its database).
