@@ -298,8 +298,8 @@ def _shifted_block(
 ) -> list[Cell]:
     """The window's nine cells, or the block of nine same-level cells shifted over its
     neighbours that answers every open square of the windows it touches and is worth more
-    (``acquisition.best_block``): once a window's settled squares outnumber its open ones, a
-    grid of it spends a volunteer's ten seconds on one or two squares. Cells of another
+    (``acquisition.best_block``): once some of a window's squares are settled, a grid of it
+    spends a volunteer's ten seconds on fewer open squares (often one or two). Cells of another
     volunteer's leased window, of a known window, or that this volunteer answered are not
     shown; the task keeps the window's lease."""
     if all(c.status == CellStatus.OPEN for c in cells):
