@@ -65,6 +65,7 @@ from app.models import (
 from app.services.campaign import load_truth
 from app.services.consensus import credibility_estimates
 from app.services.curation.volunteer_review import review_volunteers
+from app.services.project import square_cells
 from bench.campaign import SLUG, Arm, Point, build, run_arm
 from ml.aggregation import grid
 
@@ -119,6 +120,9 @@ def wrong_cells(arm: Arm) -> tuple[int, int]:
     with make_session_factory(engine)() as session:
         for target in session.scalars(select(Target).where(Target.control.is_(False))):
             truth = load_truth(session, arm.settings, target)
+            project = session.get(Project, target.project_id)
+            assert project is not None
+            square = square_cells(project)
             cells = [
                 c
                 for c in session.scalars(select(Cell).where(Cell.target_id == target.id))
@@ -127,7 +131,8 @@ def wrong_cells(arm: Arm) -> tuple[int, int]:
             ]
             if truth is None or not cells:
                 continue
-            cover = grid.cell_coverage(truth, [grid.Cell(c.level, c.row, c.col) for c in cells])
+            addresses = [grid.Cell(c.level, c.row, c.col) for c in cells]
+            cover = grid.cell_coverage(truth, addresses, square=square)
             clear = (cover == 0) | (cover >= CLEAR_CUT)
             labels = np.array([bool(c.label) for c in cells])
             wrong += int((labels != (cover >= CLEAR_CUT))[clear].sum())

@@ -181,7 +181,7 @@ def build(folder: Path, images: int, seed: int, overrides: dict[str, object] | N
     write_demo_dataset(source, seed=seed, n_images=images)
     with make_session_factory(engine)() as session:
         project = create_project(session, slug=SLUG)
-        project.settings = {**DEMO_SETTINGS, **(overrides or {})}
+        project.settings = {**project.settings, **DEMO_SETTINGS, **(overrides or {})}
         run_import(session, settings=settings, project_slug=SLUG, path=source, tag_file=None)
     engine.dispose()
 
@@ -366,7 +366,8 @@ class Measurer:
                 _, answered = perfect_levels(truth, config)[-1]
                 cells, labels = [c for c, _ in answered], [float(y) for _, y in answered]
                 pixels = load_pixels(self.settings, image)
-                ious.append(iou(compose_mask(pixels, cells, labels, method=method).hard, truth))
+                composed = compose_mask(pixels, cells, labels, method=method, square=config.square)
+                ious.append(iou(composed.hard, truth))
         return float(np.mean(ious))
 
 

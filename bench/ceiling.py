@@ -46,11 +46,11 @@ def perfect_levels(truth: np.ndarray, config: RefinementConfig) -> list[tuple[in
     out = []
     frontier = [grid.ROOT]
     while frontier:
-        labels = (grid.cell_coverage(truth, cells) > 0).astype(np.int8)
+        labels = (grid.cell_coverage(truth, cells, square=config.square) > 0).astype(np.int8)
         out.append((len(opened), list(zip(cells, labels, strict=True))))
         frontier = choose_refinements(cells, labels, h, w, opened=set(opened), config=config)
         opened += frontier
-        cells += [child for cell in frontier for child in grid.children(cell)]
+        cells += grid.inside_children(frontier, h, w, square=config.square)
     return out
 
 
@@ -62,12 +62,19 @@ def main() -> None:
     parser.add_argument("--min-cell-px", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--max-level", type=int, default=4)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument(
+        "--image-frame",
+        action="store_true",
+        help="cells follow each image's aspect (projects made before square cells)",
+    )
     args = parser.parse_args()
     scenes = list(generate_scenes(seed=args.seed, n_images=args.images))
     targets = [(s.image, m) for s in scenes for m in s.tag_masks.values()]
     print(f"{len(scenes)} images, {len(targets)} targets, {args.votes} vote(s) per window")
     for min_px in args.min_cell_px:
-        config = RefinementConfig(min_cell_px=min_px, max_level=args.max_level)
+        config = RefinementConfig(
+            min_cell_px=min_px, max_level=args.max_level, square=not args.image_frame
+        )
         rows: dict[str, list[list[tuple[float, float]]]] = {m: [] for m in args.methods}
         took = dict.fromkeys(args.methods, 0.0)
         for image, truth in targets:
@@ -78,7 +85,9 @@ def main() -> None:
                     cells = [c for c, _ in answered]
                     probs = [float(y) for _, y in answered]
                     started = time.perf_counter()
-                    hard = compose_mask(image, cells, probs, method=method).hard
+                    hard = compose_mask(
+                        image, cells, probs, method=method, square=config.square
+                    ).hard
                     took[method] += time.perf_counter() - started
                     seconds = windows * args.votes * SECONDS_PER_GRID
                     curve.append((seconds, iou(hard, truth)))

@@ -54,7 +54,7 @@ def build(work: Path, args: argparse.Namespace) -> EmbeddingIndex:
     write_demo_dataset(work / "demo", seed=args.seed, n_images=args.images)
     with factory() as session:
         project = create_project(session, slug="demo")
-        project.settings = dict(DEMO_SETTINGS)
+        project.settings = {**project.settings, **DEMO_SETTINGS}
         session.commit()
         run_import(
             session, settings=settings, project_slug="demo", path=work / "demo", tag_file=None

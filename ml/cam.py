@@ -28,7 +28,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor
 from torch.nn import functional as F
 
-from ml.aggregation.grid import cells_per_side, edges, level_coverage
+from ml.aggregation.grid import cells_per_side, edges, frame_side, level_coverage
 from ml.calibration import Calibrator, fit_calibrator
 from ml.tagger import Tagger
 
@@ -100,18 +100,22 @@ def to_image_size(heatmaps: npt.ArrayLike, height: int, width: int) -> npt.NDArr
     return out.clamp(0, 1).numpy()
 
 
-def cell_heat(heatmap: npt.ArrayLike, *, level: int = 1, reduce: str = "mean") -> FloatArray:
-    """Reduce one heatmap to its grid cells: ``mean`` (default) or ``max`` over each cell.
+def cell_heat(
+    heatmap: npt.ArrayLike, *, level: int = 1, reduce: str = "mean", square: bool = False
+) -> FloatArray:
+    """Reduce one heatmap to its grid cells: ``mean`` (default) or ``max`` over each cell
+    (``square``: the pyramid's frame, ``ml.aggregation.grid``; an empty cell is 0).
 
     Shape:
         heatmap ``(H, W)``; returns ``(3**level, 3**level)``.
     """
     if reduce == "mean":
-        return level_coverage(heatmap, level)
+        return level_coverage(heatmap, level, square=square)
     if reduce != "max":
         raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
     h = np.asarray(heatmap, dtype=np.float64)
-    ry, rx = edges(level, h.shape[0]), edges(level, h.shape[1])
+    fh, fw = frame_side(h.shape[0], h.shape[1], square=square)
+    ry, rx = edges(level, h.shape[0], side=fh), edges(level, h.shape[1], side=fw)
     n = cells_per_side(level)
     out = np.zeros((n, n))
     for r in range(n):
@@ -127,13 +131,15 @@ def cell_prior(
     *,
     level: int = 1,
     reduce: str = "mean",
+    square: bool = False,
 ) -> FloatArray:
     """Prior log-odds per cell that the cell shows the tag.
 
     Shape:
         heatmap ``(H, W)`` at the image resolution; returns ``(3**level, 3**level)``.
     """
-    return heat_log_odds(cell_heat(heatmap, level=level, reduce=reduce), calibrator)
+    heat = cell_heat(heatmap, level=level, reduce=reduce, square=square)
+    return heat_log_odds(heat, calibrator)
 
 
 def heat_log_odds(heat: npt.ArrayLike, calibrator: Calibrator | None = None) -> FloatArray:
@@ -162,6 +168,7 @@ def fit_cam_calibrator(
     reduce: str = "mean",
     min_coverage: float = 0.0,
     method: str | None = None,
+    square: bool = False,
 ) -> Calibrator:
     """Fit the cell-heat -> probability map on complete masks.
 
@@ -172,7 +179,7 @@ def fit_cam_calibrator(
     Args:
         heatmaps, masks: pairs of ``(H, W)`` arrays at the image resolution (one per target).
     """
-    heat = [cell_heat(h, level=level, reduce=reduce).ravel() for h in heatmaps]
-    label = [(level_coverage(m, level) > min_coverage).ravel() for m in masks]
+    heat = [cell_heat(h, level=level, reduce=reduce, square=square).ravel() for h in heatmaps]
+    label = [(level_coverage(m, level, square=square) > min_coverage).ravel() for m in masks]
     scores = np.concatenate(heat)
     return fit_calibrator(scores, np.concatenate(label), method or calibration_method(scores.size))

@@ -96,16 +96,26 @@ class Composed:
     hard: BoolMask
 
 
-def trimap(cells: Sequence[grid.Cell], probs: npt.ArrayLike, height: int, width: int) -> Trimap:
-    """The trimap of the module docstring from the finest cells and their posteriors.
+def trimap(
+    cells: Sequence[grid.Cell],
+    probs: npt.ArrayLike,
+    height: int,
+    width: int,
+    *,
+    square: bool = False,
+) -> Trimap:
+    """The trimap of the module docstring from the finest cells and their posteriors
+    (``square``: the pyramid's frame, ``ml.aggregation.grid``).
 
     Shape:
         probs ``(n_cells,)``; every field of the result ``(height, width)``.
     """
     p = np.asarray(probs, dtype=np.float64).reshape(-1)
-    posterior, _ = grid.compose(cells, p, height, width, fill=0.5)
-    sides = [min(r.height, r.width) for r in (grid.cell_rect(c, height, width) for c in cells)]
-    side, _ = grid.compose(cells, np.asarray(sides, dtype=np.float32), height, width, fill=1.0)
+    posterior, _ = grid.compose(cells, p, height, width, fill=0.5, square=square)
+    # A cell's side: of its whole view (a square the image's edge cuts keeps its side).
+    views = (grid.cell_view(c, height, width, square=square) for c in cells)
+    sides = np.asarray([min(r.height, r.width) for r in views], dtype=np.float32)
+    side, _ = grid.compose(cells, sides, height, width, fill=1.0, square=square)
     claimed = posterior > 0.5
     # Distance of each claimed pixel to the nearest unclaimed one, the image's edge unclaimed.
     padded = np.pad(claimed, 1).astype(np.uint8)
@@ -113,7 +123,7 @@ def trimap(cells: Sequence[grid.Cell], probs: npt.ArrayLike, height: int, width:
     sure_fg = claimed & (posterior >= POSITIVE) & (inside > CORE_CELLS * side)
     sure_bg = posterior <= NEGATIVE
     positive = tuple(
-        grid.cell_rect(c, height, width)
+        grid.cell_rect(c, height, width, square=square)
         for c, q, leaf in zip(cells, p, leaf_cells(cells), strict=True)
         if leaf and q > 0.5
     )
@@ -441,6 +451,7 @@ def compose_mask(
     *,
     model: npt.ArrayLike | None = None,
     method: str = DEFAULT_METHOD,
+    square: bool = False,
 ) -> Composed:
     """A target's soft and hard mask from its finest cells and the image (module docstring).
 
@@ -450,6 +461,7 @@ def compose_mask(
         probs: each cell's posterior that it shows the object (gold and curator answers 0/1).
         model: the segmenter's per-pixel probability, if there is one.
         method: a name of ``METHODS``.
+        square: the pyramid's frame (``ml.aggregation.grid``): square cells, or the image's.
 
     Shape:
         image ``(H, W)`` or ``(H, W, C)``; probs ``(n_cells,)``; model and the result ``(H, W)``.
@@ -458,4 +470,4 @@ def compose_mask(
     prob = None if model is None else np.asarray(model, dtype=np.float32)
     if prob is not None and prob.shape != (h, w):
         raise ValueError(f"model probability has shape {prob.shape}, the image ({h}, {w})")
-    return get_method(method)(trimap(cells, probs, h, w), image, prob)
+    return get_method(method)(trimap(cells, probs, h, w, square=square), image, prob)

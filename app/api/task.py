@@ -18,7 +18,7 @@ from app.deps import (
     SignerDep,
     WriteSessionDep,
 )
-from app.models import Cell, Image, Target, Task, TaskKind, TaskTile, Window
+from app.models import Cell, Image, Project, Target, Task, TaskKind, TaskTile, Window
 from app.schemas.task import (
     SkipCreate,
     SubmissionCreate,
@@ -32,7 +32,7 @@ from app.security import TaskClaims
 from app.services.crowd.answer import skip, submit
 from app.services.crowd.picker import Offer, next_task
 from app.services.errors import ForbiddenError, NotFoundError
-from app.services.project import get_project
+from app.services.project import get_project, square_cells
 from app.services.tag import TagResolver
 from app.services.tile import (
     DEFAULT_AUGMENTATION,
@@ -69,10 +69,11 @@ def _images(session: SessionDep, cells: list[Cell]) -> dict[int, Image]:
 def _task_read(session: SessionDep, signer: SignerDep, offer: Offer, public_id: str) -> TaskRead:
     task = offer.task
     images = _images(session, offer.cells)
+    square = _square(session, task)
     tiles = []
     for position, cell in enumerate(offer.cells):
-        width, height = tile_size(images[cell.target_id], cell)
-        source_width, source_height = source_size(images[cell.target_id], cell)
+        width, height = tile_size(images[cell.target_id], cell, square=square)
+        source_width, source_height = source_size(images[cell.target_id], cell, square=square)
         url = f"/api/tasks/{task.id}/tiles/{position}"
         tiles.append(
             TileView(
@@ -109,6 +110,13 @@ def _task_read(session: SessionDep, signer: SignerDep, offer: Offer, public_id: 
 
 
 AROUND_FROM_LEVEL = 2
+
+
+def _square(session: SessionDep, task: Task) -> bool:
+    """Whether the task's project lays square cells (``project.square_cells``)."""
+    project = session.get(Project, task.project_id)
+    assert project is not None
+    return square_cells(project)
 
 
 def _context_window(session: SessionDep, task: Task) -> Window | None:
@@ -179,7 +187,12 @@ def get_tile(
     cell, image = row
     augmentation = DEFAULT_AUGMENTATION if settings.tile_augmentation else PLAIN
     jpeg = render_tile(
-        settings, image, cell, seed=tile_seed(task.nonce, position), augmentation=augmentation
+        settings,
+        image,
+        cell,
+        seed=tile_seed(task.nonce, position),
+        square=_square(session, task),
+        augmentation=augmentation,
     )
     return Response(
         jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"}
@@ -223,7 +236,10 @@ def get_context(
         select(Cell).join(TaskTile, TaskTile.cell_id == Cell.id).where(TaskTile.task_id == task.id)
     )
     area = grid.cells_rect(
-        [grid.Cell(c.level, c.row, c.col) for c in cells], image.height, image.width
+        [grid.Cell(c.level, c.row, c.col) for c in cells],
+        image.height,
+        image.width,
+        square=_square(session, task),
     )
     jpeg = render_context(settings, image, area, around=view == "around")
     return Response(

@@ -25,7 +25,7 @@ from app.migrate import current_revision, upgrade_to_head
 from app.services.errors import ConflictError, InvalidInputError, NotFoundError
 from app.services.import_formats import ImportFormatError
 from app.services.importer import ImportReport, default_project_slug, run_import
-from app.services.project import get_project, list_project_summaries
+from app.services.project import get_project, list_project_summaries, project_has_images
 
 db_app = typer.Typer(help="Database schema.")
 project_app = typer.Typer(help="Projects.")
@@ -139,6 +139,13 @@ def project_set(
             project = get_project(session, slug=slug)
         except NotFoundError as exc:
             raise fail(str(exc)) from exc
+        if key == "square_cells" and (
+            not isinstance(parsed, bool) or project_has_images(session, project=project)
+        ):
+            raise fail(
+                "square_cells is true or false, and is fixed once a project has images: "
+                "its votes are stored by cell address, whose meaning it sets"
+            )
         project.settings = {**(project.settings or {}), key: parsed}
         if key == "retrain":
             try:

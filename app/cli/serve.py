@@ -82,7 +82,7 @@ def build_demo(settings: Settings, *, seed: int, n_images: int) -> ImportReport 
             description=f"{n_images} generated scenes (seed {seed}) with exact masks.",
         )
         # The scenes are small (128-512 px) and flat-coloured: small cells still read well.
-        project.settings = dict(DEMO_SETTINGS)
+        project.settings = {**project.settings, **DEMO_SETTINGS}
         report = run_import(
             session, settings=settings, project_slug=DEMO_PROJECT, path=source, tag_file=None
         )

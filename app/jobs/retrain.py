@@ -83,7 +83,7 @@ from app.services.curation.quality import MAX_QUALITY_TARGETS, record_quality
 from app.services.image import image_path
 from app.services.job import finish_job, job_run, log_job
 from app.services.model_version import active_model
-from app.services.project import get_project
+from app.services.project import get_project, square_cells
 from app.storage import decode_mask_png
 from ml.aggregation import grid
 from ml.calibration import Calibrator, fit_calibrator, model_weight, with_slope
@@ -252,7 +252,9 @@ def _cells(session: Session, target: Target, *, open_only: bool) -> list[Cell]:
     return list(session.scalars(query.order_by(Cell.id)))
 
 
-def touch_scores(soft: np.ndarray, cells: Sequence[grid.Cell]) -> np.ndarray:
+def touch_scores(
+    soft: np.ndarray, cells: Sequence[grid.Cell], *, square: bool = False
+) -> np.ndarray:
     """The model's score that each cell is *touched*: its highest pixel probability there.
 
     Volunteers answer "is any of it in this square", so a cell the object barely enters is a
@@ -266,7 +268,7 @@ def touch_scores(soft: np.ndarray, cells: Sequence[grid.Cell]) -> np.ndarray:
     height, width = soft.shape
     out = np.zeros(len(cells), dtype=np.float64)
     for i, cell in enumerate(cells):
-        rect = grid.cell_rect(cell, height, width)
+        rect = grid.cell_rect(cell, height, width, square=square)
         if rect.height > 0 and rect.width > 0:
             out[i] = float(soft[rect.top : rect.bottom, rect.left : rect.right].max())
     return out
@@ -350,6 +352,7 @@ def _score_targets(
     targets: list[tuple[Target, Image, str]],
     *,
     calibration: bool,
+    square: bool,
 ) -> list[_Scored]:
     """Touch scores of the targets' cells (open cells, or every cell of calibration targets),
     one prediction per image; targets of tags the model does not know are left out."""
@@ -372,7 +375,7 @@ def _score_targets(
                 cells = _cells(session, target, open_only=not calibration)
                 truth = _final_mask(session, settings, target) if calibration else None
                 if cells and (truth is not None or not calibration):
-                    scores = touch_scores(full[k].numpy(), _addresses(cells))
+                    scores = touch_scores(full[k].numpy(), _addresses(cells), square=square)
                     scored.append(_Scored(target, cells, scores, truth))
     return scored
 
@@ -387,8 +390,11 @@ def _model_priors(
     model = load_checkpoint(version.path, device=resolve_device(device), kind="segmenter").model
     assert isinstance(model, Segmenter)
     open_targets, calibration_targets = model_prior_targets(session, project)
-    references = _score_targets(session, settings, model, calibration_targets, calibration=True)
-    calibrator = _fit_model_calibrator(references)
+    square = square_cells(project)
+    references = _score_targets(
+        session, settings, model, calibration_targets, calibration=True, square=square
+    )
+    calibrator = _fit_model_calibrator(references, square=square)
     if calibrator is None:
         return
     miou = version.metrics.get("miou")
@@ -398,7 +404,9 @@ def _model_priors(
     report.calibration_cells = sum(len(r.cells) for r in references)
     prior = with_slope(calibrator, report.model_weight)
     touched: list[Cell] = []
-    for scored in _score_targets(session, settings, model, open_targets, calibration=False):
+    for scored in _score_targets(
+        session, settings, model, open_targets, calibration=False, square=square
+    ):
         for cell, value in zip(scored.cells, prior.log_odds(scored.scores), strict=True):
             cell.prior_logodds = float(value)
         touched += scored.cells
@@ -421,7 +429,7 @@ def _retired_count(session: Session, cells: list[Cell]) -> int:
     return sum(c.status == CellStatus.RETIRED for c in cells)
 
 
-def _fit_model_calibrator(references: list[_Scored]) -> Calibrator | None:
+def _fit_model_calibrator(references: list[_Scored], *, square: bool) -> Calibrator | None:
     """Platt scaling of the touch score against whether the truth touches the cell (its
     coverage > 0), over every cell of the calibration targets; None without enough cells of
     both answers."""
@@ -429,7 +437,7 @@ def _fit_model_calibrator(references: list[_Scored]) -> Calibrator | None:
     for ref in references:
         assert ref.truth is not None
         scores.append(ref.scores)
-        labels.append(grid.cell_coverage(ref.truth, _addresses(ref.cells)) > 0)
+        labels.append(grid.cell_coverage(ref.truth, _addresses(ref.cells), square=square) > 0)
     if not scores:
         return None
     x, y = np.concatenate(scores), np.concatenate(labels)

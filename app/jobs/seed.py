@@ -44,7 +44,7 @@ from app.services.errors import NotFoundError
 from app.services.image import image_path
 from app.services.job import finish_job, job_run
 from app.services.model_version import active_model
-from app.services.project import get_project
+from app.services.project import get_project, square_cells
 from app.services.target import ensure_target
 from ml.aggregation.grid import level_coverage
 from ml.calibration import Calibrator, fit_calibrator
@@ -112,6 +112,7 @@ def _tag_batch(
     tags: list[Tag],
     images: list[Image],
     version: ModelVersion,
+    square: bool,
 ) -> list[Pair]:
     size = model.config.input_size
     pixels = load_images([image_path(settings, i) for i in images], size)  # (B, 3, S, S)
@@ -136,11 +137,15 @@ def _tag_batch(
         for k, column in enumerate(picked):
             p = float(probs[column])
             _write_tag(session, image, tags[column], p, version)
-            pairs.append(Pair(image, tags[column], p, cell_heat(full[k], level=1).ravel()))
+            pairs.append(
+                Pair(image, tags[column], p, cell_heat(full[k], level=1, square=square).ravel())
+            )
     return pairs
 
 
-def _calibrator(session: Session, settings: Settings, pairs: list[Pair]) -> Calibrator | None:
+def _calibrator(
+    session: Session, settings: Settings, pairs: list[Pair], square: bool
+) -> Calibrator | None:
     """Fit heat -> probability on the cells of trusted masks (never the frozen ones)."""
     heat, labels = [], []
     for pair in pairs:
@@ -152,7 +157,7 @@ def _calibrator(session: Session, settings: Settings, pairs: list[Pair]) -> Cali
         mask = load_truth(session, settings, target)
         if mask is not None:
             heat.append(pair.heat)
-            labels.append(level_coverage(mask, 1).ravel() > 0)
+            labels.append(level_coverage(mask, 1, square=square).ravel() > 0)
     if sum(len(h) for h in heat) < MIN_CALIBRATION_CELLS:
         return None
     y = np.concatenate(labels)
@@ -241,10 +246,12 @@ def _seed(
     report = SeedReport(images=len(images), image_ids=[i.id for i in images])
     for start in range(0, len(images), BATCH):
         batch = images[start : start + BATCH]
-        report.pairs += _tag_batch(session, settings, model, thresholds, tags, batch, version)
+        report.pairs += _tag_batch(
+            session, settings, model, thresholds, tags, batch, version, square_cells(project)
+        )
         if on_batch is not None:
             on_batch(min(start + BATCH, len(images)), len(images))
-    calibrator = _calibrator(session, settings, report.pairs)
+    calibrator = _calibrator(session, settings, report.pairs, square_cells(project))
     report.calibrated = calibrator is not None
     for pair in report.pairs:
         created, prior_set = _apply(

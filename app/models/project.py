@@ -34,6 +34,11 @@ DEFAULT_PROJECT_SETTINGS: dict[str, Any] = {
     # How the pixels inside the cells an object's border crosses are decided (ml.composition):
     # grabcut (the image, seeded by the decided cells and the model), model, or cells.
     "composition": "grabcut",
+    # The pyramid's frame (``ml.aggregation.grid``): the square around each image, so every
+    # cell is a square (True), or the image itself (False: projects made before migration
+    # 0005). Fixed when the project is made (``create_project`` stores it): votes are stored
+    # by cell address, whose meaning the frame sets.
+    "square_cells": True,
 }
 
 

@@ -67,6 +67,7 @@ class RetireReason(enum.StrEnum):
     GOLD = "gold"
     MODEL = "model"
     CURATOR = "curator"
+    OUTSIDE = "outside"  # wholly outside its image (the square frame's margin): no pixel to ask
 
 
 class Cell(Base):

@@ -20,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.db import utcnow
 from app.models import (
     Cell,
     CellStatus,
@@ -35,6 +36,7 @@ from app.models import (
     Window,
 )
 from app.services.masks.composition import load_pixels
+from app.services.project import square_cells
 from app.services.target import can_be_union, find_latest_mask, tag_belief
 from app.storage import decode_mask_png
 from ml.aggregation import grid
@@ -54,8 +56,20 @@ GOLD_MIN_CONTRAST = 4.0
 
 def refinement_config(project: Project) -> RefinementConfig:
     return RefinementConfig(
-        min_cell_px=int(project.setting("min_cell_px")), max_level=int(project.setting("max_level"))
+        min_cell_px=int(project.setting("min_cell_px")),
+        max_level=int(project.setting("max_level")),
+        square=square_cells(project),
     )
+
+
+# A cell wholly outside the image (the square frame's margin) holds no pixel of any object: it
+# opens retired "no" (``RetireReason.OUTSIDE``) at this log-odds, and is never asked.
+OUTSIDE_LOGODDS = -12.0
+
+
+def outside_image(cell: Cell) -> bool:
+    """Whether a cell lies wholly outside its image (it opened retired, ``open_windows``)."""
+    return cell.retire_reason == RetireReason.OUTSIDE
 
 
 def is_control(image_id: int, share: float) -> bool:
@@ -130,13 +144,22 @@ def open_windows(
     target: Target,
     parents: Sequence[grid.Cell],
     truth: Truth | None,
+    image: Image,
+    square: bool,
     prior_logodds: Sequence[Sequence[float]] | None = None,
 ) -> list[Window]:
     """Open the windows showing each parent's nine children, with their cells and consensus.
 
-    Everything is added in two flushes, however many windows open at once.
+    Children wholly outside the image (``square``: the frame's margin) open retired "no"
+    (``OUTSIDE_LOGODDS``) and are never asked. Everything is added in two flushes, however many
+    windows open at once.
     """
+    now = utcnow()
+    addresses = [child for parent in parents for child in grid.children(parent)]
+    inside = [grid.holds_pixels(a, image.height, image.width, square=square) for a in addresses]
+    outside = ~np.array(inside).reshape(-1, 9)
     priors = np.zeros((len(parents), 9)) if prior_logodds is None else np.asarray(prior_logodds)
+    priors = np.where(outside, OUTSIDE_LOGODDS, priors)
     posteriors = 1.0 / (1.0 + np.exp(-priors))  # (n_windows, 9)
     belief = tag_belief(session, target=target)
     windows = [
@@ -162,7 +185,6 @@ def open_windows(
     ]
     session.add_all(windows)
     session.flush()
-    addresses = [child for parent in parents for child in grid.children(parent)]
     cells = [
         Cell(
             target_id=target.id,
@@ -171,9 +193,14 @@ def open_windows(
             col=child.col,
             prior_logodds=float(prior),
             window_id=windows[k // 9].id,
-            status=CellStatus.OPEN,
+            status=CellStatus.RETIRED if empty else CellStatus.OPEN,
+            label=False if empty else None,
+            retire_reason=RetireReason.OUTSIDE if empty else None,
+            retired_at=now if empty else None,
         )
-        for k, (child, prior) in enumerate(zip(addresses, priors.reshape(-1), strict=True))
+        for k, (child, prior, empty) in enumerate(
+            zip(addresses, priors.reshape(-1), outside.reshape(-1), strict=True)
+        )
     ]
     session.add_all(cells)
     session.flush()
@@ -182,9 +209,10 @@ def open_windows(
         for c, q in zip(cells, posteriors.reshape(-1), strict=True)
     )
     if truth is not None:
-        served = _add_gold(session, target, cells, addresses, truth)
+        served = _add_gold(session, target, cells, addresses, truth, square=square)
+        known = served | outside.reshape(-1)
         for k, window in enumerate(windows):
-            window.known = bool(served[9 * k : 9 * k + 9].all())
+            window.known = bool(known[9 * k : 9 * k + 9].all())
     return windows
 
 
@@ -194,14 +222,17 @@ def _add_gold(
     cells: list[Cell],
     addresses: Sequence[grid.Cell],
     truth: Truth,
+    *,
+    square: bool,
 ) -> np.ndarray:
     """Gold for the unambiguous cells (``GOLD_TRUE_COVERAGE``) that show something to judge
     (``GOLD_MIN_CONTRAST``, when the pixels are known); served ones retire at once. Returns
     which are served."""
-    coverage = grid.cell_coverage(truth.mask, addresses)
-    judgeable = np.ones(len(cells), dtype=bool)
+    coverage = grid.cell_coverage(truth.mask, addresses, square=square)
+    judgeable = np.array([c.status == CellStatus.OPEN for c in cells])  # not outside the image
     if truth.pixels is not None and not truth.frozen:
-        judgeable = grid.cell_contrast(truth.pixels, addresses) >= GOLD_MIN_CONTRAST
+        contrast = grid.cell_contrast(truth.pixels, addresses, square=square)
+        judgeable &= contrast >= GOLD_MIN_CONTRAST
     served = np.zeros(len(cells), dtype=bool)
     for i, (cell, cov) in enumerate(zip(cells, coverage, strict=True)):
         label = _gold_label(float(cov))
@@ -238,12 +269,12 @@ def control_pyramid(
     cells = list(grid.children(grid.ROOT))
     opened = [grid.ROOT]
     while True:
-        labels = (grid.cell_coverage(truth, cells) > 0).astype(np.int8)
+        labels = (grid.cell_coverage(truth, cells, square=config.square) > 0).astype(np.int8)
         deeper = choose_refinements(cells, labels, height, width, opened=set(opened), config=config)
         if not deeper:
             return opened
         opened += deeper
-        cells += [child for cell in deeper for child in grid.children(cell)]
+        cells += grid.inside_children(deeper, height, width, square=config.square)
 
 
 def open_target(
@@ -277,7 +308,15 @@ def open_target(
     priors = None
     if root_prior is not None:  # the level-1 cells get the CAM; deeper control windows, flat
         priors = [list(root_prior)] + [[0.0] * 9 for _ in parents[1:]]
-    open_windows(session, target=target, parents=parents, truth=truth, prior_logodds=priors)
+    open_windows(
+        session,
+        target=target,
+        parents=parents,
+        truth=truth,
+        image=image,
+        square=square_cells(project),
+        prior_logodds=priors,
+    )
     target.state = TargetState.COLLECTING
     target.control = truth is not None and not truth.frozen
 

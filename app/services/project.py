@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.models import Image, Project, Tag, Target
+from app.models.project import DEFAULT_PROJECT_SETTINGS
 from app.services.errors import ConflictError, InvalidInputError, NotFoundError
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
@@ -39,10 +40,26 @@ def create_project(
         )
     if find_project(session, slug=slug) is not None:
         raise ConflictError(f"project {slug!r} already exists")
-    project = Project(slug=slug, name=name or slug, description=description, settings={})
+    # The frame is stored, not taken from the defaults: a project's cell addresses keep their
+    # meaning whatever a later version's default is.
+    settings = {"square_cells": DEFAULT_PROJECT_SETTINGS["square_cells"]}
+    project = Project(slug=slug, name=name or slug, description=description, settings=settings)
     session.add(project)
     session.flush()
     return project
+
+
+def square_cells(project: Project) -> bool:
+    """Whether the project's pyramid lies on the square around each image (every cell a square
+    in image space; every project made since migration 0005) or on the image itself
+    (``ml.aggregation.grid``). Fixed when the project is made: votes are stored by address."""
+    return bool(project.setting("square_cells"))
+
+
+def project_has_images(session: Session, *, project: Project) -> bool:
+    return (
+        session.scalar(select(Image.id).where(Image.project_id == project.id).limit(1)) is not None
+    )
 
 
 def get_or_create_project(session: Session, *, slug: str, name: str | None = None) -> Project:

@@ -1,6 +1,8 @@
 """Tile images: server-side crops of one cell, resized for display, lightly varied per task.
 
-The crop keeps the cell's aspect ratio (cells follow the image's); the long side is scaled to
+The crop is the whole cell (``grid.cell_view``): a square in a project with square cells, the
+part past the image's edge filled with ``PAD`` (a cell the edge cuts shows where the image
+ends), else the cell's own aspect (cells follow the image's); the long side is scaled to
 ``TILE_SIDE`` pixels. The cell is cut once, with a margin, into a cache under ``data/tiles``
 (by image hash and cell address). Each task then gets its own rendering of it: the window
 shifted by a few percent of the cell, brightness, contrast and saturation changed by a few
@@ -38,6 +40,7 @@ CONTEXT_SIDE = 320  # the context picture's long side, in pixels
 CONTEXT_DIM = 0.45  # how bright the image outside the window stays in the context picture
 CONTEXT_OUTLINE = (255, 176, 32)  # the window's outline: amber, as the focused tile's ring
 BASE_QUALITY = 95  # the cached cut, re-encoded once per task
+PAD = (128, 128, 128)  # what a square cell shows past the image's edge: neutral grey
 
 
 @dataclass(frozen=True)
@@ -57,48 +60,78 @@ PLAIN = Augmentation(shift=0.0, colour=0.0, noise=0.0, quality=(88, 88))
 @dataclass(frozen=True)
 class _Geometry:
     cell: grid.PixelRect
-    outer: grid.PixelRect  # the cell plus the margin the shift may use, inside the image
+    outer: grid.PixelRect  # the cell plus the margin the shift may use, inside the frame
     scale: float  # tile pixels per image pixel
 
 
-def _geometry(image: Image, cell: Cell, side: int, shift: float) -> _Geometry:
-    rect = grid.cell_rect(grid.Cell(cell.level, cell.row, cell.col), image.height, image.width)
+def _geometry(image: Image, cell: Cell, side: int, shift: float, square: bool) -> _Geometry:
+    address = grid.Cell(cell.level, cell.row, cell.col)
+    rect = grid.cell_view(address, image.height, image.width, square=square)
+    frame = grid.cell_view(grid.ROOT, image.height, image.width, square=square)
     mx, my = math.ceil(rect.width * shift), math.ceil(rect.height * shift)
     outer = grid.PixelRect(
-        max(0, rect.top - my),
-        max(0, rect.left - mx),
-        min(image.height, rect.bottom + my),
-        min(image.width, rect.right + mx),
+        max(frame.top, rect.top - my),
+        max(frame.left, rect.left - mx),
+        min(frame.bottom, rect.bottom + my),
+        min(frame.right, rect.right + mx),
     )
     return _Geometry(rect, outer, side / max(rect.width, rect.height, 1))
 
 
-def source_size(image: Image, cell: Cell) -> tuple[int, int]:
-    """(width, height) in source pixels of the part of the image a cell's tile shows."""
-    rect = grid.cell_rect(grid.Cell(cell.level, cell.row, cell.col), image.height, image.width)
-    return rect.width, rect.height
+def source_size(image: Image, cell: Cell, *, square: bool) -> tuple[int, int]:
+    """(width, height) in source pixels of the area a cell's tile shows (in the square frame the
+    whole square, of which the image's edge may cut a part)."""
+    view = grid.cell_view(
+        grid.Cell(cell.level, cell.row, cell.col), image.height, image.width, square=square
+    )
+    return view.width, view.height
 
 
-def tile_size(image: Image, cell: Cell, side: int = TILE_SIDE) -> tuple[int, int]:
-    """(width, height) of the cell's tile: its aspect, the long side ``side``."""
-    g = _geometry(image, cell, side, 0.0)
+def tile_size(image: Image, cell: Cell, *, square: bool, side: int = TILE_SIDE) -> tuple[int, int]:
+    """(width, height) of the cell's tile: its aspect (square in the square frame), the long
+    side ``side``."""
+    if square:  # the frame's integer edges may make a square one source pixel off: still square
+        return side, side
+    g = _geometry(image, cell, side, 0.0, square)
     return max(1, round(g.cell.width * g.scale)), max(1, round(g.cell.height * g.scale))
 
 
-def _base_path(settings: Settings, image: Image, cell: Cell, side: int, shift: float) -> Path:
-    name = f"{cell.level}-{cell.row}-{cell.col}-{side}-m{round(shift * 1000)}.jpg"
+def _base_path(
+    settings: Settings, image: Image, cell: Cell, side: int, shift: float, square: bool
+) -> Path:
+    frame = "s" if square else "i"  # the same image may be in projects of both frames
+    name = f"{frame}{cell.level}-{cell.row}-{cell.col}-{side}-m{round(shift * 1000)}.jpg"
     return settings.data_dir / "tiles" / image.sha256[:2] / image.sha256 / name
 
 
+def _cut(img: PILImage.Image, box: grid.PixelRect) -> PILImage.Image:
+    """``box`` of the image, the part past its edges filled with ``PAD``."""
+    rgb = img.convert("RGB")
+    if box.top >= 0 and box.left >= 0 and box.bottom <= rgb.height and box.right <= rgb.width:
+        return rgb.crop((box.left, box.top, box.right, box.bottom))
+    canvas = PILImage.new("RGB", (max(1, box.width), max(1, box.height)), PAD)
+    left, top = max(0, box.left), max(0, box.top)
+    right, bottom = min(rgb.width, box.right), min(rgb.height, box.bottom)
+    if right > left and bottom > top:
+        canvas.paste(rgb.crop((left, top, right, bottom)), (left - box.left, top - box.top))
+    return canvas
+
+
 def _base(
-    settings: Settings, image: Image, cell: Cell, g: _Geometry, side: int, shift: float
+    settings: Settings,
+    image: Image,
+    cell: Cell,
+    g: _Geometry,
+    side: int,
+    shift: float,
+    square: bool,
 ) -> PILImage.Image:
     """The cached cut of the cell and its margin at tile scale, written on first use."""
-    path = _base_path(settings, image, cell, side, shift)
+    path = _base_path(settings, image, cell, side, shift, square)
     if not path.exists():
         o = g.outer
         with PILImage.open(image_path(settings, image)) as img:
-            crop = img.convert("RGB").crop((o.left, o.top, o.right, o.bottom))
+            crop = _cut(img, o)
         size = (max(1, round(o.width * g.scale)), max(1, round(o.height * g.scale)))
         buf = io.BytesIO()
         crop.resize(size, PILImage.Resampling.LANCZOS).save(
@@ -120,14 +153,15 @@ def render_tile(
     cell: Cell,
     *,
     seed: int,
+    square: bool,
     augmentation: Augmentation = DEFAULT_AUGMENTATION,
     side: int = TILE_SIDE,
 ) -> bytes:
     """The JPEG of one cell as one task shows it (``PLAIN``: the cell exactly, unvaried)."""
     rng = np.random.default_rng(seed)
     a = augmentation
-    g = _geometry(image, cell, side, a.shift)
-    base = _base(settings, image, cell, g, side, a.shift)
+    g = _geometry(image, cell, side, a.shift, square)
+    base = _base(settings, image, cell, g, side, a.shift, square)
     # The cell's box in the cut, shifted by up to `shift` of the cell and kept inside the cut.
     sx, sy = base.width / g.outer.width, base.height / g.outer.height
     left, top = (g.cell.left - g.outer.left) * sx, (g.cell.top - g.outer.top) * sy
@@ -138,7 +172,8 @@ def render_tile(
     # hair outside the cut, which Pillow refuses.
     x0, y0 = max(0.0, left + dx), max(0.0, top + dy)
     box = (x0, y0, min(float(base.width), x0 + width), min(float(base.height), y0 + height))
-    tile = base.resize(tile_size(image, cell, side), PILImage.Resampling.BICUBIC, box=box)
+    size = tile_size(image, cell, square=square, side=side)
+    tile = base.resize(size, PILImage.Resampling.BICUBIC, box=box)
     for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
         tile = enhancer(tile).enhance(1.0 + rng.uniform(-a.colour, a.colour))
     if a.noise > 0:

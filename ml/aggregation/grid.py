@@ -1,13 +1,25 @@
 """The grid pyramid: cell addresses, pixel rectangles, mask composition and cell coverage.
 
-Level ``k`` splits an image into ``3**k x 3**k`` cells, so cells follow the image's aspect
-ratio (a 300 x 900 image has 100 x 300 cells at level 1). Level 0 is the whole image. A window
-is one cell of level ``k - 1`` shown as its nine children of level ``k``.
+Level ``k`` splits the pyramid's *frame* into ``3**k x 3**k`` cells. Level 0 is the frame. A
+window is one cell of level ``k - 1`` shown as its nine children of level ``k``. Two frames:
 
-Pixel boundaries are integers, ``edge(i) = floor(i * size / 3**k)`` for ``i = 0 .. 3**k``. They
-partition the image exactly, and since ``edge_k(i) == edge_{k+1}(3 * i)`` the nine children of a
-cell tile their parent exactly, at any image size. When ``size < 3**k`` some cells are empty
-(zero pixels); their coverage is defined as 0.
+* **square** (``square=True``, every new project): the square around the image, the image
+  centred in it, so every cell is a square in image space (a 600 x 900 image lies in a 900 x
+  900 frame; its level-1 cells are 300 x 300 squares, of which the top row holds the image's
+  rows 0-150, the middle row 150-450 and the bottom row 450-600). Cells the image's edge cuts
+  hold fewer pixels than their square; cells wholly outside the image hold none (*empty*).
+* **image** (``square=False``, projects made before square cells): the image itself, so cells
+  follow its aspect ratio (a 300 x 900 image has 100 x 300 cells at level 1).
+
+Pixel boundaries are integers. Along an axis of ``size`` pixels in a frame of ``side >= size``
+(the image centred), ``edge(i) = clip(floor((2 i side - n (side - size)) / 2n), 0, size)`` for
+``i = 0 .. n = 3**k`` (``floor(i * size / n)`` when ``side == size``). They partition the image
+exactly, and since ``edge_k(i) == edge_{k+1}(3 * i)`` the nine children of a cell tile their
+parent exactly, at any image size. Empty cells (zero pixels: outside the image, or ``size <
+3**k``) have coverage 0.
+
+Every function takes the pixel size of the array it works on; an array of the image resized to
+another size keeps the image's frame as long as it keeps its aspect ratio.
 """
 
 from __future__ import annotations
@@ -65,33 +77,99 @@ def check_cell(cell: Cell) -> None:
         raise ValueError(f"cell {cell} out of range: row and col must be in [0, {n})")
 
 
-def edges(level: int, size: int) -> IntArray:
+def frame_side(height: int, width: int, *, square: bool) -> tuple[int, int]:
+    """The frame's (height, width) around an image of ``height x width`` pixels."""
+    if not square:
+        return height, width
+    side = max(height, width)
+    return side, side
+
+
+def _axis_edges(index: IntArray, n: IntArray | int, size: int, side: int) -> IntArray:
+    """Pixel boundaries ``index / n`` of the way along a frame of ``side`` centred on ``size``
+    pixels, clipped to the image (see the module's docstring)."""
+    if side == size:  # the image frame: the exact old formula
+        return (index * size) // n
+    raw = (2 * index * side - n * (side - size)) // (2 * n)
+    return np.clip(raw, 0, size)
+
+
+def edges(level: int, size: int, *, side: int | None = None) -> IntArray:
     """Integer cell boundaries along one axis.
 
     Args:
         level: pyramid level k.
         size: image size along the axis in pixels.
+        side: the frame's size along the axis (``frame_side``); None: the image's.
 
     Returns:
-        ``(3**k + 1,)`` int64 array, ``floor(i * size / 3**k)``; first 0, last ``size``.
+        ``(3**k + 1,)`` int64 array, non-decreasing; first 0, last ``size``.
     """
     n = cells_per_side(level)
-    return (np.arange(n + 1, dtype=np.int64) * size) // n
+    return _axis_edges(np.arange(n + 1, dtype=np.int64), n, size, size if side is None else side)
 
 
-def cell_rect(cell: Cell, height: int, width: int) -> PixelRect:
-    """Pixel rectangle of ``cell`` in an image of ``height x width`` pixels."""
+def cell_rect(cell: Cell, height: int, width: int, *, square: bool = False) -> PixelRect:
+    """Pixel rectangle of ``cell`` in an image of ``height x width`` pixels (empty when the cell
+    lies outside the image)."""
+    check_cell(cell)
+    top, left, bottom, right = _rects([cell], height, width, square=square)
+    return PixelRect(int(top[0]), int(left[0]), int(bottom[0]), int(right[0]))
+
+
+def holds_pixels(cell: Cell, height: int, width: int, *, square: bool = False) -> bool:
+    """Whether any pixel of the image is in ``cell`` (not so for a cell of the square frame's
+    margin, nor for a cell finer than a pixel)."""
+    rect = cell_rect(cell, height, width, square=square)
+    return rect.height > 0 and rect.width > 0
+
+
+def inside_children(
+    parents: Sequence[Cell], height: int, width: int, *, square: bool = False
+) -> list[Cell]:
+    """The parents' children that hold pixels of the image (``holds_pixels``)."""
+    return [
+        child
+        for cell in parents
+        for child in children(cell)
+        if holds_pixels(child, height, width, square=square)
+    ]
+
+
+def cell_view(cell: Cell, height: int, width: int, *, square: bool = False) -> PixelRect:
+    """The whole of ``cell`` in image pixels, not clipped to the image: in the square frame a
+    square that may reach past the image's edge (negative, or past ``height``/``width``), which
+    a tile shows padded; in the image frame ``cell_rect``."""
     check_cell(cell)
     n = cells_per_side(cell.level)
-    top, bottom = (cell.row * height) // n, ((cell.row + 1) * height) // n
-    left, right = (cell.col * width) // n, ((cell.col + 1) * width) // n
-    return PixelRect(top, left, bottom, right)
+    fh, fw = frame_side(height, width, square=square)
+
+    def at(i: int, size: int, side: int) -> int:
+        return (2 * i * side - n * (side - size)) // (2 * n)
+
+    return PixelRect(
+        at(cell.row, height, fh),
+        at(cell.col, width, fw),
+        at(cell.row + 1, height, fh),
+        at(cell.col + 1, width, fw),
+    )
 
 
-def cells_rect(cells: Sequence[Cell], height: int, width: int) -> PixelRect:
+def cell_side(level: int, height: int, width: int, *, square: bool = False) -> int:
+    """The side in image pixels of a whole cell at ``level``: the frame's short side over
+    ``3**level`` (a cell the image's edge cuts shows fewer pixels, and its tile the rest of its
+    square around them)."""
+    fh, fw = frame_side(height, width, square=square)
+    return min(fh, fw) // cells_per_side(level)
+
+
+def cells_rect(
+    cells: Sequence[Cell], height: int, width: int, *, square: bool = False
+) -> PixelRect:
     """The smallest pixel rectangle that holds all of ``cells`` (a window's nine children, or
     a block of nine shifted over neighbouring windows: the area a grid task shows)."""
-    rects = [cell_rect(c, height, width) for c in cells]
+    rects = [cell_rect(c, height, width, square=square) for c in cells]
+    rects = [r for r in rects if r.height > 0 and r.width > 0] or rects
     return PixelRect(
         min(r.top for r in rects),
         min(r.left for r in rects),
@@ -135,11 +213,14 @@ def cell_arrays(cells: Sequence[Cell]) -> tuple[IntArray, IntArray, IntArray]:
     return levels, rows, cols
 
 
-def _rects(cells: Sequence[Cell], height: int, width: int) -> tuple[IntArray, ...]:
+def _rects(
+    cells: Sequence[Cell], height: int, width: int, *, square: bool = False
+) -> tuple[IntArray, ...]:
     levels, rows, cols = cell_arrays(cells)
     n = 3**levels
-    top, bottom = (rows * height) // n, ((rows + 1) * height) // n
-    left, right = (cols * width) // n, ((cols + 1) * width) // n
+    fh, fw = frame_side(height, width, square=square)
+    top, bottom = _axis_edges(rows, n, height, fh), _axis_edges(rows + 1, n, height, fh)
+    left, right = _axis_edges(cols, n, width, fw), _axis_edges(cols + 1, n, width, fw)
     return top, left, bottom, right
 
 
@@ -151,6 +232,7 @@ def compose(
     *,
     fill: float = 0.0,
     threshold: float = 0.5,
+    square: bool = False,
 ) -> tuple[npt.NDArray[np.float32], BoolArray]:
     """Compose retired cells of mixed levels into a soft and a hard mask.
 
@@ -174,7 +256,7 @@ def compose(
         raise ValueError(f"got {len(cells)} cells but {p.shape[0]} probabilities")
     soft = np.full((height, width), fill, dtype=np.float32)
     if len(cells):
-        top, left, bottom, right = _rects(cells, height, width)
+        top, left, bottom, right = _rects(cells, height, width, square=square)
         order = np.argsort(np.asarray(cells, dtype=np.int64).reshape(-1, 3)[:, 0], kind="stable")
         for i in order:  # one slice assignment per cell; cells are few (hundreds)
             soft[top[i] : bottom[i], left[i] : right[i]] = p[i]
@@ -190,7 +272,9 @@ def _integral(mask: npt.ArrayLike) -> FloatArray:
     return s
 
 
-def cell_coverage(mask: npt.ArrayLike, cells: Sequence[Cell]) -> FloatArray:
+def cell_coverage(
+    mask: npt.ArrayLike, cells: Sequence[Cell], *, square: bool = False
+) -> FloatArray:
     """Mean of a dense mask over each cell (the fraction of the cell that shows the object).
 
     Args:
@@ -207,13 +291,15 @@ def cell_coverage(mask: npt.ArrayLike, cells: Sequence[Cell]) -> FloatArray:
     h, w = s.shape[0] - 1, s.shape[1] - 1
     if not len(cells):
         return np.zeros(0, dtype=np.float64)
-    top, left, bottom, right = _rects(cells, h, w)
+    top, left, bottom, right = _rects(cells, h, w, square=square)
     total = s[bottom, right] - s[top, right] - s[bottom, left] + s[top, left]
     area = (bottom - top) * (right - left)
     return np.where(area > 0, total / np.maximum(area, 1), 0.0)
 
 
-def cell_contrast(pixels: npt.ArrayLike, cells: Sequence[Cell]) -> FloatArray:
+def cell_contrast(
+    pixels: npt.ArrayLike, cells: Sequence[Cell], *, square: bool = False
+) -> FloatArray:
     """How much each cell's pixels vary: the standard deviation over the cell, the largest of
     the colour channels (a red edge on green of equal brightness still counts).
 
@@ -225,13 +311,13 @@ def cell_contrast(pixels: npt.ArrayLike, cells: Sequence[Cell]) -> FloatArray:
         values = values[:, :, None]
     spread = np.zeros(len(cells), dtype=np.float64)
     for channel in np.moveaxis(values, 2, 0):
-        mean = cell_coverage(channel, cells)
-        square = cell_coverage(channel**2, cells)
-        spread = np.maximum(spread, np.sqrt(np.maximum(square - mean**2, 0.0)))
+        mean = cell_coverage(channel, cells, square=square)
+        mean_sq = cell_coverage(channel**2, cells, square=square)
+        spread = np.maximum(spread, np.sqrt(np.maximum(mean_sq - mean**2, 0.0)))
     return spread
 
 
-def level_coverage(mask: npt.ArrayLike, level: int) -> FloatArray:
+def level_coverage(mask: npt.ArrayLike, level: int, *, square: bool = False) -> FloatArray:
     """Coverage of every cell of one level, as a grid.
 
     Shape:
@@ -239,7 +325,8 @@ def level_coverage(mask: npt.ArrayLike, level: int) -> FloatArray:
     """
     s = _integral(mask)
     h, w = s.shape[0] - 1, s.shape[1] - 1
-    ry, rx = edges(level, h), edges(level, w)
+    fh, fw = frame_side(h, w, square=square)
+    ry, rx = edges(level, h, side=fh), edges(level, w, side=fw)
     t, b = ry[:-1, None], ry[1:, None]
     le, r = rx[None, :-1], rx[None, 1:]
     total = s[b, r] - s[t, r] - s[b, le] + s[t, le]
@@ -253,6 +340,10 @@ def level_cells(level: int) -> list[Cell]:
     return [Cell(level, r, c) for r in range(n) for c in range(n)]
 
 
-def min_cell_size(level: int, height: int, width: int) -> int:
-    """Smallest side in pixels of any cell at ``level`` (0 when some cells are empty)."""
+def min_cell_size(level: int, height: int, width: int, *, square: bool = False) -> int:
+    """Smallest side in pixels of any cell at ``level`` (0 when some cells are empty); in the
+    square frame the side of a whole cell (``cell_side``): a cell the image's edge cuts is a
+    square like the others, partly outside the image."""
+    if square:
+        return cell_side(level, height, width, square=True)
     return int(min(np.diff(edges(level, height)).min(), np.diff(edges(level, width)).min()))

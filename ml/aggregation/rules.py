@@ -141,6 +141,7 @@ class RefinementConfig:
     max_level: int = 6
     disagreement: float = 0.6
     refine_uncertain: bool = True
+    square: bool = False  # the pyramid's frame (``ml.aggregation.grid``): square cells or not
 
 
 INHERIT_SHRINK = 0.5
@@ -289,7 +290,10 @@ def search_small(
 
 def _deep_enough(cell: Cell, height: int, width: int, config: RefinementConfig) -> bool:
     child = cell.level + 1
-    return child <= config.max_level and min_cell_size(child, height, width) >= config.min_cell_px
+    return (
+        child <= config.max_level
+        and min_cell_size(child, height, width, square=config.square) >= config.min_cell_px
+    )
 
 
 def windows(cells: Sequence[Cell]) -> list[tuple[Cell, tuple[Cell, ...]]]:

@@ -33,19 +33,60 @@ def test_edges_partition_the_axis(level: int, size: int) -> None:
 
 
 @FAST
-@given(level=st.integers(0, 3), h=sizes, w=sizes, data=st.data())
-def test_children_tile_their_parent(level: int, h: int, w: int, data: st.DataObject) -> None:
+@given(level=st.integers(0, 3), h=sizes, w=sizes, data=st.data(), square=st.booleans())
+def test_children_tile_their_parent(
+    level: int, h: int, w: int, data: st.DataObject, square: bool
+) -> None:
     n = 3**level
     cell = Cell(level, data.draw(st.integers(0, n - 1)), data.draw(st.integers(0, n - 1)))
-    rect = cell_rect(cell, h, w)
+    rect = cell_rect(cell, h, w, square=square)
     covered = np.zeros((h, w), dtype=np.int64)
     for child in children(cell):
-        r = cell_rect(child, h, w)
+        r = cell_rect(child, h, w, square=square)
         covered[r.top : r.bottom, r.left : r.right] += 1
         assert parent(child) == cell
     inside = np.zeros((h, w), dtype=np.int64)
     inside[rect.top : rect.bottom, rect.left : rect.right] = 1
     assert np.array_equal(covered, inside)
+
+
+@FAST
+@given(level=st.integers(0, 4), h=sizes, w=sizes)
+def test_square_cells_are_squares_centred_on_the_image(level: int, h: int, w: int) -> None:
+    side = max(h, w)
+    whole = np.zeros((h, w), dtype=np.int64)
+    for cell in level_cells(level):
+        view = grid.cell_view(cell, h, w, square=True)
+        # A square of the frame around the image (integer edges: one pixel either way).
+        assert abs(view.height - side / 3**level) <= 1 and abs(view.width - side / 3**level) <= 1
+        rect = cell_rect(cell, h, w, square=True)  # ... as much of it as is in the image
+        assert rect.top == min(max(view.top, 0), h) and rect.bottom == min(max(view.bottom, 0), h)
+        assert rect.left == min(max(view.left, 0), w) and rect.right == min(max(view.right, 0), w)
+        whole[rect.top : rect.bottom, rect.left : rect.right] += 1
+    assert (whole == 1).all()  # the cells partition the image
+    # The image sits in the middle: the frame's margin is the same on both sides (within 1).
+    frame = grid.cell_view(grid.ROOT, h, w, square=True)
+    assert abs(-frame.top - (frame.bottom - h)) <= 1 and abs(-frame.left - (frame.right - w)) <= 1
+    assert grid.min_cell_size(level, h, w, square=True) == side // 3**level
+
+
+def test_a_wide_image_in_its_square_frame() -> None:
+    # 600 x 900: a 900 px frame; level-1 rows hold image rows 0-150, 150-450 and 450-600.
+    assert [cell_rect(Cell(1, r, 0), 600, 900, square=True).top for r in range(3)] == [0, 150, 450]
+    assert cell_rect(Cell(1, 2, 2), 600, 900, square=True) == (450, 600, 600, 900)
+    # Level 2: the top and bottom rows of squares lie wholly in the margin (empty).
+    assert cell_rect(Cell(2, 0, 4), 600, 900, square=True).height == 0
+    assert cell_rect(Cell(2, 8, 4), 600, 900, square=True).height == 0
+    assert cell_rect(Cell(2, 1, 4), 600, 900, square=True) == (0, 400, 50, 500)
+    assert grid.cell_view(Cell(2, 0, 4), 600, 900, square=True) == (-150, 400, -50, 500)
+    # An image resized to the same aspect keeps its cells (the frame scales with it).
+    mask = np.zeros((600, 900), dtype=bool)
+    mask[100:200, 300:700] = True
+    small = mask[::3, ::3]
+    cells = level_cells(2)
+    np.testing.assert_allclose(  # to the pixel the smaller edges round to
+        cell_coverage(mask, cells, square=True), cell_coverage(small, cells, square=True), atol=0.05
+    )
 
 
 def test_cells_follow_the_aspect_ratio() -> None:
@@ -58,14 +99,20 @@ def test_cells_follow_the_aspect_ratio() -> None:
 
 
 @FAST
-@given(level=st.integers(0, 3), h=sizes, w=sizes, seed=st.integers(0, 2**32 - 1))
-def test_coverage_compose_round_trip(level: int, h: int, w: int, seed: int) -> None:
+@given(
+    level=st.integers(0, 3),
+    h=sizes,
+    w=sizes,
+    seed=st.integers(0, 2**32 - 1),
+    square=st.booleans(),
+)
+def test_coverage_compose_round_trip(level: int, h: int, w: int, seed: int, square: bool) -> None:
     mask = np.random.default_rng(seed).random((h, w)) < 0.4
-    cov = level_coverage(mask, level)
+    cov = level_coverage(mask, level, square=square)
     cells = level_cells(level)
-    assert np.allclose(cell_coverage(mask, cells), cov.reshape(-1))
-    soft, hard = compose(cells, cov.reshape(-1), h, w)
-    assert np.allclose(level_coverage(soft, level), cov, atol=1e-6)
+    assert np.allclose(cell_coverage(mask, cells, square=square), cov.reshape(-1))
+    soft, hard = compose(cells, cov.reshape(-1), h, w, square=square)
+    assert np.allclose(level_coverage(soft, level, square=square), cov, atol=1e-6)
     assert np.array_equal(hard, soft >= 0.5)
 
 

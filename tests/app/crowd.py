@@ -12,8 +12,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.models import Cell, Image, Target, TaskTile
+from app.models import Cell, Image, Project, Target, TaskTile
 from app.services.campaign import load_truth
+from app.services.project import square_cells
 from ml.aggregation import grid
 from ml.aggregation.simulate import VolunteerProfile, answer
 
@@ -25,6 +26,7 @@ class Truths:
     settings: Settings
     factory: sessionmaker[Session]
     masks: dict[int, np.ndarray] = field(default_factory=dict)
+    square: dict[int, bool] = field(default_factory=dict)  # by target: the project's frame
     # Complete ground truth (the demo's): a target without a mask is a tag the image lacks.
     absent_is_empty: bool = False
 
@@ -44,7 +46,9 @@ class Truths:
                 by_target[target.id].append((position, grid.Cell(cell.level, cell.row, cell.col)))
         out = np.zeros(len(rows))
         for target_id, tiles in by_target.items():  # one integral image per target, not per tile
-            coverage = grid.cell_coverage(self.masks[target_id], [a for _, a in tiles])
+            coverage = grid.cell_coverage(
+                self.masks[target_id], [a for _, a in tiles], square=self.square[target_id]
+            )
             out[[p for p, _ in tiles]] = coverage
         return out
 
@@ -53,9 +57,13 @@ class Truths:
         if target.id not in self.masks:
             self.masks[target.id] = self._truth(session, target)
         address = grid.Cell(cell.level, cell.row, cell.col)
-        return float(grid.cell_coverage(self.masks[target.id], [address])[0])
+        square = self.square[target.id]
+        return float(grid.cell_coverage(self.masks[target.id], [address], square=square)[0])
 
     def _truth(self, session: Session, target: Target) -> np.ndarray:
+        project = session.get(Project, target.project_id)
+        assert project is not None
+        self.square[target.id] = square_cells(project)
         mask = load_truth(session, self.settings, target)
         if mask is None and self.absent_is_empty:
             image = session.get(Image, target.image_id)

@@ -251,3 +251,6 @@ def test_project_settings_and_schedule_commands_check_their_input(tmp_path: Path
     assert bad_plan.returncode == 2 and "not a duration" in bad_plan.stderr
     good = run(data, "project", "set", "pets", "acquisition", '"random"')
     assert good.returncode == 0 and 'acquisition = "random"' in good.stdout
+    # The frame of a project's cells is fixed once it has images: its votes name cells.
+    frame = run(data, "project", "set", "pets", "square_cells", "false")
+    assert frame.returncode == 2 and "fixed once a project has images" in frame.stderr

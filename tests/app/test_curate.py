@@ -231,7 +231,7 @@ def test_triage_fix_accept_makes_gold_and_a_curator_mask(live: Live) -> None:
         image_cells = session.get(Cell, yes), session.get(Cell, no)
     from ml.aggregation import grid
 
-    coverage = grid.level_coverage(mask, 1).ravel()
+    coverage = grid.level_coverage(mask, 1, square=True).ravel()
     index = [c.row * 3 + c.col for c in image_cells if c is not None]
     # A "yes" says some of the tag is in the cell (the image decides which pixels); a "no", none.
     assert coverage[index[0]] > 0.0 and coverage[index[1]] == 0.0
@@ -680,7 +680,7 @@ def test_the_current_mask_is_composed_now(live: Live) -> None:
     )
     from ml.aggregation import grid
 
-    coverage = grid.level_coverage(np.asarray(current()), 1).ravel()
+    coverage = grid.level_coverage(np.asarray(current()), 1, square=True).ravel()
     assert coverage[yes.row * 3 + yes.col] > 0 and coverage.sum() == coverage[yes.row * 3 + yes.col]
 
     client.post(f"/curate/targets/{target_id}/accept", data={"csrf_token": token})

@@ -30,7 +30,9 @@ def test_unanswered_finer_windows_leave_the_mask_as_the_answers_made_it(live: Li
             cells = list(
                 session.scalars(select(Cell).where(Cell.target_id == target.id, Cell.level == 1))
             )
-            coverage = grid.cell_coverage(truth, [grid.Cell(1, c.row, c.col) for c in cells])
+            coverage = grid.cell_coverage(
+                truth, [grid.Cell(1, c.row, c.col) for c in cells], square=True
+            )
             if 0 < (coverage > 0).sum() < 9:  # a border to refine
                 break
         else:

@@ -7,11 +7,14 @@ from collections.abc import Iterator
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Engine, inspect, select, text
+from sqlalchemy.orm import Session
 
 import app.models  # noqa: F401
 from app.db import Base, make_engine
 from app.migrate import current_revision, head_revision, is_at_head, upgrade_to_head
+from app.models import Project
+from app.services.project import create_project
 
 
 @pytest.fixture
@@ -64,3 +67,34 @@ def test_only_one_active_model_version_per_kind(empty_engine: Engine) -> None:
         conn.execute(insert, {"v": 2, "active": False})
     with pytest.raises(Exception, match=r"(?i)unique"), empty_engine.begin() as conn:
         conn.execute(insert, {"v": 3, "active": True})
+
+
+def test_projects_made_before_square_cells_keep_the_image_frame(empty_engine: Engine) -> None:
+    from alembic import command
+
+    from app.migrate import alembic_config
+
+    config = alembic_config(empty_engine.url.render_as_string(hide_password=False))
+    with empty_engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0004")
+    with empty_engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO projects (slug, name, description, settings, created_at) VALUES "
+                "('old', 'old', '', '{\"min_cell_px\": 8}', CURRENT_TIMESTAMP), "
+                "('bare', 'bare', '', '{}', CURRENT_TIMESTAMP)"
+            )
+        )
+    upgrade_to_head(empty_engine)
+    with Session(empty_engine) as session:
+        projects = {p.slug: p for p in session.scalars(select(Project))}
+        # Their votes name cells of the image frame: the frame is written into their settings.
+        assert projects["old"].settings == {"min_cell_px": 8, "square_cells": False}
+        assert projects["bare"].setting("square_cells") is False
+        made_now = create_project(session, slug="new")
+        assert made_now.settings == {"square_cells": True}  # stored, not left to defaults
+    # ... and a cell wholly outside its image retires for its own reason, which the check takes.
+    checks = {c["name"]: c["sqltext"] for c in inspect(empty_engine).get_check_constraints("cells")}
+    assert "'outside'" in str(checks["ck_cells_retirereason"])
+    assert "'curator'" in str(checks["ck_cells_retirereason"])

@@ -97,7 +97,7 @@ def test_tagger_training_seeding_and_priors_that_peak_inside_objects(world: Worl
             truth = load_truth(session, world.settings, target)
             if truth is None or len(cells) != 9 or np.ptp(priors) == 0:
                 continue
-            inside = grid.level_coverage(truth, 1).ravel() > 0
+            inside = grid.level_coverage(truth, 1, square=True).ravel() > 0
             hits += inside[int(np.argmax(priors))]
             chance += inside.mean()
             variance += inside.mean() * (1 - inside.mean())

@@ -197,7 +197,11 @@ GRID_CHECK = """() => {
     const inView = (r) => r.top >= 0 && r.left >= 0 && r.bottom <= view.h && r.right <= view.w;
     const tiles = [...document.querySelectorAll('.tile')].map((t) => {
         const img = t.querySelector('img');
-        return {box: t.getBoundingClientRect(), fit: getComputedStyle(img).objectFit};
+        return {
+            box: t.getBoundingClientRect(),
+            fit: getComputedStyle(img).objectFit,
+            natural: img.naturalWidth / img.naturalHeight,
+        };
     });
     const context = document.getElementById('context');
     const picture = context.querySelector('img.whole');
@@ -206,6 +210,7 @@ GRID_CHECK = """() => {
         tilesInView: tiles.every((t) => inView(t.box)),
         fits: [...new Set(tiles.map((t) => t.fit))],
         tileAspects: tiles.map((t) => t.box.width / t.box.height),
+        pictureAspects: tiles.map((t) => t.natural),
         verifyInView: inView(document.getElementById('verify').getBoundingClientRect()),
         context: !context.hidden && picture.complete && picture.naturalWidth > 0,
         contextInView: !context.hidden && inView(picture.getBoundingClientRect()),
@@ -242,7 +247,9 @@ def test_every_grid_fits_the_screen_whole_and_fine_windows_show_where_they_are(
         grid = page.evaluate(GRID_CHECK)  # type: ignore[attr-defined]
         assert grid["tilesInView"] and grid["verifyInView"], (i, grid)
         assert grid["fits"] == ["contain"], grid  # letterboxed, never cropped
-        assert all(0.74 <= a <= 1.34 for a in grid["tileAspects"]), grid
+        # Square cells (the demo is a new project): square boxes showing square pictures.
+        assert all(abs(a - 1) < 0.02 for a in grid["tileAspects"]), grid
+        assert all(abs(a - 1) < 0.02 for a in grid["pictureAspects"]), grid
         if grid["context"]:
             assert grid["contextInView"], grid
             with_context += 1

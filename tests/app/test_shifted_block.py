@@ -12,6 +12,7 @@ from app.db import utcnow
 from app.models import (
     Cell,
     CellStatus,
+    Image,
     RetireReason,
     Target,
     TaskTile,
@@ -37,8 +38,15 @@ def _two_windows(live: Live) -> int:
         ).first()
         assert target is not None
         session.execute(update(Window).values(state=WindowState.CLOSED))
+        image = session.get(Image, target.image_id)
+        assert image is not None
         left, right = open_windows(
-            session, target=target, parents=[grid.Cell(1, 1, 0), grid.Cell(1, 1, 1)], truth=None
+            session,
+            target=target,
+            parents=[grid.Cell(1, 1, 0), grid.Cell(1, 1, 1)],
+            truth=None,
+            image=image,
+            square=False,  # every square inside the image, whatever its shape
         )
         left.value, right.value = 10.0, 1.0
         for cell in session.scalars(select(Cell).where(Cell.window_id.in_([left.id, right.id]))):

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 from PIL import Image as PILImage
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 
 from app.models import (
     Cell,
@@ -18,6 +18,7 @@ from app.models import (
     MaskSource,
     MaskVersion,
     Project,
+    RetireReason,
     Target,
     TargetState,
     TaskTile,
@@ -72,7 +73,9 @@ def _oracle_iou(cells: list[Cell], truth: np.ndarray, mask: np.ndarray) -> tuple
     h, w = truth.shape
     addresses = [grid.Cell(c.level, c.row, c.col) for c in cells]
     leaves = [a for a, leaf in zip(addresses, leaf_cells(addresses), strict=True) if leaf]
-    perfect = grid.cell_coverage(truth, leaves) >= PROFILES["diligent"].coverage_threshold
+    perfect = (
+        grid.cell_coverage(truth, leaves, square=True) >= PROFILES["diligent"].coverage_threshold
+    )
     _, oracle = grid.compose(leaves, perfect.astype(float), h, w)
 
     def iou(a: np.ndarray) -> float:
@@ -188,8 +191,12 @@ def test_concurrent_pickers_never_share_leased_cells(live: Live) -> None:
     assert len(ids) == len(crowd)
     with live.factory() as session:
         rows = session.execute(
-            select(TaskTile.task_id, TaskTile.cell_id, TaskTile.known).where(
-                TaskTile.task_id.in_(ids)
+            select(TaskTile.task_id, TaskTile.cell_id, TaskTile.known)
+            .join(Cell, Cell.id == TaskTile.cell_id)
+            .where(
+                TaskTile.task_id.in_(ids),
+                # A known window's squares outside its image are neither known nor asked.
+                or_(Cell.retire_reason.is_(None), Cell.retire_reason != RetireReason.OUTSIDE),
             )
         ).all()
     unknown = [cell for _, cell, known in rows if not known]

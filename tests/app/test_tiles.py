@@ -10,12 +10,15 @@ import numpy as np
 from PIL import Image as PILImage
 from sqlalchemy import select
 
-from app.models import Cell, Gold, Image, Tag, Target, Task, TaskKind, Window
-from app.services.campaign import Truth, open_windows
+from app.models import Cell, CellStatus, Gold, Image, Tag, Target, Task, TaskKind, TaskTile, Window
+from app.services.campaign import OUTSIDE_LOGODDS, Truth, open_windows, outside_image
 from app.services.image import image_path
+from app.services.masks.composition import leaf_posteriors
 from app.services.tile import (
     CONTEXT_SIDE,
+    PAD,
     PLAIN,
+    TILE_SIDE,
     Augmentation,
     render_context,
     render_tile,
@@ -23,7 +26,7 @@ from app.services.tile import (
     tile_size,
 )
 from ml.aggregation import grid
-from tests.app.conftest import SLUG, Live
+from tests.app.conftest import HAS_PYRAMID, SLUG, Live
 
 
 def _pixels(jpeg: bytes) -> np.ndarray:
@@ -54,11 +57,13 @@ def test_each_task_renders_a_known_tile_differently_but_it_shows_the_same_cell(
     live: Live,
 ) -> None:
     for image, cell in _cells(live, 3):
-        plain_jpeg = render_tile(live.settings, image, cell, seed=0, augmentation=PLAIN)
+        plain_jpeg = render_tile(
+            live.settings, image, cell, seed=0, square=True, augmentation=PLAIN
+        )
         plain, shapes = _pixels(plain_jpeg), _coarse(plain_jpeg)
-        assert plain.shape[::-1] == tile_size(image, cell)
+        assert plain.shape[::-1] == tile_size(image, cell, square=True)
         renderings = [
-            render_tile(live.settings, image, cell, seed=tile_seed(f"nonce-{i}", 4))
+            render_tile(live.settings, image, cell, seed=tile_seed(f"nonce-{i}", 4), square=True)
             for i in range(12)
         ]
         assert len({hashlib.sha256(r).hexdigest() for r in renderings}) == len(renderings)
@@ -78,12 +83,19 @@ def test_each_task_renders_a_known_tile_differently_but_it_shows_the_same_cell(
 
 def test_the_variation_grows_with_its_settings_and_plain_is_exact(live: Live) -> None:
     image, cell = _cells(live, 1)[0]
-    plain = _pixels(render_tile(live.settings, image, cell, seed=1, augmentation=PLAIN))
-    again = _pixels(render_tile(live.settings, image, cell, seed=2, augmentation=PLAIN))
+    plain = _pixels(
+        render_tile(live.settings, image, cell, seed=1, square=True, augmentation=PLAIN)
+    )
+    again = _pixels(
+        render_tile(live.settings, image, cell, seed=2, square=True, augmentation=PLAIN)
+    )
     assert np.array_equal(plain, again)
     strong = Augmentation(shift=0.1, colour=0.3, noise=10.0, quality=(40, 50))
-    light = [render_tile(live.settings, image, cell, seed=s) for s in range(6)]
-    heavy = [render_tile(live.settings, image, cell, seed=s, augmentation=strong) for s in range(6)]
+    light = [render_tile(live.settings, image, cell, seed=s, square=True) for s in range(6)]
+    heavy = [
+        render_tile(live.settings, image, cell, seed=s, square=True, augmentation=strong)
+        for s in range(6)
+    ]
     light_diff = np.mean([np.abs(_pixels(j) - plain).mean() for j in light])
     heavy_diff = np.mean([np.abs(_pixels(j) - plain).mean() for j in heavy])
     assert heavy_diff > 2 * light_diff
@@ -164,8 +176,12 @@ def test_the_task_api_gives_source_pixels_and_a_context_only_for_fine_windows(
             fine = row.kind == TaskKind.WINDOW and window is not None and window.level > 0
             if window is not None and row.kind == TaskKind.WINDOW:
                 image = session.get(Image, session.get(Target, window.target_id).image_id)
-                side = image.width // 3 ** (window.level + 1)
-                assert abs(task["tiles"][0]["source_width"] - side) <= 1
+                # Square cells: a tile covers a square of the frame around the image.
+                side = max(image.width, image.height) // 3 ** (window.level + 1)
+                for tile in task["tiles"]:
+                    assert abs(tile["source_width"] - side) <= 1
+                    assert abs(tile["source_height"] - side) <= 1
+                    assert abs(tile["width"] - tile["height"]) <= 1
         if fine and window is not None and window.level >= 2:
             around = volunteer.client.get(task["around_url"])
             assert around.status_code == 200 and around.headers["content-type"] == "image/jpeg"
@@ -214,6 +230,8 @@ def test_a_flat_tile_is_never_served_as_gold(live: Live) -> None:
             target=target,
             parents=[grid.ROOT],
             truth=Truth(mask=mask, frozen=False, pixels=pixels),
+            image=image,
+            square=False,  # columns of the image, as the mask above is drawn
         )
         session.flush()
         gold = dict(
@@ -227,3 +245,75 @@ def test_a_flat_tile_is_never_served_as_gold(live: Live) -> None:
     # Column 0 is flat: no gold there, though the object covers it; columns 1 and 2 are gold.
     assert gold and set(gold) == {1, 2}
     assert gold[1] is True and gold[2] is False
+
+
+def test_a_square_cut_by_the_image_edge_shows_grey_past_it_and_outside_squares_are_not_asked(
+    live: Live,
+) -> None:
+    with live.factory() as session:
+        image = session.scalars(
+            select(Image).where(Image.width * 5 <= Image.height * 4).order_by(Image.id)
+        ).first()  # a portrait image: its square frame has margins left and right
+        assert image is not None, "the demo has no portrait image"
+        session.expunge(image)
+        h, w = image.height, image.width
+        cell = Cell(level=1, row=1, col=0)  # the middle left square: cut by the left edge
+        view = grid.cell_view(grid.Cell(1, 1, 0), h, w, square=True)
+        rect = grid.cell_rect(grid.Cell(1, 1, 0), h, w, square=True)
+        assert view.left < 0 == rect.left and rect.width > 0
+        tile = _pixels(
+            render_tile(live.settings, image, cell, seed=0, square=True, augmentation=PLAIN)
+        )
+        assert tile.shape == (TILE_SIDE, TILE_SIDE)  # square, as the square it shows
+        margin = round(-view.left / view.width * TILE_SIDE)  # the part left of the image
+        grey = np.abs(tile[:, : margin - 6] - PAD[0])  # grey, flat (JPEG's ringing aside)
+        assert grey.mean() < 1.5 and grey.max() < 8
+        plain = np.asarray(PILImage.open(image_path(live.settings, image)).convert("L"))
+        shown = PILImage.fromarray(plain[rect.top : rect.bottom, : rect.right]).resize(
+            (TILE_SIDE - margin, TILE_SIDE)
+        )
+        inside = tile[3:-3, margin + 6 : -3]
+        assert np.abs(inside - np.asarray(shown, dtype=np.float64)[3:-3, 6:-3]).mean() < 6
+        # Squares wholly outside the image open retired "no" and are never served unknown.
+        outside = session.scalars(select(Cell).where(Cell.prior_logodds == OUTSIDE_LOGODDS)).all()
+        assert outside and all(c.status == CellStatus.RETIRED and c.label is False for c in outside)
+    volunteer = live.volunteer()
+    for _ in range(30):
+        task = volunteer.next_task(SLUG)
+        if task is None:
+            break
+        with live.factory() as session:
+            shown_cells = session.scalars(
+                select(Cell)
+                .join(TaskTile, TaskTile.cell_id == Cell.id)
+                .where(TaskTile.task_id == task["id"], TaskTile.known.is_(False))
+            ).all()
+            assert not any(
+                outside_image(c) and c.window_id != session.get(Task, task["id"]).window_id
+                for c in shown_cells
+            )
+        volunteer.answer(SLUG, task)
+
+
+def test_a_refined_square_at_the_image_edge_keeps_its_answer_until_its_children_have_theirs(
+    live: Live,
+) -> None:
+    with live.factory() as session:
+        target = session.scalars(
+            select(Target)
+            .join(Image, Image.id == Target.image_id)
+            .where(Image.width * 5 <= Image.height * 4, Target.control.is_(False), HAS_PYRAMID)
+            .order_by(Target.id)
+        ).first()
+        assert target is not None
+        image = session.get(Image, target.image_id)
+        assert image is not None
+        parent = grid.Cell(1, 1, 0)  # cut by the left edge: its left children lie outside
+        open_windows(session, target=target, parents=[parent], truth=None, image=image, square=True)
+        session.flush()
+        cells = list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
+        assert any(outside_image(c) for c in cells)
+        leaves, _ = leaf_posteriors(session, cells=cells)
+        # The children outside hold no pixel and the others no answer yet: the parent stands.
+        assert parent in leaves and not any(c.level == 2 for c in leaves)
+        session.rollback()

@@ -53,6 +53,7 @@ from app.models import (
     Window,
     WindowState,
 )
+from app.services.campaign import outside_image
 from ml.aggregation.acquisition import best_block, uncertainty
 
 TaskKindRequest = Literal["auto", "window", "mosaic"]
@@ -302,7 +303,7 @@ def _shifted_block(
     spends a volunteer's ten seconds on fewer open squares (often one or two). Cells of another
     volunteer's leased window, of a known window, or that this volunteer answered are not
     shown; the task keeps the window's lease."""
-    if all(c.status == CellStatus.OPEN for c in cells):
+    if all(c.status == CellStatus.OPEN or outside_image(c) for c in cells):
         return cells  # nothing settled yet: the window is the best grid there
     # The window and the eight around it, on their own 9x9 lattice (the window at 3..5).
     level, top, left = window.level + 1, window.row * 3 - 3, window.col * 3 - 3
@@ -334,7 +335,9 @@ def _shifted_block(
         if cell.status == CellStatus.OPEN:
             gain[r, c] = max(float(uncertainty([0.5 if posterior is None else posterior])[0]), 1e-9)
         leased = leased_until is not None and as_utc(leased_until) > as_utc(now)
-        usable[r, c] = not (answered or known or (leased and leased_by != volunteer.id))
+        usable[r, c] = not (
+            answered or known or outside_image(cell) or (leased and leased_by != volunteer.id)
+        )
     r0, c0 = best_block(gain, usable, owner, (3, 3))
     if (r0, c0) == (3, 3):
         return cells

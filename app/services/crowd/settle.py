@@ -35,6 +35,7 @@ from app.services.campaign import (
     Truth,
     load_truth,
     open_windows,
+    outside_image,
     refinement_config,
     window_value,
 )
@@ -42,6 +43,7 @@ from app.services.consensus import cell_votes
 from app.services.crowd.retirement import VOTED_REASONS, retire_cells
 from app.services.masks.composition import record_consensus_mask
 from app.services.masks.union import finish_unions
+from app.services.project import square_cells
 from app.services.target import tag_belief, tag_beliefs
 from ml.aggregation import grid
 from ml.aggregation.acquisition import object_area
@@ -223,7 +225,8 @@ def _refine(
     image: Image,
     cells: list[Cell],
 ) -> int:
-    retired = [c for c in cells if c.status == CellStatus.RETIRED]
+    # A square wholly outside the image is no evidence of a border: the image's edge is not.
+    retired = [c for c in cells if c.status == CellStatus.RETIRED and not outside_image(c)]
     windows = session.scalars(select(Window).where(Window.target_id == target.id))
     opened = {grid.Cell(w.level, w.row, w.col) for w in windows}
     deeper = choose_refinements(
@@ -257,7 +260,15 @@ def _refine(
     else:
         inherited = list(_inherited(session, [by_address[p] for p in deeper]))
     priors = [[float(v)] * 9 for v in inherited]
-    open_windows(session, target=target, parents=deeper, truth=truth, prior_logodds=priors)
+    open_windows(
+        session,
+        target=target,
+        parents=deeper,
+        truth=truth,
+        image=image,
+        square=square_cells(project),
+        prior_logodds=priors,
+    )
     return len(deeper)
 
 

@@ -45,6 +45,7 @@ from app.services.consensus import credibility_estimates
 from app.services.errors import InvalidInputError, NotFoundError
 from app.services.masks.composition import compose_target
 from app.services.masks.union import finish_unions
+from app.services.project import square_cells
 from app.services.recompute import recompute_project
 from app.services.target import add_mask_version, child_targets, is_union
 from app.services.volunteer import display_name
@@ -87,7 +88,7 @@ def _leaf_posteriors(session: Session, target_ids: list[int]) -> dict[int, list[
     return out
 
 
-SETTLED = (RetireReason.GOLD, RetireReason.CURATOR)
+SETTLED = (RetireReason.GOLD, RetireReason.CURATOR, RetireReason.OUTSIDE)
 
 
 DISAGREE = "volunteers disagree"
@@ -289,8 +290,9 @@ def _vote_views(session: Session, cell_ids: list[int]) -> dict[int, list[VoteVie
     return out
 
 
-def _box(cell: Cell, image: Image) -> tuple[float, float, float, float]:
-    r = grid.cell_rect(grid.Cell(cell.level, cell.row, cell.col), image.height, image.width)
+def _box(cell: Cell, image: Image, square: bool) -> tuple[float, float, float, float]:
+    address = grid.Cell(cell.level, cell.row, cell.col)
+    r = grid.cell_rect(address, image.height, image.width, square=square)
     return (
         100 * r.left / image.width,
         100 * r.top / image.height,
@@ -324,6 +326,9 @@ def target_view(session: Session, *, target: Target, level: int | None = None) -
         ).all()
     )
     votes = _vote_views(session, [c.id for c in finest])
+    project = session.get(Project, target.project_id)
+    assert project is not None
+    square = square_cells(project)
     views = [
         CellView(
             id=c.id,
@@ -338,7 +343,7 @@ def target_view(session: Session, *, target: Target, level: int | None = None) -
             label=c.label,
             source=c.retire_reason.value if c.retire_reason else "open",
             uncertain=c.uncertain,
-            box=_box(c, image),
+            box=_box(c, image, square),
             votes=votes.get(c.id, []),
         )
         for c in finest

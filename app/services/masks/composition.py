@@ -27,6 +27,7 @@ from app.models import (
     Target,
 )
 from app.services.image import image_path
+from app.services.project import square_cells
 from app.services.target import add_mask_version, child_targets, find_latest_mask, is_union
 from app.storage import FileStore, decode_mask_png
 from ml.aggregation import grid
@@ -39,7 +40,8 @@ def leaf_posteriors(session: Session, *, cells: list[Cell]) -> tuple[list[grid.C
     every other cell its posterior.
 
     A refined cell's children that nobody has answered yet carry only the prior they inherited
-    from it: they are left out, so that their parent's answer stands (an inherited 0.8 is not an
+    from it: they are left out (and so are children wholly outside the image), so that their
+    parent's answer stands (an inherited 0.8 is not an
     answer, and would otherwise turn their pixels into sure foreground). The first nine cells
     stay in whatever their evidence (their prior is the tagger's or the model's).
     """
@@ -54,7 +56,8 @@ def leaf_posteriors(session: Session, *, cells: list[Cell]) -> tuple[list[grid.C
     cells = [
         c
         for c in cells
-        if c.level <= 1 or c.status != CellStatus.OPEN or consensus.get(c.id, (0, 0.5))[0] > 0
+        if (c.level <= 1 or c.status != CellStatus.OPEN or consensus.get(c.id, (0, 0.5))[0] > 0)
+        and c.retire_reason != RetireReason.OUTSIDE  # no pixel: it must not hide its parent
     ]
     addresses = [grid.Cell(c.level, c.row, c.col) for c in cells]
     leaves = [c for c, leaf in zip(cells, leaf_cells(addresses), strict=True) if leaf]
@@ -137,7 +140,9 @@ def _compose(
     if model is not None and model.shape != pixels.shape[:2]:
         model = None  # a prediction of another size (a replaced file): not evidence here
     method = str(project.setting("composition"))
-    return compose_mask(pixels, leaves, probs, model=model, method=method)
+    return compose_mask(
+        pixels, leaves, probs, model=model, method=method, square=square_cells(project)
+    )
 
 
 def record_consensus_mask(

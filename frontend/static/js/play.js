@@ -76,8 +76,9 @@ function render(task) {
   strong.textContent = task.tag.display_name;
   promptEl.append(strong);
   descriptionEl.textContent = task.tag.description || "";
-  // A window's nine tiles share one shape, kept within 3:4 and 4:3 (a longer tile is
-  // letterboxed, never cropped); a mosaic's come from many images: square boxes.
+  // A window's nine tiles share one shape: square (projects with square cells), else the
+  // cells' aspect kept within 3:4 and 4:3 (a longer tile is letterboxed, never cropped); a
+  // mosaic's come from many images: square boxes.
   const first = task.tiles[0];
   const aspect = task.kind === "window" ? Math.min(4 / 3, Math.max(3 / 4, first.width / first.height)) : 1;
   root.style.setProperty("--tile-aspect", String(aspect));
@@ -93,10 +94,29 @@ function render(task) {
     tile.querySelector("img").src = data.url;
     tile.setAttribute("aria-selected", "false");
   }
+  fit();
   root.dataset.taskId = String(task.id);
   shownAt = performance.now();
   window.dispatchEvent(new CustomEvent("tessera:shown", { detail: { id: task.id } }));
 }
+
+// The stylesheet sizes the grid for a usual prompt; a long tag description or the context
+// pictures make the prompt taller, so the grid shrinks until Verify is on screen (never under
+// MIN_GRID_PX wide: on a tiny screen the page scrolls instead).
+const MIN_GRID_PX = 240;
+const FOLD_MARGIN_PX = 8;
+function fit() {
+  root.style.maxWidth = "";
+  const overflow = verifyBtn.getBoundingClientRect().bottom + FOLD_MARGIN_PX - window.innerHeight;
+  if (overflow <= 0) return;
+  const aspect = Number(root.style.getPropertyValue("--tile-aspect")) || 1;
+  const width = root.getBoundingClientRect().width;
+  // Three rows of tiles: the grid loses `overflow` px of height for overflow * aspect of width.
+  root.style.maxWidth = `${Math.max(MIN_GRID_PX, Math.floor(width - overflow * aspect))}px`;
+}
+window.addEventListener("resize", () => {
+  if (current) fit();
+});
 
 async function showNext() {
   let offer = await (nextTask || fetchTask());
