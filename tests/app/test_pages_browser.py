@@ -212,6 +212,9 @@ GRID_CHECK = """() => {
         tileAspects: tiles.map((t) => t.box.width / t.box.height),
         pictureAspects: tiles.map((t) => t.natural),
         verifyInView: inView(document.getElementById('verify').getBoundingClientRect()),
+        verifyBottom: document.getElementById('verify').getBoundingClientRect().bottom,
+        viewHeight: view.h,
+        shown: document.getElementById('play').dataset.taskId,
         context: !context.hidden && picture.complete && picture.naturalWidth > 0,
         contextInView: !context.hidden && inView(picture.getBoundingClientRect()),
         around: !around.hidden && around.complete && around.naturalWidth > 0
@@ -245,7 +248,8 @@ def test_every_grid_fits_the_screen_whole_and_fine_windows_show_where_they_are(
     for i in range(24):
         previous = shown_task(page, previous)
         grid = page.evaluate(GRID_CHECK)  # type: ignore[attr-defined]
-        assert grid["tilesInView"] and grid["verifyInView"], (i, grid)
+        where = {k: grid[k] for k in ("verifyBottom", "viewHeight", "kind", "context", "shown")}
+        assert grid["tilesInView"] and grid["verifyInView"], (i, where)
         assert grid["fits"] == ["contain"], grid  # letterboxed, never cropped
         # Square cells (the demo is a new project): square boxes showing square pictures.
         assert all(abs(a - 1) < 0.02 for a in grid["tileAspects"]), grid

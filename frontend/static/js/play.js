@@ -107,16 +107,22 @@ const MIN_GRID_PX = 240;
 const FOLD_MARGIN_PX = 8;
 function fit() {
   root.style.maxWidth = "";
-  const overflow = verifyBtn.getBoundingClientRect().bottom + FOLD_MARGIN_PX - window.innerHeight;
-  if (overflow <= 0) return;
   const aspect = Number(root.style.getPropertyValue("--tile-aspect")) || 1;
-  const width = root.getBoundingClientRect().width;
-  // Three rows of tiles: the grid loses `overflow` px of height for overflow * aspect of width.
-  root.style.maxWidth = `${Math.max(MIN_GRID_PX, Math.floor(width - overflow * aspect))}px`;
+  // A narrower page may wrap the prompt onto one more line: measure again (a few times at most).
+  for (let i = 0; i < 4; i += 1) {
+    const overflow = verifyBtn.getBoundingClientRect().bottom + FOLD_MARGIN_PX - window.innerHeight;
+    const width = root.getBoundingClientRect().width;
+    if (overflow <= 0 || width <= MIN_GRID_PX) return;
+    // Three rows of tiles: the grid loses `overflow` px of height for overflow * aspect of width.
+    root.style.maxWidth = `${Math.max(MIN_GRID_PX, Math.floor(width - overflow * aspect))}px`;
+  }
 }
-window.addEventListener("resize", () => {
-  if (current) fit();
-});
+// The context pictures take their place once loaded (even from the cache, after render).
+for (const el of [window, contextImg, aroundImg]) {
+  el.addEventListener(el === window ? "resize" : "load", () => {
+    if (current) fit();
+  });
+}
 
 async function showNext() {
   let offer = await (nextTask || fetchTask());
