@@ -373,9 +373,9 @@ def _refresh_statistics(session: Session) -> None:
 def _nothing_imported(report: ImportReport) -> str:
     if not report.skipped:
         return "no image found to import"
-    shown = "; ".join(f"{name}: {reason}" for name, reason in report.skipped[:5])
-    more = f" (and {len(report.skipped) - 5} more)" if len(report.skipped) > 5 else ""
-    return f"no image could be imported: {shown}{more}"
+    # Every reason, one per line: the one left out is the one the user needed.
+    reasons = "".join(f"\n  {name}: {reason}" for name, reason in report.skipped)
+    return f"no image could be imported ({len(report.skipped)} skipped):{reasons}"
 
 
 @contextmanager
