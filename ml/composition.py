@@ -63,6 +63,7 @@ SEED_KEPT = 0.25  # less of the ratio's seed left by ``unlike_background``: the 
 NEARBY_SHARE = 0.1  # of the pixels around one: a background colour seen near it
 NEARBY_KEPT = 0.05  # less of the seed left by ``unlike_nearby_background``: it stands
 FAR_BG_MIN = 100  # fewer sure-background pixels away from the claim: use all of them
+FAR_CELLS = 1.5  # a GrabCut crop reaches this many cell sides past the band (``_crop``)
 COLOUR_BINS = 8  # per channel, for the colour frequencies of ``object_coloured``
 OBJECT_RATIO = 2.0  # a colour this much more common in the band than the background: the object's
 GRABCUT_MAX_PIXELS = 120_000  # larger crops run downscaled (GrabCut's cost grows with area)
@@ -176,13 +177,18 @@ def compose_by_model(tm: Trimap, image: np.ndarray, model: FloatMask | None) -> 
     return Composed(soft.astype(np.float32), hard)
 
 
-def _crop(band: BoolMask) -> tuple[slice, slice] | None:
-    """A rectangle around the band with room for some sure pixels of both kinds, or None."""
+def _crop(band: BoolMask, side: FloatMask | None = None) -> tuple[slice, slice] | None:
+    """A rectangle around the band with room for some sure pixels of both kinds (a quarter of
+    the band's extent each way), or None. With ``side``, at least ``FAR_CELLS`` of the band's
+    cells' sides each way: room for background away from the claim (``_next_to_claim``)."""
     rows, cols = np.nonzero(band)
     if rows.size == 0:
         return None
     h, w = band.shape
-    pad = max(8, int(0.25 * max(rows.max() - rows.min(), cols.max() - cols.min())))
+    extent = max(rows.max() - rows.min(), cols.max() - cols.min())
+    pad = max(8, int(0.25 * extent))
+    if side is not None:
+        pad = max(pad, int(np.ceil(FAR_CELLS * float(np.median(side[band])))))
     top, bottom = max(0, rows.min() - pad), min(h, rows.max() + 1 + pad)
     left, right = max(0, cols.min() - pad), min(w, cols.max() + 1 + pad)
     return slice(top, bottom), slice(left, right)
@@ -222,14 +228,16 @@ def object_coloured(pixels: np.ndarray, sure_bg: BoolMask, band: BoolMask) -> Bo
 
 
 def _background_colours(
-    pixels: np.ndarray, sure_bg: BoolMask, rng_seed: int
+    pixels: np.ndarray, sure_bg: BoolMask, rng_seed: int, samples: np.ndarray | None = None
 ) -> tuple[np.ndarray, float] | None:
-    """``BG_COLOURS`` k-means centres of the sure background's colours and the distance within
-    which 95% of its pixels lie from their nearest centre; None with too few pixels.
+    """``BG_COLOURS`` k-means centres of the sure background's colours (or of ``samples`` of
+    background colours, when given) and the distance within which 95% of its pixels lie from
+    their nearest centre; None with too few pixels.
 
-    Shape: pixels ``(H, W, 3)``, sure_bg ``(H, W)``; centres ``(BG_COLOURS, 3)``.
+    Shape: pixels ``(H, W, 3)``, sure_bg ``(H, W)``, samples ``(N, 3)``; centres
+    ``(BG_COLOURS, 3)``.
     """
-    bg = pixels[sure_bg].astype(np.float32)  # (N, 3)
+    bg = (pixels[sure_bg] if samples is None else samples).astype(np.float32)  # (N, 3)
     if len(bg) < BG_COLOURS:
         return None
     sample = bg[np.random.default_rng(rng_seed).permutation(len(bg))[:BG_SAMPLE]]
@@ -245,9 +253,12 @@ def _distances(colours: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return np.sqrt((d**2).sum(axis=2))
 
 
-def unlike_background(pixels: np.ndarray, sure_bg: BoolMask, rng_seed: int = 0) -> BoolMask:
+def unlike_background(
+    pixels: np.ndarray, sure_bg: BoolMask, rng_seed: int = 0, samples: np.ndarray | None = None
+) -> BoolMask:
     """Pixels whose colour no sure-background pixel has: farther from every one of
-    ``BG_COLOURS`` k-means centres of the sure background than 95% of its own pixels are.
+    ``BG_COLOURS`` k-means centres of the sure background (or of ``samples`` of background
+    colours from elsewhere) than 95% of its own pixels are.
 
     A *no* cell is clean background, which a *yes* cell is not: this is what seeds GrabCut's
     probable labels in the band when there is no model (a band that is mostly background, as
@@ -255,7 +266,7 @@ def unlike_background(pixels: np.ndarray, sure_bg: BoolMask, rng_seed: int = 0) 
 
     Shape: pixels ``(H, W, 3)``, sure_bg and the result ``(H, W)``.
     """
-    fitted = _background_colours(pixels, sure_bg, rng_seed)
+    fitted = _background_colours(pixels, sure_bg, rng_seed, samples)
     if fitted is None:
         return np.ones(sure_bg.shape, dtype=bool)
     centres, bar = fitted
@@ -295,7 +306,9 @@ def unlike_nearby_background(
     return out
 
 
-def _grabcut_labels(tm: Trimap, pixels: np.ndarray, model: FloatMask | None) -> np.ndarray:
+def _grabcut_labels(
+    tm: Trimap, pixels: np.ndarray, model: FloatMask | None, far: np.ndarray | None = None
+) -> np.ndarray:
     """GrabCut's initial labels on a crop: the trimap, and in the band the model's decision,
     or else the object's colours (all of the band if none stand out): those far more common in
     the band than in the sure background (``object_coloured``) and unlike every common colour
@@ -306,15 +319,24 @@ def _grabcut_labels(tm: Trimap, pixels: np.ndarray, model: FloatMask | None) -> 
     wrong *no* on a sliver of the object would put the object's colour among the background's
     common colours. Sure background is ``GC_BGD`` everywhere: a *no* cell in the object's colour
     is more often a neighbouring thing of that colour than a wrong *no*, and relabelling those
-    pixels as probable object hid the neighbour's colour from the background model."""
+    pixels as probable object hid the neighbour's colour from the background model.
+
+    ``far``: colours of the sure background away from the claim around the crop, for when the
+    crop holds too little of it (a crop around a small claim may hold none): the fallback, all
+    of the crop's sure background, holds the *no* cells next to the claim."""
     labels = np.full(tm.band.shape, cv2.GC_PR_BGD, dtype=np.uint8)  # (h, w)
     if model is not None:
         probable_fg = tm.band & (model >= 0.5)
     else:
         far_bg = tm.sure_bg & ~_next_to_claim(tm)
-        reference = far_bg if far_bg.sum() >= FAR_BG_MIN else tm.sure_bg
         coloured = tm.band & object_coloured(pixels, tm.sure_bg, tm.band)
-        probable_fg = coloured & unlike_background(pixels, reference)
+        if far_bg.sum() >= FAR_BG_MIN:
+            unlike = unlike_background(pixels, far_bg)
+        elif far is not None and len(far) >= FAR_BG_MIN:  # the crop holds too little of it
+            unlike = unlike_background(pixels, far_bg, samples=far)
+        else:
+            unlike = unlike_background(pixels, tm.sure_bg)
+        probable_fg = coloured & unlike
         if probable_fg.sum() < SEED_KEPT * coloured.sum():
             # Most of the band's own colours are common in the background too: the object is
             # coloured like its surroundings, and the second test would leave GrabCut's object
@@ -382,6 +404,7 @@ def compose_by_grabcut(tm: Trimap, image: np.ndarray, model: FloatMask | None) -
     n, comp = cv2.connectedComponents(tm.claimed.astype(np.uint8), connectivity=8)
     parts = [comp == i for i in range(1, n)]
     rgb = _rgb(image)
+    far_bg = tm.sure_bg & ~_next_to_claim(tm)
     fg = np.zeros(tm.band.shape, dtype=bool)
     fallback = np.zeros(tm.band.shape, dtype=bool)
     for part in parts:
@@ -390,7 +413,10 @@ def compose_by_grabcut(tm: Trimap, image: np.ndarray, model: FloatMask | None) -
             fg |= part & tm.claimed
             continue
         pixels = np.ascontiguousarray(rgb[window])
-        labels = _grabcut_labels(_cropped(tm, window), pixels, _crop_of(model, window))
+        # Background away from the claim, from a wider window than the crop GrabCut runs on.
+        outer = _crop(part & tm.band, tm.side)
+        far = None if outer is None else rgb[outer][far_bg[outer]]
+        labels = _grabcut_labels(_cropped(tm, window), pixels, _crop_of(model, window), far)
         fallback[window] |= (labels == cv2.GC_PR_FGD) & part[window]
         cut = _run_grabcut(pixels, labels)
         # Without samples of both kinds GrabCut cannot run: its initial labels stand (a tiny
