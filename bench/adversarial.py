@@ -62,8 +62,8 @@ from app.models import (
     Volunteer,
     Vote,
 )
-from app.services.campaign import load_truth
 from app.services.consensus import credibility_estimates
+from app.services.crowd.opening import load_truth
 from app.services.curation.volunteer_review import review_volunteers
 from app.services.project import square_cells
 from bench.campaign import SLUG, Arm, Point, build, run_arm

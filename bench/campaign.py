@@ -91,7 +91,7 @@ from app.models import (
     Window,
 )
 from app.security import VOLUNTEER_COOKIE
-from app.services.campaign import load_truth, refinement_config
+from app.services.crowd.opening import load_truth, refinement_config
 from app.services.importer import run_import
 from app.services.masks.composition import compose_target, load_pixels
 from app.services.project import create_project

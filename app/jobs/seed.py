@@ -39,7 +39,7 @@ from app.models import (
     Target,
     TargetState,
 )
-from app.services.campaign import load_truth, open_target
+from app.services.crowd.opening import load_truth, open_target
 from app.services.errors import NotFoundError
 from app.services.image import image_path
 from app.services.job import finish_job, job_run

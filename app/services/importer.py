@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.models import Image, ImageTag, ImageTagSource, MaskSource, Project, Tag
 from app.services.archive import ArchiveLimits, archive_suffix, is_archive, unpack_archive
-from app.services.campaign import open_seeded_targets
+from app.services.crowd.opening import open_seeded_targets
 from app.services.errors import InvalidInputError
 from app.services.image import add_image, image_limits, image_store
 from app.services.import_formats import (

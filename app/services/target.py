@@ -66,7 +66,7 @@ def can_be_union(session: Session, *, target: Target) -> bool:
 
 def is_union(session: Session, *, target: Target) -> bool:
     """Whether the target's mask is its children's union: opened without a pyramid of its own
-    (``app.services.campaign.open_target``) because it can be one."""
+    (``app.services.crowd.opening.open_target``) because it can be one."""
     if target.state == TargetState.SEEDED or target.control:
         return False
     own = session.scalar(select(Window.id).where(Window.target_id == target.id).limit(1))

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.models import Cell, Image, Project, Target, TaskTile
-from app.services.campaign import load_truth
+from app.services.crowd.opening import load_truth
 from app.services.project import square_cells
 from ml.aggregation import grid
 from ml.aggregation.simulate import VolunteerProfile, answer

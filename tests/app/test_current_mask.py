@@ -7,7 +7,7 @@ import numpy as np
 from sqlalchemy import select
 
 from app.models import Cell, Project, Target, Window
-from app.services.campaign import load_truth
+from app.services.crowd.opening import load_truth
 from app.services.crowd.settle import settle_target
 from app.services.curation.triage import set_cell
 from app.services.masks.composition import compose_target

@@ -40,7 +40,7 @@ from app.models import (
     ModelVersion,
     Target,
 )
-from app.services.campaign import load_truth
+from app.services.crowd.opening import load_truth
 from app.services.errors import NotFoundError
 from app.services.importer import run_import
 from app.services.model_version import promote, register_model_version

@@ -46,7 +46,7 @@ from app.models import (
     TargetState,
     Window,
 )
-from app.services.campaign import open_target, window_value
+from app.services.crowd.opening import open_target, window_value
 from app.services.model_version import active_model
 from app.services.project import get_project
 from app.services.target import ensure_target, tag_belief

@@ -21,7 +21,7 @@ from app.models import (
     Window,
     WindowState,
 )
-from app.services.campaign import open_windows
+from app.services.crowd.opening import open_windows
 from ml.aggregation import grid
 from tests.app.conftest import HAS_PYRAMID, Live
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select, update
 
 from app.models import Cell, ImageTag, ImageTagSource, Project, Target, Window
-from app.services.campaign import OUTSIDE_LOGODDS
+from app.services.crowd.opening import OUTSIDE_LOGODDS
 from app.services.crowd.settle import settle_target
 from app.services.curation.triage import set_cell
 from ml.aggregation.rules import SEARCH_PRIOR

@@ -26,7 +26,7 @@ from app.models import (
     Vote,
     Window,
 )
-from app.services.campaign import load_truth
+from app.services.crowd.opening import load_truth
 from app.services.recompute import recompute_project
 from app.services.volunteer import ban_volunteer
 from app.storage import decode_mask_png

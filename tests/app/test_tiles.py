@@ -11,7 +11,7 @@ from PIL import Image as PILImage
 from sqlalchemy import select
 
 from app.models import Cell, CellStatus, Gold, Image, Tag, Target, Task, TaskKind, TaskTile, Window
-from app.services.campaign import OUTSIDE_LOGODDS, Truth, open_windows, outside_image
+from app.services.crowd.opening import OUTSIDE_LOGODDS, Truth, open_windows, outside_image
 from app.services.image import image_path
 from app.services.masks.composition import leaf_posteriors
 from app.services.tile import (

@@ -2,10 +2,10 @@
 
 Value of a window = its target's priority x how sure we are its tag is there at all (1 unless the
 tagger guessed it) x the expected gain in mask quality of one answer: the uncertainty of its open
-cells x their area relative to the object's expected area
-(``app.services.campaign.window_value``, ``ml.aggregation.acquisition``). A volunteer never sees a
-cell they already answered. Known tiles keep at least a gold rate of what a volunteer answers, the
-project's for a newcomer, less for one proven on gold, more for a doubtful one (``gold_rate_for``):
+cells x their area relative to the object's expected area (``opening.window_value``,
+``ml.aggregation.acquisition``). A volunteer never sees a cell they already answered. Known
+tiles keep at least a gold rate of what a volunteer answers, the project's for a newcomer, less
+for one proven on gold, more for a doubtful one (``gold_rate_for``):
 window tasks whose cells are all gold, or mosaics of known-true, known-false and unknown tiles of
 one tag (3-5-1 by default, reCAPTCHA's mix), served only as known tiles that are due. An unknown
 window is leased to one volunteer at a time by a compare-and-set on its lease (with ``SKIP LOCKED``
@@ -53,7 +53,7 @@ from app.models import (
     Window,
     WindowState,
 )
-from app.services.campaign import outside_image
+from app.services.crowd.opening import outside_image
 from ml.aggregation.acquisition import best_block, uncertainty
 
 TaskKindRequest = Literal["auto", "window", "mosaic"]

@@ -31,7 +31,8 @@ from app.models import (
     Window,
     WindowState,
 )
-from app.services.campaign import (
+from app.services.consensus import cell_votes
+from app.services.crowd.opening import (
     Truth,
     load_truth,
     open_windows,
@@ -39,7 +40,6 @@ from app.services.campaign import (
     refinement_config,
     window_value,
 )
-from app.services.consensus import cell_votes
 from app.services.crowd.retirement import VOTED_REASONS, retire_cells
 from app.services.masks.composition import record_consensus_mask
 from app.services.masks.union import finish_unions

@@ -21,7 +21,7 @@ from app.models import (
     Target,
     TargetState,
 )
-from app.services.campaign import open_target
+from app.services.crowd.opening import open_target
 from app.services.curation.triage import finish_target
 from app.services.errors import ConflictError, InvalidInputError
 from app.services.tag import TagResolver

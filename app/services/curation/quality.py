@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.models import Image, MaskSource, MaskVersion, Project, QualitySnapshot, Tag, Target
-from app.services.campaign import load_truth
+from app.services.crowd.opening import load_truth
 from app.services.dashboard import human_seconds, iou
 from app.services.masks.composition import compose_target, load_pixels
 from ml.composition import Composed

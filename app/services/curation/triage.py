@@ -40,8 +40,8 @@ from app.models import (
     Window,
     WindowState,
 )
-from app.services.campaign import uncertainty
 from app.services.consensus import credibility_estimates
+from app.services.crowd.opening import uncertainty
 from app.services.errors import InvalidInputError, NotFoundError
 from app.services.masks.composition import compose_target
 from app.services.masks.union import finish_unions
