@@ -41,7 +41,14 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from ml.aggregation.grid import Cell, ancestor, cell_arrays, children, min_cell_size
+from ml.aggregation.grid import (
+    Cell,
+    ancestor,
+    cell_arrays,
+    children,
+    inside_children,
+    min_cell_size,
+)
 from ml.aggregation.votes import BoolArray, logit, sigmoid
 
 
@@ -281,9 +288,18 @@ def search_small(
     """
     y = np.asarray(labels).reshape(-1)
     first = [c for c in cells if c.level == 1]
-    # Nothing said yes anywhere. Some first cells may have opened already: a yes that the
-    # evidence later overturned (a bad actor's, found out), which must not stop the search.
-    if len(first) != 9 or y.any():
+    if len(first) != 9:
+        return []
+    # Every window opened under them decided (each square of the image in it retired) ...
+    present = set(cells)
+    leaf = leaf_cells(cells)
+    for cell, is_leaf in zip(cells, leaf, strict=True):
+        inside = inside_children([cell], height, width, square=config.square)
+        if not is_leaf and any(child not in present for child in inside):
+            return []
+    # ... and no finest answer is yes. A first cell that opened on a yes whose own squares all
+    # came back no (a bad actor's yes, or one the evidence overturned) must not stop the search.
+    if any(y[i] for i, is_leaf in enumerate(leaf) if is_leaf):
         return []
     return [c for c in sorted(first) if c not in opened and _deep_enough(c, height, width, config)]
 

@@ -133,5 +133,13 @@ def test_a_tagged_object_no_first_square_showed_is_searched_for_one_level_down()
     deeper = [*first, *children(first[0])]
     opened = search_small(deeper, [0] * 18, 600, 900, opened={first[0]}, config=config)
     assert opened == sorted(first)[1:]
+    # A first cell still says yes (a bad actor's) but every square of its window said no.
+    still = search_small(deeper, [1] + [0] * 17, 600, 900, opened={first[0]}, config=config)
+    assert still == sorted(first)[1:]
+    # ... not while its window is still deciding (one of its squares not retired yet).
+    waiting = [*first, *children(first[0])[:8]]
+    assert search_small(waiting, [1] + [0] * 16, 600, 900, opened={first[0]}, config=config) == []
+    # A yes among the finest answers: it was seen.
+    assert search_small(deeper, [1] + [0] * 16 + [1], 600, 900, config=config) == []
     assert search_small(first, [0] * 9, 600, 900, opened=first, config=config) == []
     assert search_small(first, [0] * 9, 30, 30, config=config) == []  # too small to split
