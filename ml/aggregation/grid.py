@@ -85,13 +85,15 @@ def frame_side(height: int, width: int, *, square: bool) -> tuple[int, int]:
     return side, side
 
 
-def _axis_edges(index: IntArray, n: IntArray | int, size: int, side: int) -> IntArray:
+def _axis_edges(
+    index: IntArray, n: IntArray | int, size: int, side: int, *, clip: bool = True
+) -> IntArray:
     """Pixel boundaries ``index / n`` of the way along a frame of ``side`` centred on ``size``
-    pixels, clipped to the image (see the module's docstring)."""
+    pixels, clipped to the image unless ``clip`` is False (see the module's docstring)."""
     if side == size:  # the image frame: the exact old formula
         return (index * size) // n
     raw = (2 * index * side - n * (side - size)) // (2 * n)
-    return np.clip(raw, 0, size)
+    return np.clip(raw, 0, size) if clip else raw
 
 
 def edges(level: int, size: int, *, side: int | None = None) -> IntArray:
@@ -143,16 +145,9 @@ def cell_view(cell: Cell, height: int, width: int, *, square: bool = False) -> P
     check_cell(cell)
     n = cells_per_side(cell.level)
     fh, fw = frame_side(height, width, square=square)
-
-    def at(i: int, size: int, side: int) -> int:
-        return (2 * i * side - n * (side - size)) // (2 * n)
-
-    return PixelRect(
-        at(cell.row, height, fh),
-        at(cell.col, width, fw),
-        at(cell.row + 1, height, fh),
-        at(cell.col + 1, width, fw),
-    )
+    rows = _axis_edges(np.array([cell.row, cell.row + 1]), n, height, fh, clip=False)
+    cols = _axis_edges(np.array([cell.col, cell.col + 1]), n, width, fw, clip=False)
+    return PixelRect(int(rows[0]), int(cols[0]), int(rows[1]), int(cols[1]))
 
 
 def cell_side(level: int, height: int, width: int, *, square: bool = False) -> int:
