@@ -116,7 +116,7 @@ def test_keyboard_uses_the_keypad_layout_enter_verifies_s_skips(
     shown_task(page, second)
     votes = votes_of(db, int(first))
     assert {p for p, y in votes.items() if y} == {0, 4, 8}
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30  # a retried send backs off 1, 2, 4, 8 s
     while time.monotonic() < deadline:
         with db.connect() as conn:
             state = conn.execute(select(Task.state).where(Task.id == int(second))).scalar_one()
