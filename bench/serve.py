@@ -1,17 +1,35 @@
 """Load-test a real ``tessera serve`` with simulated volunteers, next to a bare FastAPI baseline.
 
-Usage: ``python bench/serve.py [--backend sqlite|postgres|both] [--seconds 20] [--volunteers 16]
-[--images 20] [--tiles] [--quick]``
+Usage: ``python bench/serve.py [--backend sqlite|postgres|both] [--workers 1] [--path one|two]
+[--answers truth|random] [--seconds 20] [--volunteers 16] [--clients 2] [--images 20] [--tiles]
+[--quick]``
 
 Per backend: a fresh demo project in a temp dir (PostgreSQL from ``.ci/postgres``), ``tessera
-serve`` (uvicorn, one worker) as a subprocess, then N volunteers from this process, each an
-``httpx.AsyncClient`` with its own cookie jar, in a closed loop without think time: next task ->
-(tiles, with ``--tiles``) -> submit each tile with p=0.3. Rates and latencies count only calls
-that finish after the warm-up; errors (non-2xx or transport) and acknowledged votes count all.
-After the server stops, the stored votes are counted and compared with those acknowledged.
-The baseline is a bare FastAPI POST echo served by ``uvicorn.run`` with the same settings
-(``log_level="info"``, access log on), driven by the same loop for the same time.
-Target (the issue): >= 500 submissions/s, p99 < 100 ms, zero errors, on a 2-core machine.
+serve`` (uvicorn, ``--workers``) as a subprocess of this interpreter (``python -m app.cli``, so
+that it runs from any virtualenv), then N volunteers spread over ``--clients`` client processes,
+each an ``httpx.AsyncClient`` with its own cookie jar, in a closed loop without think time.
+
+- ``--path two``: next task, then submit; ``--path one``: one request per grid (answer this
+  task and get the next, ``POST /api/projects/{slug}/tasks/answer``).
+- ``--answers truth`` (the default) is an honest crowd: 80% diligent, 15% sloppy, 5% random
+  clickers (``ml.aggregation.simulate.PROFILES``) answering from the demo's ground truth, so that
+  cells retire, windows open and targets complete as in real work; the clients read which
+  cells a task shows from the database (their CPU is reported). ``random`` selects each square
+  with p=0.3 (nothing ever retires: the cheap path only).
+
+Rates and latencies count only calls that finish after the warm-up; errors (non-2xx or
+transport) and acknowledged votes count all. Server CPU is summed over the server's whole
+process tree (every uvicorn worker), from /proc. After the server stops, the stored votes are
+counted and compared with those acknowledged. The baseline is a bare FastAPI POST echo served
+by ``uvicorn.run`` with the same settings, driven by the same clients for the same time.
+
+Each configuration ends with one line that scripts can read::
+
+    serve: backend=sqlite workers=1 path=one answers=truth grids_per_s=... p99_ms=...
+    cpu_ms_per_grid=... echo_cpu_ms=... client_cores=... fuser_lag_p99_ms=... acked=... stored=...
+
+Targets (issue #21): SQLite >= 500 answered grids/s with p99 < 100 ms on 2 cores; PostgreSQL
+>= 400/s with 2 workers; server CPU per answered grid <= 2 ms.
 """
 
 from __future__ import annotations
@@ -19,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import multiprocessing
 import os
 import random
 import signal
@@ -28,9 +47,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -38,10 +59,13 @@ from pydantic import BaseModel
 from sqlalchemy import create_engine, func, select
 
 ROOT = Path(__file__).resolve().parents[1]
-TESSERA = str(ROOT / ".venv" / "bin" / "tessera")
+sys.path.insert(0, str(ROOT))  # the app and the tests' simulated crowd, from this checkout
+TESSERA = [sys.executable, "-m", "app.cli"]  # this interpreter's Tessera, whatever its venv
 SLUG = "demo"
 P_SELECT = 0.3
 EMPTY_BACKOFF_S = 0.05
+# An honest crowd (issue #16's realistic mix): one kind per simulated volunteer, in this ratio.
+CROWD_MIX = (("diligent", 0.80), ("sloppy", 0.15), ("random_clicker", 0.05))
 
 
 class Echo(BaseModel):
@@ -60,6 +84,7 @@ class Stats:
     votes_acked: int = 0
     empty: int = 0
     calls: int = 0  # all calls, warm-up included (for the server's CPU per call)
+    grids: int = 0  # answered grids, warm-up included (for the server's CPU per grid)
 
     def record(self, name: str, seconds: float, measured: bool) -> None:
         if measured:
@@ -72,8 +97,20 @@ class Stats:
         values = self.latency.get(name) or [float("nan")]
         return float(np.percentile(values, q)) * 1000.0
 
+    def merge(self, other: Stats) -> None:
+        for name, values in other.latency.items():
+            self.latency.setdefault(name, []).extend(values)
+        self.errors += other.errors
+        self.votes_acked += other.votes_acked
+        self.empty += other.empty
+        self.calls += other.calls
+        self.grids += other.grids
+
 
 Step = Callable[[httpx.AsyncClient, Stats, bool], Awaitable[None]]
+# Which squares a volunteer selects: from the volunteer (a key) and the task's JSON, the
+# positions to submit.
+Chooser = Callable[[int, dict[str, Any]], list[int]]
 
 
 async def timed(
@@ -99,7 +136,20 @@ async def timed(
     return resp
 
 
-def tessera_cycle(fetch_tiles: bool, think_s: float = 0.0) -> Step:
+def at_random(_who: int, task: dict[str, Any]) -> list[int]:
+    """Each square with p=``P_SELECT``: nothing ever settles (the cheap path only)."""
+    return [t["position"] for t in task["tiles"] if random.random() < P_SELECT]
+
+
+def _body(who: int, task: dict[str, Any], choose: Chooser) -> dict[str, Any]:
+    return {
+        "token": task["token"],
+        "selected": choose(who, task),
+        "elapsed_ms": random.randint(1500, 9000),
+    }
+
+
+def tessera_cycle(fetch_tiles: bool, think_s: float = 0.0, choose: Chooser = at_random) -> Step:
     """next -> (tiles) -> submit; with ``think_s``, a look at the grid of 0.5-1.5x that first."""
 
     async def step(client: httpx.AsyncClient, stats: Stats, measured: bool) -> None:
@@ -116,22 +166,49 @@ def tessera_cycle(fetch_tiles: bool, think_s: float = 0.0) -> Step:
                 await timed(client, stats, measured, "tile", "GET", tile["url"])
         if think_s:
             await asyncio.sleep(think_s * random.uniform(0.5, 1.5))
-        selected = [t["position"] for t in task["tiles"] if random.random() < P_SELECT]
-        body = {
-            "token": task["token"],
-            "selected": selected,
-            "elapsed_ms": random.randint(1500, 9000),
-        }
         url = f"/api/projects/{SLUG}/tasks/submit"
+        body = _body(id(client), task, choose)
         resp = await timed(client, stats, measured, "submit", "POST", url, json=body)
         if resp is not None:
             stats.votes_acked += int(resp.json()["votes"])
+            stats.grids += 1
+
+    return step
+
+
+def answer_cycle(fetch_tiles: bool, choose: Chooser = at_random) -> Step:
+    """One request per grid: answer the task in hand and get the next in the same response."""
+    held: dict[int, dict[str, Any] | None] = {}  # the task each client holds, by client id
+
+    async def step(client: httpx.AsyncClient, stats: Stats, measured: bool) -> None:
+        task = held.get(id(client))
+        body = {"answer": _body(id(client), task, choose)} if task is not None else {}
+        if task is not None and fetch_tiles:
+            for tile in task["tiles"]:
+                await timed(client, stats, measured, "tile", "GET", tile["url"])
+        url = f"/api/projects/{SLUG}/tasks/answer"
+        resp = await timed(client, stats, measured, "answer", "POST", url, json=body)
+        if resp is None:
+            held[id(client)] = None  # start again from a fresh task
+            await asyncio.sleep(EMPTY_BACKOFF_S)
+            return
+        data = resp.json()
+        if data.get("submission") is not None:
+            stats.votes_acked += int(data["submission"]["votes"])
+            stats.grids += 1
+        held[id(client)] = data["task"]
+        if data["task"] is None:
+            stats.empty += 1
+            await asyncio.sleep(EMPTY_BACKOFF_S)
 
     return step
 
 
 async def echo_step(client: httpx.AsyncClient, stats: Stats, measured: bool) -> None:
-    await timed(client, stats, measured, "echo", "POST", "/echo", json={"token": "x" * 64, "n": 9})
+    resp = await timed(
+        client, stats, measured, "echo", "POST", "/echo", json={"token": "x" * 64, "n": 9}
+    )
+    stats.grids += resp is not None
 
 
 async def drive(base: str, step: Step, volunteers: int, seconds: float, warmup: float) -> Stats:
@@ -147,6 +224,36 @@ async def drive(base: str, step: Step, volunteers: int, seconds: float, warmup: 
 
     await asyncio.gather(*(volunteer() for _ in range(volunteers)))
     return stats
+
+
+class TruthChooser:
+    """Answers like an honest crowd: each simulated volunteer of a kind from ``CROWD_MIX``
+    answers a task's squares from the demo's ground truth (``tests.app.crowd.Truths``, which
+    reads the task's cells from the database)."""
+
+    def __init__(self, data_dir: str, database_url: str, seed: int) -> None:
+        from app.config import Settings
+        from app.db import make_engine, make_session_factory
+        from ml.aggregation.simulate import PROFILES
+        from tests.app.crowd import Truths
+
+        settings = Settings(data_dir=Path(data_dir), database_url=database_url)
+        self.engine = make_engine(database_url)
+        self.truths = Truths(settings, make_session_factory(self.engine), absent_is_empty=True)
+        self.rng = np.random.default_rng(seed)
+        self.profiles = [PROFILES[kind] for kind, _ in CROWD_MIX]
+        shares = np.array([share for _, share in CROWD_MIX])
+        self.shares = shares / shares.sum()
+        self.kind: dict[int, int] = {}  # each volunteer keeps the kind it first drew
+
+    def __call__(self, who: int, task: dict[str, Any]) -> list[int]:
+        from ml.aggregation.simulate import answer
+
+        if who not in self.kind:
+            self.kind[who] = int(self.rng.choice(len(self.profiles), p=self.shares))
+        profile = self.profiles[self.kind[who]]
+        labels, _ = answer(profile, self.truths.coverage(int(task["id"])), self.rng)
+        return [int(p) for p in np.flatnonzero(labels)]
 
 
 def free_port() -> int:
@@ -167,6 +274,7 @@ class Server:
 
     def __init__(self, cmd: list[str], env: dict[str, str], log: Path, port: int) -> None:
         self.log, self.base = log, f"http://127.0.0.1:{port}"
+        self.data_dir = ""  # a Tessera server's data folder (``start_tessera``)
         with log.open("wb") as fh:
             self.proc = subprocess.Popen(
                 cmd, env=env, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
@@ -214,8 +322,8 @@ class Result:
     name: str
     seconds: float
     stats: Stats
-    server_cpu: float  # CPU seconds over the whole phase (warm-up included)
-    client_cpu: float
+    server_cpu: float  # CPU seconds of the server's process tree over the whole phase
+    client_cpu: float  # of every client process
     wall: float
     votes_stored: int | None = None
 
@@ -226,16 +334,95 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_phase(name: str, server: Server, step: Step, args: argparse.Namespace) -> Result:
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and all its descendants (every uvicorn worker), and of the children
+    they have already reaped, from /proc (Linux)."""
+    parent: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        parent[int(entry.name)] = int(fields[1])
+        ticks[int(entry.name)] = sum(int(f) for f in fields[11:15])
+    total = 0
+    for proc, t in ticks.items():
+        p = proc
+        while p not in (pid, 0, 1) and p in parent:
+            p = parent[p]
+        total += t if p == pid else 0
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """What one client process runs (picklable: the step is built in the process)."""
+
+    base: str
+    kind: str  # "echo", "two" (next + submit) or "one" (one request per grid)
+    volunteers: int
+    seconds: float
+    warmup: float
+    tiles: bool
+    seed: int
+    truth: tuple[str, str] | None  # (data dir, database URL) for an honest crowd
+
+
+def _client(spec: ClientSpec) -> tuple[Stats, float]:
+    """One client process: its volunteers' stats and its own CPU seconds."""
+    random.seed(spec.seed)
+    choose: Chooser = at_random
+    if spec.truth is not None:
+        choose = TruthChooser(*spec.truth, seed=spec.seed)
+    step: Step = echo_step
+    if spec.kind == "two":
+        step = tessera_cycle(spec.tiles, choose=choose)
+    elif spec.kind == "one":
+        step = answer_cycle(spec.tiles, choose=choose)
+    cpu = time.process_time()
+    stats = asyncio.run(drive(spec.base, step, spec.volunteers, spec.seconds, spec.warmup))
+    return stats, time.process_time() - cpu
+
+
+def run_phase(
+    name: str,
+    server: Server,
+    kind: str,
+    args: argparse.Namespace,
+    truth: tuple[str, str] | None = None,
+) -> Result:
+    """Drive ``server`` from ``args.clients`` processes, ``args.volunteers`` volunteers in all."""
     server.wait_ready("/healthz")
-    wall, cpu, own = time.perf_counter(), cpu_seconds(server.proc.pid), time.process_time()
-    stats = asyncio.run(drive(server.base, step, args.volunteers, args.seconds, args.warmup))
-    server_cpu = cpu_seconds(server.proc.pid) - cpu
-    wall, own = time.perf_counter() - wall, time.process_time() - own
+    clients = max(1, min(args.clients, args.volunteers))
+    specs = [
+        ClientSpec(
+            server.base,
+            kind,
+            args.volunteers // clients + (i < args.volunteers % clients),
+            args.seconds,
+            args.warmup,
+            args.tiles,
+            seed=i,
+            truth=truth,
+        )
+        for i in range(clients)
+    ]
+    fork = multiprocessing.get_context("fork")
+    wall, cpu = time.perf_counter(), tree_cpu_seconds(server.proc.pid)
+    with ProcessPoolExecutor(clients, mp_context=fork) as pool:
+        done = list(pool.map(_client, specs))
+    server_cpu = tree_cpu_seconds(server.proc.pid) - cpu
+    wall = time.perf_counter() - wall
     server.stop()
+    stats = Stats()
+    for part, _ in done:
+        stats.merge(part)
     if stats.errors or server.proc.returncode not in (0, -signal.SIGINT):
         print(f"\n--- {name} server log (non-200 lines) ---\n{server.tail()}\n---")
-    return Result(name, args.seconds, stats, server_cpu, own, wall)
+    return Result(name, args.seconds, stats, server_cpu, sum(c for _, c in done), wall)
 
 
 def start_tessera(
@@ -258,13 +445,14 @@ def start_tessera(
     elif backend == "postgres":
         env["TESSERA_DATABASE_URL"] = start_postgres(stack, tmp)
     if backend == "postgres":
-        run_ok([TESSERA, "db", "upgrade"], env)
-    run_ok([TESSERA, "demo", "--no-serve", "--images", str(images)], env)
+        run_ok([*TESSERA, "db", "upgrade"], env)
+    run_ok([*TESSERA, "demo", "--no-serve", "--images", str(images)], env)
     url = env.get("TESSERA_DATABASE_URL") or f"sqlite:///{tmp / 'data' / 'tessera.db'}"
     port = free_port()
-    cmd = [TESSERA, "serve", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [*TESSERA, "serve", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--workers", str(workers)]
     server = Server(cmd, env, tmp / "server.log", port)
+    server.data_dir = env["TESSERA_DATA_DIR"]
     stack.callback(server.stop)
     return server, url
 
@@ -282,7 +470,8 @@ def count_votes(url: str) -> int:
 
 def bench_tessera(backend: str, args: argparse.Namespace, stack: ExitStack) -> Result:
     server, url = start_tessera(backend, args.images, args.workers, stack)
-    result = run_phase(f"tessera/{backend}", server, tessera_cycle(args.tiles), args)
+    truth = (server.data_dir, url) if args.answers == "truth" else None
+    result = run_phase(f"tessera/{backend}", server, args.path, args, truth)
     return dataclasses.replace(result, votes_stored=count_votes(url))
 
 
@@ -292,7 +481,7 @@ def bench_bare(args: argparse.Namespace, stack: ExitStack) -> Result:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--bare-server", str(port)]
     server = Server(cmd, dict(os.environ), tmp / "server.log", port)
     stack.callback(server.stop)
-    return run_phase("bare-fastapi", server, echo_step, args)
+    return run_phase("bare-fastapi", server, "echo", args)
 
 
 def serve_bare(port: int) -> None:
@@ -313,15 +502,19 @@ def serve_bare(port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="info")
 
 
-def report(results: list[Result]) -> None:
+CALL_ORDER = ["next", "tile", "submit", "answer", "echo"]
+
+
+def report(results: list[Result], args: argparse.Namespace) -> None:
     bare = next(r for r in results if r.votes_stored is None)
     bare_rps = bare.stats.count("echo") / bare.seconds
+    echo_cpu_ms = 1000 * bare.server_cpu / max(1, bare.stats.calls)
     print(
         f"\n{'run':<18}{'call':<8}{'calls/s':>9}{'p50 ms':>8}{'p90 ms':>8}{'p99 ms':>8}"
         f"{'errors':>8}{'srv cores':>10}{'cli cores':>10}"
     )
     for r in results:
-        names = sorted(r.stats.latency, key=["next", "tile", "submit", "echo"].index)
+        names = sorted(r.stats.latency, key=CALL_ORDER.index)
         for i, name in enumerate(names):
             cells = [r.stats.count(name) / r.seconds] + [r.stats.pct(name, q) for q in (50, 90, 99)]
             first = [len(r.stats.errors), r.server_cpu / r.wall, r.client_cpu / r.wall]
@@ -334,27 +527,31 @@ def report(results: list[Result]) -> None:
     for r in results:
         for e in sorted(set(r.stats.errors))[:10]:
             print(f"  {r.name} error x{r.stats.errors.count(e)}: {e}")
-    print()
+    print(f"\nbare echo: {bare_rps:.0f} requests/s, server CPU {echo_cpu_ms:.2f} ms per request")
     for r in results:
         if r.votes_stored is None:
             continue
-        subs = r.stats.count("submit") / r.seconds
-        calls = sum(map(len, r.stats.latency.values())) / r.seconds
+        grid_calls = ["answer"] if args.path == "one" else ["submit"]
+        grids_per_s = sum(r.stats.count(c) for c in grid_calls) / r.seconds
+        # The latency of answering a grid: the one request, or next + submit together.
+        cycle = ["answer"] if args.path == "one" else ["next", "submit"]
+        p99 = sum(r.stats.pct(c, 99) for c in cycle)
+        cpu_ms = 1000 * r.server_cpu / max(1, r.stats.grids)
         check = "ok" if r.votes_stored == r.stats.votes_acked else "MISMATCH"
+        backend = r.name.split("/")[1]
         print(
-            f"{r.name}: {subs:.1f} submissions/s = cycles/s ({calls:.1f} calls/s); votes "
-            f"acknowledged {r.stats.votes_acked}, stored {r.votes_stored} ({check}); "
-            f"empty offers {r.stats.empty}"
+            f"{r.name}: {grids_per_s:.1f} answered grids/s; server CPU {cpu_ms:.1f} ms per grid "
+            f"= {cpu_ms / echo_cpu_ms:.0f}x an echo request; votes acknowledged "
+            f"{r.stats.votes_acked}, stored {r.votes_stored} ({check}); empty offers "
+            f"{r.stats.empty}; target 500 grids/s: {grids_per_s / 500:.1%}"
         )
-        per_call = 1000 * r.server_cpu / r.stats.calls
-        bare_call = 1000 * bare.server_cpu / bare.stats.calls
-        print(f"  server CPU per call {per_call:.1f} ms (bare {bare_call:.2f} ms)")
-        # The issue's ratio compares a submission with one bare request, though a cycle holds
-        # calls/subs requests (next + submit); per call divides that out.
         print(
-            f"  vs bare ({bare_rps:.1f} req/s): submissions/bare requests {subs / bare_rps:.3f}"
-            f", Tessera calls/bare requests {calls / bare_rps:.3f}; "
-            f"target 500 submissions/s: {subs / 500:.1%}"
+            f"serve: backend={backend} workers={args.workers} path={args.path} "
+            f"answers={args.answers} grids_per_s={grids_per_s:.1f} p99_ms={p99:.1f} "
+            f"cpu_ms_per_grid={cpu_ms:.2f} echo_cpu_ms={echo_cpu_ms:.3f} "
+            f"client_cores={r.client_cpu / r.wall:.2f} fuser_lag_p99_ms=none "
+            f"acked={r.stats.votes_acked} stored={r.votes_stored}",
+            flush=True,
         )
 
 
@@ -367,6 +564,14 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--tiles", action="store_true", help="also fetch the nine tiles")
     parser.add_argument("--workers", type=int, default=1, help="tessera serve --workers")
+    parser.add_argument(
+        "--path",
+        choices=["one", "two"],
+        default="two",
+        help="one request per grid (answer + next), or two (next, then submit)",
+    )
+    parser.add_argument("--answers", choices=["truth", "random"], default="truth")
+    parser.add_argument("--clients", type=int, default=2, help="client processes")
     parser.add_argument("--quick", action="store_true", help="5 s per phase, 1 s warm-up")
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -379,13 +584,13 @@ def main() -> int:
     print(
         f"{args.volunteers} volunteers, {args.seconds:.0f} s measured after {args.warmup:.0f} s"
         f" warm-up, {args.images} demo images, tiles {'on' if args.tiles else 'off'}, "
-        f"{os.cpu_count()} CPUs"
+        f"{args.clients} client processes, answers {args.answers}, {os.cpu_count()} CPUs"
     )
     results: list[Result] = []
     with ExitStack() as stack:  # servers, PostgreSQL and temp dirs go, on errors and Ctrl+C too
         results.append(bench_bare(args, stack))
         results.extend(bench_tessera(b, args, stack) for b in backends)
-    report(results)
+    report(results, args)
     return 0
 
 
