@@ -182,7 +182,7 @@ def answer_cycle(fetch_tiles: bool, choose: Chooser = at_random) -> Step:
 
     async def step(client: httpx.AsyncClient, stats: Stats, measured: bool) -> None:
         task = held.get(id(client))
-        body = {"answer": _body(id(client), task, choose)} if task is not None else {}
+        body = {"submit": _body(id(client), task, choose)} if task is not None else {}
         if task is not None and fetch_tiles:
             for tile in task["tiles"]:
                 await timed(client, stats, measured, "tile", "GET", tile["url"])

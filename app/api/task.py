@@ -18,8 +18,10 @@ from app.deps import (
     SignerDep,
     WriteSessionDep,
 )
-from app.models import Cell, Image, Project, Target, Task, TaskKind, TaskTile, Window
+from app.models import Cell, Image, Project, Target, Task, TaskKind, TaskTile, Volunteer, Window
 from app.schemas.task import (
+    AnswerCreate,
+    AnswerRead,
     SkipCreate,
     SubmissionCreate,
     SubmissionRead,
@@ -30,7 +32,7 @@ from app.schemas.task import (
 )
 from app.security import TaskClaims
 from app.services.crowd.answer import skip, submit
-from app.services.crowd.picker import Offer, next_task
+from app.services.crowd.picker import Offer, TaskKindRequest, next_task
 from app.services.errors import ForbiddenError, NotFoundError
 from app.services.project import get_project, square_cells
 from app.services.tag import TagResolver
@@ -143,20 +145,75 @@ def get_next_task(
     tag: Annotated[str | None, Query(description="only this tag (name or alias)")] = None,
     kind: Annotated[Literal["auto", "window", "mosaic"], Query()] = "auto",
 ) -> TaskOffer:
-    project = get_project(session, slug=slug)
+    offer = _lease_next(session, signer, get_project(session, slug=slug), volunteer, tag, kind)
+    session.commit()
+    return offer
+
+
+NOTHING_LEFT = "Nothing left to ask right now. Thank you!"
+
+
+def _lease_next(
+    session: SessionDep,
+    signer: SignerDep,
+    project: Project,
+    volunteer: Volunteer,
+    tag: str | None,
+    kind: TaskKindRequest,
+) -> TaskOffer:
+    """Lease the most valuable task for ``volunteer`` (flushed, not committed)."""
     if volunteer.banned:
         raise ForbiddenError("this volunteer can no longer take part")
     tag_row = None
     if tag is not None:
         tag_row = TagResolver(session, project).find(tag)
         if tag_row is None:
-            raise NotFoundError(f"no tag {tag!r} in project {slug!r}")
+            raise NotFoundError(f"no tag {tag!r} in project {project.slug!r}")
     offer = next_task(session, project=project, volunteer=volunteer, tag=tag_row, kind=kind)
-    read = _task_read(session, signer, offer, volunteer.public_id) if offer else None
+    if offer is None:
+        return TaskOffer(task=None, message=NOTHING_LEFT)
+    return TaskOffer(task=_task_read(session, signer, offer, volunteer.public_id))
+
+
+@router.post(
+    "/projects/{slug}/tasks/answer",
+    dependencies=[AddressLimited],
+    response_model=AnswerRead,
+    summary="One request per grid: submit (or skip) the task in hand and lease the next",
+    responses=ERRORS,
+)
+def post_answer(
+    slug: str,
+    body: AnswerCreate,
+    session: WriteSessionDep,
+    settings: SettingsDep,
+    signer: SignerDep,
+    volunteer: LimitedVolunteerDep,
+) -> AnswerRead:
+    """The answer and the next lease in one transaction: acknowledged once both are committed.
+    A refused answer (expired, not this volunteer's, malformed) fails the whole request and
+    leases nothing."""
+    project = get_project(session, slug=slug)
+    read = AnswerRead()
+    if body.submit is not None:
+        result = submit(
+            session,
+            settings=settings,
+            signer=signer,
+            project=project,
+            volunteer=volunteer,
+            token=body.submit.token,
+            selected=body.submit.selected,
+            elapsed_ms=body.submit.elapsed_ms,
+        )
+        read.submission = SubmissionRead.model_validate(result)
+    elif body.skip is not None:
+        skip(session, signer=signer, project=project, volunteer=volunteer, token=body.skip.token)
+    if body.next:
+        offer = _lease_next(session, signer, project, volunteer, body.tag, body.kind)
+        read.task, read.message = offer.task, offer.message
     session.commit()
-    if read is None:
-        return TaskOffer(task=None, message="Nothing left to ask right now. Thank you!")
-    return TaskOffer(task=read)
+    return read
 
 
 @router.get(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 
 class TagView(BaseModel):
@@ -71,6 +71,32 @@ class SubmissionRead(BaseModel):
     retired_cells: int
     windows_opened: int
     completed_targets: int
+
+
+class AnswerCreate(BaseModel):
+    """One request per grid: the answer to the task in hand (or giving it back), and the next."""
+
+    submit: SubmissionCreate | None = Field(default=None, description="the answers to a task")
+    skip: SkipCreate | None = Field(default=None, description="or a task given back unanswered")
+    next: bool = Field(default=True, description="also lease the next task")
+    tag: str | None = Field(
+        default=None, max_length=200, description="only this tag (name or alias)"
+    )
+    kind: Literal["auto", "window", "mosaic"] = "auto"
+
+    @model_validator(mode="after")
+    def _one_action(self) -> AnswerCreate:
+        if self.submit is not None and self.skip is not None:
+            raise ValueError("send either submit or skip, not both")
+        return self
+
+
+class AnswerRead(BaseModel):
+    submission: SubmissionRead | None = Field(
+        default=None, description="the stored result of the submitted task"
+    )
+    task: TaskRead | None = Field(default=None, description="the next task, when asked for")
+    message: str | None = Field(default=None, description="why there is no next task")
 
 
 class VolunteerStatsRead(BaseModel):

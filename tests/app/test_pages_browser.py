@@ -127,6 +127,50 @@ def test_keyboard_uses_the_keypad_layout_enter_verifies_s_skips(
     assert votes_of(db, int(second), timeout_s=0.5) == {}
 
 
+def test_one_request_per_grid_and_answers_given_offline_are_sent_once_back_online(
+    browser: object, server: Server, db: Engine
+) -> None:
+    page = new_page(browser, server)
+    calls: list[str] = []
+    page.on(  # type: ignore[attr-defined]
+        "request",
+        lambda r: (
+            calls.append(f"{r.method} {r.url.split('/tasks/')[1]}")
+            if "/tasks/" in r.url and "/tiles/" not in r.url and "/context" not in r.url
+            else None
+        ),
+    )
+    page.goto(f"{server.url}/p/demo")  # type: ignore[attr-defined]
+    shown = [shown_task(page)]
+    sent = "() => (localStorage.getItem('tessera.outbox.demo') || '[]') === '[]'"
+    for _ in range(3):
+        page.wait_for_timeout(300)  # type: ignore[attr-defined]  (a person takes seconds)
+        page.click("#verify")  # type: ignore[attr-defined]
+        shown.append(shown_task(page, shown[-1]))
+        page.wait_for_function(sent)  # type: ignore[attr-defined]
+    # The first grid and the one after it on their own, then each answer brings the next.
+    assert calls == ["GET next"] * 2 + ["POST answer"] * 3, calls
+    for task_id in shown[:3]:
+        assert len(votes_of(db, int(task_id))) == 9
+    # Offline: the answers stay on the device (the grid already fetched still shows) ...
+    page.wait_for_selector("#play[data-prefetched=true]", state="attached")  # type: ignore[attr-defined]
+    page.context.set_offline(True)  # type: ignore[attr-defined]
+    page.click(".tile[data-position='4']")  # type: ignore[attr-defined]
+    page.click("#verify")  # type: ignore[attr-defined]
+    offline = shown_task(page, shown[-1])
+    page.wait_for_function(  # type: ignore[attr-defined]
+        "() => document.getElementById('status').dataset.kind === 'error'"
+    )
+    assert votes_of(db, int(shown[-1]), timeout_s=1) == {}
+    # ... and are sent once the network is back, exactly as given.
+    page.context.set_offline(False)  # type: ignore[attr-defined]
+    votes = votes_of(db, int(shown[-1]), timeout_s=40)
+    assert {p for p, y in votes.items() if y} == {4}
+    page.click("#verify")  # type: ignore[attr-defined]
+    shown_task(page, offline)
+    assert len(votes_of(db, int(offline), timeout_s=40)) == 9
+
+
 def test_a_phone_volunteer_taps_tiles_on_a_360px_screen(
     browser: object, server: Server, db: Engine
 ) -> None:

@@ -3,6 +3,8 @@
 // The next task is fetched (and its tiles preloaded) while the volunteer works on the current
 // one, so that after Verify the next grid appears at once. Answers go to an outbox kept in
 // localStorage and are sent in the background; a network error keeps them there and retries.
+// One request per grid: the answer just given goes out with the request for the task after the
+// one now shown (POST .../tasks/answer); a backlog of older answers goes out without leases.
 
 const root = document.getElementById("play");
 const slug = root.dataset.project;
@@ -43,18 +45,22 @@ function preload(url) {
   return img.decode().catch(() => undefined);
 }
 
+// An offer once its pictures are loaded, so that it shows at once.
+async function ready(offer) {
+  if (offer.task) {
+    const urls = offer.task.tiles.map((t) => t.url);
+    if (offer.task.context_url) urls.push(offer.task.context_url);
+    if (offer.task.around_url) urls.push(offer.task.around_url);
+    await Promise.all(urls.map(preload));
+  }
+  return offer;
+}
+
 async function fetchTask(attempt = 0) {
   try {
     const response = await fetch(`/api/projects/${slug}/tasks/next`, { credentials: "same-origin" });
     if (!response.ok) throw new Error(`the server answered ${response.status}`);
-    const offer = await response.json();
-    if (offer.task) {
-      const urls = offer.task.tiles.map((t) => t.url);
-      if (offer.task.context_url) urls.push(offer.task.context_url);
-      if (offer.task.around_url) urls.push(offer.task.around_url);
-      await Promise.all(urls.map(preload));
-    }
-    return offer;
+    return await ready(await response.json());
   } catch (error) {
     const wait = Math.min(1000 * 2 ** attempt, 15000);
     say(`Cannot reach the server (${error.message}); trying again in ${wait / 1000} s.`, "error");
@@ -136,7 +142,22 @@ async function showNext() {
     return;
   }
   render(offer.task);
-  nextTask = fetchTask();
+  // Whether the next grid is ready to show at once (its pictures loaded): for tests and benches.
+  root.dataset.prefetched = "false";
+  nextTask = fetchNext();
+  nextTask.then(() => {
+    root.dataset.prefetched = "true";
+  });
+}
+
+// The task after the one shown: with the answers waiting in the outbox when there are any
+// (one request), else on its own.
+async function fetchNext() {
+  if (outbox().length) {
+    const offer = await flush(0, true);
+    if (offer) return ready(offer);
+  }
+  return fetchTask();
 }
 
 function toggle(position) {
@@ -161,21 +182,26 @@ function saveOutbox(items) {
   localStorage.setItem(OUTBOX_KEY, JSON.stringify(items));
 }
 
+// Send the outbox, oldest first. With `wantNext`, the last answer asks for the next task too,
+// and that offer is returned (else null: nothing sent, refused, or a send in progress).
 let flushing = false;
-async function flush(attempt = 0) {
-  if (flushing) return;
+async function flush(attempt = 0, wantNext = false) {
+  if (flushing) return null;
   flushing = true;
   let failed = false;
+  let offer = null;
   try {
     // Drain: answers queued while a send is under way go out in the same run.
     for (let item = outbox()[0]; item && !failed; item = outbox()[0]) {
+      // One lease per call: answers queued meanwhile (a fast volunteer) go out without one.
+      const withNext = wantNext && !offer && outbox().length === 1;
       let response;
       try {
-        response = await fetch(`/api/projects/${slug}/tasks/${item.kind}`, {
+        response = await fetch(`/api/projects/${slug}/tasks/answer`, {
           method: "POST",
           headers: { "Content-Type": "application/json" },
           credentials: "same-origin",
-          body: JSON.stringify(item.body),
+          body: JSON.stringify({ [item.kind]: item.body, next: withNext }),
         });
       } catch {
         failed = true;
@@ -187,9 +213,11 @@ async function flush(attempt = 0) {
       }
       const sent = item.id;
       saveOutbox(outbox().filter((o) => o.id !== sent));
+      const data = response.ok ? await response.json().catch(() => null) : null;
+      if (withNext && data) offer = { task: data.task, message: data.message };
       if (item.kind !== "submit") continue;
-      if (response.ok) {
-        const result = await response.json();
+      if (data) {
+        const result = data.submission;
         if (result.feedback === "check_again") {
           say("Some squares did not look right. Please check each grid carefully.", "warn");
         } else if (statusEl.dataset.kind === "error") {
@@ -210,6 +238,7 @@ async function flush(attempt = 0) {
     say(`Offline? Your answers are kept on this device and will be sent (retry in ${wait / 1000} s).`, "error");
     setTimeout(() => flush(attempt + 1), wait);
   }
+  return offer;
 }
 
 function queue(kind, body) {
@@ -231,7 +260,8 @@ async function act(kind) {
       await showNext();
       return;
     }
-    // Kept on the device first, sent once the next grid is up: nothing is lost, nothing waits.
+    // Kept on the device first, sent with the request for the grid after the one shown next:
+    // nothing is lost, nothing waits.
     if (kind === "submit") {
       const elapsed = Math.round(performance.now() - shownAt);
       queue("submit", { token: task.token, selected: [...selected].sort(), elapsed_ms: elapsed });
@@ -241,7 +271,6 @@ async function act(kind) {
       queue("skip", { token: task.token });
     }
     await showNext();
-    flush();
   } finally {
     busy = false;
   }
