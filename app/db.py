@@ -86,6 +86,15 @@ class _WriterGate:
             self.end(conn)
             raise
 
+    def commit(self, conn: Any) -> None:
+        """Commit, then let the next writer in. SQLAlchemy's ``commit`` event comes before the
+        database's COMMIT: released there, the next writer's BEGIN IMMEDIATE would meet SQLite's
+        lock and sleep in its busy handler. SQLAlchemy's own commit then finds nothing open. A
+        failed COMMIT keeps the gate until the rollback that follows it."""
+        if self.KEY in conn.info:
+            conn.connection.dbapi_connection.commit()
+        self.end(conn)
+
     def end(self, conn: Any) -> None:
         lock = conn.info.pop(self.KEY, None)
         if lock is not None:
@@ -100,7 +109,7 @@ def make_engine(url: str) -> Engine:
         gate = _WriterGate()
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", gate.begin)
-        event.listen(engine, "commit", gate.end)
+        event.listen(engine, "commit", gate.commit)
         event.listen(engine, "rollback", gate.end)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
