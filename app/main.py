@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import urlencode
 
@@ -40,7 +39,7 @@ from app.services.errors import (
     TooLargeError,
     UnauthorizedError,
 )
-from app.services.metrics import DatabaseCollector, RequestMetrics
+from app.services.metrics import DatabaseCollector, RequestMetrics, RequestMetricsMiddleware
 from app.services.project import get_project, list_project_summaries
 from app.services.recompute import recompute_project
 
@@ -161,15 +160,6 @@ class ConsensusTimer:
                 log.exception("the periodic consensus recomputation failed")
 
 
-def route_template(request: Request) -> str:
-    """The request's path with its path parameters named (``/api/tasks/{task_id}/...``), so that
-    metric labels stay few. Every variable part of a Tessera URL is a path parameter."""
-    names = {str(value): name for name, value in request.path_params.items()}
-    return "/".join(
-        f"{{{names[part]}}}" if part in names else part for part in request.url.path.split("/")
-    )
-
-
 def recompute_all(factory: sessionmaker[Session], settings: Settings) -> None:
     with factory() as session:
         slugs = [p.slug for p in list_project_summaries(session)]
@@ -217,16 +207,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics_registry = registry
     request_metrics = RequestMetrics(registry)
 
-    @app.middleware("http")
-    async def count_requests(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        start = time.perf_counter()
-        response = await call_next(request)
-        template = route_template(request) if request.scope.get("route") else "unmatched"
-        request_metrics.requests.labels(request.method, template, str(response.status_code)).inc()
-        request_metrics.latency.labels(template).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(RequestMetricsMiddleware, metrics=request_metrics)
 
     app.include_router(health_api.router)
     app.include_router(metrics_api.router)

@@ -500,6 +500,26 @@ def test_metrics_report_what_the_database_holds(live: Live) -> None:
     assert "tessera_targets{" in body.text
 
 
+def test_metric_series_are_one_per_route_whatever_the_paths(live: Live) -> None:
+    volunteer = live.volunteer()
+    task = volunteer.next_task(SLUG)
+    assert task is not None
+    client = volunteer.client
+    # A task id equal to a tile position once made the label /api/tasks/{position}/tiles/...
+    for position in range(9):
+        client.get(f"/api/tasks/{task['id']}/tiles/{position}")
+        client.get(f"/api/tasks/{position + 1}/tiles/{position}")
+    for n in range(30):  # probes and typos: every path a new series, once
+        client.get(f"/no/such/page/{n}")
+        client.get(f"/static/missing-{n}.js")
+    body = client.get("/metrics").text
+    routes = set(re.findall(r'tessera_http_requests_total\{[^}]*route="([^"]*)"', body))
+    assert "/api/tasks/{task_id}/tiles/{position}" in routes
+    assert "unmatched" in routes and "/static" in routes
+    assert not any(r.startswith("/no/") or r[-1].isdigit() for r in routes), routes
+    assert len(routes) <= 6, routes
+
+
 def test_metrics_can_ask_for_a_token(live: Live) -> None:
     live.app.state.settings = live.settings.model_copy(update={"metrics_token": "s3cret"})
     client = TestClient(live.app)
