@@ -49,6 +49,11 @@ class Settings(BaseSettings):
 
     # The full EM pass reconciles the online estimates every so often (0 turns it off).
     consensus_interval_s: float = 300.0
+    # Answers are stored on the request and fused by a background fuser in batches
+    # (``app.services.crowd.fuser``), woken by each answer and every fusion_interval_s anyway;
+    # "inline" fuses each in its request (slower; simulations that must replay exactly).
+    fusion: Literal["background", "inline"] = "background"
+    fusion_interval_s: float = Field(default=1.0, gt=0)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)

@@ -22,6 +22,7 @@ from app.security import (
     Signer,
 )
 from app.services.account import has_role
+from app.services.crowd.fuser import Fuser
 from app.services.errors import (
     ForbiddenError,
     LengthRequiredError,
@@ -67,7 +68,14 @@ def get_write_session(request: Request) -> Iterator[Session]:
 # one would fail inside the database driver instead of being refused with a 422.
 RowId = Annotated[int, Path(ge=1, le=2**31 - 1, description="a row id")]
 
+
+def get_fuser(request: Request) -> Fuser:
+    fuser: Fuser = request.app.state.fuser
+    return fuser
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
+FuserDep = Annotated[Fuser, Depends(get_fuser)]
 WriteSessionDep = Annotated[Session, Depends(get_write_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SignerDep = Annotated[Signer, Depends(get_signer)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ from app.pages import volunteer as volunteer_pages
 from app.ratelimit import RateLimiter, RateLimitExceeded
 from app.security import Signer, TokenError, TokenProblem
 from app.services.crowd.answer import GoneError
+from app.services.crowd.fuser import Fuser
 from app.services.errors import (
     ConflictError,
     ForbiddenError,
@@ -177,13 +179,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     engine = engine_for(settings)
     write_factory = make_session_factory(engine, writer=True)
 
+    fuser = Fuser(settings, write_factory)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         timer = ConsensusTimer(settings, write_factory)
         if settings.consensus_interval_s > 0:
             timer.thread.start()
+        if settings.fusion == "background":
+            fuser.thread.start()
+            fuser.wake()  # answers a crash left unfused go first
         yield
         timer.stop.set()
+        if fuser.thread.is_alive():
+            await asyncio.to_thread(fuser.close)  # finishes the batch under way
 
     app = FastAPI(
         lifespan=lifespan,
@@ -198,6 +207,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.state.write_session_factory = write_factory
+    app.state.fuser = fuser
     app.state.signer = Signer(settings.resolved_secret_key())
     app.state.volunteer_limiter = RateLimiter(settings.rate_limit_volunteer_per_minute, "volunteer")
     app.state.address_limiter = RateLimiter(settings.rate_limit_address_per_minute, "address")

@@ -155,6 +155,7 @@ def _settings(folder: Path) -> Settings:
         database_url=f"sqlite:///{folder / 'tessera.db'}",
         secret_key="benchmark-secret-key-long-enough-for-signing",
         consensus_interval_s=0,
+        fusion="inline",  # each answer fused as it is taken: results at once, in order
         rate_limit_volunteer_per_minute=0,  # simulated volunteers answer at machine speed
         rate_limit_address_per_minute=0,
     )

@@ -26,7 +26,8 @@ by ``uvicorn.run`` with the same settings, driven by the same clients for the sa
 Each configuration ends with one line that scripts can read::
 
     serve: backend=sqlite workers=1 path=one answers=truth grids_per_s=... p99_ms=...
-    cpu_ms_per_grid=... echo_cpu_ms=... client_cores=... fuser_lag_p99_ms=... acked=... stored=...
+    cpu_ms_per_grid=... echo_cpu_ms=... client_cores=... fusion=background
+    fuser_lag_p99_ms=... unfused_at_stop=... acked=... stored=...
 
 Targets (issue #21): SQLite >= 500 answered grids/s with p99 < 100 ms on 2 cores; PostgreSQL
 >= 400/s with 2 workers; server CPU per answered grid <= 2 ms.
@@ -326,6 +327,7 @@ class Result:
     client_cpu: float  # of every client process
     wall: float
     votes_stored: int | None = None
+    lag: tuple[float, float, int] = (float("nan"), float("nan"), 0)  # fuser p50, p99 ms; unfused
 
 
 def cpu_seconds(pid: int) -> float:
@@ -426,7 +428,12 @@ def run_phase(
 
 
 def start_tessera(
-    backend: str, images: int, workers: int, stack: ExitStack, database_url: str | None = None
+    backend: str,
+    images: int,
+    workers: int,
+    stack: ExitStack,
+    database_url: str | None = None,
+    fusion: str = "background",
 ) -> tuple[Server, str]:
     """A demo project of ``images`` scenes served by ``tessera serve``; the server and its URL.
 
@@ -439,6 +446,7 @@ def start_tessera(
     env |= {
         "TESSERA_RATE_LIMIT_VOLUNTEER_PER_MINUTE": "0",
         "TESSERA_RATE_LIMIT_ADDRESS_PER_MINUTE": "0",
+        "TESSERA_FUSION": fusion,
     }
     if database_url is not None:
         env["TESSERA_DATABASE_URL"] = database_url
@@ -468,11 +476,29 @@ def count_votes(url: str) -> int:
     return stored
 
 
+def fusion_lag(url: str) -> tuple[float, float, int]:
+    """The fuser's lag (submitted to fused), p50 and p99 in ms over the fused tasks, and how
+    many submitted tasks were left unfused when the server stopped."""
+    from app.models import Task, TaskState
+
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(Task.submitted_at, Task.fused_at).where(Task.state == TaskState.SUBMITTED)
+        ).all()
+    engine.dispose()
+    lags = [(f - s).total_seconds() * 1000 for s, f in rows if f is not None and s is not None]
+    left = sum(f is None for _, f in rows)
+    if not lags:
+        return float("nan"), float("nan"), left
+    return float(np.percentile(lags, 50)), float(np.percentile(lags, 99)), left
+
+
 def bench_tessera(backend: str, args: argparse.Namespace, stack: ExitStack) -> Result:
-    server, url = start_tessera(backend, args.images, args.workers, stack)
+    server, url = start_tessera(backend, args.images, args.workers, stack, fusion=args.fusion)
     truth = (server.data_dir, url) if args.answers == "truth" else None
     result = run_phase(f"tessera/{backend}", server, args.path, args, truth)
-    return dataclasses.replace(result, votes_stored=count_votes(url))
+    return dataclasses.replace(result, votes_stored=count_votes(url), lag=fusion_lag(url))
 
 
 def bench_bare(args: argparse.Namespace, stack: ExitStack) -> Result:
@@ -546,10 +572,15 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
             f"{r.stats.empty}; target 500 grids/s: {grids_per_s / 500:.1%}"
         )
         print(
+            f"  fuser lag (submitted to fused) p50 {r.lag[0]:.0f} ms, p99 {r.lag[1]:.0f} ms; "
+            f"{r.lag[2]} answers not fused when the server stopped"
+        )
+        print(
             f"serve: backend={backend} workers={args.workers} path={args.path} "
             f"answers={args.answers} grids_per_s={grids_per_s:.1f} p99_ms={p99:.1f} "
             f"cpu_ms_per_grid={cpu_ms:.2f} echo_cpu_ms={echo_cpu_ms:.3f} "
-            f"client_cores={r.client_cpu / r.wall:.2f} fuser_lag_p99_ms=none "
+            f"client_cores={r.client_cpu / r.wall:.2f} fusion={args.fusion} "
+            f"fuser_lag_p99_ms={r.lag[1]:.0f} unfused_at_stop={r.lag[2]} "
             f"acked={r.stats.votes_acked} stored={r.votes_stored}",
             flush=True,
         )
@@ -571,6 +602,12 @@ def main() -> int:
         help="one request per grid (answer + next), or two (next, then submit)",
     )
     parser.add_argument("--answers", choices=["truth", "random"], default="truth")
+    parser.add_argument(
+        "--fusion",
+        choices=["background", "inline"],
+        default="background",
+        help="fuse answers in the background (the default) or in each request",
+    )
     parser.add_argument("--clients", type=int, default=2, help="client processes")
     parser.add_argument("--quick", action="store_true", help="5 s per phase, 1 s warm-up")
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)

@@ -115,6 +115,7 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
         database_url=database_url,
         secret_key="test-secret-key-that-is-long-enough-for-anything",
         consensus_interval_s=0,
+        fusion="inline",  # each answer fused as it is taken: results at once, in order
         rate_limit_volunteer_per_minute=0,
         rate_limit_address_per_minute=0,
     )

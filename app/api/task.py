@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from app.deps import (
     AddressLimited,
+    FuserDep,
     KnownVolunteerDep,
     LimitedVolunteerDep,
     RowId,
@@ -189,6 +190,7 @@ def post_answer(
     settings: SettingsDep,
     signer: SignerDep,
     volunteer: LimitedVolunteerDep,
+    fuser: FuserDep,
 ) -> AnswerRead:
     """The answer and the next lease in one transaction: acknowledged once both are committed.
     A refused answer (expired, not this volunteer's, malformed) fails the whole request and
@@ -213,6 +215,8 @@ def post_answer(
         offer = _lease_next(session, signer, project, volunteer, body.tag, body.kind)
         read.task, read.message = offer.task, offer.message
     session.commit()
+    if read.submission is not None:
+        fuser.wake()
     return read
 
 
@@ -318,6 +322,7 @@ def post_submission(
     settings: SettingsDep,
     signer: SignerDep,
     volunteer: LimitedVolunteerDep,
+    fuser: FuserDep,
 ) -> SubmissionRead:
     result = submit(
         session,
@@ -330,6 +335,7 @@ def post_submission(
         elapsed_ms=body.elapsed_ms,
     )
     session.commit()
+    fuser.wake()
     return SubmissionRead.model_validate(result)
 
 

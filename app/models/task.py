@@ -39,6 +39,8 @@ class Task(Base):
     __table_args__ = (
         Index("ix_tasks_volunteer_state", "volunteer_id", "state"),
         Index("ix_tasks_state_expires", "state", "expires_at"),
+        # The fuser's queue: submitted tasks whose votes are not fused yet.
+        Index("ix_tasks_fused_at", "fused_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -55,6 +57,9 @@ class Task(Base):
     submitted_at: Mapped[datetime | None] = mapped_column(default=None)
     # What the submission answered, returned again verbatim if the same token comes back.
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # When the fuser folded its votes into the consensus (``app.services.crowd.fuser``); None
+    # while a submitted task waits for it (and for tasks never submitted).
+    fused_at: Mapped[datetime | None] = mapped_column(default=None)
 
     tiles: Mapped[list[TaskTile]] = relationship(
         back_populates="task", cascade="all", order_by="TaskTile.position"

@@ -68,9 +68,10 @@ class SubmissionRead(BaseModel):
     feedback: Literal["ok", "check_again"] | None = Field(
         description="on known tiles: all right, or please check again (never which tile)"
     )
-    retired_cells: int
-    windows_opened: int
-    completed_targets: int
+    # What fusing the answers did; None when the fuser does it after the answer is stored.
+    retired_cells: int | None = None
+    windows_opened: int | None = None
+    completed_targets: int | None = None
 
 
 class AnswerCreate(BaseModel):

@@ -10,16 +10,16 @@ banned volunteers out.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
-from app.models import Cell, Consensus, Credibility, Gold, Volunteer, Vote
+from app.models import Cell, Consensus, Credibility, Gold, Task, Volunteer, Vote
 from ml.aggregation.credibility import (
     AGREEMENT_VOTES,
     COUNT_FIELDS,
@@ -91,13 +91,22 @@ class CellVotes:
         return out
 
 
-def cell_votes(session: Session, *, cell_ids: list[int]) -> CellVotes:
+def cell_votes(
+    session: Session, *, cell_ids: list[int], fused_and: Collection[int] | None = None
+) -> CellVotes:
+    """The counted votes of ``cell_ids``; with ``fused_and``, only those of tasks already fused
+    and of these tasks (the state as of fusing them, for scoring votes once)."""
     index = {c: i for i, c in enumerate(cell_ids)}
-    votes = session.execute(
+    query = (
         select(Vote.cell_id, Vote.volunteer_id, Vote.label)
         .join(Volunteer, Volunteer.id == Vote.volunteer_id)
         .where(Vote.cell_id.in_(index), Volunteer.banned.is_(False))
-    ).all()
+    )
+    if fused_and is not None:
+        query = query.join(Task, Task.id == Vote.task_id).where(
+            or_(Task.fused_at.is_not(None), Task.id.in_(list(fused_and)))
+        )
+    votes = session.execute(query).all()
     volunteers = sorted({v for _, v, _ in votes})
     worker = {v: i for i, v in enumerate(volunteers)}
     return CellVotes(
@@ -140,15 +149,17 @@ def refresh_cells(session: Session, *, cells: list[Cell]) -> Fresh:
 
 
 def agreement_increments(
-    session: Session, *, cells: list[Cell], volunteer_id: int
+    session: Session, *, cells: list[Cell], volunteer_id: int, fused_and: Collection[int]
 ) -> dict[int, np.ndarray]:
-    """Credibility increments (soft counts, ``COUNT_COLUMNS`` order) from agreement, after
-    ``volunteer_id`` voted on ``cells`` (``ml.aggregation.credibility.agreement_credit``): every
-    vote of a cell that has just reached ``AGREEMENT_VOTES`` votes, and this volunteer's votes
-    on cells past it; each vote is thus scored once."""
+    """Credibility increments (soft counts, ``COUNT_COLUMNS`` order) from agreement, once
+    ``volunteer_id``'s votes on ``cells`` are fused (``ml.aggregation.credibility.
+    agreement_credit``): every vote of a cell that has just reached ``AGREEMENT_VOTES`` votes,
+    and this volunteer's votes on cells past it; each vote is thus scored once. Votes count as
+    of fusing them: those of fused tasks and of ``fused_and`` (the tasks fused so far in this
+    batch and the volunteer's), not those still waiting for the fuser."""
     if not cells:
         return {}
-    votes = cell_votes(session, cell_ids=[c.id for c in cells])
+    votes = cell_votes(session, cell_ids=[c.id for c in cells], fused_and=fused_and)
     if volunteer_id not in votes.volunteers:
         return {}
     n_votes = np.bincount(votes.cell, minlength=len(cells))[votes.cell]  # (n_votes,)

@@ -39,6 +39,7 @@ def app_settings(data_dir: Path, database_url: str) -> Settings:
         database_url=database_url,
         secret_key="test-secret-key-that-is-long-enough-for-anything",
         consensus_interval_s=0,
+        fusion="inline",  # each answer fused as it is taken: results at once, in order
         # Simulated crowds answer far faster than people; the limits have tests of their own.
         rate_limit_volunteer_per_minute=0,
         rate_limit_address_per_minute=0,

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import httpx
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 
 from app.db import make_engine
-from app.models import Image, Project, Task, TaskState, Vote
+from app.models import Consensus, Image, Project, Task, TaskState, TaskTile, Vote
 from tests.app.browser import UNLIMITED, _tessera, demo_env, serve, tessera_env
 from tests.builders import files_under, write_image
 
@@ -135,9 +135,45 @@ def test_a_server_killed_in_a_storm_of_submissions_keeps_every_acknowledged_vote
     assert len(stored) >= len(acked)  # answers in flight at the kill may have landed unacknowledged
 
     assert _run(env, "doctor").returncode == 0
-    # It starts again on the same data and serves.
+    # It starts again on the same data and serves; the fuser folds in every answer the crash
+    # left unfused, each once: every cell's consensus counts exactly the votes stored on it.
     with serve(env) as (server, _proc), httpx.Client(base_url=server.url, timeout=10) as client:
         offer = client.get("/api/projects/demo/tasks/next").json()["task"]
         assert offer is not None
         body = {"token": offer["token"], "selected": [0], "elapsed_ms": 2500}
         assert client.post("/api/projects/demo/tasks/submit", json=body).status_code == 200
+        waiting = select(func.count()).where(
+            Task.state == TaskState.SUBMITTED, Task.fused_at.is_(None)
+        )
+        assert _wait_for(fresh_database_url, waiting, 0, timeout_s=60)
+    unknown = select(TaskTile.cell_id).where(TaskTile.known.is_(False))
+    with engine.connect() as conn:
+        votes = dict(
+            conn.execute(
+                select(Vote.cell_id, func.count())
+                .where(Vote.cell_id.in_(unknown))
+                .group_by(Vote.cell_id)
+            ).all()
+        )
+        counted = dict(
+            conn.execute(
+                select(Consensus.cell_id, Consensus.n_votes).where(Consensus.cell_id.in_(votes))
+            ).all()
+        )
+    engine.dispose()
+    assert counted == votes
+
+
+def _wait_for(url: str, query: Select[tuple[int]], value: int, timeout_s: float) -> bool:
+    engine = make_engine(url)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            with engine.connect() as conn:
+                if conn.execute(query).scalar_one() == value:
+                    return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+    finally:
+        engine.dispose()

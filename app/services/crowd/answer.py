@@ -1,11 +1,12 @@
-"""Taking a volunteer's answers to a task: checked, stored once, fused at once.
+"""Taking a volunteer's answers to a task: checked, stored once, fused.
 
 A submission carries the task's signed token. The token is checked (signature, expiry, owner,
-tile range) before anything is stored; the votes are then appended, one per tile; known tiles
-update the volunteer's credibility exactly, and votes on cells with enough votes update their
-volunteers' credibility from agreement (``agreement_increments``); the cells get new posteriors,
-and their targets are settled (retire, refine, complete). The result is stored on the task, so
-that the same token submitted again stores nothing more and returns the same result.
+tile range) before anything is stored; the votes are then appended, one per tile, the task's
+lease is released and the volunteer hears how the known tiles went. The result is stored on the
+task, so that the same token submitted again stores nothing more and returns the same result.
+Folding the votes into the consensus (credibility, posteriors, retirement, refinement,
+completion) is the fuser's (``app.services.crowd.fuser``): in the background, or in this same
+transaction with ``fusion = "inline"``.
 """
 
 from __future__ import annotations
@@ -14,34 +15,15 @@ from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import as_utc, utcnow
-from app.models import (
-    Cell,
-    Project,
-    Task,
-    TaskState,
-    TaskTile,
-    Volunteer,
-    Vote,
-    Window,
-)
+from app.models import Project, Task, TaskState, TaskTile, Volunteer, Vote, Window
 from app.security import Signer, TaskClaims
-from app.services.consensus import (
-    COUNT_COLUMNS,
-    agreement_increments,
-    gold_labels,
-    refresh_cells,
-)
-from app.services.crowd.retirement import retire_fresh
-from app.services.crowd.settle import lock_targets, revalue_windows, settle_targets
+from app.services.crowd.fuser import feedback_on, fuse_tasks, known_answers
 from app.services.errors import ConflictError, ForbiddenError, InvalidInputError, NotFoundError
-from app.services.volunteer import credibility_of
-from ml.aggregation.credibility import gold_credit
 
 TOKEN_GRACE_S = 30
 
@@ -55,9 +37,10 @@ class SubmissionResult:
     task_id: int
     votes: int
     feedback: str | None  # "ok" or "check_again" when known tiles were answered; never which
-    retired_cells: int
-    windows_opened: int
-    completed_targets: int
+    # What fusing the answers did, when it was done in the request (``fusion = "inline"``).
+    retired_cells: int | None
+    windows_opened: int | None
+    completed_targets: int | None
 
 
 def claims_for(
@@ -107,37 +90,6 @@ def _store_votes(
     return tiles
 
 
-def _credit_known(
-    session: Session, tiles: list[TaskTile], selected: set[int]
-) -> tuple[str | None, np.ndarray]:
-    """Feedback on the known tiles, and the volunteer's credibility increments from them
-    (exact gold counts and the same soft counts, ``COUNT_COLUMNS`` order)."""
-    increments = np.zeros(len(COUNT_COLUMNS))
-    known = gold_labels(session, cell_ids=[t.cell_id for t in tiles if t.known])
-    if not known:
-        return None, increments
-    right = True
-    for tile in tiles:
-        if tile.cell_id not in known:
-            continue
-        label, truth = int(tile.position in selected), int(known[tile.cell_id])
-        tp, fn, tn, fp = gold_credit(label, truth)
-        increments += (tp, fn, tn, fp, tp, fn, tn, fp)  # pos_yes, pos_no, neg_no, neg_yes, gold
-        right = right and label == truth
-    return ("ok" if right else "check_again"), increments
-
-
-def _apply_credits(session: Session, credits: dict[int, np.ndarray]) -> None:
-    """Add credibility increments, in volunteer order: concurrent submissions that credit the
-    same volunteers lock their rows in one order, and so never deadlock."""
-    for volunteer_id in sorted(credits):
-        row = credibility_of(session, volunteer_id=volunteer_id)
-        for name, value in zip(COUNT_COLUMNS, credits[volunteer_id], strict=True):
-            if value:
-                old = getattr(row, name)
-                setattr(row, name, old + (float(value) if isinstance(old, float) else int(value)))
-
-
 def _release(session: Session, task: Task, volunteer: Volunteer) -> None:
     if task.window_id is None:
         return
@@ -157,7 +109,8 @@ def submit(
     selected: Collection[int],
     elapsed_ms: int,
 ) -> dict[str, Any]:
-    """Store and fuse one task's answers. Returns the result (the stored one on a replay)."""
+    """Store one task's answers (fused at once with ``fusion = "inline"``, else by the fuser).
+    Returns the result (the stored one on a replay)."""
     task, claims = claims_for(
         session, signer=signer, project=project, volunteer=volunteer, token=token
     )
@@ -170,37 +123,21 @@ def submit(
     if elapsed_ms < 0:
         raise InvalidInputError("elapsed_ms must not be negative")
     tiles = _store_votes(session, task, volunteer, picked, elapsed_ms)
-    unknown_ids = [t.cell_id for t in tiles if not t.known]
-    of_cells = select(Cell).where(Cell.id.in_(unknown_ids))
-    # Targets first, then credibility, then consensus: the full EM pass takes them in the same
-    # order, so the two never deadlock.
-    lock_targets(session, target_ids=session.scalars(of_cells.with_only_columns(Cell.target_id)))
-    # Read once the targets are held: a concurrent writer's retirements are seen, not undone.
-    cells = list(session.scalars(of_cells.execution_options(populate_existing=True)))
-    feedback, own = _credit_known(session, tiles, picked)
-    credits = agreement_increments(session, cells=cells, volunteer_id=volunteer.id)
-    credits[volunteer.id] = credits.get(volunteer.id, 0.0) + own
-    _apply_credits(session, credits)
-    session.flush()
-    fresh = refresh_cells(session, cells=cells)
-    changed, retired = retire_fresh(session, project, cells=cells, fresh=fresh)
-    session.flush()
-    # Targets where a cell retired may refine or complete; elsewhere only window values move.
-    settled = settle_targets(session, settings=settings, project=project, target_ids=changed)
-    revalue_windows(
-        session,
-        window_ids={c.window_id for c in cells if c.window_id and c.target_id not in changed},
-    )
+    answers = known_answers(session, [(t.position, t.cell_id, t.known) for t in tiles], picked)
     _release(session, task, volunteer)
+    task.state, task.submitted_at = TaskState.SUBMITTED, utcnow()
+    fused = None
+    if settings.fusion == "inline":
+        fused = fuse_tasks(session, settings=settings, project=project, tasks=[task])
     result = SubmissionResult(
         task_id=task.id,
         votes=len(tiles),
-        feedback=feedback,
-        retired_cells=retired + sum(s.retired for s in settled),
-        windows_opened=sum(s.windows_opened for s in settled),
-        completed_targets=sum(s.completed for s in settled),
+        feedback=feedback_on(answers),
+        retired_cells=fused.retired_cells if fused else None,
+        windows_opened=fused.windows_opened if fused else None,
+        completed_targets=fused.completed_targets if fused else None,
     )
-    task.state, task.submitted_at, task.result = TaskState.SUBMITTED, utcnow(), asdict(result)
+    task.result = asdict(result)
     session.flush()
     return asdict(result)
 

@@ -1,0 +1,209 @@
+"""Folding submitted answers into the consensus: off the request path, in batches.
+
+A submission is acknowledged once its votes are stored (``app.services.crowd.answer``). Fusing
+them (credibility from known tiles and from agreement, the cells' posteriors, retirement,
+refinement, completion, the windows' values) is done here, for a batch of submitted tasks at a
+time: each target is settled once per batch however many of its answers came in, and the
+request path holds no lock that fusion waits on. Every task fused is marked (``Task.fused_at``)
+in the same transaction, so that the fuser resumes after a crash from the first task not fused,
+and no task is fused twice (PostgreSQL: ``SKIP LOCKED`` on the tasks; SQLite: one writer).
+
+``fusion = "inline"`` (``app.config.Settings``) fuses each task as it is taken, in the request's
+own transaction: simulated campaigns that must replay the same run, and a single-user project.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+from app.db import utcnow
+from app.models import Cell, Project, Task, TaskState, TaskTile, Vote
+from app.services.consensus import (
+    COUNT_COLUMNS,
+    agreement_increments,
+    gold_labels,
+    refresh_cells,
+)
+from app.services.crowd.retirement import retire_fresh
+from app.services.crowd.settle import lock_targets, revalue_windows, settle_targets
+from app.services.volunteer import credibility_of
+from ml.aggregation.credibility import gold_credit
+
+log = logging.getLogger(__name__)
+
+BATCH = 200  # tasks per fusion transaction
+
+
+@dataclass
+class Fused:
+    tasks: int = 0
+    retired_cells: int = 0
+    windows_opened: int = 0
+    completed_targets: int = 0
+
+
+def known_answers(
+    session: Session, tiles: list[tuple[int, int, bool]], selected: set[int]
+) -> list[tuple[int, int]]:
+    """(answer, truth) of each known tile of a task (``(position, cell_id, known)`` tiles)."""
+    known = gold_labels(session, cell_ids=[cell for _, cell, k in tiles if k])
+    return [
+        (int(position in selected), int(known[cell]))
+        for position, cell, _ in tiles
+        if cell in known
+    ]
+
+
+def feedback_on(answers: list[tuple[int, int]]) -> str | None:
+    """What the volunteer hears about the known tiles: all right, or check again (never which)."""
+    if not answers:
+        return None
+    return "ok" if all(a == t for a, t in answers) else "check_again"
+
+
+def _gold_increments(answers: list[tuple[int, int]]) -> np.ndarray:
+    increments = np.zeros(len(COUNT_COLUMNS))
+    for label, truth in answers:
+        tp, fn, tn, fp = gold_credit(label, truth)
+        increments += (tp, fn, tn, fp, tp, fn, tn, fp)  # pos_yes, pos_no, neg_no, neg_yes, gold
+    return increments
+
+
+def _apply_credits(session: Session, credits: dict[int, np.ndarray]) -> None:
+    """Add credibility increments, in volunteer order: concurrent writers that credit the same
+    volunteers lock their rows in one order, and so never deadlock."""
+    for volunteer_id in sorted(credits):
+        row = credibility_of(session, volunteer_id=volunteer_id)
+        for name, value in zip(COUNT_COLUMNS, credits[volunteer_id], strict=True):
+            if value:
+                old = getattr(row, name)
+                setattr(row, name, old + (float(value) if isinstance(old, float) else int(value)))
+
+
+def fuse_tasks(
+    session: Session, *, settings: Settings, project: Project, tasks: list[Task]
+) -> Fused:
+    """Fold the votes of these submitted tasks into the consensus, and mark them fused
+    (flushed, not committed)."""
+    tasks = [t for t in tasks if t.state == TaskState.SUBMITTED and t.fused_at is None]
+    if not tasks:
+        return Fused()
+    ids = [t.id for t in tasks]
+    rows = session.execute(
+        select(TaskTile.task_id, TaskTile.position, TaskTile.cell_id, TaskTile.known, Vote.label)
+        .join(Vote, (Vote.task_id == TaskTile.task_id) & (Vote.position == TaskTile.position))
+        .where(TaskTile.task_id.in_(ids))
+    ).all()
+    tiles: dict[int, list[tuple[int, int, bool]]] = defaultdict(list)
+    selected: dict[int, set[int]] = defaultdict(set)
+    for task_id, position, cell_id, known, label in rows:
+        tiles[task_id].append((position, cell_id, known))
+        if label:
+            selected[task_id].add(position)
+    unknown_ids = sorted({cell for ts in tiles.values() for _, cell, known in ts if not known})
+    of_cells = select(Cell).where(Cell.id.in_(unknown_ids))
+    # Targets first, then credibility, then consensus: the full EM pass takes them in the same
+    # order, so the two never deadlock.
+    lock_targets(session, target_ids=session.scalars(of_cells.with_only_columns(Cell.target_id)))
+    # Read once the targets are held: a concurrent writer's retirements are seen, not undone.
+    cells = {c.id: c for c in session.scalars(of_cells.execution_options(populate_existing=True))}
+    credits: dict[int, np.ndarray] = defaultdict(lambda: np.zeros(len(COUNT_COLUMNS)))
+    done: list[int] = []
+    for task in tasks:  # in order: the agreement of each counts the votes fused before it
+        done.append(task.id)
+        own = [cells[c] for _, c, known in tiles[task.id] if not known and c in cells]
+        for volunteer_id, inc in agreement_increments(
+            session, cells=own, volunteer_id=task.volunteer_id, fused_and=done
+        ).items():
+            credits[volunteer_id] += inc
+        answers = known_answers(session, tiles[task.id], selected[task.id])
+        credits[task.volunteer_id] += _gold_increments(answers)
+    _apply_credits(session, {v: c for v, c in credits.items() if c.any()})
+    session.flush()
+    fresh_cells = list(cells.values())
+    fresh = refresh_cells(session, cells=fresh_cells)
+    changed, retired = retire_fresh(session, project, cells=fresh_cells, fresh=fresh)
+    session.flush()
+    # Targets where a cell retired may refine or complete; elsewhere only window values move.
+    settled = settle_targets(session, settings=settings, project=project, target_ids=changed)
+    revalue_windows(
+        session,
+        window_ids={c.window_id for c in fresh_cells if c.window_id and c.target_id not in changed},
+    )
+    now = utcnow()
+    for task in tasks:
+        task.fused_at = now
+    session.flush()
+    return Fused(
+        tasks=len(tasks),
+        retired_cells=retired + sum(s.retired for s in settled),
+        windows_opened=sum(s.windows_opened for s in settled),
+        completed_targets=sum(s.completed for s in settled),
+    )
+
+
+def pending(session: Session, *, limit: int = BATCH) -> list[Task]:
+    """Submitted tasks not fused yet, oldest first, locked against another fuser."""
+    return list(
+        session.scalars(
+            select(Task)
+            .where(Task.fused_at.is_(None), Task.state == TaskState.SUBMITTED)
+            .order_by(Task.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .execution_options(populate_existing=True)
+        )
+    )
+
+
+def fuse_pending(factory: sessionmaker[Session], settings: Settings, *, limit: int = BATCH) -> int:
+    """Fuse one batch of waiting tasks, project by project, in one transaction. Returns how many
+    tasks were fused (0: nothing waits)."""
+    with factory() as session:
+        tasks = pending(session, limit=limit)
+        by_project: dict[int, list[Task]] = defaultdict(list)
+        for task in tasks:
+            by_project[task.project_id].append(task)
+        for project_id, batch in sorted(by_project.items()):
+            project = session.get(Project, project_id)
+            assert project is not None
+            fuse_tasks(session, settings=settings, project=project, tasks=batch)
+        session.commit()
+    return len(tasks)
+
+
+class Fuser:
+    """Fuses waiting answers in a background thread of the server: woken by each submission
+    (``wake``), and every ``settings.fusion_interval_s`` anyway (answers left by a crash, or by
+    another worker process)."""
+
+    def __init__(self, settings: Settings, factory: sessionmaker[Session]) -> None:
+        self.settings, self.factory = settings, factory
+        self.stop, self.event = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="fuser", daemon=True)
+
+    def wake(self) -> None:
+        self.event.set()
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            self.event.wait(self.settings.fusion_interval_s)
+            self.event.clear()
+            try:
+                while not self.stop.is_set() and fuse_pending(self.factory, self.settings):
+                    pass
+            except Exception:  # keep serving; the next round tries again
+                log.exception("fusing answers failed")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.event.set()
+        self.thread.join(timeout=30)

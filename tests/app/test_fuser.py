@@ -1,0 +1,133 @@
+"""Fusion off the request path (``app.services.crowd.fuser``): answers are stored at once and
+folded into the consensus by a background fuser, each exactly once, after a crash too."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from app.main import create_app
+from app.models import Cell, CellStatus, Consensus, Credibility, Task, TaskState, TaskTile, Vote
+from app.services.crowd.fuser import fuse_pending
+from ml.aggregation.simulate import PROFILES
+from tests.app.conftest import Live
+from tests.app.crowd import SimulatedVolunteer
+
+SLUG = "demo"
+
+
+def _counted_equals_stored(live: Live) -> None:
+    """Every voted unknown cell's consensus counts exactly the votes stored on it."""
+    unknown = select(TaskTile.cell_id).where(TaskTile.known.is_(False))
+    with live.factory() as session:
+        votes = dict(
+            session.execute(
+                select(Vote.cell_id, func.count())
+                .where(Vote.cell_id.in_(unknown))
+                .group_by(Vote.cell_id)
+            ).all()
+        )
+        counted = dict(
+            session.execute(
+                select(Consensus.cell_id, Consensus.n_votes).where(Consensus.cell_id.in_(votes))
+            ).all()
+        )
+    assert votes and counted == votes
+
+
+def _credibility(live: Live) -> list[tuple[int, float, float]]:
+    with live.factory() as session:
+        rows = session.execute(
+            select(Credibility.volunteer_id, Credibility.pos_yes, Credibility.neg_no)
+        )
+        return sorted((int(v), float(a), float(b)) for v, a, b in rows)
+
+
+def _waiting(live: Live) -> int:
+    with live.factory() as session:
+        return (
+            session.scalar(
+                select(func.count()).where(
+                    Task.state == TaskState.SUBMITTED, Task.fused_at.is_(None)
+                )
+            )
+            or 0
+        )
+
+
+def test_answers_are_acknowledged_at_once_and_fused_in_the_background(live: Live) -> None:
+    settings = live.settings.model_copy(update={"fusion": "background", "fusion_interval_s": 0.05})
+    app = create_app(settings)
+    with TestClient(app):  # the lifespan starts the fuser; each volunteer a client of its own
+        crowd = [
+            SimulatedVolunteer(
+                TestClient(app), PROFILES["diligent"], np.random.default_rng(i), live.truths
+            )
+            for i in range(4)
+        ]
+        results = []
+        for _ in range(15):
+            for volunteer in crowd:
+                task = volunteer.next_task(SLUG)
+                if task is not None:
+                    results.append(volunteer.answer(SLUG, task))
+        # Acknowledged once stored: what fusing did is not known yet.
+        assert results and all(r["retired_cells"] is None for r in results)
+        deadline = time.monotonic() + 30
+        while _waiting(live) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _waiting(live) == 0
+    app.state.engine.dispose()
+    _counted_equals_stored(live)
+    with live.factory() as session:
+        retired = session.scalar(
+            select(func.count()).select_from(Cell).where(Cell.status == CellStatus.RETIRED)
+        )
+        credible = session.scalar(select(func.count()).select_from(Credibility))
+    assert retired and credible  # fusion settled cells and learned about the volunteers
+
+
+def test_a_crash_before_fusion_loses_nothing_and_nothing_is_fused_twice(live: Live) -> None:
+    # Stored but never fused: the answers of a server that died before its fuser ran.
+    settings = live.settings.model_copy(update={"fusion": "background"})
+    app = create_app(settings)  # no lifespan: no fuser
+    crowd = [
+        SimulatedVolunteer(
+            TestClient(app), PROFILES["diligent"], np.random.default_rng(i), live.truths
+        )
+        for i in range(3)
+    ]
+    for _ in range(8):
+        for volunteer in crowd:
+            volunteer.step(SLUG)
+    waiting = _waiting(live)
+    assert waiting == live.count(Vote) // 9 > 0
+    with live.factory() as session:
+        assert not session.scalar(select(func.sum(Consensus.n_votes)))
+    # The next server's fuser takes them in batches, oldest first.
+    write = app.state.write_session_factory
+    assert fuse_pending(write, settings, limit=5) == 5
+    while fuse_pending(write, settings, limit=5):
+        pass
+    assert _waiting(live) == 0
+    _counted_equals_stored(live)
+    with live.factory() as session:
+        before = sorted(
+            tuple(r)
+            for r in session.execute(
+                select(Credibility.volunteer_id, Credibility.pos_yes, Credibility.neg_no)
+            )
+        )
+    assert fuse_pending(write, settings) == 0  # nothing twice
+    with live.factory() as session:
+        after = sorted(
+            tuple(r)
+            for r in session.execute(
+                select(Credibility.volunteer_id, Credibility.pos_yes, Credibility.neg_no)
+            )
+        )
+    assert after == before
+    app.state.engine.dispose()
