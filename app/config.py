@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     fusion: Literal["background", "inline"] = "background"
     fusion_interval_s: float = Field(default=1.0, gt=0)
 
+    # uvicorn's line per request; off under heavy load (metrics count requests anyway).
+    access_log: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
 

@@ -34,9 +34,16 @@ def _serve(settings: Settings, host: str, port: int, workers: int = 1) -> None:
             port=port,
             workers=workers,
             log_level="info",
+            access_log=settings.access_log,
         )
         return
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=settings.access_log,
+    )
 
 
 @app.command("serve")

@@ -290,17 +290,20 @@ def search_small(
     first = [c for c in cells if c.level == 1]
     if len(first) != 9:
         return []
-    # Every window opened under them decided (each square of the image in it retired) ...
-    present = set(cells)
+    # No finest answer is yes (checked first: it is cheap). A first cell that opened on a yes
+    # whose own squares all came back no (a bad actor's yes, or one the evidence overturned)
+    # must not stop the search ...
     leaf = leaf_cells(cells)
-    for cell, is_leaf in zip(cells, leaf, strict=True):
-        inside = inside_children([cell], height, width, square=config.square)
-        if not is_leaf and any(child not in present for child in inside):
-            return []
-    # ... and no finest answer is yes. A first cell that opened on a yes whose own squares all
-    # came back no (a bad actor's yes, or one the evidence overturned) must not stop the search.
     if any(y[i] for i, is_leaf in enumerate(leaf) if is_leaf):
         return []
+    # ... and every window opened under them decided (each square of the image in it retired).
+    present = set(cells)
+    for cell, is_leaf in zip(cells, leaf, strict=True):
+        if is_leaf:
+            continue
+        inside = inside_children([cell], height, width, square=config.square)
+        if any(child not in present for child in inside):
+            return []
     return [c for c in sorted(first) if c not in opened and _deep_enough(c, height, width, config)]
 
 

@@ -40,6 +40,7 @@ from ml.aggregation.credibility import gold_credit
 log = logging.getLogger(__name__)
 
 BATCH = 200  # tasks per fusion transaction
+GATHER_S = 0.2  # how long a woken fuser waits for more answers (well under a second of lag)
 
 
 @dataclass
@@ -195,7 +196,10 @@ class Fuser:
 
     def _loop(self) -> None:
         while not self.stop.is_set():
-            self.event.wait(self.settings.fusion_interval_s)
+            if self.event.wait(self.settings.fusion_interval_s):
+                # Let answers gather for a moment: a batch settles each target once however
+                # many of its answers it holds, and each transaction has a fixed cost.
+                self.stop.wait(GATHER_S)
             self.event.clear()
             try:
                 while not self.stop.is_set() and fuse_pending(self.factory, self.settings):
