@@ -51,8 +51,9 @@ class Settings(BaseSettings):
     consensus_interval_s: float = 300.0
     # Answers are stored on the request and fused by a background fuser in batches
     # (``app.services.crowd.fuser``), woken by each answer and every fusion_interval_s anyway;
+    # "external": by `tessera fuse` processes of their own (a busy PostgreSQL deployment);
     # "inline" fuses each in its request (slower; simulations that must replay exactly).
-    fusion: Literal["background", "inline"] = "background"
+    fusion: Literal["background", "external", "inline"] = "background"
     fusion_interval_s: float = Field(default=1.0, gt=0)
 
     # uvicorn's line per request; off under heavy load (metrics count requests anyway).

@@ -276,6 +276,7 @@ class Server:
     def __init__(self, cmd: list[str], env: dict[str, str], log: Path, port: int) -> None:
         self.log, self.base = log, f"http://127.0.0.1:{port}"
         self.data_dir = ""  # a Tessera server's data folder (``start_tessera``)
+        self.helpers: list[Server] = []  # processes of the same service (`tessera fuse`)
         with log.open("wb") as fh:
             self.proc = subprocess.Popen(
                 cmd, env=env, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
@@ -294,7 +295,13 @@ class Server:
             time.sleep(0.2)
         raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{self.tail()}")
 
+    def cpu_seconds(self) -> float:
+        """CPU time of the service: this process tree and its helpers'."""
+        return sum(tree_cpu_seconds(s.proc.pid) for s in [self, *self.helpers])
+
     def stop(self) -> None:
+        for helper in self.helpers:
+            helper.stop()
         if self.proc.poll() is not None:
             return
         os.killpg(self.proc.pid, signal.SIGINT)
@@ -413,10 +420,10 @@ def run_phase(
         for i in range(clients)
     ]
     fork = multiprocessing.get_context("fork")
-    wall, cpu = time.perf_counter(), tree_cpu_seconds(server.proc.pid)
+    wall, cpu = time.perf_counter(), server.cpu_seconds()
     with ProcessPoolExecutor(clients, mp_context=fork) as pool:
         done = list(pool.map(_client, specs))
-    server_cpu = tree_cpu_seconds(server.proc.pid) - cpu
+    server_cpu = server.cpu_seconds() - cpu
     wall = time.perf_counter() - wall
     server.stop()
     stats = Stats()
@@ -461,6 +468,9 @@ def start_tessera(
     cmd += ["--workers", str(workers)]
     server = Server(cmd, env, tmp / "server.log", port)
     server.data_dir = env["TESSERA_DATA_DIR"]
+    if fusion == "external":  # a fuser process of its own beside the web workers
+        fuse = [*TESSERA, "fuse", "--poll", "0.05"]
+        server.helpers.append(Server(fuse, env, tmp / "fuser.log", port))
     stack.callback(server.stop)
     return server, url
 
@@ -604,9 +614,10 @@ def main() -> int:
     parser.add_argument("--answers", choices=["truth", "random"], default="truth")
     parser.add_argument(
         "--fusion",
-        choices=["background", "inline"],
+        choices=["background", "external", "inline"],
         default="background",
-        help="fuse answers in the background (the default) or in each request",
+        help="fuse answers in a server thread (the default), a `tessera fuse` process, or in "
+        "each request",
     )
     parser.add_argument("--clients", type=int, default=2, help="client processes")
     parser.add_argument("--quick", action="store_true", help="5 s per phase, 1 s warm-up")

@@ -68,6 +68,30 @@ def serve(
             child.wait(timeout=30)
 
 
+@app.command("fuse")
+def fuse(
+    poll: Annotated[
+        float, typer.Option(min=0.01, help="seconds between looks for waiting answers")
+    ] = 0.1,
+) -> None:
+    """Fuse answers into the consensus in the foreground, for servers run with
+    TESSERA_FUSION=external (several of these may run: each takes its own batches)."""
+    from app.services.crowd.fuser import Fuser
+
+    settings = load_settings()
+    fuser = Fuser(settings, make_session_factory(ready_engine(settings), writer=True), poll)
+    console.print(f"Fusing answers (a look every {poll:g} s; Ctrl+C stops)")
+    fuser.thread.start()
+    try:
+        while fuser.thread.is_alive():
+            fuser.thread.join(timeout=1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fuser.close()
+        console.print(f"{fuser.fused} answers fused")
+
+
 def build_demo(settings: Settings, *, seed: int, n_images: int) -> ImportReport | None:
     """Generate the demo dataset and import it as project 'demo', unless it is there already."""
     from ml.demo.dataset import write_demo_dataset

@@ -82,7 +82,7 @@ def union_parent(session: Session, *, target: Target) -> Target | None:
     parent = session.scalar(
         select(Target)
         .where(Target.image_id == target.image_id, Target.tag_id == tag.parent_id)
-        .with_for_update()
+        .with_for_update(key_share=True)  # as ``settle.lock_targets``
         .execution_options(populate_existing=True)
     )
     return parent if parent is not None and is_union(session, target=parent) else None

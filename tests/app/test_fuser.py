@@ -3,6 +3,10 @@ folded into the consensus by a background fuser, each exactly once, after a cras
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -131,3 +135,42 @@ def test_a_crash_before_fusion_loses_nothing_and_nothing_is_fused_twice(live: Li
         )
     assert after == before
     app.state.engine.dispose()
+
+
+def test_tessera_fuse_folds_in_what_external_fusion_servers_store(live: Live) -> None:
+    # Web workers with fusion "external" store answers and fuse nothing ...
+    settings = live.settings.model_copy(update={"fusion": "external"})
+    app = create_app(settings)
+    with TestClient(app):
+        volunteer = SimulatedVolunteer(
+            TestClient(app), PROFILES["diligent"], np.random.default_rng(0), live.truths
+        )
+        for _ in range(6):
+            volunteer.step(SLUG)
+        time.sleep(0.3)
+        assert _waiting(live) == 6
+    app.state.engine.dispose()
+    # ... and `tessera fuse` (a process of its own) folds them in.
+    env = {
+        **os.environ,
+        "TESSERA_DATA_DIR": str(live.settings.data_dir),
+        "TESSERA_DATABASE_URL": live.settings.resolved_database_url,
+        "TESSERA_SECRET_KEY": live.settings.secret_key,
+    }
+    fuser = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "fuse", "--poll", "0.05"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while _waiting(live) and time.monotonic() < deadline and fuser.poll() is None:
+            time.sleep(0.1)
+    finally:
+        fuser.send_signal(signal.SIGINT)
+        out, _ = fuser.communicate(timeout=60)
+    assert _waiting(live) == 0, out
+    assert "6 answers fused" in out
+    _counted_equals_stored(live)

@@ -182,12 +182,16 @@ def fuse_pending(factory: sessionmaker[Session], settings: Settings, *, limit: i
 
 
 class Fuser:
-    """Fuses waiting answers in a background thread of the server: woken by each submission
-    (``wake``), and every ``settings.fusion_interval_s`` anyway (answers left by a crash, or by
-    another worker process)."""
+    """Fuses waiting answers in a background thread: of the server, woken by each submission
+    (``wake``) and every ``settings.fusion_interval_s`` anyway (answers left by a crash, or by
+    another worker process); or of `tessera fuse`, polling every ``poll_s``."""
 
-    def __init__(self, settings: Settings, factory: sessionmaker[Session]) -> None:
+    def __init__(
+        self, settings: Settings, factory: sessionmaker[Session], poll_s: float | None = None
+    ) -> None:
         self.settings, self.factory = settings, factory
+        self.poll_s = settings.fusion_interval_s if poll_s is None else poll_s
+        self.fused = 0
         self.stop, self.event = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self._loop, name="fuser", daemon=True)
 
@@ -196,14 +200,14 @@ class Fuser:
 
     def _loop(self) -> None:
         while not self.stop.is_set():
-            if self.event.wait(self.settings.fusion_interval_s):
+            if self.event.wait(self.poll_s):
                 # Let answers gather for a moment: a batch settles each target once however
                 # many of its answers it holds, and each transaction has a fixed cost.
                 self.stop.wait(GATHER_S)
             self.event.clear()
             try:
-                while not self.stop.is_set() and fuse_pending(self.factory, self.settings):
-                    pass
+                while not self.stop.is_set() and (n := fuse_pending(self.factory, self.settings)):
+                    self.fused += n
             except Exception:  # keep serving; the next round tries again
                 log.exception("fusing answers failed")
 

@@ -353,16 +353,19 @@ def settle_targets(
 def lock_targets(session: Session, *, target_ids: Iterable[int]) -> list[Target]:
     """Hold these targets' rows until the transaction ends, re-read once the lock is held.
 
-    One writer per target at a time: two submissions on one target would otherwise both count
+    One writer per target at a time: two fusers on one target would otherwise both count
     their cells' votes without the other's, or both open the same finer window (PostgreSQL;
     SQLite has one writer anyway). Locks are taken in id order, so writers never deadlock.
+    ``FOR NO KEY UPDATE``, not ``FOR UPDATE``: a request that writes a row pointing at the
+    target (a window's lease) takes the key-share lock of its foreign-key check, and must not
+    wait for the fuser while the fuser waits for that row (a deadlock, measured under load).
     """
     return list(
         session.scalars(
             select(Target)
             .where(Target.id.in_(sorted(set(target_ids))))
             .order_by(Target.id)
-            .with_for_update()
+            .with_for_update(key_share=True)
             .execution_options(populate_existing=True)
         )
     )
