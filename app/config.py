@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     # "inline" fuses each in its request (slower; simulations that must replay exactly).
     fusion: Literal["background", "external", "inline"] = "background"
     fusion_interval_s: float = Field(default=1.0, gt=0)
+    # When the oldest answer waiting for the fuser is older than this, a request fuses its own
+    # answer itself: under overload answers slow down instead of the consensus falling behind.
+    fusion_max_lag_s: float = Field(default=0.5, gt=0)
 
     # uvicorn's line per request; off under heavy load (metrics count requests anyway).
     access_log: bool = True

@@ -179,7 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     engine = engine_for(settings)
     write_factory = make_session_factory(engine, writer=True)
 
-    fuser = Fuser(settings, write_factory)
+    fuser = Fuser(settings, write_factory, reader=make_session_factory(engine))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

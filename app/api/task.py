@@ -216,7 +216,7 @@ def post_answer(
         read.task, read.message = offer.task, offer.message
     session.commit()
     if read.submission is not None:
-        fuser.wake()
+        fuser.answered()
     return read
 
 
@@ -335,7 +335,7 @@ def post_submission(
         elapsed_ms=body.elapsed_ms,
     )
     session.commit()
-    fuser.wake()
+    fuser.answered()
     return SubmissionRead.model_validate(result)
 
 

@@ -10,11 +10,13 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from app.main import create_app
 from app.models import Cell, CellStatus, Consensus, Credibility, Task, TaskState, TaskTile, Vote
+from app.services.crowd import fuser as fuser_module
 from app.services.crowd.fuser import fuse_pending
 from ml.aggregation.simulate import PROFILES
 from tests.app.conftest import Live
@@ -96,7 +98,7 @@ def test_answers_are_acknowledged_at_once_and_fused_in_the_background(live: Live
 
 def test_a_crash_before_fusion_loses_nothing_and_nothing_is_fused_twice(live: Live) -> None:
     # Stored but never fused: the answers of a server that died before its fuser ran.
-    settings = live.settings.model_copy(update={"fusion": "background"})
+    settings = live.settings.model_copy(update={"fusion": "background", "fusion_max_lag_s": 3600.0})
     app = create_app(settings)  # no lifespan: no fuser
     crowd = [
         SimulatedVolunteer(
@@ -139,7 +141,7 @@ def test_a_crash_before_fusion_loses_nothing_and_nothing_is_fused_twice(live: Li
 
 def test_tessera_fuse_folds_in_what_external_fusion_servers_store(live: Live) -> None:
     # Web workers with fusion "external" store answers and fuse nothing ...
-    settings = live.settings.model_copy(update={"fusion": "external"})
+    settings = live.settings.model_copy(update={"fusion": "external", "fusion_max_lag_s": 3600.0})
     app = create_app(settings)
     with TestClient(app):
         volunteer = SimulatedVolunteer(
@@ -174,3 +176,24 @@ def test_tessera_fuse_folds_in_what_external_fusion_servers_store(live: Live) ->
     assert _waiting(live) == 0, out
     assert "6 answers fused" in out
     _counted_equals_stored(live)
+
+
+def test_requests_are_held_while_the_fuser_is_behind(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fuser_module, "PAUSE_MAX_S", 0.6)
+    settings = live.settings.model_copy(update={"fusion": "external", "fusion_max_lag_s": 0.3})
+    app = create_app(settings)  # and no fuser runs at all: the worst case of falling behind
+    volunteer = SimulatedVolunteer(
+        TestClient(app), PROFILES["diligent"], np.random.default_rng(0), live.truths
+    )
+    start = time.monotonic()
+    assert volunteer.step(SLUG) is not None
+    assert time.monotonic() - start < 0.3  # nobody waits yet
+    time.sleep(0.4)  # the first answer now waits longer than the lag allowed
+    start = time.monotonic()
+    late = volunteer.step(SLUG)
+    assert time.monotonic() - start >= 0.6  # held (the answer itself stored all the same)
+    assert late is not None and late["votes"] == 9 and live.count(Vote) == 18
+    assert _waiting(live) == 2
+    app.state.engine.dispose()

@@ -10,21 +10,25 @@ and no task is fused twice (PostgreSQL: ``SKIP LOCKED`` on the tasks; SQLite: on
 
 ``fusion = "inline"`` (``app.config.Settings``) fuses each task as it is taken, in the request's
 own transaction: simulated campaigns that must replay the same run, and a single-user project.
+A request is held once its answer is stored while the fuser is behind (an answer has waited
+longer than ``fusion_max_lag_s``, ``pause_while_behind``): under overload the volunteers slow
+down, the consensus does not fall behind.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.db import utcnow
+from app.db import as_utc, utcnow
 from app.models import Cell, Project, Task, TaskState, TaskTile, Vote
 from app.services.consensus import (
     COUNT_COLUMNS,
@@ -151,6 +155,35 @@ def fuse_tasks(
     )
 
 
+def lag_s(session: Session) -> float:
+    """How long the oldest answer still waiting for a fuser has waited (0 if none)."""
+    oldest = session.scalar(
+        select(func.min(Task.submitted_at)).where(
+            Task.fused_at.is_(None), Task.state == TaskState.SUBMITTED
+        )
+    )
+    return 0.0 if oldest is None else (utcnow() - as_utc(oldest)).total_seconds()
+
+
+PAUSE_STEP_S, PAUSE_MAX_S = 0.05, 2.0
+
+
+def pause_while_behind(factory: sessionmaker[Session], settings: Settings) -> float:
+    """Backpressure: hold a request whose answer is stored (committed) while the fuser is more
+    than ``settings.fusion_max_lag_s`` behind, up to ``PAUSE_MAX_S``. An overloaded server then
+    slows its volunteers down instead of letting the consensus fall behind; nothing is locked
+    meanwhile (a request that fused its own answer would wait for the fuser's locks). Returns
+    the seconds paused."""
+    paused = 0.0
+    while paused < PAUSE_MAX_S:
+        with factory() as session:
+            if lag_s(session) <= settings.fusion_max_lag_s:
+                break
+        time.sleep(PAUSE_STEP_S)
+        paused += PAUSE_STEP_S
+    return paused
+
+
 def pending(session: Session, *, limit: int = BATCH) -> list[Task]:
     """Submitted tasks not fused yet, oldest first, locked against another fuser."""
     return list(
@@ -187,9 +220,14 @@ class Fuser:
     another worker process); or of `tessera fuse`, polling every ``poll_s``."""
 
     def __init__(
-        self, settings: Settings, factory: sessionmaker[Session], poll_s: float | None = None
+        self,
+        settings: Settings,
+        factory: sessionmaker[Session],
+        poll_s: float | None = None,
+        reader: sessionmaker[Session] | None = None,
     ) -> None:
         self.settings, self.factory = settings, factory
+        self.reader = reader or factory  # for looking at the lag (no writer's turn on SQLite)
         self.poll_s = settings.fusion_interval_s if poll_s is None else poll_s
         self.fused = 0
         self.stop, self.event = threading.Event(), threading.Event()
@@ -197,6 +235,14 @@ class Fuser:
 
     def wake(self) -> None:
         self.event.set()
+
+    def answered(self) -> None:
+        """After a request's answer is committed: wake this process's fuser (if it fuses here)
+        and hold the request while the fusers are behind (``pause_while_behind``)."""
+        if self.settings.fusion == "inline":
+            return
+        self.wake()
+        pause_while_behind(self.reader, self.settings)
 
     def _loop(self) -> None:
         while not self.stop.is_set():
