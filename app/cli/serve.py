@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from typing import Annotated
 
 import typer
@@ -80,16 +82,17 @@ def fuse(
 
     settings = load_settings()
     fuser = Fuser(settings, make_session_factory(ready_engine(settings), writer=True), poll)
+    stop = threading.Event()
+    # Ctrl+C, and SIGTERM from a service manager, end it after the batch under way (set here:
+    # a process started in the background inherits SIGINT ignored).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     console.print(f"Fusing answers (a look every {poll:g} s; Ctrl+C stops)")
     fuser.thread.start()
-    try:
-        while fuser.thread.is_alive():
-            fuser.thread.join(timeout=1.0)
-    except KeyboardInterrupt:
+    while fuser.thread.is_alive() and not stop.wait(1.0):
         pass
-    finally:
-        fuser.close()
-        console.print(f"{fuser.fused} answers fused")
+    fuser.close()
+    console.print(f"{fuser.fused} answers fused")
 
 
 def build_demo(settings: Settings, *, seed: int, n_images: int) -> ImportReport | None:

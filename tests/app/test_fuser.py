@@ -171,7 +171,7 @@ def test_tessera_fuse_folds_in_what_external_fusion_servers_store(live: Live) ->
         while _waiting(live) and time.monotonic() < deadline and fuser.poll() is None:
             time.sleep(0.1)
     finally:
-        fuser.send_signal(signal.SIGINT)
+        fuser.send_signal(signal.SIGTERM)  # as a service manager stops it
         out, _ = fuser.communicate(timeout=60)
     assert _waiting(live) == 0, out
     assert "6 answers fused" in out
