@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 200  # tasks per fusion transaction
 GATHER_S = 0.2  # how long a woken fuser waits for more answers (well under a second of lag)
+WAITING = (Task.fused_at.is_(None), Task.state == TaskState.SUBMITTED)  # the fuser's queue
 
 
 @dataclass
@@ -157,11 +158,7 @@ def fuse_tasks(
 
 def lag_s(session: Session) -> float:
     """How long the oldest answer still waiting for a fuser has waited (0 if none)."""
-    oldest = session.scalar(
-        select(func.min(Task.submitted_at)).where(
-            Task.fused_at.is_(None), Task.state == TaskState.SUBMITTED
-        )
-    )
+    oldest = session.scalar(select(func.min(Task.submitted_at)).where(*WAITING))
     return 0.0 if oldest is None else (utcnow() - as_utc(oldest)).total_seconds()
 
 
@@ -184,12 +181,12 @@ def pause_while_behind(factory: sessionmaker[Session], settings: Settings) -> fl
     return paused
 
 
-def pending(session: Session, *, limit: int = BATCH) -> list[Task]:
-    """Submitted tasks not fused yet, oldest first, locked against another fuser."""
+def pending(session: Session, *, project_id: int, limit: int = BATCH) -> list[Task]:
+    """A project's submitted tasks not fused yet, oldest first, locked against another fuser."""
     return list(
         session.scalars(
             select(Task)
-            .where(Task.fused_at.is_(None), Task.state == TaskState.SUBMITTED)
+            .where(*WAITING, Task.project_id == project_id)
             .order_by(Task.id)
             .limit(limit)
             .with_for_update(skip_locked=True)
@@ -199,17 +196,17 @@ def pending(session: Session, *, limit: int = BATCH) -> list[Task]:
 
 
 def fuse_pending(factory: sessionmaker[Session], settings: Settings, *, limit: int = BATCH) -> int:
-    """Fuse one batch of waiting tasks, project by project, in one transaction. Returns how many
-    tasks were fused (0: nothing waits)."""
+    """Fuse one batch of waiting tasks, of the project whose answer has waited longest, in one
+    transaction (one project at a time: each batch locks its targets in id order, so two
+    fusers never deadlock). Returns how many tasks were fused (0: nothing waits)."""
     with factory() as session:
-        tasks = pending(session, limit=limit)
-        by_project: dict[int, list[Task]] = defaultdict(list)
-        for task in tasks:
-            by_project[task.project_id].append(task)
-        for project_id, batch in sorted(by_project.items()):
-            project = session.get(Project, project_id)
-            assert project is not None
-            fuse_tasks(session, settings=settings, project=project, tasks=batch)
+        project_id = session.scalar(select(Task.project_id).where(*WAITING).order_by(Task.id))
+        if project_id is None:
+            return 0
+        tasks = pending(session, project_id=project_id, limit=limit)
+        project = session.get(Project, project_id)
+        assert project is not None
+        fuse_tasks(session, settings=settings, project=project, tasks=tasks)
         session.commit()
     return len(tasks)
 
