@@ -192,7 +192,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         timer.stop.set()
         if fuser.thread.is_alive():
-            await asyncio.to_thread(fuser.close)  # finishes the batch under way
+            await asyncio.to_thread(fuser.close, drain=True)  # nothing left waiting
 
     app = FastAPI(
         lifespan=lifespan,

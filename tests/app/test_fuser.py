@@ -197,3 +197,20 @@ def test_requests_are_held_while_the_fuser_is_behind(
     assert late is not None and late["votes"] == 9 and live.count(Vote) == 18
     assert _waiting(live) == 2
     app.state.engine.dispose()
+
+
+def test_a_server_stopped_gracefully_leaves_no_answer_waiting(live: Live) -> None:
+    settings = live.settings.model_copy(update={"fusion": "background"})
+    app = create_app(settings)
+    with TestClient(app):
+        volunteer = SimulatedVolunteer(
+            TestClient(app), PROFILES["diligent"], np.random.default_rng(0), live.truths
+        )
+        for _ in range(3):
+            volunteer.step(SLUG)
+        # The fuser gathers answers for a moment once woken: these still wait as it stops ...
+        assert _waiting(live) > 0
+    # ... and the shutdown fused them.
+    assert _waiting(live) == 0
+    app.state.engine.dispose()
+    _counted_equals_stored(live)

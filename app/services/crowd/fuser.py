@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 BATCH = 200  # tasks per fusion transaction
 GATHER_S = 0.2  # how long a woken fuser waits for more answers (well under a second of lag)
 WAITING = (Task.fused_at.is_(None), Task.state == TaskState.SUBMITTED)  # the fuser's queue
+DRAIN_S = 20.0  # at most this long fusing what waits when the server stops
 
 
 @dataclass
@@ -254,7 +255,18 @@ class Fuser:
             except Exception:  # keep serving; the next round tries again
                 log.exception("fusing answers failed")
 
-    def close(self) -> None:
+    def close(self, *, drain: bool = False) -> None:
+        """Stop after the batch under way; with ``drain``, fuse what still waits first (a server
+        stopped gracefully leaves no answer waiting; `kill -9` leaves them to the next fuser)."""
         self.stop.set()
         self.event.set()
-        self.thread.join(timeout=30)
+        if self.thread.ident is not None:  # started
+            self.thread.join(timeout=30)
+        deadline = time.monotonic() + DRAIN_S
+        while drain and time.monotonic() < deadline:
+            try:
+                if not fuse_pending(self.factory, self.settings):
+                    break
+            except Exception:  # the next fuser takes them
+                log.exception("fusing the waiting answers at shutdown failed")
+                break
