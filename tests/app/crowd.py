@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import Connection, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.models import Cell, Image, Project, Target, TaskTile
+from app.models import Cell, Consensus, Image, Project, Target, TaskTile, Vote
 from app.services.crowd.opening import load_truth
 from app.services.project import square_cells
 from ml.aggregation import grid
@@ -108,3 +108,22 @@ class SimulatedVolunteer:
     def step(self, slug: str, **params: str) -> dict[str, Any] | None:
         task = self.next_task(slug, **params)
         return None if task is None else self.answer(slug, task)
+
+
+def stored_and_counted(db: Session | Connection) -> tuple[dict[int, int], dict[int, int]]:
+    """Per voted unknown cell, the votes stored on it and the votes its consensus counts: equal
+    once every answer is fused, each exactly once."""
+    unknown = select(TaskTile.cell_id).where(TaskTile.known.is_(False))
+    votes = dict(
+        db.execute(
+            select(Vote.cell_id, func.count())
+            .where(Vote.cell_id.in_(unknown))
+            .group_by(Vote.cell_id)
+        ).all()
+    )
+    counted = dict(
+        db.execute(
+            select(Consensus.cell_id, Consensus.n_votes).where(Consensus.cell_id.in_(votes))
+        ).all()
+    )
+    return votes, counted

@@ -16,8 +16,9 @@ import httpx
 from sqlalchemy import Select, func, select
 
 from app.db import make_engine
-from app.models import Consensus, Image, Project, Task, TaskState, TaskTile, Vote
+from app.models import Image, Project, Task, TaskState, Vote
 from tests.app.browser import UNLIMITED, _tessera, demo_env, serve, tessera_env
+from tests.app.crowd import stored_and_counted
 from tests.builders import files_under, write_image
 
 TESSERA = [sys.executable, "-m", "app.cli"]
@@ -146,20 +147,8 @@ def test_a_server_killed_in_a_storm_of_submissions_keeps_every_acknowledged_vote
             Task.state == TaskState.SUBMITTED, Task.fused_at.is_(None)
         )
         assert _wait_for(fresh_database_url, waiting, 0, timeout_s=60)
-    unknown = select(TaskTile.cell_id).where(TaskTile.known.is_(False))
     with engine.connect() as conn:
-        votes = dict(
-            conn.execute(
-                select(Vote.cell_id, func.count())
-                .where(Vote.cell_id.in_(unknown))
-                .group_by(Vote.cell_id)
-            ).all()
-        )
-        counted = dict(
-            conn.execute(
-                select(Consensus.cell_id, Consensus.n_votes).where(Consensus.cell_id.in_(votes))
-            ).all()
-        )
+        votes, counted = stored_and_counted(conn)
     engine.dispose()
     assert counted == votes
 

@@ -15,32 +15,20 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from app.main import create_app
-from app.models import Cell, CellStatus, Consensus, Credibility, Task, TaskState, TaskTile, Vote
+from app.models import Cell, CellStatus, Consensus, Credibility, Task, TaskState, Vote
 from app.services.crowd import fuser as fuser_module
 from app.services.crowd.fuser import fuse_pending
 from ml.aggregation.simulate import PROFILES
 from tests.app.conftest import Live
-from tests.app.crowd import SimulatedVolunteer
+from tests.app.crowd import SimulatedVolunteer, stored_and_counted
 
 SLUG = "demo"
 
 
 def _counted_equals_stored(live: Live) -> None:
     """Every voted unknown cell's consensus counts exactly the votes stored on it."""
-    unknown = select(TaskTile.cell_id).where(TaskTile.known.is_(False))
     with live.factory() as session:
-        votes = dict(
-            session.execute(
-                select(Vote.cell_id, func.count())
-                .where(Vote.cell_id.in_(unknown))
-                .group_by(Vote.cell_id)
-            ).all()
-        )
-        counted = dict(
-            session.execute(
-                select(Consensus.cell_id, Consensus.n_votes).where(Consensus.cell_id.in_(votes))
-            ).all()
-        )
+        votes, counted = stored_and_counted(session)
     assert votes and counted == votes
 
 
