@@ -5,6 +5,8 @@ from __future__ import annotations
 import hmac
 import secrets
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from typing import Annotated, TypeVar
 
 from fastapi import Cookie, Depends, Path, Request, Response
@@ -35,12 +37,12 @@ ResponseT = TypeVar("ResponseT", bound=Response)
 COOKIE_MAX_AGE_S = 400 * 24 * 3600  # browsers cap cookies at about 400 days
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_signer(request: Request) -> Signer:
+async def get_signer(request: Request) -> Signer:
     signer: Signer = request.app.state.signer
     return signer
 
@@ -52,6 +54,9 @@ def _session(factory: sessionmaker[Session]) -> Iterator[Session]:
     finally:
         session.rollback()  # handlers commit once; anything uncommitted is dropped
         session.close()
+
+
+unit_of_work = contextmanager(_session)
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -69,7 +74,7 @@ def get_write_session(request: Request) -> Iterator[Session]:
 RowId = Annotated[int, Path(ge=1, le=2**31 - 1, description="a row id")]
 
 
-def get_fuser(request: Request) -> Fuser:
+async def get_fuser(request: Request) -> Fuser:
     fuser: Fuser = request.app.state.fuser
     return fuser
 
@@ -93,22 +98,28 @@ def current_volunteer(
         session, public_id=signer.read_volunteer_cookie(cookie)
     )
     if created:
-        settings: Settings = request.app.state.settings
-        response.set_cookie(
-            VOLUNTEER_COOKIE,
-            signer.volunteer_cookie(volunteer.public_id),
-            max_age=COOKIE_MAX_AGE_S,
-            httponly=True,
-            samesite="lax",
-            secure=settings.environment == "production",
-        )
+        _set_volunteer_cookie(request, response, signer, volunteer)
     return volunteer
+
+
+def _set_volunteer_cookie(
+    request: Request, response: Response, signer: Signer, volunteer: Volunteer
+) -> None:
+    settings: Settings = request.app.state.settings
+    response.set_cookie(
+        VOLUNTEER_COOKIE,
+        signer.volunteer_cookie(volunteer.public_id),
+        max_age=COOKIE_MAX_AGE_S,
+        httponly=True,
+        samesite="lax",
+        secure=settings.environment == "production",
+    )
 
 
 VolunteerDep = Annotated[Volunteer, Depends(current_volunteer)]
 
 
-def limit_address(request: Request) -> None:
+async def limit_address(request: Request) -> None:
     """Count a task request against its client address (before any volunteer is made)."""
     limiter: RateLimiter = request.app.state.address_limiter
     limiter.hit(request.client.host if request.client else "unknown")
@@ -121,6 +132,52 @@ def limited_volunteer(request: Request, volunteer: VolunteerDep) -> Volunteer:
     return volunteer
 
 
+@dataclass(frozen=True)
+class TaskCaller:
+    """A volunteer's task request, as far as it is known without the database: resolved on the
+    event loop (no threadpool hop), its address and cookie already counted against their rate
+    limits. The handler then does all of its database work in one hop (``unit``): the
+    volunteer is looked up (or made) in the request's own transaction, so that on SQLite the
+    writer's turn is held for one stretch of work, not across the framework's hops."""
+
+    request: Request
+    response: Response
+    settings: Settings
+    signer: Signer
+    fuser: Fuser
+    public_id: str | None  # the cookie's identity, when it carries a valid one
+
+    def unit(self) -> AbstractContextManager[Session]:
+        """A write session for the request's one transaction (uncommitted work is dropped)."""
+        return unit_of_work(self.request.app.state.write_session_factory)
+
+    def volunteer(self, session: Session) -> Volunteer:
+        """The caller's volunteer; a first visit gets a new anonymous identity (and its cookie,
+        and its first count against the volunteer limit)."""
+        volunteer, created = get_or_create_volunteer(session, public_id=self.public_id)
+        if created:
+            _set_volunteer_cookie(self.request, self.response, self.signer, volunteer)
+            self.request.app.state.volunteer_limiter.hit(volunteer.public_id)
+        return volunteer
+
+
+async def task_caller(
+    request: Request,
+    response: Response,
+    settings: SettingsDep,
+    signer: SignerDep,
+    fuser: FuserDep,
+    cookie: Annotated[str | None, Cookie(alias=VOLUNTEER_COOKIE)] = None,
+) -> TaskCaller:
+    await limit_address(request)
+    public_id = signer.read_volunteer_cookie(cookie)
+    if public_id is not None:
+        limiter: RateLimiter = request.app.state.volunteer_limiter
+        limiter.hit(public_id)
+    return TaskCaller(request, response, settings, signer, fuser, public_id)
+
+
+TaskCallerDep = Annotated[TaskCaller, Depends(task_caller)]
 AddressLimited = Depends(limit_address)
 LimitedVolunteerDep = Annotated[Volunteer, Depends(limited_volunteer)]
 

@@ -7,17 +7,17 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
 from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.deps import (
-    AddressLimited,
-    FuserDep,
     KnownVolunteerDep,
-    LimitedVolunteerDep,
     RowId,
     SessionDep,
     SettingsDep,
     SignerDep,
-    WriteSessionDep,
+    TaskCaller,
+    TaskCallerDep,
 )
 from app.models import Cell, Image, Project, Target, Task, TaskKind, TaskTile, Volunteer, Window
 from app.schemas.task import (
@@ -133,22 +133,25 @@ def _context_window(session: SessionDep, task: Task) -> Window | None:
 
 @router.get(
     "/projects/{slug}/tasks/next",
-    dependencies=[AddressLimited],
     response_model=TaskOffer,
     summary="Lease the most valuable task for the current volunteer",
     responses={404: ERRORS[404], 403: ERRORS[403]},
 )
-def get_next_task(
+async def get_next_task(
     slug: str,
-    session: WriteSessionDep,
-    signer: SignerDep,
-    volunteer: LimitedVolunteerDep,
+    caller: TaskCallerDep,
     tag: Annotated[str | None, Query(description="only this tag (name or alias)")] = None,
     kind: Annotated[Literal["auto", "window", "mosaic"], Query()] = "auto",
 ) -> TaskOffer:
-    offer = _lease_next(session, signer, get_project(session, slug=slug), volunteer, tag, kind)
-    session.commit()
-    return offer
+    def lease() -> TaskOffer:
+        with caller.unit() as session:
+            volunteer = caller.volunteer(session)
+            project = get_project(session, slug=slug)
+            offer = _lease_next(session, caller.signer, project, volunteer, tag, kind)
+            session.commit()
+            return offer
+
+    return await run_in_threadpool(lease)
 
 
 NOTHING_LEFT = "Nothing left to ask right now. Thank you!"
@@ -178,46 +181,61 @@ def _lease_next(
 
 @router.post(
     "/projects/{slug}/tasks/answer",
-    dependencies=[AddressLimited],
     response_model=AnswerRead,
     summary="One request per grid: submit (or skip) the task in hand and lease the next",
     responses=ERRORS,
 )
-def post_answer(
-    slug: str,
-    body: AnswerCreate,
-    session: WriteSessionDep,
-    settings: SettingsDep,
-    signer: SignerDep,
-    volunteer: LimitedVolunteerDep,
-    fuser: FuserDep,
-) -> AnswerRead:
+async def post_answer(slug: str, body: AnswerCreate, caller: TaskCallerDep) -> AnswerRead:
     """The answer and the next lease in one transaction: acknowledged once both are committed.
     A refused answer (expired, not this volunteer's, malformed) fails the whole request and
     leases nothing."""
-    project = get_project(session, slug=slug)
-    read = AnswerRead()
-    if body.submit is not None:
-        result = submit(
-            session,
-            settings=settings,
-            signer=signer,
-            project=project,
-            volunteer=volunteer,
-            token=body.submit.token,
-            selected=body.submit.selected,
-            elapsed_ms=body.submit.elapsed_ms,
-        )
-        read.submission = SubmissionRead.model_validate(result)
-    elif body.skip is not None:
-        skip(session, signer=signer, project=project, volunteer=volunteer, token=body.skip.token)
-    if body.next:
-        offer = _lease_next(session, signer, project, volunteer, body.tag, body.kind)
-        read.task, read.message = offer.task, offer.message
-    session.commit()
+
+    def answer() -> AnswerRead:
+        with caller.unit() as session:
+            volunteer = caller.volunteer(session)
+            project = get_project(session, slug=slug)
+            read = AnswerRead()
+            if body.submit is not None:
+                read.submission = _submit(session, caller, project, volunteer, body.submit)
+            elif body.skip is not None:
+                skip(
+                    session,
+                    signer=caller.signer,
+                    project=project,
+                    volunteer=volunteer,
+                    token=body.skip.token,
+                )
+            if body.next:
+                offer = _lease_next(session, caller.signer, project, volunteer, body.tag, body.kind)
+                read.task, read.message = offer.task, offer.message
+            session.commit()
+            return read
+
+    read = await run_in_threadpool(answer)
     if read.submission is not None:
-        fuser.answered()
+        await caller.fuser.answered_async()
     return read
+
+
+def _submit(
+    session: Session,
+    caller: TaskCaller,
+    project: Project,
+    volunteer: Volunteer,
+    body: SubmissionCreate,
+) -> SubmissionRead:
+    """Store one task's answers (flushed, not committed)."""
+    result = submit(
+        session,
+        settings=caller.settings,
+        signer=caller.signer,
+        project=project,
+        volunteer=volunteer,
+        token=body.token,
+        selected=body.selected,
+        elapsed_ms=body.elapsed_ms,
+    )
+    return SubmissionRead.model_validate(result)
 
 
 @router.get(
@@ -310,49 +328,43 @@ def get_context(
 
 @router.post(
     "/projects/{slug}/tasks/submit",
-    dependencies=[AddressLimited],
     response_model=SubmissionRead,
     summary="Submit the squares the volunteer selected (idempotent per token)",
     responses=ERRORS,
 )
-def post_submission(
-    slug: str,
-    body: SubmissionCreate,
-    session: WriteSessionDep,
-    settings: SettingsDep,
-    signer: SignerDep,
-    volunteer: LimitedVolunteerDep,
-    fuser: FuserDep,
+async def post_submission(
+    slug: str, body: SubmissionCreate, caller: TaskCallerDep
 ) -> SubmissionRead:
-    result = submit(
-        session,
-        settings=settings,
-        signer=signer,
-        project=get_project(session, slug=slug),
-        volunteer=volunteer,
-        token=body.token,
-        selected=body.selected,
-        elapsed_ms=body.elapsed_ms,
-    )
-    session.commit()
-    fuser.answered()
-    return SubmissionRead.model_validate(result)
+    def store() -> SubmissionRead:
+        with caller.unit() as session:
+            volunteer = caller.volunteer(session)
+            read = _submit(session, caller, get_project(session, slug=slug), volunteer, body)
+            session.commit()
+            return read
+
+    read = await run_in_threadpool(store)
+    await caller.fuser.answered_async()
+    return read
 
 
 @router.post(
     "/projects/{slug}/tasks/skip",
-    dependencies=[AddressLimited],
     status_code=204,
     summary="Give a task back unanswered",
     responses=ERRORS,
 )
-def post_skip(
-    slug: str,
-    body: SkipCreate,
-    session: WriteSessionDep,
-    signer: SignerDep,
-    volunteer: LimitedVolunteerDep,
-) -> None:
-    project = get_project(session, slug=slug)
-    skip(session, signer=signer, project=project, volunteer=volunteer, token=body.token)
-    session.commit()
+async def post_skip(slug: str, body: SkipCreate, caller: TaskCallerDep) -> None:
+    def give_back() -> None:
+        with caller.unit() as session:
+            volunteer = caller.volunteer(session)
+            project = get_project(session, slug=slug)
+            skip(
+                session,
+                signer=caller.signer,
+                project=project,
+                volunteer=volunteer,
+                token=body.token,
+            )
+            session.commit()
+
+    await run_in_threadpool(give_back)

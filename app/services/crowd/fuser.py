@@ -17,6 +17,7 @@ down, the consensus does not fall behind.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -166,18 +167,55 @@ def lag_s(session: Session) -> float:
 PAUSE_STEP_S, PAUSE_MAX_S = 0.05, 2.0
 
 
-def pause_while_behind(factory: sessionmaker[Session], settings: Settings) -> float:
+class LagProbe:
+    """The fusers' lag (``lag_s``) as this process last read it: read at most once per
+    ``PAUSE_STEP_S`` however many requests are being held, by whichever asks first once it is
+    stale (one query where each held request used to ask every step)."""
+
+    def __init__(self, factory: sessionmaker[Session], every_s: float = PAUSE_STEP_S) -> None:
+        self.factory, self.every_s = factory, every_s
+        self._lock = threading.Lock()
+        self._lag, self._at = 0.0, -float("inf")
+
+    def fresh(self) -> float | None:
+        """The lag last read, if it is recent enough; None when it needs reading again."""
+        return self._lag if time.monotonic() - self._at < self.every_s else None
+
+    def read(self) -> float:
+        """The lag, read from the database unless another caller has just read it."""
+        with self._lock:
+            if (lag := self.fresh()) is not None:
+                return lag
+            with self.factory() as session:
+                self._lag = lag_s(session)
+            self._at = time.monotonic()
+            return self._lag
+
+
+def pause_while_behind(probe: LagProbe, settings: Settings) -> float:
     """Backpressure: hold a request whose answer is stored (committed) while the fuser is more
     than ``settings.fusion_max_lag_s`` behind, up to ``PAUSE_MAX_S``. An overloaded server then
     slows its volunteers down instead of letting the consensus fall behind; nothing is locked
     meanwhile (a request that fused its own answer would wait for the fuser's locks). Returns
     the seconds paused."""
     paused = 0.0
-    while paused < PAUSE_MAX_S:
-        with factory() as session:
-            if lag_s(session) <= settings.fusion_max_lag_s:
-                break
+    while paused < PAUSE_MAX_S and probe.read() > settings.fusion_max_lag_s:
         time.sleep(PAUSE_STEP_S)
+        paused += PAUSE_STEP_S
+    return paused
+
+
+async def pause_while_behind_async(probe: LagProbe, settings: Settings) -> float:
+    """``pause_while_behind`` on the event loop: a held request holds no worker thread, and
+    reads the lag in a thread only when the probe's reading is stale."""
+    paused = 0.0
+    while paused < PAUSE_MAX_S:
+        lag = probe.fresh()
+        if lag is None:
+            lag = await asyncio.to_thread(probe.read)
+        if lag <= settings.fusion_max_lag_s:
+            break
+        await asyncio.sleep(PAUSE_STEP_S)
         paused += PAUSE_STEP_S
     return paused
 
@@ -225,7 +263,8 @@ class Fuser:
         reader: sessionmaker[Session] | None = None,
     ) -> None:
         self.settings, self.factory = settings, factory
-        self.reader = reader or factory  # for looking at the lag (no writer's turn on SQLite)
+        # The lag is read through its own sessions (no writer's turn on SQLite).
+        self.probe = LagProbe(reader or factory)
         self.poll_s = settings.fusion_interval_s if poll_s is None else poll_s
         self.fused = 0
         self.stop, self.event = threading.Event(), threading.Event()
@@ -240,7 +279,14 @@ class Fuser:
         if self.settings.fusion == "inline":
             return
         self.wake()
-        pause_while_behind(self.reader, self.settings)
+        pause_while_behind(self.probe, self.settings)
+
+    async def answered_async(self) -> None:
+        """``answered`` for a handler on the event loop."""
+        if self.settings.fusion == "inline":
+            return
+        self.wake()
+        await pause_while_behind_async(self.probe, self.settings)
 
     def _loop(self) -> None:
         while not self.stop.is_set():
