@@ -73,6 +73,7 @@ class CellVotes:
     cell: npt.NDArray[np.intp]  # index into the cells asked for
     worker: npt.NDArray[np.intp]  # index into counts
     label: npt.NDArray[np.int8]
+    task: npt.NDArray[np.int64]  # the task id each vote answered
     counts: WorkerCounts
     volunteers: list[int]  # volunteer id of each row of counts
 
@@ -98,7 +99,7 @@ def cell_votes(
     and of these tasks (the state as of fusing them, for scoring votes once)."""
     index = {c: i for i, c in enumerate(cell_ids)}
     query = (
-        select(Vote.cell_id, Vote.volunteer_id, Vote.label)
+        select(Vote.cell_id, Vote.volunteer_id, Vote.label, Vote.task_id)
         .join(Volunteer, Volunteer.id == Vote.volunteer_id)
         .where(Vote.cell_id.in_(index), Volunteer.banned.is_(False))
     )
@@ -107,12 +108,13 @@ def cell_votes(
             or_(Task.fused_at.is_not(None), Task.id.in_(list(fused_and)))
         )
     votes = session.execute(query).all()
-    volunteers = sorted({v for _, v, _ in votes})
+    volunteers = sorted({v for _, v, _, _ in votes})
     worker = {v: i for i, v in enumerate(volunteers)}
     return CellVotes(
-        cell=np.array([index[c] for c, _, _ in votes], dtype=np.intp),
-        worker=np.array([worker[v] for _, v, _ in votes], dtype=np.intp),
-        label=np.array([int(y) for _, _, y in votes], dtype=np.int8),
+        cell=np.array([index[c] for c, _, _, _ in votes], dtype=np.intp),
+        worker=np.array([worker[v] for _, v, _, _ in votes], dtype=np.intp),
+        label=np.array([int(y) for _, _, y, _ in votes], dtype=np.int8),
+        task=np.array([t for _, _, _, t in votes], dtype=np.int64),
         counts=worker_counts(session, volunteers),
         volunteers=volunteers,
     )
@@ -148,28 +150,49 @@ def refresh_cells(session: Session, *, cells: list[Cell]) -> Fresh:
     return Fresh(posterior, n_votes, votes.credible(len(cells)))
 
 
-def agreement_increments(
-    session: Session, *, cells: list[Cell], volunteer_id: int, fused_and: Collection[int]
-) -> dict[int, np.ndarray]:
-    """Credibility increments (soft counts, ``COUNT_COLUMNS`` order) from agreement, once
-    ``volunteer_id``'s votes on ``cells`` are fused (``ml.aggregation.credibility.
-    agreement_credit``): every vote of a cell that has just reached ``AGREEMENT_VOTES`` votes,
-    and this volunteer's votes on cells past it; each vote is thus scored once. Votes count as
-    of fusing them: those of fused tasks and of ``fused_and`` (the tasks fused so far in this
-    batch and the volunteer's), not those still waiting for the fuser."""
-    if not cells:
+@dataclass(frozen=True)
+class Fusing:
+    """One task as the fuser takes it: its volunteer and the unknown cells it answered."""
+
+    task_id: int
+    volunteer_id: int
+    cell_ids: list[int]
+
+
+def agreement_increments(session: Session, *, tasks: list[Fusing]) -> dict[int, np.ndarray]:
+    """Credibility increments (soft counts, ``COUNT_COLUMNS`` order) from agreement, for fusing
+    ``tasks`` in this order (``ml.aggregation.credibility.agreement_credit``): as each task is
+    fused, every vote of a cell that has just reached ``AGREEMENT_VOTES`` votes, and the task's
+    own votes on cells past it; each vote is thus scored once. Votes count as of fusing each
+    task: those of tasks fused before, of the tasks before it in ``tasks`` and its own, not
+    those still waiting for the fuser. Credibility is as stored (a batch adds its increments
+    once, after). One query for the whole batch."""
+    order = {t.task_id: i for i, t in enumerate(tasks)}
+    cell_ids = sorted({c for t in tasks for c in t.cell_ids})
+    if not cell_ids:
         return {}
-    votes = cell_votes(session, cell_ids=[c.id for c in cells], fused_and=fused_and)
-    if volunteer_id not in votes.volunteers:
-        return {}
-    n_votes = np.bincount(votes.cell, minlength=len(cells))[votes.cell]  # (n_votes,)
-    mine = votes.worker == votes.volunteers.index(volunteer_id)
-    credit = (n_votes == AGREEMENT_VOTES) | (mine & (n_votes > AGREEMENT_VOTES))
-    if not credit.any():
-        return {}
-    soft = agreement_credit(votes.cell, votes.worker, votes.label, credit, votes.counts)
-    gold = np.zeros((len(votes.volunteers), len(COUNT_COLUMNS) - soft.shape[1]))
-    rows = np.hstack([soft, gold])
+    votes = cell_votes(session, cell_ids=cell_ids, fused_and=order)
+    index = {c: i for i, c in enumerate(cell_ids)}
+    worker = {v: i for i, v in enumerate(votes.volunteers)}
+    rank = np.array([order.get(int(t), -1) for t in votes.task], dtype=np.int64)  # -1: fused
+    of_cell: list[list[int]] = [[] for _ in cell_ids]
+    for k, c in enumerate(votes.cell):
+        of_cell[c].append(k)
+    soft = np.zeros((len(votes.volunteers), 4))
+    for i, task in enumerate(tasks):
+        if task.volunteer_id not in worker:  # banned: their votes are not counted
+            continue
+        ks = np.array([k for c in task.cell_ids for k in of_cell[index[c]]], dtype=np.intp)
+        ks = ks[rank[ks] <= i] if ks.size else ks
+        if not ks.size:
+            continue
+        cell = votes.cell[ks]
+        n_votes = np.bincount(cell)[cell]
+        mine = votes.worker[ks] == worker[task.volunteer_id]
+        credit = (n_votes == AGREEMENT_VOTES) | (mine & (n_votes > AGREEMENT_VOTES))
+        if credit.any():
+            soft += agreement_credit(cell, votes.worker[ks], votes.label[ks], credit, votes.counts)
+    rows = np.hstack([soft, np.zeros((len(votes.volunteers), len(COUNT_COLUMNS) - 4))])
     return {v: rows[i] for i, v in enumerate(votes.volunteers) if rows[i].any()}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, timedelta
 
@@ -43,13 +44,25 @@ def get_or_create_volunteer(session: Session, *, public_id: str | None) -> tuple
 
 def credibility_of(session: Session, *, volunteer_id: int, category: str = "") -> Credibility:
     """The volunteer's credibility row (created empty: the prior alone)."""
-    row = session.scalar(
-        select(Credibility).where(
-            Credibility.volunteer_id == volunteer_id, Credibility.category == category
+    return credibility_rows(session, volunteer_ids=[volunteer_id], category=category)[volunteer_id]
+
+
+def credibility_rows(
+    session: Session, *, volunteer_ids: Iterable[int], category: str = ""
+) -> dict[int, Credibility]:
+    """These volunteers' credibility rows, in one query (those missing created empty: the prior
+    alone)."""
+    wanted = set(volunteer_ids)
+    rows = {
+        row.volunteer_id: row
+        for row in session.scalars(
+            select(Credibility).where(
+                Credibility.volunteer_id.in_(sorted(wanted)), Credibility.category == category
+            )
         )
-    )
-    if row is None:
-        row = Credibility(
+    }
+    missing = [
+        Credibility(
             volunteer_id=volunteer_id,
             category=category,
             pos_yes=0.0,
@@ -61,9 +74,13 @@ def credibility_of(session: Session, *, volunteer_id: int, category: str = "") -
             gold_tn=0,
             gold_fp=0,
         )
-        session.add(row)
+        for volunteer_id in sorted(wanted - set(rows))
+    ]
+    if missing:
+        session.add_all(missing)
         session.flush()
-    return row
+        rows.update((row.volunteer_id, row) for row in missing)
+    return rows
 
 
 def ban_volunteer(session: Session, *, volunteer: Volunteer, reason: str) -> None:

@@ -33,13 +33,14 @@ from app.db import as_utc, utcnow
 from app.models import Cell, Project, Task, TaskState, TaskTile, Vote
 from app.services.consensus import (
     COUNT_COLUMNS,
+    Fusing,
     agreement_increments,
     gold_labels,
     refresh_cells,
 )
 from app.services.crowd.retirement import retire_fresh
 from app.services.crowd.settle import lock_targets, revalue_windows, settle_targets
-from app.services.volunteer import credibility_of
+from app.services.volunteer import credibility_rows
 from ml.aggregation.credibility import gold_credit
 
 log = logging.getLogger(__name__)
@@ -63,10 +64,15 @@ def known_answers(
 ) -> list[tuple[int, int]]:
     """(answer, truth) of each known tile of a task (``(position, cell_id, known)`` tiles)."""
     known = gold_labels(session, cell_ids=[cell for _, cell, k in tiles if k])
+    return answers_on(known, tiles, selected)
+
+
+def answers_on(
+    gold: dict[int, bool], tiles: list[tuple[int, int, bool]], selected: set[int]
+) -> list[tuple[int, int]]:
+    """(answer, truth) of each tile on a cell of ``gold``."""
     return [
-        (int(position in selected), int(known[cell]))
-        for position, cell, _ in tiles
-        if cell in known
+        (int(position in selected), int(gold[cell])) for position, cell, _ in tiles if cell in gold
     ]
 
 
@@ -88,8 +94,9 @@ def _gold_increments(answers: list[tuple[int, int]]) -> np.ndarray:
 def _apply_credits(session: Session, credits: dict[int, np.ndarray]) -> None:
     """Add credibility increments, in volunteer order: concurrent writers that credit the same
     volunteers lock their rows in one order, and so never deadlock."""
+    rows = credibility_rows(session, volunteer_ids=credits)
     for volunteer_id in sorted(credits):
-        row = credibility_of(session, volunteer_id=volunteer_id)
+        row = rows[volunteer_id]
         for name, value in zip(COUNT_COLUMNS, credits[volunteer_id], strict=True):
             if value:
                 old = getattr(row, name)
@@ -124,16 +131,18 @@ def fuse_tasks(
     # Read once the targets are held: a concurrent writer's retirements are seen, not undone.
     cells = {c.id: c for c in session.scalars(of_cells.execution_options(populate_existing=True))}
     credits: dict[int, np.ndarray] = defaultdict(lambda: np.zeros(len(COUNT_COLUMNS)))
-    done: list[int] = []
-    for task in tasks:  # in order: the agreement of each counts the votes fused before it
-        done.append(task.id)
-        own = [cells[c] for _, c, known in tiles[task.id] if not known and c in cells]
-        for volunteer_id, inc in agreement_increments(
-            session, cells=own, volunteer_id=task.volunteer_id, fused_and=done
-        ).items():
-            credits[volunteer_id] += inc
-        answers = known_answers(session, tiles[task.id], selected[task.id])
-        credits[task.volunteer_id] += _gold_increments(answers)
+    # In task order: the agreement of each counts the votes fused before it.
+    fusing = [
+        Fusing(t.id, t.volunteer_id, [c for _, c, known in tiles[t.id] if not known and c in cells])
+        for t in tasks
+    ]
+    for volunteer_id, inc in agreement_increments(session, tasks=fusing).items():
+        credits[volunteer_id] += inc
+    gold = gold_labels(session, cell_ids=[c for ts in tiles.values() for _, c, k in ts if k])
+    for task in tasks:
+        credits[task.volunteer_id] += _gold_increments(
+            answers_on(gold, tiles[task.id], selected[task.id])
+        )
     _apply_credits(session, {v: c for v, c in credits.items() if c.any()})
     session.flush()
     fresh_cells = list(cells.values())
