@@ -36,10 +36,11 @@ COUNT_COLUMNS = COUNT_FIELDS  # Credibility's columns are WorkerCounts' fields
 
 def worker_counts(session: Session, volunteer_ids: list[int]) -> WorkerCounts:
     """The stored credibility counts of these volunteers, in their order (zeros if none)."""
+    columns = [getattr(Credibility, k) for k in COUNT_COLUMNS]
     rows = {
-        c.volunteer_id: [getattr(c, k) for k in COUNT_COLUMNS]
-        for c in session.scalars(
-            select(Credibility).where(
+        volunteer_id: list(counts)
+        for volunteer_id, *counts in session.execute(
+            select(Credibility.volunteer_id, *columns).where(
                 Credibility.volunteer_id.in_(volunteer_ids), Credibility.category == ""
             )
         )

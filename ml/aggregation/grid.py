@@ -122,8 +122,18 @@ def cell_rect(cell: Cell, height: int, width: int, *, square: bool = False) -> P
 def holds_pixels(cell: Cell, height: int, width: int, *, square: bool = False) -> bool:
     """Whether any pixel of the image is in ``cell`` (not so for a cell of the square frame's
     margin, nor for a cell finer than a pixel)."""
-    rect = cell_rect(cell, height, width, square=square)
-    return rect.height > 0 and rect.width > 0
+    check_cell(cell)
+    return bool(cells_hold_pixels([cell], height, width, square=square)[0])
+
+
+def cells_hold_pixels(
+    cells: Sequence[Cell], height: int, width: int, *, square: bool = False
+) -> BoolArray:
+    """``holds_pixels`` of each cell. Shape: ``(n_cells,)``."""
+    if not len(cells):
+        return np.zeros(0, dtype=bool)
+    top, left, bottom, right = _rects(cells, height, width, square=square)
+    return np.asarray((bottom > top) & (right > left))
 
 
 def inside_children(
@@ -282,13 +292,23 @@ def cell_coverage(
     Returns:
         Coverage in [0, 1] per cell; 0 for empty cells.
     """
-    s = _integral(mask)
-    h, w = s.shape[0] - 1, s.shape[1] - 1
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ValueError(f"mask must be 2-D (height, width), got shape {m.shape}")
     if not len(cells):
         return np.zeros(0, dtype=np.float64)
-    top, left, bottom, right = _rects(cells, h, w, square=square)
-    total = s[bottom, right] - s[top, right] - s[bottom, left] + s[top, left]
+    top, left, bottom, right = _rects(cells, m.shape[0], m.shape[1], square=square)
     area = (bottom - top) * (right - left)
+    if area.sum() < m.size // 4:  # a few small cells: their pixels, not the whole image's
+        total = np.array(
+            [
+                m[t:b, lf:r].sum(dtype=np.float64)
+                for t, lf, b, r in zip(top, left, bottom, right, strict=True)
+            ]
+        )
+    else:
+        s = _integral(m)
+        total = s[bottom, right] - s[top, right] - s[bottom, left] + s[top, left]
     return np.where(area > 0, total / np.maximum(area, 1), 0.0)
 
 

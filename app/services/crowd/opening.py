@@ -156,8 +156,8 @@ def open_windows(
     """
     now = utcnow()
     addresses = [child for parent in parents for child in grid.children(parent)]
-    inside = [grid.holds_pixels(a, image.height, image.width, square=square) for a in addresses]
-    outside = ~np.array(inside).reshape(-1, 9)
+    inside = grid.cells_hold_pixels(addresses, image.height, image.width, square=square)
+    outside = ~inside.reshape(-1, 9)
     priors = np.zeros((len(parents), 9)) if prior_logodds is None else np.asarray(prior_logodds)
     priors = np.where(outside, OUTSIDE_LOGODDS, priors)
     posteriors = 1.0 / (1.0 + np.exp(-priors))  # (n_windows, 9)
