@@ -117,6 +117,29 @@ def test_coverage_compose_round_trip(level: int, h: int, w: int, seed: int, squa
 
 
 @FAST
+@given(
+    level=st.integers(1, 3),
+    h=sizes,
+    w=sizes,
+    seed=st.integers(0, 2**32 - 1),
+    square=st.booleans(),
+)
+def test_coverage_of_a_few_cells_equals_the_whole_levels(
+    level: int, h: int, w: int, seed: int, square: bool
+) -> None:
+    """A window's nine cells are measured on their own pixels: the same as on the whole level."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random((h, w)) < 0.4
+    cells = level_cells(level)
+    whole = cell_coverage(mask, cells, square=square)
+    first = int(rng.integers(len(cells) // 9)) * 9
+    few = [c for c in cells if parent(c) == parent(cells[first])]
+    assert np.allclose(
+        cell_coverage(mask, few, square=square), [whole[cells.index(c)] for c in few]
+    )
+
+
+@FAST
 @given(h=sizes, w=sizes, seed=st.integers(0, 2**32 - 1), out=st.tuples(sizes, sizes))
 def test_mixed_levels_compose_and_recover(h: int, w: int, seed: int, out: tuple[int, int]) -> None:
     rng = np.random.default_rng(seed)
