@@ -7,11 +7,17 @@ plain pooled engine. Route handlers and job steps commit once; services only flu
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, ClassVar
+
+try:  # POSIX: the writers of several processes queue on a file lock
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
 
 from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -58,30 +64,39 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 class _WriterGate:
-    """Writers of one SQLite database in this process take turns in arrival order.
+    """Writers of one SQLite database take turns: in this process in arrival order, and with
+    other processes (the fuser's, more server workers, the CLI) through an exclusive lock on a
+    file next to the database (``<database>-writer``).
 
     SQLite's busy handler makes a waiting writer sleep and poll, which under load starves some
-    writers for seconds; a lock here queues them instead. Writers in other processes still meet
-    at SQLite's own lock (BEGIN IMMEDIATE and the busy timeout).
+    writers for seconds; a waiter here sleeps in the lock and wakes when it is released. An
+    in-memory database, or a platform without ``fcntl``, has the in-process lock alone (other
+    processes then meet at SQLite's own lock: BEGIN IMMEDIATE and the busy timeout).
     """
 
     KEY = "tessera_writer_gate"
 
-    def __init__(self) -> None:
+    def __init__(self, lock_path: str | None = None) -> None:
         self.lock = threading.Lock()
+        self.fd: int | None = None
+        if lock_path is not None and fcntl is not None:
+            self.fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
 
     def begin(self, conn: Any) -> None:
         # A writer takes the write lock up front (BEGIN IMMEDIATE); a deferred transaction that
         # read first could not upgrade to writing once another writer had committed
         # (SQLITE_BUSY_SNAPSHOT, which no timeout retries).
+        dbapi = conn.connection.dbapi_connection
         if not conn.get_execution_options().get(WRITE_OPTION, False):
-            conn.exec_driver_sql("BEGIN")
+            dbapi.execute("BEGIN")
             return
         # The timeout keeps a thread that nests two writers from waiting forever.
         if self.lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000):
             conn.info[self.KEY] = self.lock
+            if self.fd is not None and fcntl is not None:
+                fcntl.flock(self.fd, fcntl.LOCK_EX)  # the other processes' writers
         try:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            dbapi.execute("BEGIN IMMEDIATE")
         except BaseException:
             self.end(conn)
             raise
@@ -98,6 +113,8 @@ class _WriterGate:
     def end(self, conn: Any) -> None:
         lock = conn.info.pop(self.KEY, None)
         if lock is not None:
+            if self.fd is not None and fcntl is not None:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
             lock.release()
 
 
@@ -106,7 +123,9 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
         )
-        gate = _WriterGate()
+        database = engine.url.database
+        on_disk = database not in (None, "", ":memory:") and not database.startswith("file:")
+        gate = _WriterGate(f"{database}-writer" if on_disk else None)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", gate.begin)
         event.listen(engine, "commit", gate.commit)

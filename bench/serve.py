@@ -469,7 +469,7 @@ def start_tessera(
     server = Server(cmd, env, tmp / "server.log", port)
     server.data_dir = env["TESSERA_DATA_DIR"]
     if fusion == "external":  # a fuser process of its own beside the web workers
-        fuse = [*TESSERA, "fuse", "--poll", "0.05"]
+        fuse = [*TESSERA, "fuse", "--poll", "0.2"]
         server.helpers.append(Server(fuse, env, tmp / "fuser.log", port))
     stack.callback(server.stop)
     return server, url

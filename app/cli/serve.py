@@ -73,8 +73,13 @@ def serve(
 @app.command("fuse")
 def fuse(
     poll: Annotated[
-        float, typer.Option(min=0.01, help="seconds between looks for waiting answers")
-    ] = 0.1,
+        float,
+        typer.Option(
+            min=0.01,
+            help="seconds between looks for waiting answers (longer: larger batches, less CPU "
+            "per answer, more lag)",
+        ),
+    ] = 0.2,
 ) -> None:
     """Fuse answers into the consensus in the foreground, for servers run with
     TESSERA_FUSION=external (several of these may run: each takes its own batches)."""

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import linecache
 import sqlite3
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,3 +44,46 @@ def test_the_next_writer_goes_in_only_once_the_last_one_has_committed(tmp_path: 
     with engine.connect() as conn:  # and the write is there
         assert conn.execute(text("SELECT count(*) FROM t")).scalar_one() == 1
     engine.dispose()
+
+
+def test_writers_of_other_processes_wait_in_the_gate_not_in_sqlites_busy_loop(
+    tmp_path: Path,
+) -> None:
+    """Two engines on one file (as the server and `tessera fuse` are): while one writes, the
+    other's writer sleeps in the gate's file lock (woken when it is released), not in SQLite's
+    busy handler, which sleeps and polls and under load starved the fuser's process."""
+    path = tmp_path / "gate.db"
+    first, second = make_engine(f"sqlite:///{path}"), make_engine(f"sqlite:///{path}")
+    with first.begin() as conn:
+        conn.execute(text("CREATE TABLE t (x INTEGER)"))
+    holder = make_session_factory(first, writer=True)()
+    holder.execute(text("INSERT INTO t VALUES (1)"))  # the write lock is held from here
+
+    def write() -> None:
+        with make_session_factory(second, writer=True)() as session:
+            session.execute(text("INSERT INTO t VALUES (2)"))
+            session.commit()
+
+    waiter = threading.Thread(target=write)
+    waiter.start()
+    try:
+        deadline = time.monotonic() + 10
+        line = ""
+        while time.monotonic() < deadline and waiter.is_alive():
+            frame = sys._current_frames().get(waiter.ident or 0)
+            while frame is not None and frame.f_code.co_name != "begin":
+                frame = frame.f_back
+            if frame is not None:
+                line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+                if "flock" in line or "BEGIN IMMEDIATE" in line:
+                    break
+            time.sleep(0.01)
+        assert "flock" in line, line
+    finally:
+        holder.commit()
+        holder.close()
+    waiter.join(timeout=30)
+    with first.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM t")).scalar_one() == 2
+    first.dispose()
+    second.dispose()
