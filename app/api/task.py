@@ -88,7 +88,7 @@ def _task_read(session: SessionDep, signer: SignerDep, offer: Offer, public_id: 
                 source_height=source_height,
             )
         )
-    window = _context_window(session, task)
+    window = _context_window(session, task, offer.window)
     return TaskRead(
         id=task.id,
         kind=task.kind.value,
@@ -122,12 +122,13 @@ def _square(session: SessionDep, task: Task) -> bool:
     return square_cells(project)
 
 
-def _context_window(session: SessionDep, task: Task) -> Window | None:
+def _context_window(session: SessionDep, task: Task, leased: Window | None = None) -> Window | None:
     """The window a task shows, when it has a context picture: a window task finer than the
-    whole image (a mosaic's tiles come from many images; the first window is the image)."""
+    whole image (a mosaic's tiles come from many images; the first window is the image).
+    ``leased``: the task's window, when the caller holds it already."""
     if task.kind != TaskKind.WINDOW or task.window_id is None:
         return None
-    window = session.get(Window, task.window_id)
+    window = leased if leased is not None else session.get(Window, task.window_id)
     return window if window is not None and window.level > 0 else None
 
 

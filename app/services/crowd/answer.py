@@ -15,7 +15,7 @@ from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -91,11 +91,15 @@ def _store_votes(
 
 
 def _release(session: Session, task: Task, volunteer: Volunteer) -> None:
+    """Give the task's window lease back, if the volunteer still holds it (one statement)."""
     if task.window_id is None:
         return
-    window = session.get(Window, task.window_id)
-    if window is not None and window.leased_by == volunteer.id:
-        window.leased_until, window.leased_by = None, None
+    session.execute(
+        update(Window)
+        .where(Window.id == task.window_id, Window.leased_by == volunteer.id)
+        .values(leased_until=None, leased_by=None)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def submit(

@@ -34,6 +34,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from app.db import as_utc, utcnow
 from app.models import (
@@ -68,6 +69,7 @@ class Offer:
     cells: list[Cell]  # in tile order
     fallback_reason: str | None = None
     known: list[bool] = field(default_factory=list)
+    window: Window | None = None  # the window leased (held here: the session keeps it weakly)
 
 
 def _answered_by(volunteer: Volunteer, cell_id_column: object) -> object:
@@ -139,13 +141,13 @@ def _window_candidates(
 
 
 def _lease(
-    session: Session, window_id: int, volunteer: Volunteer, now: datetime, until: datetime
+    session: Session, window: Window, volunteer: Volunteer, now: datetime, until: datetime
 ) -> Window | None:
     """Lease one open window to ``volunteer`` by a compare-and-set on its lease."""
     leased = session.execute(
         update(Window)
         .where(
-            Window.id == window_id,
+            Window.id == window.id,
             Window.state == WindowState.OPEN,
             or_(Window.leased_until.is_(None), Window.leased_until < now),
         )
@@ -154,7 +156,10 @@ def _lease(
     )
     if leased.rowcount != 1:  # type: ignore[attr-defined]
         return None
-    return session.get(Window, window_id, populate_existing=True)
+    # The row as this statement left it, without reading it again.
+    set_committed_value(window, "leased_until", until)
+    set_committed_value(window, "leased_by", volunteer.id)
+    return window
 
 
 def _lease_until(project: Project, now: datetime) -> datetime:
@@ -166,19 +171,20 @@ def _lease_unknown_window(
 ) -> Window | None:
     query = (
         _window_candidates(project, volunteer, tag, known=False, now=now)
+        .with_only_columns(Window)  # the whole row: its lease is set after the CAS, unread
         # Both descending: the picker index hands windows over in this order (SQLite keeps the
         # rowid last in an index), so the walk stops at the first free window instead of
         # testing every open one and sorting them (8.6 -> 0.9 ms on a 20-image demo).
         .order_by(Window.value.desc(), Window.id.desc())
         .limit(1)
         .with_for_update(skip_locked=True, of=Window)
+        .execution_options(populate_existing=True)
     )
     for _ in range(CANDIDATE_TRIES):
-        window_id = session.scalar(query)
-        if window_id is None:
+        window = session.scalar(query)
+        if window is None:
             return None
-        window = _lease(session, window_id, volunteer, now, _lease_until(project, now))
-        if window is not None:
+        if _lease(session, window, volunteer, now, _lease_until(project, now)) is not None:
             return window
     return None
 
@@ -291,7 +297,7 @@ def _window_offer(
     )
     tag_row = session.get(Tag, window.tag_id)
     assert tag_row is not None
-    return Offer(task=task, tag=tag_row, cells=cells, known=known)
+    return Offer(task=task, tag=tag_row, cells=cells, known=known, window=window)
 
 
 def _shifted_block(
@@ -426,7 +432,7 @@ def _mosaic_offer(
         known=known,
         now=now,
     )
-    return Offer(task=task, tag=tag_row, cells=cells, known=known), None
+    return Offer(task=task, tag=tag_row, cells=cells, known=known, window=window), None
 
 
 def next_task(
