@@ -40,13 +40,16 @@ def _two_windows(live: Live) -> int:
         session.execute(update(Window).values(state=WindowState.CLOSED))
         image = session.get(Image, target.image_id)
         assert image is not None
-        left, right = open_windows(
-            session,
-            target=target,
-            parents=[grid.Cell(1, 1, 0), grid.Cell(1, 1, 1)],
-            truth=None,
-            image=image,
-            square=False,  # every square inside the image, whatever its shape
+        left, right = (
+            session.get_one(Window, window_id)
+            for window_id in open_windows(
+                session,
+                target=target,
+                parents=[grid.Cell(1, 1, 0), grid.Cell(1, 1, 1)],
+                truth=None,
+                image=image,
+                square=False,  # every square inside the image, whatever its shape
+            )
         )
         left.value, right.value = 10.0, 1.0
         for cell in session.scalars(select(Cell).where(Cell.window_id.in_([left.id, right.id]))):

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -147,13 +147,17 @@ def open_windows(
     image: Image,
     square: bool,
     prior_logodds: Sequence[Sequence[float]] | None = None,
-) -> list[Window]:
+) -> list[int]:
     """Open the windows showing each parent's nine children, with their cells and consensus.
 
     Children wholly outside the image (``square``: the frame's margin) open retired "no"
-    (``OUTSIDE_LOGODDS``) and are never asked. Everything is added in two flushes, however many
-    windows open at once.
+    (``OUTSIDE_LOGODDS``) and are never asked. With a truth, its unambiguous cells become gold
+    (``_gold``), and a served truth's gold cells open retired. Four statements however many
+    windows open at once (rows inserted, not ORM objects: the session does not track them).
+    Returns the new windows' ids, in the parents' order.
     """
+    if not parents:
+        return []
     now = utcnow()
     addresses = [child for parent in parents for child in grid.children(parent)]
     inside = grid.cells_hold_pixels(addresses, image.height, image.width, square=square)
@@ -161,102 +165,116 @@ def open_windows(
     priors = np.zeros((len(parents), 9)) if prior_logodds is None else np.asarray(prior_logodds)
     priors = np.where(outside, OUTSIDE_LOGODDS, priors)
     posteriors = 1.0 / (1.0 + np.exp(-priors))  # (n_windows, 9)
-    belief = tag_belief(session, target=target)
-    windows = [
-        Window(
-            project_id=target.project_id,
-            tag_id=target.tag_id,
-            target_id=target.id,
-            level=parent.level,
-            row=parent.row,
-            col=parent.col,
-            value=window_value(
-                target.priority,
-                list(q),
-                control=truth is not None and not truth.frozen,
-                level=parent.level,
-                # The window's own cells; a refined target's windows are valued again by the
-                # settler with the whole target's area (``settle.target_areas``).
-                area=object_area([parent.level + 1] * 9, list(q)),
-                belief=belief,
-            ),
-        )
-        for parent, q in zip(parents, posteriors, strict=True)
-    ]
-    session.add_all(windows)
-    session.flush()
-    cells = [
-        Cell(
-            target_id=target.id,
-            level=child.level,
-            row=child.row,
-            col=child.col,
-            prior_logodds=float(prior),
-            window_id=windows[k // 9].id,
-            status=CellStatus.RETIRED if empty else CellStatus.OPEN,
-            label=False if empty else None,
-            retire_reason=RetireReason.OUTSIDE if empty else None,
-            retired_at=now if empty else None,
-        )
-        for k, (child, prior, empty) in enumerate(
-            zip(addresses, priors.reshape(-1), outside.reshape(-1), strict=True)
-        )
-    ]
-    session.add_all(cells)
-    session.flush()
-    session.add_all(
-        Consensus(cell_id=c.id, logodds=c.prior_logodds, posterior=float(q))
-        for c, q in zip(cells, posteriors.reshape(-1), strict=True)
+    gold = (
+        _gold(truth, addresses, ~outside.reshape(-1), square=square)
+        if truth is not None
+        else [None] * len(addresses)
     )
-    if truth is not None:
-        served = _add_gold(session, target, cells, addresses, truth, square=square)
-        known = served | outside.reshape(-1)
-        for k, window in enumerate(windows):
-            window.known = bool(known[9 * k : 9 * k + 9].all())
-    return windows
+    served = np.array([g is not None and not g.frozen for g in gold])
+    known = np.asarray((served | outside.reshape(-1)).reshape(-1, 9).all(axis=1), dtype=bool)
+    belief = tag_belief(session, target=target)
+    window_ids = session.scalars(
+        insert(Window).returning(Window.id, sort_by_parameter_order=True),
+        [
+            {
+                "project_id": target.project_id,
+                "tag_id": target.tag_id,
+                "target_id": target.id,
+                "level": parent.level,
+                "row": parent.row,
+                "col": parent.col,
+                "known": truth is not None and bool(known[k]),
+                "opened_at": now,
+                "value": window_value(
+                    target.priority,
+                    list(q),
+                    control=truth is not None and not truth.frozen,
+                    level=parent.level,
+                    # The window's own cells; a refined target's windows are valued again by
+                    # the settler with the whole target's area (``settle.target_areas``).
+                    area=object_area([parent.level + 1] * 9, list(q)),
+                    belief=belief,
+                ),
+            }
+            for k, (parent, q) in enumerate(zip(parents, posteriors, strict=True))
+        ],
+    ).all()
+    cell_rows = []
+    for k, (child, prior, empty) in enumerate(
+        zip(addresses, priors.reshape(-1), outside.reshape(-1), strict=True)
+    ):
+        row = {
+            "target_id": target.id,
+            "level": child.level,
+            "row": child.row,
+            "col": child.col,
+            "prior_logodds": float(prior),
+            "window_id": window_ids[k // 9],
+            "status": CellStatus.OPEN,
+            "label": None,
+            "retire_reason": None,
+            "retired_at": None,
+            "uncertain": False,
+        }
+        if empty:
+            row.update(status=CellStatus.RETIRED, label=False, retire_reason=RetireReason.OUTSIDE)
+            row["retired_at"] = now
+        elif served[k]:
+            label = gold[k].label  # type: ignore[union-attr]
+            row.update(status=CellStatus.RETIRED, label=label, retire_reason=RetireReason.GOLD)
+        cell_rows.append(row)
+    cell_ids = session.scalars(
+        insert(Cell).returning(Cell.id, sort_by_parameter_order=True), cell_rows
+    ).all()
+    session.execute(
+        insert(Consensus),
+        [
+            {"cell_id": cell_id, "logodds": float(prior), "posterior": float(q)}
+            for cell_id, prior, q in zip(
+                cell_ids, priors.reshape(-1), posteriors.reshape(-1), strict=True
+            )
+        ],
+    )
+    gold_rows = [
+        {
+            "cell_id": cell_id,
+            "label": g.label,
+            "coverage": g.coverage,
+            "source": GoldSource.GROUND_TRUTH,
+            "frozen": g.frozen,
+            "tag_id": target.tag_id,
+            "project_id": target.project_id,
+        }
+        for cell_id, g in zip(cell_ids, gold, strict=True)
+        if g is not None
+    ]
+    if gold_rows:
+        session.execute(insert(Gold), gold_rows)
+    return list(window_ids)
 
 
-def _add_gold(
-    session: Session,
-    target: Target,
-    cells: list[Cell],
-    addresses: Sequence[grid.Cell],
-    truth: Truth,
-    *,
-    square: bool,
-) -> np.ndarray:
-    """Gold for the unambiguous cells (``GOLD_TRUE_COVERAGE``) that show something to judge
-    (``GOLD_MIN_CONTRAST``, when the pixels are known); served ones retire at once. Returns
-    which are served."""
+@dataclass(frozen=True)
+class _NewGold:
+    label: bool
+    coverage: float
+    frozen: bool
+
+
+def _gold(
+    truth: Truth, addresses: Sequence[grid.Cell], inside: np.ndarray, *, square: bool
+) -> list[_NewGold | None]:
+    """Gold for the unambiguous cells (``GOLD_TRUE_COVERAGE``) inside the image that show
+    something to judge (``GOLD_MIN_CONTRAST``, when the pixels are known); None elsewhere."""
     coverage = grid.cell_coverage(truth.mask, addresses, square=square)
-    judgeable = np.array([c.status == CellStatus.OPEN for c in cells])  # not outside the image
+    judgeable = inside.copy()
     if truth.pixels is not None and not truth.frozen:
         contrast = grid.cell_contrast(truth.pixels, addresses, square=square)
         judgeable &= contrast >= GOLD_MIN_CONTRAST
-    served = np.zeros(len(cells), dtype=bool)
-    for i, (cell, cov) in enumerate(zip(cells, coverage, strict=True)):
+    out: list[_NewGold | None] = []
+    for ok, cov in zip(judgeable, coverage, strict=True):
         label = _gold_label(float(cov))
-        if label is None or not judgeable[i]:
-            continue
-        session.add(
-            Gold(
-                cell_id=cell.id,
-                label=label,
-                coverage=float(cov),
-                source=GoldSource.GROUND_TRUTH,
-                frozen=truth.frozen,
-                tag_id=target.tag_id,
-                project_id=target.project_id,
-            )
-        )
-        if not truth.frozen:
-            cell.status, cell.retire_reason, cell.label = (
-                CellStatus.RETIRED,
-                RetireReason.GOLD,
-                label,
-            )
-            served[i] = True
-    return served
+        out.append(None if label is None or not ok else _NewGold(label, float(cov), truth.frozen))
+    return out
 
 
 def control_pyramid(
