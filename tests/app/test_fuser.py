@@ -7,12 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from app.main import create_app
 from app.models import Cell, CellStatus, Consensus, Credibility, Task, TaskState, Vote
@@ -202,3 +204,29 @@ def test_a_server_stopped_gracefully_leaves_no_answer_waiting(live: Live) -> Non
     assert _waiting(live) == 0
     app.state.engine.dispose()
     _counted_equals_stored(live)
+
+
+def test_held_requests_share_one_reading_of_the_lag(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However many requests are held, the lag is read from the database at most once per
+    step (each held request used to query it every 50 ms)."""
+    readings: list[float] = []
+    real = fuser_module.lag_s
+
+    def counted(session: Session) -> float:
+        readings.append(time.monotonic())
+        return real(session)
+
+    monkeypatch.setattr(fuser_module, "lag_s", counted)
+    probe = fuser_module.LagProbe(live.factory, every_s=1.0)
+    threads = [threading.Thread(target=lambda: [probe.read() for _ in range(50)]) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(readings) == 1  # 400 reads within the step: one query
+    time.sleep(1.05)
+    assert probe.fresh() is None  # stale once the step is over: the next read queries again
+    probe.read()
+    assert len(readings) == 2
