@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import or_, select, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
@@ -197,11 +197,14 @@ def agreement_increments(session: Session, *, tasks: list[Fusing]) -> dict[int, 
     return {v: rows[i] for i, v in enumerate(votes.volunteers) if rows[i].any()}
 
 
+# Statements of the answer path built once (building one and keying it for SQLAlchemy's cache
+# cost more than running it): their values are bound per call.
+GOLD_LABELS = select(Gold.cell_id, Gold.label).where(
+    Gold.cell_id.in_(bindparam("cell_ids", expanding=True)), Gold.frozen.is_(False)
+)
+
+
 def gold_labels(session: Session, *, cell_ids: Iterable[int]) -> dict[int, bool]:
     """Known answers of the served (non-frozen) gold among ``cell_ids``."""
-    rows = session.execute(
-        select(Gold.cell_id, Gold.label).where(
-            Gold.cell_id.in_(list(cell_ids)), Gold.frozen.is_(False)
-        )
-    )
-    return dict(rows.all())
+    ids = list(cell_ids)
+    return dict(session.execute(GOLD_LABELS, {"cell_ids": ids}).all()) if ids else {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from app.models import Image, Project, Tag, Target
@@ -20,8 +20,12 @@ def slugify(text: str) -> str:
     return slug or "project"
 
 
+FIND_PROJECT = select(Project).where(Project.slug == bindparam("slug"))
+
+
 def find_project(session: Session, *, slug: str) -> Project | None:
-    return session.scalar(select(Project).where(Project.slug == slug))
+    """The project of a slug (a statement built once: it runs on every task request)."""
+    return session.scalar(FIND_PROJECT, {"slug": slug})
 
 
 def get_project(session: Session, *, slug: str) -> Project:

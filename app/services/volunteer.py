@@ -7,16 +7,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
 from app.models import Credibility, Task, TaskState, Volunteer, Vote
 from app.services.errors import InvalidInputError, NotFoundError
 
+FIND_VOLUNTEER = select(Volunteer).where(Volunteer.public_id == bindparam("public_id"))
+
 
 def find_volunteer(session: Session, *, public_id: str) -> Volunteer | None:
-    return session.scalar(select(Volunteer).where(Volunteer.public_id == public_id))
+    """The volunteer of a public id (a statement built once: it runs on every task request)."""
+    return session.scalar(FIND_VOLUNTEER, {"public_id": public_id})
 
 
 def get_volunteer(session: Session, *, public_id: str) -> Volunteer:

@@ -15,8 +15,9 @@ from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from app.config import Settings
 from app.db import as_utc, utcnow
@@ -66,40 +67,56 @@ def _check_open(task: Task) -> None:
         raise GoneError("this task has expired; fetch a new one")
 
 
+# The answer path's statements, built once (building and keying one for SQLAlchemy's cache
+# cost more than running it on SQLite); values are bound per call.
+TILES = select(TaskTile.position, TaskTile.cell_id, TaskTile.known).where(
+    TaskTile.task_id == bindparam("task_id")
+)
+# The table, not the entity: no ORM bulk-insert bookkeeping per row.
+INSERT_VOTES = insert(Vote.metadata.tables[Vote.__tablename__])
+RELEASE = (
+    update(Window)
+    .where(Window.id == bindparam("window_id"), Window.leased_by == bindparam("volunteer_id"))
+    .values(leased_until=None, leased_by=None)
+    .execution_options(synchronize_session=False)
+)
+MARK_SUBMITTED = (
+    update(Task)
+    .where(Task.id == bindparam("task_id"))
+    .values(state=TaskState.SUBMITTED, submitted_at=bindparam("at"), result=bindparam("result"))
+    .execution_options(synchronize_session=False)
+)
+
+
 def _store_votes(
     session: Session, task: Task, volunteer: Volunteer, selected: set[int], elapsed_ms: int
-) -> list[TaskTile]:
-    tiles = list(session.scalars(select(TaskTile).where(TaskTile.task_id == task.id)))
+) -> list[tuple[int, int, bool]]:
+    """Append one vote per tile; returns the tiles as ``(position, cell_id, known)``."""
+    tiles = [tuple(row) for row in session.execute(TILES, {"task_id": task.id})]
     now = utcnow()
     # One multi-row INSERT; the (task, position) key refuses a second copy of any vote.
     session.execute(
-        insert(Vote),
+        INSERT_VOTES,
         [
             {
                 "task_id": task.id,
                 "volunteer_id": volunteer.id,
-                "cell_id": tile.cell_id,
-                "position": tile.position,
-                "label": tile.position in selected,
+                "cell_id": cell_id,
+                "position": position,
+                "label": position in selected,
                 "elapsed_ms": elapsed_ms,
                 "created_at": now,
             }
-            for tile in tiles
+            for position, cell_id, _ in tiles
         ],
     )
-    return tiles
+    return tiles  # type: ignore[return-value]
 
 
 def _release(session: Session, task: Task, volunteer: Volunteer) -> None:
     """Give the task's window lease back, if the volunteer still holds it (one statement)."""
-    if task.window_id is None:
-        return
-    session.execute(
-        update(Window)
-        .where(Window.id == task.window_id, Window.leased_by == volunteer.id)
-        .values(leased_until=None, leased_by=None)
-        .execution_options(synchronize_session=False)
-    )
+    if task.window_id is not None:
+        session.execute(RELEASE, {"window_id": task.window_id, "volunteer_id": volunteer.id})
 
 
 def submit(
@@ -127,9 +144,11 @@ def submit(
     if elapsed_ms < 0:
         raise InvalidInputError("elapsed_ms must not be negative")
     tiles = _store_votes(session, task, volunteer, picked, elapsed_ms)
-    answers = known_answers(session, [(t.position, t.cell_id, t.known) for t in tiles], picked)
+    answers = known_answers(session, tiles, picked)
     _release(session, task, volunteer)
-    task.state, task.submitted_at = TaskState.SUBMITTED, utcnow()
+    # Written with the result below, in one statement; the session's copy says so already.
+    set_committed_value(task, "state", TaskState.SUBMITTED)
+    set_committed_value(task, "submitted_at", utcnow())
     fused = None
     if settings.fusion == "inline":
         fused = fuse_tasks(session, settings=settings, project=project, tasks=[task])
@@ -141,9 +160,10 @@ def submit(
         windows_opened=fused.windows_opened if fused else None,
         completed_targets=fused.completed_targets if fused else None,
     )
-    task.result = asdict(result)
-    session.flush()
-    return asdict(result)
+    stored = asdict(result)
+    session.execute(MARK_SUBMITTED, {"task_id": task.id, "at": task.submitted_at, "result": stored})
+    set_committed_value(task, "result", stored)
+    return dict(stored)
 
 
 def skip(
