@@ -36,13 +36,10 @@ COUNT_COLUMNS = COUNT_FIELDS  # Credibility's columns are WorkerCounts' fields
 
 def worker_counts(session: Session, volunteer_ids: list[int]) -> WorkerCounts:
     """The stored credibility counts of these volunteers, in their order (zeros if none)."""
-    columns = [getattr(Credibility, k) for k in COUNT_COLUMNS]
     rows = {
         volunteer_id: list(counts)
         for volunteer_id, *counts in session.execute(
-            select(Credibility.volunteer_id, *columns).where(
-                Credibility.volunteer_id.in_(volunteer_ids), Credibility.category == ""
-            )
+            WORKER_COUNTS, {"volunteer_ids": list(volunteer_ids)}
         )
     }
     return WorkerCounts.from_rows([rows.get(v, [0.0] * len(COUNT_FIELDS)) for v in volunteer_ids])
@@ -93,22 +90,35 @@ class CellVotes:
         return out
 
 
+# The fuser's statements, built once; values are bound per call.
+COUNTED_VOTES = (
+    select(Vote.cell_id, Vote.volunteer_id, Vote.label, Vote.task_id)
+    .join(Volunteer, Volunteer.id == Vote.volunteer_id)
+    .where(Vote.cell_id.in_(bindparam("cell_ids", expanding=True)), Volunteer.banned.is_(False))
+)
+FUSED_VOTES = COUNTED_VOTES.join(Task, Task.id == Vote.task_id).where(
+    or_(Task.fused_at.is_not(None), Task.id.in_(bindparam("task_ids", expanding=True)))
+)
+WORKER_COUNTS = select(
+    Credibility.volunteer_id, *(getattr(Credibility, k) for k in COUNT_COLUMNS)
+).where(
+    Credibility.volunteer_id.in_(bindparam("volunteer_ids", expanding=True)),
+    Credibility.category == "",
+)
+
+
 def cell_votes(
     session: Session, *, cell_ids: list[int], fused_and: Collection[int] | None = None
 ) -> CellVotes:
     """The counted votes of ``cell_ids``; with ``fused_and``, only those of tasks already fused
     and of these tasks (the state as of fusing them, for scoring votes once)."""
     index = {c: i for i, c in enumerate(cell_ids)}
-    query = (
-        select(Vote.cell_id, Vote.volunteer_id, Vote.label, Vote.task_id)
-        .join(Volunteer, Volunteer.id == Vote.volunteer_id)
-        .where(Vote.cell_id.in_(index), Volunteer.banned.is_(False))
-    )
-    if fused_and is not None:
-        query = query.join(Task, Task.id == Vote.task_id).where(
-            or_(Task.fused_at.is_not(None), Task.id.in_(list(fused_and)))
-        )
-    votes = session.execute(query).all()
+    if fused_and is None:
+        votes = session.execute(COUNTED_VOTES, {"cell_ids": list(index)}).all()
+    else:
+        votes = session.execute(
+            FUSED_VOTES, {"cell_ids": list(index), "task_ids": list(fused_and)}
+        ).all()
     volunteers = sorted({v for _, v, _, _ in votes})
     worker = {v: i for i, v in enumerate(volunteers)}
     return CellVotes(

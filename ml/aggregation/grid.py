@@ -277,6 +277,9 @@ def _integral(mask: npt.ArrayLike) -> FloatArray:
     return s
 
 
+FEW_CELLS = 81  # up to this many cells are measured on their own pixels (``cell_coverage``)
+
+
 def cell_coverage(
     mask: npt.ArrayLike, cells: Sequence[Cell], *, square: bool = False
 ) -> FloatArray:
@@ -299,12 +302,13 @@ def cell_coverage(
         return np.zeros(0, dtype=np.float64)
     top, left, bottom, right = _rects(cells, m.shape[0], m.shape[1], square=square)
     area = (bottom - top) * (right - left)
-    if area.sum() < m.size // 4:  # a few small cells: their pixels, not the whole image's
+    if len(cells) <= FEW_CELLS or area.sum() < m.size // 4:
+        # A few cells (a window's nine), or small ones: their own pixels, in one pass each,
+        # not two running sums over the whole image.
+        count = np.count_nonzero if m.dtype == np.bool_ else lambda a: a.sum(dtype=np.float64)
         total = np.array(
-            [
-                m[t:b, lf:r].sum(dtype=np.float64)
-                for t, lf, b, r in zip(top, left, bottom, right, strict=True)
-            ]
+            [count(m[t:b, lf:r]) for t, lf, b, r in zip(top, left, bottom, right, strict=True)],
+            dtype=np.float64,
         )
     else:
         s = _integral(m)
