@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -62,28 +62,37 @@ UNCERTAIN_REASON = "cells still uncertain after their vote budget"  # the triage
 
 def _object_area(cells: Sequence[Cell], posterior: Mapping[int, float]) -> float:
     """The object's expected area from the target's finest cells (``acquisition.object_area``)."""
-    leaves = [
-        c
-        for c, leaf in zip(
-            cells, leaf_cells([grid.Cell(c.level, c.row, c.col) for c in cells]), strict=True
-        )
-        if leaf
-    ]
-    return object_area([c.level for c in leaves], [posterior[c.id] for c in leaves])
+    return _area(
+        [grid.Cell(c.level, c.row, c.col) for c in cells], [posterior[c.id] for c in cells]
+    )
+
+
+def _area(cells: Sequence[grid.Cell], posterior: Sequence[float]) -> float:
+    leaf = leaf_cells(cells)
+    return object_area(
+        [c.level for c, f in zip(cells, leaf, strict=True) if f],
+        [q for q, f in zip(posterior, leaf, strict=True) if f],
+    )
+
+
+# Every cell's place and posterior, of some targets: plain rows (there may be thousands).
+CELL_POSTERIORS = (
+    select(Cell.target_id, Cell.level, Cell.row, Cell.col, Consensus.posterior)
+    .join(Consensus, Consensus.cell_id == Cell.id)
+    .where(Cell.target_id.in_(bindparam("target_ids", expanding=True)))
+)
 
 
 def target_areas(session: Session, *, target_ids: set[int]) -> dict[int, float]:
     """Each target's expected object area (fraction of the frame), from its finest cells."""
-    by_target: dict[int, list[Cell]] = defaultdict(list)
-    posterior: dict[int, float] = {}
-    for cell, q in session.execute(
-        select(Cell, Consensus.posterior)
-        .join(Consensus, Consensus.cell_id == Cell.id)
-        .where(Cell.target_id.in_(target_ids))
+    cells: dict[int, list[grid.Cell]] = defaultdict(list)
+    posterior: dict[int, list[float]] = defaultdict(list)
+    for target_id, level, row, col, q in session.execute(
+        CELL_POSTERIORS, {"target_ids": sorted(target_ids)}
     ):
-        by_target[cell.target_id].append(cell)
-        posterior[cell.id] = q
-    return {t: _object_area(cells, posterior) for t, cells in by_target.items()}
+        cells[target_id].append(grid.Cell(level, row, col))
+        posterior[target_id].append(q)
+    return {t: _area(cells[t], posterior[t]) for t in cells}
 
 
 def revalue_windows(session: Session, *, window_ids: set[int]) -> None:
