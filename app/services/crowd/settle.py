@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -148,25 +149,28 @@ class Settled:
     triaged: bool = False
 
 
-def _target_state(session: Session, target: Target) -> tuple[list[Cell], dict[int, Consensus]]:
-    """The target's cells and their consensus as committed now (a concurrent settler's too)."""
-    fresh = {"populate_existing": True}
-    cells = list(
-        session.scalars(select(Cell).where(Cell.target_id == target.id).execution_options(**fresh))
-    )
-    consensus = {
-        c.cell_id: c
-        for c in session.scalars(
-            select(Consensus)
-            .where(Consensus.cell_id.in_([c.id for c in cells]))
-            .execution_options(**fresh)
-        )
-    }
-    return cells, consensus
+class CellConsensus(NamedTuple):
+    posterior: float
+    n_votes: int
+
+
+TARGET_STATE = (
+    select(Cell, Consensus.posterior, Consensus.n_votes)
+    .join(Consensus, Consensus.cell_id == Cell.id)
+    .where(Cell.target_id == bindparam("target_id"))
+    .execution_options(populate_existing=True)
+)
+
+
+def _target_state(session: Session, target: Target) -> tuple[list[Cell], dict[int, CellConsensus]]:
+    """The target's cells and their consensus as committed now (a concurrent settler's too),
+    in one statement."""
+    rows = session.execute(TARGET_STATE, {"target_id": target.id}).all()
+    return [c for c, _, _ in rows], {c.id: CellConsensus(q, n) for c, q, n in rows}
 
 
 def _retire_open(
-    session: Session, project: Project, cells: list[Cell], consensus: dict[int, Consensus]
+    session: Session, project: Project, cells: list[Cell], consensus: dict[int, CellConsensus]
 ) -> int:
     open_cells = [c for c in cells if c.status == CellStatus.OPEN]
     voted = [i for i, c in enumerate(open_cells) if consensus[c.id].n_votes > 0]
@@ -282,7 +286,7 @@ def _refine(
 
 
 def _update_windows(
-    session: Session, target: Target, cells: list[Cell], consensus: dict[int, Consensus]
+    session: Session, target: Target, cells: list[Cell], consensus: dict[int, CellConsensus]
 ) -> int:
     """Close answered windows, re-value the others. Returns how many stay open."""
     by_window: dict[int, list[Cell]] = defaultdict(list)
