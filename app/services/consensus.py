@@ -10,7 +10,7 @@ banned volunteers out.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,23 +142,71 @@ def refresh_cells(session: Session, *, cells: list[Cell]) -> Fresh:
     n_votes = np.bincount(votes.cell, minlength=len(cells))
     n_yes = np.bincount(votes.cell, weights=votes.label, minlength=len(cells))
     posterior = 1.0 / (1.0 + np.exp(-logodds))
-    now = utcnow()
-    session.execute(
-        update(Consensus),
-        [
-            {
-                "cell_id": cell.id,
-                "logodds": float(logodds[i]),
-                "posterior": float(posterior[i]),
-                "n_votes": int(n_votes[i]),
-                "n_yes": int(n_yes[i]),
-                "method": "online",
-                "updated_at": now,
-            }
-            for i, cell in enumerate(cells)
-        ],
+    write_consensus(
+        session,
+        cell_ids=[c.id for c in cells],
+        logodds=logodds,
+        posterior=posterior,
+        n_votes=n_votes,
+        n_yes=n_yes,
+        method="online",
     )
     return Fresh(posterior, n_votes, votes.credible(len(cells)))
+
+
+_CONSENSUS = Consensus.metadata.tables[Consensus.__tablename__]
+WRITE_CONSENSUS = (
+    update(_CONSENSUS)
+    .where(_CONSENSUS.c.cell_id == bindparam("cell"))
+    .values(
+        logodds=bindparam("logodds"),
+        posterior=bindparam("posterior"),
+        n_votes=bindparam("n_votes"),
+        n_yes=bindparam("n_yes"),
+        method=bindparam("method"),
+        updated_at=bindparam("at"),
+    )
+)
+
+
+def write_consensus(
+    session: Session,
+    *,
+    cell_ids: Sequence[int],
+    logodds: npt.ArrayLike,
+    posterior: npt.ArrayLike,
+    n_votes: npt.ArrayLike,
+    n_yes: npt.ArrayLike,
+    method: str,
+) -> None:
+    """Store cells' posteriors and vote counts: one executemany through the table (the ORM's
+    bulk update by primary key spent more time per row on bookkeeping than the database did).
+    Shape: each array ``(len(cell_ids),)``."""
+    if not len(cell_ids):
+        return
+    now = utcnow()
+    session.execute(
+        WRITE_CONSENSUS,
+        [
+            {
+                "cell": cell_id,
+                "logodds": float(lo),
+                "posterior": float(q),
+                "n_votes": int(n),
+                "n_yes": int(y),
+                "method": method,
+                "at": now,
+            }
+            for cell_id, lo, q, n, y in zip(
+                cell_ids,
+                np.asarray(logodds, dtype=np.float64),
+                np.asarray(posterior, dtype=np.float64),
+                np.asarray(n_votes),
+                np.asarray(n_yes),
+                strict=True,
+            )
+        ],
+    )
 
 
 @dataclass(frozen=True)
