@@ -96,25 +96,26 @@ def target_areas(session: Session, *, target_ids: set[int]) -> dict[int, float]:
     return {t: _area(cells[t], posterior[t]) for t in cells}
 
 
+OPEN_CELLS_OF_WINDOWS = (
+    select(Window.id, Window.level, Window.target_id, Target.priority, Target.control)
+    .add_columns(Consensus.posterior)
+    .join(Target, Target.id == Window.target_id)
+    .join(Cell, Cell.window_id == Window.id)
+    .join(Consensus, Consensus.cell_id == Cell.id)
+    .where(Window.id.in_(bindparam("window_ids", expanding=True)), Cell.status == CellStatus.OPEN)
+)
+_WINDOWS = Window.metadata.tables[Window.__tablename__]
+WRITE_VALUES = (
+    update(_WINDOWS).where(_WINDOWS.c.id == bindparam("window")).values(value=bindparam("value"))
+)
+
+
 def revalue_windows(session: Session, *, window_ids: set[int]) -> None:
     """Update the picker's value of open windows from their open cells' posteriors and their
     target's expected object area."""
     if not window_ids:
         return
-    rows = session.execute(
-        select(
-            Window.id,
-            Window.level,
-            Window.target_id,
-            Target.priority,
-            Target.control,
-            Consensus.posterior,
-        )
-        .join(Target, Target.id == Window.target_id)
-        .join(Cell, Cell.window_id == Window.id)
-        .join(Consensus, Consensus.cell_id == Cell.id)
-        .where(Window.id.in_(window_ids), Cell.status == CellStatus.OPEN)
-    ).all()
+    rows = session.execute(OPEN_CELLS_OF_WINDOWS, {"window_ids": sorted(window_ids)}).all()
     pending: dict[int, list[float]] = defaultdict(list)
     target_of: dict[int, tuple[int, int, float, bool]] = {}
     for window_id, level, target_id, prio, control, q in rows:
@@ -125,7 +126,7 @@ def revalue_windows(session: Session, *, window_ids: set[int]) -> None:
     beliefs = tag_beliefs(session, target_ids=target_ids)
     values = [
         {
-            "id": w,
+            "window": w,
             "value": window_value(
                 prio,
                 qs,
@@ -138,7 +139,8 @@ def revalue_windows(session: Session, *, window_ids: set[int]) -> None:
         for w, qs in pending.items()
         for level, target_id, prio, control in [target_of[w]]
     ]
-    session.execute(update(Window), values)
+    if values:  # one executemany through the table
+        session.execute(WRITE_VALUES, values)
 
 
 @dataclass
