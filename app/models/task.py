@@ -39,8 +39,10 @@ class Task(Base):
     __table_args__ = (
         Index("ix_tasks_volunteer_state", "volunteer_id", "state"),
         Index("ix_tasks_state_expires", "state", "expires_at"),
-        # The fuser's queue: submitted tasks whose votes are not fused yet.
-        Index("ix_tasks_fused_at", "fused_at"),
+        # The fuser's queue: submitted tasks whose votes are not fused yet, side by side in
+        # the index (by fused_at alone it also held every task that is never fused: leased,
+        # skipped, expired), by project and in order.
+        Index("ix_tasks_waiting", "state", "fused_at", "project_id", "id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 
 BATCH = 200  # tasks per fusion transaction
 GATHER_S = 0.2  # how long a woken fuser waits for more answers (well under a second of lag)
-WAITING = (Task.fused_at.is_(None), Task.state == TaskState.SUBMITTED)  # the fuser's queue
+# The fuser's queue (``ix_tasks_waiting``: its rows together, whatever else the table holds).
+WAITING = (Task.state == TaskState.SUBMITTED, Task.fused_at.is_(None))
 DRAIN_S = 20.0  # at most this long fusing what waits when the server stops
 
 
