@@ -7,6 +7,7 @@ plain pooled engine. Route handlers and job steps commit once; services only flu
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -118,7 +119,52 @@ class _WriterGate:
             lock.release()
 
 
-def make_engine(url: str) -> Engine:
+def _no_autocheckpoint(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA wal_autocheckpoint=0")
+    cursor.close()
+
+
+class Checkpointer:
+    """Copies SQLite's write-ahead log into the database in a thread of its own, every
+    ``interval_s``, so that no request pays for it: left to SQLite, the commit that takes the
+    log past 1,000 pages checkpoints it, holding the writers' turn meanwhile. PASSIVE: it waits
+    for no reader or writer (what a reader still uses is copied next time). The engine's own
+    connections then never checkpoint (``make_engine(..., background_checkpoints=True)``);
+    other processes' keep SQLite's default."""
+
+    def __init__(self, engine: Engine, interval_s: float = 1.0) -> None:
+        self.engine, self.interval_s = engine, interval_s
+        self.frames = 0  # frames copied into the database so far
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="checkpointer", daemon=True)
+
+    def checkpoint(self) -> tuple[int, int]:
+        """One passive checkpoint: (frames in the log, frames copied into the database)."""
+        with self.engine.connect() as conn:
+            dbapi = conn.connection.dbapi_connection
+            assert dbapi is not None
+            _busy, log, copied = dbapi.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        self.frames += max(0, copied)
+        return log, copied
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.interval_s):
+            try:
+                self.checkpoint()
+            except Exception:  # the next round tries again
+                logging.getLogger(__name__).exception("checkpointing the SQLite log failed")
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread.ident is not None:
+            self.thread.join(timeout=30)
+        self.checkpoint()
+
+
+def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
+    """An engine for ``url``. SQLite: WAL, the writer gate; with ``background_checkpoints``,
+    its connections leave checkpoints to a ``Checkpointer``."""
     if url.startswith("sqlite"):
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
@@ -127,6 +173,8 @@ def make_engine(url: str) -> Engine:
         on_disk = database not in (None, "", ":memory:") and not database.startswith("file:")
         gate = _WriterGate(f"{database}-writer" if on_disk else None)
         event.listen(engine, "connect", _sqlite_pragmas)
+        if background_checkpoints and on_disk:
+            event.listen(engine, "connect", _no_autocheckpoint)
         event.listen(engine, "begin", gate.begin)
         event.listen(engine, "commit", gate.commit)
         event.listen(engine, "rollback", gate.end)
@@ -134,10 +182,12 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
-def engine_for(settings: Settings) -> Engine:
+def engine_for(settings: Settings, *, background_checkpoints: bool = False) -> Engine:
     if settings.is_sqlite:
         settings.ensure_dirs()
-    return make_engine(settings.resolved_database_url)
+    return make_engine(
+        settings.resolved_database_url, background_checkpoints=background_checkpoints
+    )
 
 
 def make_session_factory(engine: Engine, *, writer: bool = False) -> sessionmaker[Session]:

@@ -21,7 +21,7 @@ from app.api import api_router
 from app.api import health as health_api
 from app.api import metrics as metrics_api
 from app.config import Settings, get_settings
-from app.db import engine_for, make_session_factory
+from app.db import Checkpointer, engine_for, make_session_factory
 from app.pages import FRONTEND_DIR, templates
 from app.pages import curate as curate_pages
 from app.pages import curate_import as curate_import_pages
@@ -176,7 +176,9 @@ def recompute_all(factory: sessionmaker[Session], settings: Settings) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    engine = engine_for(settings)
+    # SQLite: the server's requests never checkpoint the log; a thread does (``Checkpointer``).
+    engine = engine_for(settings, background_checkpoints=True)
+    checkpointer = Checkpointer(engine) if settings.is_sqlite else None
     write_factory = make_session_factory(engine, writer=True)
 
     fuser = Fuser(settings, write_factory, reader=make_session_factory(engine))
@@ -189,10 +191,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.fusion == "background":
             fuser.thread.start()
             fuser.wake()  # answers a crash left unfused go first
+        if checkpointer is not None:
+            checkpointer.thread.start()
         yield
         timer.stop.set()
         if fuser.thread.is_alive():
             await asyncio.to_thread(fuser.close, drain=True)  # nothing left waiting
+        if checkpointer is not None:
+            await asyncio.to_thread(checkpointer.close)
 
     app = FastAPI(
         lifespan=lifespan,
@@ -208,6 +214,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = make_session_factory(engine)
     app.state.write_session_factory = write_factory
     app.state.fuser = fuser
+    app.state.checkpointer = checkpointer
     app.state.signer = Signer(settings.resolved_secret_key())
     app.state.volunteer_limiter = RateLimiter(settings.rate_limit_volunteer_per_minute, "volunteer")
     app.state.address_limiter = RateLimiter(settings.rate_limit_address_per_minute, "address")

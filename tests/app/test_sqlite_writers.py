@@ -10,9 +10,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fastapi.testclient import TestClient
 from sqlalchemy import event, text
 
+from app.config import Settings
 from app.db import make_engine, make_session_factory
+from app.main import create_app
+from app.migrate import upgrade_to_head
 
 
 def test_the_next_writer_goes_in_only_once_the_last_one_has_committed(tmp_path: Path) -> None:
@@ -87,3 +91,35 @@ def test_writers_of_other_processes_wait_in_the_gate_not_in_sqlites_busy_loop(
         assert conn.execute(text("SELECT count(*) FROM t")).scalar_one() == 2
     first.dispose()
     second.dispose()
+
+
+def test_the_server_checkpoints_the_log_in_the_background_not_in_its_requests(
+    tmp_path: Path,
+) -> None:
+    """A request's commit never copies the write-ahead log into the database (SQLite's default
+    does it in the commit that takes the log past 1,000 pages, holding every writer meanwhile);
+    the server's checkpointer thread does."""
+    settings = Settings(
+        environment="test",
+        data_dir=tmp_path,
+        database_url=f"sqlite:///{tmp_path / 'app.db'}",
+        secret_key="test-secret-key-that-is-long-enough-for-anything",
+        consensus_interval_s=0,
+    )
+    upgrade_to_head(make_engine(settings.database_url))
+    app = create_app(settings)
+    with TestClient(app):
+        with app.state.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one() == 0
+        factory = make_session_factory(app.state.engine, writer=True)
+        with factory() as session:
+            session.execute(text("CREATE TABLE filler (x BLOB)"))
+            for _ in range(50):
+                session.execute(text("INSERT INTO filler VALUES (zeroblob(8000))"))
+            session.commit()
+        checkpointer = app.state.checkpointer
+        deadline = time.monotonic() + 10
+        while checkpointer.frames == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert checkpointer.frames > 0
+    app.state.engine.dispose()
