@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -82,6 +83,7 @@ class _WriterGate:
         self.fd: int | None = None
         if lock_path is not None and fcntl is not None:
             self.fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            weakref.finalize(self, os.close, self.fd)  # with the engine that holds the gate
 
     def begin(self, conn: Any) -> None:
         # A writer takes the write lock up front (BEGIN IMMEDIATE); a deferred transaction that

@@ -1,16 +1,19 @@
 """Load-test a real ``tessera serve`` with simulated volunteers, next to a bare FastAPI baseline.
 
 Usage: ``python bench/serve.py [--backend sqlite|postgres|both] [--workers 1] [--path one|two]
-[--answers truth|random] [--seconds 20] [--volunteers 16] [--clients 2] [--images 20] [--tiles]
-[--quick]``
+[--answers truth|random] [--rate R] [--seconds 20] [--volunteers 16] [--clients 2] [--images 20]
+[--tiles] [--quick]``
 
 Per backend: a fresh demo project in a temp dir (PostgreSQL from ``.ci/postgres``), ``tessera
 serve`` (uvicorn, ``--workers``) as a subprocess of this interpreter (``python -m app.cli``, so
 that it runs from any virtualenv), then N volunteers spread over ``--clients`` client processes,
-each an ``httpx.AsyncClient`` with its own cookie jar, in a closed loop without think time.
+each an ``httpx.AsyncClient`` with its own cookie jar, in a closed loop without think time
+(throughput at saturation), or with ``--rate R`` each starting grids on a schedule so that the
+volunteers together offer R grids/s (the latency at that load).
 
-- ``--path two``: next task, then submit; ``--path one``: one request per grid (answer this
-  task and get the next, ``POST /api/projects/{slug}/tasks/answer``).
+- ``--path one`` (the default, as the volunteer page does): one request per grid (answer this
+  task and get the next, ``POST /api/projects/{slug}/tasks/answer``); ``--path two``: next task,
+  then submit.
 - ``--answers truth`` (the default) is an honest crowd: 80% diligent, 15% sloppy, 5% random
   clickers (``ml.aggregation.simulate.PROFILES``) answering from the demo's ground truth, so that
   cells retire, windows open and targets complete as in real work; the clients read which
@@ -25,7 +28,7 @@ by ``uvicorn.run`` with the same settings, driven by the same clients for the sa
 
 Each configuration ends with one line that scripts can read::
 
-    serve: backend=sqlite workers=1 path=one answers=truth grids_per_s=... p99_ms=...
+    serve: backend=sqlite workers=1 path=one rate=0 answers=truth grids_per_s=... p99_ms=...
     cpu_ms_per_grid=... echo_cpu_ms=... client_cores=... fusion=background
     fuser_lag_p99_ms=... unfused_at_stop=... acked=... stored=...
 
@@ -212,16 +215,27 @@ async def echo_step(client: httpx.AsyncClient, stats: Stats, measured: bool) -> 
     stats.grids += resp is not None
 
 
-async def drive(base: str, step: Step, volunteers: int, seconds: float, warmup: float) -> Stats:
-    """``volunteers`` closed loops of ``step`` for ``warmup + seconds``; one client (jar) each."""
+async def drive(
+    base: str, step: Step, volunteers: int, seconds: float, warmup: float, rate: float = 0.0
+) -> Stats:
+    """``volunteers`` loops of ``step`` for ``warmup + seconds``; one client (jar) each. Closed
+    loops without think time, or with ``rate`` (steps per second over all these volunteers)
+    each volunteer starts a step on a schedule: a latency at a given load, not at saturation (a
+    volunteer behind schedule starts at once, catching up at most one step)."""
     stats = Stats()
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + seconds
+    interval = volunteers / rate if rate > 0 else 0.0
 
     async def volunteer() -> None:
+        next_at = start + random.uniform(0.0, interval)  # staggered
         async with httpx.AsyncClient(base_url=base, timeout=30.0) as client:
             while (now := time.perf_counter()) < stop_at:
-                await step(client, stats, now >= measure_from)
+                if interval:
+                    if next_at > now:
+                        await asyncio.sleep(next_at - now)
+                    next_at = max(next_at, time.perf_counter() - interval) + interval
+                await step(client, stats, time.perf_counter() >= measure_from)
 
     await asyncio.gather(*(volunteer() for _ in range(volunteers)))
     return stats
@@ -378,6 +392,7 @@ class ClientSpec:
     tiles: bool
     seed: int
     truth: tuple[str, str] | None  # (data dir, database URL) for an honest crowd
+    rate: float = 0.0  # this process's grids per second (0: closed loops)
 
 
 def _client(spec: ClientSpec) -> tuple[Stats, float]:
@@ -392,7 +407,9 @@ def _client(spec: ClientSpec) -> tuple[Stats, float]:
     elif spec.kind == "one":
         step = answer_cycle(spec.tiles, choose=choose)
     cpu = time.process_time()
-    stats = asyncio.run(drive(spec.base, step, spec.volunteers, spec.seconds, spec.warmup))
+    stats = asyncio.run(
+        drive(spec.base, step, spec.volunteers, spec.seconds, spec.warmup, spec.rate)
+    )
     return stats, time.process_time() - cpu
 
 
@@ -406,18 +423,21 @@ def run_phase(
     """Drive ``server`` from ``args.clients`` processes, ``args.volunteers`` volunteers in all."""
     server.wait_ready("/healthz")
     clients = max(1, min(args.clients, args.volunteers))
+    shares = [args.volunteers // clients + (i < args.volunteers % clients) for i in range(clients)]
+    rate = args.rate if kind != "echo" else 0.0  # the echo always runs flat out
     specs = [
         ClientSpec(
             server.base,
             kind,
-            args.volunteers // clients + (i < args.volunteers % clients),
+            share,
             args.seconds,
             args.warmup,
             args.tiles,
             seed=i,
             truth=truth,
+            rate=rate * share / args.volunteers,
         )
-        for i in range(clients)
+        for i, share in enumerate(shares)
     ]
     fork = multiprocessing.get_context("fork")
     wall, cpu = time.perf_counter(), server.cpu_seconds()
@@ -587,6 +607,7 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
         )
         print(
             f"serve: backend={backend} workers={args.workers} path={args.path} "
+            f"rate={args.rate:g} "
             f"answers={args.answers} grids_per_s={grids_per_s:.1f} p99_ms={p99:.1f} "
             f"cpu_ms_per_grid={cpu_ms:.2f} echo_cpu_ms={echo_cpu_ms:.3f} "
             f"client_cores={r.client_cpu / r.wall:.2f} fusion={args.fusion} "
@@ -608,7 +629,7 @@ def main() -> int:
     parser.add_argument(
         "--path",
         choices=["one", "two"],
-        default="two",
+        default="one",
         help="one request per grid (answer + next), or two (next, then submit)",
     )
     parser.add_argument("--answers", choices=["truth", "random"], default="truth")
@@ -620,6 +641,13 @@ def main() -> int:
         "each request",
     )
     parser.add_argument("--clients", type=int, default=2, help="client processes")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="offered grids per second over all volunteers, each starting grids on a schedule "
+        "(latency at that load); 0: closed loops without think time (throughput)",
+    )
     parser.add_argument("--quick", action="store_true", help="5 s per phase, 1 s warm-up")
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -633,6 +661,7 @@ def main() -> int:
         f"{args.volunteers} volunteers, {args.seconds:.0f} s measured after {args.warmup:.0f} s"
         f" warm-up, {args.images} demo images, tiles {'on' if args.tiles else 'off'}, "
         f"{args.clients} client processes, answers {args.answers}, {os.cpu_count()} CPUs"
+        + (f", offered {args.rate:g} grids/s" if args.rate else ", closed loops")
     )
     results: list[Result] = []
     with ExitStack() as stack:  # servers, PostgreSQL and temp dirs go, on errors and Ctrl+C too
