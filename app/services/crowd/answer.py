@@ -92,7 +92,7 @@ def _store_votes(
     session: Session, task: Task, volunteer: Volunteer, selected: set[int], elapsed_ms: int
 ) -> list[tuple[int, int, bool]]:
     """Append one vote per tile; returns the tiles as ``(position, cell_id, known)``."""
-    tiles = [tuple(row) for row in session.execute(TILES, {"task_id": task.id})]
+    tiles = [(p, c, bool(k)) for p, c, k in session.execute(TILES, {"task_id": task.id})]
     now = utcnow()
     # One multi-row INSERT; the (task, position) key refuses a second copy of any vote.
     session.execute(
@@ -110,7 +110,7 @@ def _store_votes(
             for position, cell_id, _ in tiles
         ],
     )
-    return tiles  # type: ignore[return-value]
+    return tiles
 
 
 def _release(session: Session, task: Task, volunteer: Volunteer) -> None:
