@@ -102,18 +102,27 @@ def current_volunteer(
     return volunteer
 
 
-def _set_volunteer_cookie(
-    request: Request, response: Response, signer: Signer, volunteer: Volunteer
+def set_private_cookie(
+    request: Request, response: Response, name: str, value: str, *, max_age: int | None = None
 ) -> None:
+    """Set one of Tessera's cookies: out of scripts' reach, same-site, HTTPS-only in
+    production."""
     settings: Settings = request.app.state.settings
     response.set_cookie(
-        VOLUNTEER_COOKIE,
-        signer.volunteer_cookie(volunteer.public_id),
-        max_age=COOKIE_MAX_AGE_S,
+        name,
+        value,
+        max_age=max_age,
         httponly=True,
         samesite="lax",
         secure=settings.environment == "production",
     )
+
+
+def _set_volunteer_cookie(
+    request: Request, response: Response, signer: Signer, volunteer: Volunteer
+) -> None:
+    value = signer.volunteer_cookie(volunteer.public_id)
+    set_private_cookie(request, response, VOLUNTEER_COOKIE, value, max_age=COOKIE_MAX_AGE_S)
 
 
 VolunteerDep = Annotated[Volunteer, Depends(current_volunteer)]
@@ -247,14 +256,7 @@ def with_csrf_cookie(request: Request, response: ResponseT) -> ResponseT:
     """Set the CSRF cookie that ``csrf_token`` made for this request, if it made one."""
     value = getattr(request.state, "new_csrf_cookie", None)
     if value is not None:
-        settings: Settings = request.app.state.settings
-        response.set_cookie(
-            CSRF_COOKIE,
-            value,
-            httponly=True,
-            samesite="lax",
-            secure=settings.environment == "production",
-        )
+        set_private_cookie(request, response, CSRF_COOKIE, value)
     return response
 
 

@@ -29,6 +29,7 @@ from app.deps import (
     SettingsDep,
     SignerDep,
     WriteSessionDep,
+    set_private_cookie,
     with_csrf_cookie,
 )
 from app.models import Image, MaskVersion, Project, Role, Tag, Target, TargetState
@@ -107,7 +108,6 @@ def login(
     request: Request,
     session: WriteSessionDep,
     signer: SignerDep,
-    settings: SettingsDep,
     csrf: CsrfTokenDep,
     name: Annotated[str, Form()],
     password: Annotated[str, Form()],
@@ -124,13 +124,12 @@ def login(
         )
     session.commit()
     response = _back(_safe_next(next) if account.role != Role.VOLUNTEER else "/")
-    response.set_cookie(
+    set_private_cookie(
+        request,
+        response,
         SESSION_COOKIE,
         signer.session_cookie(account.id),
         max_age=SESSION_MAX_AGE_S,
-        httponly=True,
-        samesite="lax",
-        secure=settings.environment == "production",
     )
     return response
 
