@@ -128,17 +128,10 @@ def _set_volunteer_cookie(
 VolunteerDep = Annotated[Volunteer, Depends(current_volunteer)]
 
 
-async def limit_address(request: Request) -> None:
+def limit_address(request: Request) -> None:
     """Count a task request against its client address (before any volunteer is made)."""
     limiter: RateLimiter = request.app.state.address_limiter
     limiter.hit(request.client.host if request.client else "unknown")
-
-
-def limited_volunteer(request: Request, volunteer: VolunteerDep) -> Volunteer:
-    """The current volunteer, after counting this task request against their limit."""
-    limiter: RateLimiter = request.app.state.volunteer_limiter
-    limiter.hit(volunteer.public_id)
-    return volunteer
 
 
 @dataclass(frozen=True)
@@ -178,7 +171,7 @@ async def task_caller(
     fuser: FuserDep,
     cookie: Annotated[str | None, Cookie(alias=VOLUNTEER_COOKIE)] = None,
 ) -> TaskCaller:
-    await limit_address(request)
+    limit_address(request)
     public_id = signer.read_volunteer_cookie(cookie)
     if public_id is not None:
         limiter: RateLimiter = request.app.state.volunteer_limiter
@@ -187,8 +180,6 @@ async def task_caller(
 
 
 TaskCallerDep = Annotated[TaskCaller, Depends(task_caller)]
-AddressLimited = Depends(limit_address)
-LimitedVolunteerDep = Annotated[Volunteer, Depends(limited_volunteer)]
 
 
 def known_volunteer(
