@@ -217,7 +217,7 @@ async def post_answer(slug: str, body: AnswerCreate, caller: TaskCallerDep) -> A
 
     read = await run_in_threadpool(answer)
     if read.submission is not None:
-        await caller.fuser.answered_async()
+        await caller.fuser.answered()
     return read
 
 
@@ -347,7 +347,7 @@ async def post_submission(
             return read
 
     read = await run_in_threadpool(store)
-    await caller.fuser.answered_async()
+    await caller.fuser.answered()
     return read
 
 

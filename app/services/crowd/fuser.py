@@ -202,22 +202,12 @@ class LagProbe:
             return self._lag
 
 
-def pause_while_behind(probe: LagProbe, settings: Settings) -> float:
+async def pause_while_behind(probe: LagProbe, settings: Settings) -> float:
     """Backpressure: hold a request whose answer is stored (committed) while the fuser is more
     than ``settings.fusion_max_lag_s`` behind, up to ``PAUSE_MAX_S``. An overloaded server then
     slows its volunteers down instead of letting the consensus fall behind; nothing is locked
-    meanwhile (a request that fused its own answer would wait for the fuser's locks). Returns
-    the seconds paused."""
-    paused = 0.0
-    while paused < PAUSE_MAX_S and probe.read() > settings.fusion_max_lag_s:
-        time.sleep(PAUSE_STEP_S)
-        paused += PAUSE_STEP_S
-    return paused
-
-
-async def pause_while_behind_async(probe: LagProbe, settings: Settings) -> float:
-    """``pause_while_behind`` on the event loop: a held request holds no worker thread, and
-    reads the lag in a thread only when the probe's reading is stale."""
+    meanwhile. The request waits on the event loop (it holds no worker thread) and reads the
+    lag in a thread only when the probe's reading is stale. Returns the seconds paused."""
     paused = 0.0
     while paused < PAUSE_MAX_S:
         lag = probe.fresh()
@@ -283,20 +273,13 @@ class Fuser:
     def wake(self) -> None:
         self.event.set()
 
-    def answered(self) -> None:
+    async def answered(self) -> None:
         """After a request's answer is committed: wake this process's fuser (if it fuses here)
         and hold the request while the fusers are behind (``pause_while_behind``)."""
         if self.settings.fusion == "inline":
             return
         self.wake()
-        pause_while_behind(self.probe, self.settings)
-
-    async def answered_async(self) -> None:
-        """``answered`` for a handler on the event loop."""
-        if self.settings.fusion == "inline":
-            return
-        self.wake()
-        await pause_while_behind_async(self.probe, self.settings)
+        await pause_while_behind(self.probe, self.settings)
 
     def _loop(self) -> None:
         while not self.stop.is_set():
