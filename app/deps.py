@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -22,6 +21,7 @@ from app.security import (
     SESSION_COOKIE,
     VOLUNTEER_COOKIE,
     Signer,
+    same_secret,
 )
 from app.services.account import has_role
 from app.services.crowd.fuser import Fuser
@@ -268,7 +268,7 @@ async def check_csrf(
         form = await request.form()
         value = form.get(CSRF_FIELD)
         sent = value if isinstance(value, str) else None
-    if expected is None or sent is None or not hmac.compare_digest(expected, sent):
+    if expected is None or sent is None or not same_secret(expected, sent):
         raise ForbiddenError(
             "the form's security token is missing or stale: reload the page and try again"
         )

@@ -13,6 +13,7 @@ neither read it nor forge its signature.
 from __future__ import annotations
 
 import enum
+import hmac
 from dataclasses import dataclass
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeSerializer, URLSafeTimedSerializer
@@ -109,3 +110,10 @@ class Signer:
             return TaskClaims(int(task_id), str(nonce), str(volunteer), int(tiles))
         except (TypeError, ValueError) as exc:
             raise TokenError(TokenProblem.MALFORMED, "the task token is malformed") from exc
+
+
+def same_secret(expected: str, sent: str) -> bool:
+    """Whether ``sent`` is the secret ``expected``, in constant time. Compared as UTF-8 bytes:
+    ``hmac.compare_digest`` refuses str with non-ASCII characters (a TypeError, which a header
+    sent by anyone turned into a 500)."""
+    return hmac.compare_digest(expected.encode(), sent.encode(errors="surrogateescape"))

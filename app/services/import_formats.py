@@ -186,13 +186,19 @@ def read_vocabulary(path: Path) -> list[VocabularyEntry]:
             raise ImportFormatError(f"{path.name} tag {index}: needs a 'name' string")
         if not isinstance(item.get("exhaustive", False), bool):
             raise ImportFormatError(f"{path.name} tag {index}: 'exhaustive' must be true or false")
+        aliases = item.get("aliases") or []
+        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+            raise ImportFormatError(f"{path.name} tag {index}: 'aliases' must be a list of names")
+        for key in ("parent", "display_name", "category", "description"):
+            if item.get(key) is not None and not isinstance(item[key], str):
+                raise ImportFormatError(f"{path.name} tag {index}: {key!r} must be a string")
         entries.append(
             VocabularyEntry(
                 name=item["name"],
                 display_name=str(item.get("display_name") or item["name"].replace("_", " ")),
                 category=str(item.get("category") or "general"),
                 parent=item.get("parent"),
-                aliases=tuple(item.get("aliases") or ()),
+                aliases=tuple(aliases),
                 description=str(item.get("description") or ""),
                 exhaustive=bool(item.get("exhaustive", False)),
             )
@@ -210,13 +216,23 @@ def is_coco(path: Path) -> bool:
     return isinstance(data, dict) and {"images", "annotations", "categories"} <= data.keys()
 
 
+def _is_id(value: Any) -> bool:
+    """An integer as JSON has it (``true`` is a bool to Python, and no id)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _coco_image(item: Any, where: str) -> CocoImage:
-    try:
-        return CocoImage(
-            int(item["id"]), str(item["file_name"]), int(item["width"]), int(item["height"])
+    fields = ("id", "file_name", "width", "height")
+    if (
+        not isinstance(item, dict)
+        or not all(k in item for k in fields)
+        or not all(_is_id(item[k]) for k in ("id", "width", "height"))
+        or not isinstance(item["file_name"], str)
+    ):
+        raise ImportFormatError(
+            f"{where}: needs id, width and height (integers) and file_name (a string)"
         )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ImportFormatError(f"{where}: needs id, file_name, width and height") from exc
+    return CocoImage(item["id"], item["file_name"], item["width"], item["height"])
 
 
 def read_coco(path: Path) -> CocoData:
@@ -225,6 +241,9 @@ def read_coco(path: Path) -> CocoData:
         raise ImportFormatError(
             f"{path.name}: not COCO instances (images, annotations, categories)"
         )
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data[key], list):
+            raise ImportFormatError(f"{path.name}: {key!r} must be a list")
     images = {}
     for index, item in enumerate(data["images"]):
         image = _coco_image(item, f"{path.name} images[{index}]")
@@ -233,7 +252,17 @@ def read_coco(path: Path) -> CocoData:
     for index, item in enumerate(data["categories"]):
         if not isinstance(item, dict) or "id" not in item or "name" not in item:
             raise ImportFormatError(f"{path.name} categories[{index}]: needs id and name")
-        categories[int(item["id"])] = (str(item["name"]), item.get("supercategory"))
+        supercategory = item.get("supercategory")
+        if (
+            not _is_id(item["id"])
+            or not isinstance(item["name"], str)
+            or not isinstance(supercategory, str | None)
+        ):
+            raise ImportFormatError(
+                f"{path.name} categories[{index}]: 'id' must be an integer, 'name' and "
+                "'supercategory' strings"
+            )
+        categories[item["id"]] = (item["name"], supercategory)
     coco = CocoData(images=images, categories=categories)
     for index, ann in enumerate(data["annotations"]):
         where = f"{path.name} annotations[{index}]"
@@ -242,6 +271,8 @@ def read_coco(path: Path) -> CocoData:
             or not {"image_id", "category_id", "segmentation"} <= ann.keys()
         ):
             raise ImportFormatError(f"{where}: needs image_id, category_id and segmentation")
+        if not _is_id(ann["image_id"]) or not _is_id(ann["category_id"]):
+            raise ImportFormatError(f"{where}: image_id and category_id must be integers")
         if ann["image_id"] not in images or ann["category_id"] not in categories:
             raise ImportFormatError(f"{where}: unknown image_id or category_id")
         coco.annotations.setdefault(int(ann["image_id"]), []).append(

@@ -32,7 +32,12 @@ class TagResolver:
         self.created: list[Tag] = []
 
     def find(self, raw: str) -> Tag | None:
-        name = normalise_tag_name(raw)
+        """The tag ``raw`` names (directly or by alias), or None (a name no tag could have
+        included)."""
+        try:
+            name = normalise_tag_name(raw)
+        except ValueError:
+            return None
         return self.by_name.get(self.alias_to_name.get(name, name))
 
     def ensure(self, raw: str, *, category: TagCategory = TagCategory.GENERAL) -> Tag:

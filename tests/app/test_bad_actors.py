@@ -37,8 +37,9 @@ MAX_ROUNDS = 30
 
 def test_random_clickers_do_not_spend_a_cells_vote_budget(live: Live) -> None:
     clickers = [live.volunteer("random_clicker", seed) for seed in range(10)]
-    for v in clickers:  # a first visit: an identity, no vote yet
-        assert v.client.get("/api/volunteers/me").status_code == 200
+    for i, v in enumerate(clickers):  # an identity (choosing a name makes one), no vote yet
+        response = v.client.patch("/api/volunteers/me", json={"display_name": f"Coin {i}"})
+        assert response.status_code == 200
     with live.factory() as session:
         for volunteer_id in session.scalars(select(Volunteer.id)):
             row = credibility_of(session, volunteer_id=volunteer_id)

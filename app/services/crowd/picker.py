@@ -9,7 +9,8 @@ for one proven on gold, more for a doubtful one (``gold_rate_for``):
 window tasks whose cells are all gold, or mosaics of known-true, known-false and unknown tiles of
 one tag (3-5-1 by default, reCAPTCHA's mix), served only as known tiles that are due. An unknown
 window is leased to one volunteer at a time by a compare-and-set on its lease (with ``SKIP LOCKED``
-on PostgreSQL, serialised writers on SQLite); an abandoned lease simply runs out.
+on PostgreSQL, serialised writers on SQLite); an abandoned lease simply runs out. A volunteer
+holds at most ``open_tasks_per_volunteer`` tasks at once: a new lease gives the oldest back.
 """
 
 from __future__ import annotations
@@ -486,6 +487,48 @@ def _mosaic_offer(
     return Offer(task=task, tag=tag_row, cells=cells, known=known, window=window), None
 
 
+OPEN_LEASES = (
+    select(Task.id, Task.window_id)
+    .where(
+        Task.volunteer_id == bindparam("volunteer_id"),
+        Task.state == TaskState.LEASED,
+        Task.expires_at > bindparam("now"),
+    )
+    .order_by(Task.issued_at.desc(), Task.id.desc())
+)
+EXPIRE_TASKS = (
+    update(Task)
+    .where(Task.id.in_(bindparam("task_ids", expanding=True)), Task.state == TaskState.LEASED)
+    .values(state=TaskState.EXPIRED)
+    .execution_options(synchronize_session=False)
+)
+RELEASE_WINDOWS = (
+    update(Window)
+    .where(
+        Window.id.in_(bindparam("window_ids", expanding=True)),
+        Window.leased_by == bindparam("volunteer_id"),
+    )
+    .values(leased_until=None, leased_by=None)
+    .execution_options(synchronize_session=False)
+)
+
+
+def release_older_leases(
+    session: Session, *, volunteer: Volunteer, keep: int, now: datetime
+) -> list[int]:
+    """Give back the volunteer's open tasks past the ``keep`` newest (expired: a token of one
+    is refused as expired) and their windows' leases. Returns the tasks given back."""
+    rows = session.execute(OPEN_LEASES, {"volunteer_id": volunteer.id, "now": now}).all()
+    older = rows[max(keep, 0) :]
+    if not older:
+        return []
+    session.execute(EXPIRE_TASKS, {"task_ids": [task_id for task_id, _ in older]})
+    windows = [window_id for _, window_id in older if window_id is not None]
+    if windows:
+        session.execute(RELEASE_WINDOWS, {"window_ids": windows, "volunteer_id": volunteer.id})
+    return [task_id for task_id, _ in older]
+
+
 def next_task(
     session: Session,
     *,
@@ -497,6 +540,9 @@ def next_task(
 ) -> Offer | None:
     """Lease the most valuable task for this volunteer, or None when nothing is left to ask."""
     now = now or utcnow()
+    # One task more is about to be leased: the volunteer keeps at most the cap in all.
+    cap = int(project.setting("open_tasks_per_volunteer"))
+    release_older_leases(session, volunteer=volunteer, keep=cap - 1, now=now)
     # A mosaic spends eight known tiles on one unknown: in "auto" it is one way of serving the
     # known tiles a volunteer is due (the other is a known window), never a task of its own.
     due = needs_known(

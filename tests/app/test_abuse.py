@@ -1,0 +1,178 @@
+"""Abuse of a running server (issue 18): one volunteer must not starve the crowd, no request
+may exhaust the server, and bad input gets a 4xx with a message, never a 500."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from app.db import as_utc, utcnow
+from app.main import create_app
+from app.models import Role, Task, TaskState, Volunteer, Window
+from app.services.import_formats import ImportFormatError, read_coco, read_vocabulary
+from tests.app.conftest import Live
+from tests.app.test_curate import csrf_of, logged_in, triage_some
+
+SLUG = "demo"
+
+
+def _leased_windows(live: Live) -> list[Window]:
+    now = utcnow()
+    with live.factory() as session:
+        windows = session.scalars(select(Window).where(Window.leased_by.is_not(None))).all()
+        return [w for w in windows if w.leased_until and as_utc(w.leased_until) > now]
+
+
+def test_one_volunteer_cannot_hoard_the_open_windows(live: Live) -> None:
+    with live.factory() as session:
+        unknown = len(session.scalars(select(Window).where(Window.known.is_(False))).all())
+    hoarder = live.volunteer()
+    tasks = [hoarder.next_task(SLUG, kind="window") for _ in range(unknown + 5)]
+    first = tasks[0]
+    assert first is not None
+    # The page holds the task in hand and the next one: two leases, never more.
+    assert len(_leased_windows(live)) <= 2
+    with live.factory() as session:
+        leased = session.scalars(select(Task).where(Task.state == TaskState.LEASED)).all()
+        assert len(leased) <= 2
+    # An honest volunteer still gets unknown windows to answer (a newcomer's first tasks may
+    # be known ones, which check them).
+    honest, windows = live.volunteer(seed=1), []
+    for _ in range(5):
+        task = honest.next_task(SLUG, kind="window")
+        assert task is not None
+        honest.answer(SLUG, task)
+        with live.factory() as session:
+            served = session.get(Task, task["id"])
+            assert served is not None and served.window_id is not None
+            windows.append(session.get(Window, served.window_id))
+    assert any(w is not None and not w.known for w in windows)
+    # The hoarder's oldest task was given back: its token is refused, and nothing is stored.
+    response = hoarder.client.post(
+        f"/api/projects/{SLUG}/tasks/submit",
+        json={"token": first["token"], "selected": [], "elapsed_ms": 10},
+    )
+    assert response.status_code == 410 and "expired" in response.text
+
+
+def test_the_page_keeps_the_task_in_hand_while_it_fetches_the_next(live: Live) -> None:
+    volunteer = live.volunteer()
+    in_hand = volunteer.next_task(SLUG, kind="window")
+    ahead = volunteer.next_task(SLUG, kind="window")
+    assert in_hand is not None and ahead is not None
+    volunteer.answer(SLUG, in_hand)  # answered while the next one waits
+    volunteer.answer(SLUG, ahead)
+    assert len(volunteer.submitted) == 2
+
+
+def test_reading_ones_stats_makes_no_identity_and_counts_against_the_address(live: Live) -> None:
+    for _ in range(30):  # a script without cookies
+        response = TestClient(live.app).get("/api/volunteers/me")
+        assert response.status_code == 200 and response.json()["answers"] == 0
+        assert "tessera_volunteer" not in response.cookies
+    assert live.count(Volunteer) == 0
+    limited = create_app(live.settings.model_copy(update={"rate_limit_address_per_minute": 3}))
+    statuses = [TestClient(limited).get("/api/volunteers/me").status_code for _ in range(5)]
+    assert statuses == [200, 200, 200, 429, 429]
+    # A volunteer who has answered sees their own numbers.
+    volunteer = live.volunteer()
+    task = volunteer.next_task(SLUG)
+    assert task is not None
+    volunteer.answer(SLUG, task)
+    assert volunteer.client.get("/api/volunteers/me").json()["answers"] == 9
+
+
+@pytest.mark.parametrize("tag", ["<b>", "", "x" * 200, "' OR 1=1--", "\x00", "é" * 10])
+def test_a_tag_no_tag_could_have_is_not_found(live: Live, tag: str) -> None:
+    client = TestClient(live.app, raise_server_exceptions=False)
+    response = client.get(f"/api/projects/{SLUG}/tasks/next", params={"tag": tag})
+    assert response.status_code == 404 and "no tag" in response.json()["detail"]
+
+
+def test_secrets_with_non_ascii_characters_are_refused_not_crashed_on(live: Live) -> None:
+    client = TestClient(live.app, raise_server_exceptions=False)
+    client.get("/login")  # the CSRF cookie
+    response = client.post(
+        "/login",
+        headers={"X-CSRF-Token": "é".encode()},
+        data={"name": "a", "password": "b"},
+    )
+    assert response.status_code == 403 and "security token" in response.text
+    app = create_app(live.settings.model_copy(update={"metrics_token": "a-long-metrics-token"}))
+    metrics = TestClient(app, raise_server_exceptions=False)
+    response = metrics.get("/metrics", headers={"Authorization": "Bearer é".encode()})
+    assert response.status_code == 401 and "bearer token" in response.text
+
+
+def test_a_curator_adding_a_tag_no_tag_could_have_is_told_so(live: Live) -> None:
+    (target_id,) = triage_some(live, 1)
+    client = logged_in(live, Role.CURATOR)
+    token = csrf_of(client.get(f"/curate/targets/{target_id}").text)
+    response = client.post(
+        f"/curate/targets/{target_id}/tags", data={"csrf_token": token, "tag": "<b>"}
+    )
+    assert response.status_code == 422 and "no tag" in response.text
+
+
+@pytest.mark.parametrize(
+    "tags",
+    [
+        {"tags": [{"name": "cat", "aliases": 5}]},
+        {"tags": [{"name": "cat", "aliases": [1, 2]}]},
+        {"tags": [{"name": "cat", "parent": 5}]},
+        {"tags": [{"name": "cat", "category": {"a": 1}}]},
+    ],
+)
+def test_a_vocabulary_of_the_wrong_types_is_refused_with_where(tmp_path: Path, tags: dict) -> None:
+    path = tmp_path / "vocabulary.json"
+    path.write_text(json.dumps(tags))
+    with pytest.raises(ImportFormatError, match=re.escape("vocabulary.json tag 0: '")):
+        read_vocabulary(path)
+
+
+COCO_IMAGE = {"id": 1, "file_name": "a.png", "width": 4, "height": 4}
+COCO_CATEGORY = {"id": 1, "name": "cat"}
+COCO_ANNOTATION = {"image_id": 1, "category_id": 1, "segmentation": [[0, 0, 2, 0, 2, 2]]}
+
+
+@pytest.mark.parametrize(
+    ("coco", "where"),
+    [
+        ({"images": 5, "annotations": [], "categories": []}, "'images' must be a list"),
+        ({"images": [{**COCO_IMAGE, "width": "x"}]}, "images[0]"),
+        ({"images": [{**COCO_IMAGE, "file_name": 3}]}, "images[0]"),
+        ({"categories": [{"id": "x", "name": "cat"}]}, "categories[0]"),
+        ({"categories": [{"id": 1, "name": ["cat"]}]}, "categories[0]"),
+        ({"categories": [{**COCO_CATEGORY, "supercategory": 7}]}, "categories[0]"),
+        ({"annotations": [{**COCO_ANNOTATION, "image_id": [1]}]}, "annotations[0]"),
+        ({"annotations": [{**COCO_ANNOTATION, "category_id": {"a": 1}}]}, "annotations[0]"),
+    ],
+)
+def test_coco_of_the_wrong_types_is_refused_with_where(
+    tmp_path: Path, coco: dict, where: str
+) -> None:
+    data = {
+        "images": [COCO_IMAGE],
+        "categories": [COCO_CATEGORY],
+        "annotations": [COCO_ANNOTATION],
+        **coco,
+    }
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ImportFormatError, match=re.escape(where)):
+        read_coco(path)
+    path.write_text(
+        json.dumps(
+            {
+                "images": [COCO_IMAGE],
+                "categories": [COCO_CATEGORY],
+                "annotations": [COCO_ANNOTATION],
+            }
+        )
+    )
+    assert read_coco(path).annotations  # the same file with the right types reads
