@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     # A person answers a grid in 3 s or more: 2 requests each, so 180 leaves room to spare.
     rate_limit_volunteer_per_minute: int = Field(default=180, ge=0)
     rate_limit_address_per_minute: int = Field(default=1200, ge=0)
+    # Logins: wrong passwords per account name before it is locked for LOGIN_WINDOW_S (the
+    # right password too: a guesser cannot tell), and attempts per client address.
+    login_failures_per_account: int = Field(default=5, ge=0)
+    login_attempts_per_address: int = Field(default=30, ge=0)
 
     # When set, /metrics asks for it as a bearer token (Prometheus' `authorization` setting).
     metrics_token: str = Field(default="", repr=False)

@@ -28,7 +28,7 @@ from app.pages import curate_import as curate_import_pages
 from app.pages import docs as docs_pages
 from app.pages import home as home_pages
 from app.pages import volunteer as volunteer_pages
-from app.ratelimit import RateLimiter, RateLimitExceeded
+from app.ratelimit import LoginLimits, RateLimiter, RateLimitExceeded
 from app.security import Signer, TokenError, TokenProblem
 from app.services.crowd.answer import GoneError
 from app.services.crowd.fuser import Fuser
@@ -218,6 +218,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.signer = Signer(settings.resolved_secret_key())
     app.state.volunteer_limiter = RateLimiter(settings.rate_limit_volunteer_per_minute, "volunteer")
     app.state.address_limiter = RateLimiter(settings.rate_limit_address_per_minute, "address")
+    app.state.login_limits = LoginLimits.from_settings(settings)
     _error_handlers(app)
     registry = CollectorRegistry()
     registry.register(DatabaseCollector(app.state.session_factory))

@@ -30,13 +30,21 @@ from app.deps import (
     SignerDep,
     WriteSessionDep,
     set_private_cookie,
+    unit_of_work,
     with_csrf_cookie,
 )
 from app.models import Image, MaskVersion, Project, Role, Tag, Target, TargetState
 from app.pages import templates
 from app.pages.charts import line_chart
+from app.ratelimit import LoginLimits, RateLimitExceeded
 from app.security import SESSION_COOKIE, SESSION_MAX_AGE_S
-from app.services.account import authenticate, create_account, list_accounts
+from app.services.account import (
+    authenticate,
+    create_account,
+    list_accounts,
+    record_login,
+    rehashed,
+)
 from app.services.curation.browse import SORTS, browse_targets
 from app.services.curation.mask_edit import (
     MAX_MASK_BYTES,
@@ -106,23 +114,40 @@ def login_form(
 @router.post("/login", dependencies=[CsrfChecked], response_model=None)
 def login(
     request: Request,
-    session: WriteSessionDep,
+    session: SessionDep,
     signer: SignerDep,
     csrf: CsrfTokenDep,
     name: Annotated[str, Form()],
     password: Annotated[str, Form()],
     next: Annotated[str | None, Form()] = None,
 ) -> HTMLResponse | RedirectResponse:
+    """Check the password in a read session (argon2 holds no write lock), within the login
+    limits (``LoginLimits``), then write the login in a short transaction of its own."""
+    limits: LoginLimits = request.app.state.login_limits
+    name = name.strip()
     try:
-        account = authenticate(session, name=name.strip(), password=password)
-    except UnauthorizedError as exc:
-        return _page(
+        limits.attempts.hit(request.client.host if request.client else "unknown")
+        limits.failures.check(name.lower())
+        try:
+            account = authenticate(session, name=name, password=password)
+        except UnauthorizedError:
+            limits.failures.hit(name.lower())
+            raise
+    except (UnauthorizedError, RateLimitExceeded) as exc:
+        refused = _page(
             request,
             "login.html",
             {"csrf": csrf, "next": _safe_next(next), "account": None, "error": str(exc)},
-            status_code=401,
+            status_code=401 if isinstance(exc, UnauthorizedError) else 429,
         )
-    session.commit()
+        if isinstance(exc, RateLimitExceeded):
+            refused.headers["Retry-After"] = str(exc.retry_after_s)
+        return refused
+    new_hash = rehashed(account, password)
+    session.rollback()  # the read is over
+    with unit_of_work(request.app.state.write_session_factory) as write:
+        account = record_login(write, account_id=account.id, new_hash=new_hash)
+        write.commit()
     response = _back(_safe_next(next) if account.role != Role.VOLUNTEER else "/")
     set_private_cookie(
         request,

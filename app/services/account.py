@@ -60,7 +60,9 @@ def set_password(session: Session, *, account: Account, password: str) -> None:
 
 
 def authenticate(session: Session, *, name: str, password: str) -> Account:
-    """The account with these credentials; one message for every failure (no name probing)."""
+    """The account with these credentials; one message for every failure (no name probing).
+    Reads only: the password check (argon2, tens of ms and 64 MiB) holds no write lock;
+    ``record_login`` then writes what a login changes."""
     account = find_account(session, name=name)
     try:
         _hasher.verify(account.password_hash if account else _DUMMY_HASH, password)
@@ -68,8 +70,22 @@ def authenticate(session: Session, *, name: str, password: str) -> Account:
         account = None
     if account is None or account.disabled:
         raise UnauthorizedError("wrong name or password")
-    if _hasher.check_needs_rehash(account.password_hash):
-        account.password_hash = _hasher.hash(password)
+    return account
+
+
+def rehashed(account: Account, password: str) -> str | None:
+    """The password hashed again when the account's hash has older parameters (None if not):
+    computed before the write that stores it."""
+    return _hasher.hash(password) if _hasher.check_needs_rehash(account.password_hash) else None
+
+
+def record_login(session: Session, *, account_id: int, new_hash: str | None) -> Account:
+    """Write a login: its time, and the password's new hash if it has one (``rehashed``)."""
+    account = session.get(Account, account_id)
+    if account is None or account.disabled:
+        raise UnauthorizedError("wrong name or password")
+    if new_hash is not None:
+        account.password_hash = new_hash
     account.last_login_at = utcnow()
     return account
 

@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from httpx import Response
 from sqlalchemy import select
 
 from app.db import as_utc, utcnow
 from app.main import create_app
 from app.models import Role, Task, TaskState, Volunteer, Window
+from app.services import account as account_service
 from app.services.import_formats import ImportFormatError, read_coco, read_vocabulary
 from tests.app.conftest import Live
-from tests.app.test_curate import csrf_of, logged_in, triage_some
+from tests.app.test_curate import PASSWORD, csrf_of, logged_in, triage_some
 
 SLUG = "demo"
 
@@ -176,3 +179,55 @@ def test_coco_of_the_wrong_types_is_refused_with_where(
         )
     )
     assert read_coco(path).annotations  # the same file with the right types reads
+
+
+def _login(client: TestClient, name: str, password: str) -> Response:
+    token = csrf_of(client.get("/login").text)
+    return client.post("/login", data={"name": name, "password": password, "csrf_token": token})
+
+
+def test_password_guessing_locks_the_account_and_the_address(live: Live) -> None:
+    logged_in(live, Role.CURATOR)  # makes the account
+    client = TestClient(live.app, follow_redirects=False)
+    for _ in range(5):
+        assert _login(client, "curator-user", "wrong password!!").status_code == 401
+    locked = _login(client, "curator-user", PASSWORD)  # the right one, too late
+    assert locked.status_code == 429 and "too many wrong passwords" in locked.text
+    assert int(locked.headers["retry-after"]) > 0
+    # Another account is not locked by these failures.
+    assert logged_in(live, Role.ADMIN).cookies.get("tessera_session")
+    app = create_app(live.settings.model_copy(update={"login_attempts_per_address": 3}))
+    client = TestClient(app, follow_redirects=False)
+    statuses = [_login(client, f"name-{i}", "wrong password!!").status_code for i in range(5)]
+    assert statuses == [401, 401, 401, 429, 429]
+
+
+def test_a_login_checks_its_password_outside_the_write_lock(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not live.settings.resolved_database_url.startswith("sqlite"):
+        pytest.skip("SQLite's single writer: PostgreSQL has no database-wide write lock")
+    logged_in(live, Role.CURATOR)
+    volunteer = live.volunteer()
+    wrote: list[bool] = []
+    hasher = account_service._hasher
+
+    class SlowHasher:
+        """The real hasher, whose check lets a volunteer write first: that write must not
+        wait for the login."""
+
+        def verify(self, hash_: str, password: str) -> bool:
+            writer = threading.Thread(
+                target=lambda: wrote.append(volunteer.next_task(SLUG) is not None)
+            )
+            writer.start()
+            writer.join(timeout=10)
+            return hasher.verify(hash_, password)
+
+        def check_needs_rehash(self, hash_: str) -> bool:
+            return hasher.check_needs_rehash(hash_)
+
+    monkeypatch.setattr(account_service, "_hasher", SlowHasher())
+    response = _login(TestClient(live.app, follow_redirects=False), "curator-user", PASSWORD)
+    assert response.status_code == 303
+    assert wrote == [True], "the volunteer's write waited for the password check"
