@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     max_archive_bytes: int = Field(default=4 * 1024**3, gt=0)
     max_archive_members: int = Field(default=200_000, gt=0)
     max_upload_bytes: int = Field(default=1024**3, gt=0)
+    # Any other request body (JSON answers, forms): refused past this before it is read.
+    max_body_bytes: int = Field(default=1024**2, gt=0)
 
     # Each task's tiles vary slightly (shift, colour, noise, JPEG quality) so that known tiles
     # cannot be memorised or matched by hash; off only to look at exact crops.

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.api import api_router
 from app.api import health as health_api
 from app.api import metrics as metrics_api
+from app.bodylimit import BodyLimitMiddleware
 from app.config import Settings, get_settings
 from app.db import Checkpointer, engine_for, make_session_factory
 from app.pages import FRONTEND_DIR, templates
@@ -225,6 +226,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics_registry = registry
     request_metrics = RequestMetrics(registry)
 
+    app.add_middleware(BodyLimitMiddleware, settings=settings)  # inside: 413s are counted
     app.add_middleware(RequestMetricsMiddleware, metrics=request_metrics)
 
     app.include_router(health_api.router)

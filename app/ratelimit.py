@@ -112,4 +112,3 @@ class LoginLimits:
                 refused="too many logins from this {what}",
             ),
         )
-

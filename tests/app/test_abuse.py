@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,27 @@ def test_a_login_checks_its_password_outside_the_write_lock(
     response = _login(TestClient(live.app, follow_redirects=False), "curator-user", PASSWORD)
     assert response.status_code == 303
     assert wrote == [True], "the volunteer's write waited for the password check"
+
+
+def test_a_body_over_its_cap_is_refused_before_it_is_read(live: Live) -> None:
+    app = create_app(live.settings.model_copy(update={"max_body_bytes": 4096}))
+
+    def body(size: int) -> Iterator[bytes]:  # streamed (chunked): no Content-Length
+        for _ in range(size // 1024):
+            yield b" " * 1024
+
+    client = TestClient(app, raise_server_exceptions=False)
+    url = f"/api/projects/{SLUG}/tasks/submit"
+    big = b'{"token": "' + b"x" * 10_000 + b'", "selected": [], "elapsed_ms": 1}'
+    response = client.post(url, content=big, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "more than 4,096" in response.json()["detail"]
+    response = client.post(
+        url, content=body(1024 * 1024), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413  # counted as it came, refused at the cap
+    # Under the cap the request is read and judged as before.
+    small = client.post(url, json={"token": "x", "selected": [], "elapsed_ms": 1})
+    assert small.status_code == 400
+    # An anonymous upload to a curator form is refused before its body is spooled.
+    response = client.post("/curate/import", content=b"x" * 10_000)
+    assert response.status_code in (401, 403, 411)
