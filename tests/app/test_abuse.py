@@ -7,7 +7,7 @@ import json
 import re
 import threading
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 from fastapi.testclient import TestClient
@@ -16,9 +16,10 @@ from sqlalchemy import select
 
 from app.db import as_utc, utcnow
 from app.main import create_app
-from app.models import Role, Task, TaskState, Volunteer, Window
+from app.models import Image, Role, Tag, Task, TaskState, Volunteer, Window
 from app.services import account as account_service
 from app.services.import_formats import ImportFormatError, read_coco, read_vocabulary
+from app.services.masks.export import _entry_name
 from tests.app.conftest import Live
 from tests.app.test_curate import PASSWORD, csrf_of, logged_in, triage_some
 
@@ -256,3 +257,20 @@ def test_a_body_over_its_cap_is_refused_before_it_is_read(live: Live) -> None:
     # An anonymous upload to a curator form is refused before its body is spooled.
     response = client.post("/curate/import", content=b"x" * 10_000)
     assert response.status_code in (401, 403, 411)
+
+
+@pytest.mark.parametrize(
+    "tag", ["x/../../../../tmp/p", "..", "a\\b", "c:d", "fate/stay_night", "k-on!"]
+)
+def test_an_archive_entry_is_named_from_safe_parts(tag: str) -> None:
+    name = _entry_name(Image(file_name="../up/img.png"), Tag(id=7, name=tag))
+    assert "/" not in name and "\\" not in name and ":" not in name and ".." not in name
+    assert PurePosixPath(name).name == name and name.endswith(".png")
+    assert name.startswith("img__")
+
+
+def test_tags_whose_names_change_keep_entries_of_their_own() -> None:
+    image = Image(file_name="img.png")
+    names = {_entry_name(image, Tag(id=i, name=n)) for i, n in enumerate(["a/b", "a_b", "a:b"])}
+    assert len(names) == 3
+    assert _entry_name(image, Tag(id=1, name="cat")) == "img__cat.png"  # names as before

@@ -19,6 +19,10 @@ One zip archive per call, built in memory and written to a temporary file that i
   folder, so that a glob of ``masks/*.png`` never picks up work in progress. Targets without
   cells (nothing asked yet) are left out: their mask would be no one's answer.
 
+``<image>`` is the image's file name without folder or suffix and ``<tag>`` the tag's name,
+each made safe (``safe_part``: a tag may be ``fate/stay_night``, and an entry name must never
+hold a folder; a tag whose name changed gets ``-<tag id>``).
+
 The mask of a complete target is its latest version from the crowd, a curator or imported ground
 truth (the model's predictions are priors, not results).
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import re
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -156,8 +161,25 @@ def _annotation(ann_id: int, image_id: int, category_id: int, entry: _Entry) -> 
     }
 
 
+# What an archive entry's name may hold: no separator (``/``, ``\\``), no drive (``:``), no
+# character a file system or an unzip tool reads specially.
+UNSAFE = re.compile(r"[^A-Za-z0-9_.()+!&'-]")
+
+
+def safe_part(text: str) -> str:
+    """``text`` as one safe part of an archive entry's name: every unsafe character (and a run
+    of dots, which could name a parent folder) becomes ``_``."""
+    return re.sub(r"\.{2,}", "_", UNSAFE.sub("_", text)).strip(".") or "_"
+
+
 def _entry_name(image: Image, tag: Tag) -> str:
-    return f"{PurePosixPath(image.file_name).stem}__{tag.name}.png"
+    """``<image stem>__<tag>.png``, each part made safe (``safe_part``): a tag such as
+    ``x/../../p`` once named an entry that a naive unzip wrote outside its folder. A tag whose
+    name changed on the way gets its id, so that two such tags cannot share an entry."""
+    tag_part = safe_part(tag.name)
+    if tag_part != tag.name:
+        tag_part = f"{tag_part}-{tag.id}"
+    return f"{safe_part(PurePosixPath(image.file_name).stem)}__{tag_part}.png"
 
 
 def _image_info(image: Image) -> dict[str, Any]:
