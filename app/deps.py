@@ -200,10 +200,15 @@ def logged_in_account(
     signer: SignerDep,
     cookie: Annotated[str | None, Cookie(alias=SESSION_COOKIE)] = None,
 ) -> Account | None:
-    """The account of the login session, if any (a disabled account counts as logged out)."""
-    account_id = signer.read_session_cookie(cookie)
-    account = session.get(Account, account_id) if account_id is not None else None
-    return account if account is not None and not account.disabled else None
+    """The account of the login session, if any: a disabled account, or a session issued
+    before the account's sessions were revoked (``revoke_sessions``), counts as logged out."""
+    login = signer.read_session_cookie(cookie)
+    if login is None:
+        return None
+    account = session.get(Account, login[0])
+    if account is None or account.disabled or account.session_epoch != login[1]:
+        return None
+    return account
 
 
 AccountDep = Annotated[Account | None, Depends(logged_in_account)]

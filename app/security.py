@@ -53,18 +53,25 @@ class Signer:
         self._session = URLSafeTimedSerializer(secret, salt="tessera.session")
         self._csrf = URLSafeSerializer(secret, salt="tessera.csrf")
 
-    def session_cookie(self, account_id: int) -> str:
-        return self._session.dumps(account_id)
+    def session_cookie(self, account_id: int, epoch: int) -> str:
+        return self._session.dumps([account_id, epoch])
 
-    def read_session_cookie(self, value: str | None) -> int | None:
-        """The account id of a login session, or None when missing, forged or too old."""
+    def read_session_cookie(self, value: str | None) -> tuple[int, int] | None:
+        """The account id and session epoch of a login session, or None when missing, forged,
+        too old or of the old form (an id alone, which cannot be revoked)."""
         if not value:
             return None
         try:
-            account_id = self._session.loads(value, max_age=SESSION_MAX_AGE_S)
+            data = self._session.loads(value, max_age=SESSION_MAX_AGE_S)
         except BadSignature:  # SignatureExpired is a BadSignature
             return None
-        return account_id if isinstance(account_id, int) else None
+        if (
+            isinstance(data, list)
+            and len(data) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in data)
+        ):
+            return data[0], data[1]
+        return None
 
     def csrf_cookie(self, nonce: str) -> str:
         return self._csrf.dumps(nonce)

@@ -213,6 +213,48 @@ def user_add(
     console.print(f"account [bold]{name}[/] added as {chosen}")
 
 
+@user_app.command("set")
+def user_set(
+    name: Annotated[str, typer.Argument(help="login name")],
+    role: Annotated[str | None, typer.Option(help="volunteer, curator or admin")] = None,
+    disabled: Annotated[
+        bool | None, typer.Option("--disable/--enable", help="refuse or allow its logins")
+    ] = None,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="a new password from standard input")
+    ] = False,
+    logout: Annotated[bool, typer.Option("--logout", help="only end its login sessions")] = False,
+) -> None:
+    """Change an account's role, password or whether it may log in. Any change ends the
+    account's login sessions on every browser (``--logout`` does only that)."""
+    from app.models import Role
+    from app.services.account import find_account, revoke_sessions, update_account
+
+    try:
+        chosen = Role(role) if role is not None else None
+    except ValueError:
+        raise fail(f"unknown role {role!r}: volunteer, curator or admin") from None
+    password = sys.stdin.readline().rstrip("\n") if password_stdin else None
+    if chosen is None and disabled is None and password is None and not logout:
+        raise fail(
+            "nothing to change: give --role, --disable/--enable, --password-stdin or --logout"
+        )
+    settings = load_settings(existing=True)
+    factory = make_session_factory(ready_engine(settings), writer=True)
+    with factory() as session:
+        account = find_account(session, name=name)
+        if account is None:
+            raise fail(f"no account {name!r} (tessera user list shows them)")
+        try:
+            update_account(account, password=password, role=chosen, disabled=disabled)
+        except InvalidInputError as exc:
+            raise fail(str(exc)) from exc
+        if logout:
+            revoke_sessions(account)
+        session.commit()
+    console.print(f"account [bold]{name}[/] changed; its login sessions have ended")
+
+
 @user_app.command("list")
 def user_list() -> None:
     """List the accounts and their roles."""

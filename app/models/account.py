@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import Boolean, String
+from sqlalchemy import Boolean, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, utcnow
@@ -35,3 +35,6 @@ class Account(Base):
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_login_at: Mapped[datetime | None] = mapped_column(default=None)
+    # A login cookie carries the epoch it was issued in; moving it on (``revoke_sessions``:
+    # logout, new password, new role, disabled) ends every session issued before.
+    session_epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

@@ -33,7 +33,7 @@ from app.deps import (
     unit_of_work,
     with_csrf_cookie,
 )
-from app.models import Image, MaskVersion, Project, Role, Tag, Target, TargetState
+from app.models import Account, Image, MaskVersion, Project, Role, Tag, Target, TargetState
 from app.pages import templates
 from app.pages.charts import line_chart
 from app.ratelimit import LoginLimits, RateLimitExceeded
@@ -44,6 +44,7 @@ from app.services.account import (
     list_accounts,
     record_login,
     rehashed,
+    revoke_sessions,
 )
 from app.services.curation.browse import SORTS, browse_targets
 from app.services.curation.mask_edit import (
@@ -153,14 +154,21 @@ def login(
         request,
         response,
         SESSION_COOKIE,
-        signer.session_cookie(account.id),
+        signer.session_cookie(account.id, account.session_epoch),
         max_age=SESSION_MAX_AGE_S,
     )
     return response
 
 
 @router.post("/logout", dependencies=[CsrfChecked])
-def logout() -> RedirectResponse:
+def logout(session: WriteSessionDep, account: AccountDep) -> RedirectResponse:
+    """Log out: the account's login sessions end on the server too (a copy of the cookie stops
+    working), not only in this browser."""
+    if account is not None:
+        row = session.get(Account, account.id)  # the write session's copy
+        if row is not None:
+            revoke_sessions(row)
+            session.commit()
     response = _back("/login")
     response.delete_cookie(SESSION_COOKIE)
     return response

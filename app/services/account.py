@@ -55,8 +55,29 @@ def create_account(session: Session, *, name: str, password: str, role: Role) ->
     return account
 
 
-def set_password(session: Session, *, account: Account, password: str) -> None:
-    account.password_hash = hash_password(password)
+def revoke_sessions(account: Account) -> None:
+    """End every login session of the account issued so far (their cookies name an older
+    session epoch)."""
+    account.session_epoch = (account.session_epoch or 0) + 1
+
+
+def update_account(
+    account: Account,
+    *,
+    password: str | None = None,
+    role: Role | None = None,
+    disabled: bool | None = None,
+) -> None:
+    """Change an account's password, role or whether it is disabled; any change ends its
+    login sessions (a stolen cookie must not outlive a new password or a lost role)."""
+    if password is not None:
+        account.password_hash = hash_password(password)
+    if role is not None:
+        account.role = role
+    if disabled is not None:
+        account.disabled = disabled
+    if password is not None or role is not None or disabled is not None:
+        revoke_sessions(account)
 
 
 def authenticate(session: Session, *, name: str, password: str) -> Account:

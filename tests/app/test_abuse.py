@@ -274,3 +274,36 @@ def test_tags_whose_names_change_keep_entries_of_their_own() -> None:
     names = {_entry_name(image, Tag(id=i, name=n)) for i, n in enumerate(["a/b", "a_b", "a:b"])}
     assert len(names) == 3
     assert _entry_name(image, Tag(id=1, name="cat")) == "img__cat.png"  # names as before
+
+
+def _copied(live: Live, client: TestClient) -> TestClient:
+    """Another browser holding a copy of ``client``'s login cookie."""
+    thief = TestClient(live.app, follow_redirects=False)
+    thief.cookies.set("tessera_session", client.cookies["tessera_session"])
+    return thief
+
+
+def test_logging_out_ends_the_session_everywhere(live: Live) -> None:
+    client = logged_in(live, Role.CURATOR)
+    thief = _copied(live, client)
+    assert thief.get("/curate").status_code == 200
+    token = csrf_of(client.get("/curate").text)
+    assert client.post("/logout", data={"csrf_token": token}).status_code == 303
+    assert thief.get("/curate").status_code == 401
+    assert logged_in(live, Role.CURATOR).get("/curate").status_code == 200  # a new login works
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"password": "a new password!"}, {"role": Role.VOLUNTEER}, {"disabled": True}],
+)
+def test_a_changed_account_ends_its_sessions(live: Live, change: dict[str, object]) -> None:
+    client = logged_in(live, Role.CURATOR)
+    thief = _copied(live, client)
+    with live.factory() as session:
+        account = account_service.find_account(session, name="curator-user")
+        assert account is not None
+        account_service.update_account(account, **change)  # type: ignore[arg-type]
+        session.commit()
+    assert thief.get("/curate").status_code == 401
+    assert client.get("/curate").status_code == 401

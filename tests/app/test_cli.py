@@ -254,3 +254,28 @@ def test_project_settings_and_schedule_commands_check_their_input(tmp_path: Path
     # The frame of a project's cells is fixed once it has images: its votes name cells.
     frame = run(data, "project", "set", "pets", "square_cells", "false")
     assert frame.returncode == 2 and "fixed once a project has images" in frame.stderr
+
+
+def test_user_set_changes_an_account_and_ends_its_sessions(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert run(data, "db", "upgrade").returncode == 0
+    added = subprocess.run(
+        [*TESSERA, "user", "add", "ada", "--password-stdin"],
+        env=_env(data),
+        input="a long password\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert added.returncode == 0, added.stderr
+    changed = run(data, "user", "set", "ada", "--role", "admin", "--disable")
+    assert changed.returncode == 0 and "sessions have ended" in changed.stdout, changed.stderr
+    listed = run(data, "user", "list")
+    assert "admin" in listed.stdout
+    for args, message in (
+        (["nobody", "--logout"], "no account 'nobody'"),
+        (["ada", "--role", "king"], "unknown role 'king'"),
+        (["ada"], "nothing to change"),
+    ):
+        refused = run(data, "user", "set", *args)
+        assert refused.returncode != 0 and message in refused.stderr, refused.stderr
