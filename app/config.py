@@ -64,6 +64,13 @@ class Settings(BaseSettings):
     # uvicorn's line per request; off under heavy load (metrics count requests anyway).
     access_log: bool = True
     host: str = "127.0.0.1"
+    # Proxies whose X-Forwarded-For and X-Forwarded-Proto are believed (comma-separated
+    # addresses or networks, uvicorn's forwarded_allow_ips; "*" any). Empty: none, so the
+    # client address the rate limits count is the connection's, whatever a header says.
+    trusted_proxies: str = ""
+    # Host names this server answers to (comma-separated, "*.example.org" allowed); "*": any.
+    # Pages never build links from the Host header either way.
+    allowed_hosts: str = "*"
     port: int = Field(default=8000, ge=1, le=65535)
 
     # Task requests (next, submit, skip) a minute, per volunteer and per client address; 0: off.

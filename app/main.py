@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from app.api import api_router
 from app.api import health as health_api
@@ -23,6 +24,7 @@ from app.api import metrics as metrics_api
 from app.bodylimit import BodyLimitMiddleware
 from app.config import Settings, get_settings
 from app.db import Checkpointer, engine_for, make_session_factory
+from app.headers import SecurityHeadersMiddleware
 from app.pages import FRONTEND_DIR, templates
 from app.pages import curate as curate_pages
 from app.pages import curate_import as curate_import_pages
@@ -228,6 +230,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(BodyLimitMiddleware, settings=settings)  # inside: 413s are counted
     app.add_middleware(RequestMetricsMiddleware, metrics=request_metrics)
+    app.add_middleware(SecurityHeadersMiddleware)
+    hosts = [h.strip() for h in settings.allowed_hosts.split(",") if h.strip()]
+    if hosts and hosts != ["*"]:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
 
     app.include_router(health_api.router)
     app.include_router(metrics_api.router)

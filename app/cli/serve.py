@@ -28,23 +28,19 @@ def _serve(settings: Settings, host: str, port: int, workers: int = 1) -> None:
 
     ready_engine(settings)
     console.print(f"Tessera is serving on [bold]http://{host}:{port}/[/]  (Ctrl+C stops it)")
-    if workers > 1:  # each worker process builds its app from the same environment
-        uvicorn.run(
-            "app.main:create_app",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            log_level="info",
-            access_log=settings.access_log,
-        )
-        return
+    # Forwarded headers only from the proxies named (uvicorn believes 127.0.0.1 by default:
+    # anything on this machine could then pick its own address for the rate limits).
+    proxies = settings.trusted_proxies.strip()
     uvicorn.run(
-        create_app(settings),
+        create_app(settings) if workers == 1 else "app.main:create_app",
+        factory=workers > 1,  # each worker process builds its app from the same environment
+        workers=workers if workers > 1 else None,
         host=host,
         port=port,
         log_level="info",
         access_log=settings.access_log,
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=proxies or None,
     )
 
 

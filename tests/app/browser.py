@@ -131,6 +131,19 @@ def browser() -> Iterator[object]:
         chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
+    # Every page of the module ran under the server's Content-Security-Policy: nothing it
+    # loads or runs may be refused by it (an inline script, a style from elsewhere).
+    refused, CSP_REFUSALS[:] = list(CSP_REFUSALS), []
+    assert not refused, f"the Content-Security-Policy refused: {refused}"
+
+
+CSP_REFUSALS: list[str] = []  # console messages of CSP refusals, from every page made here
+
+
+def _csp_refusal(message: object) -> None:
+    text = str(message.text)  # type: ignore[attr-defined]
+    if "Content Security Policy" in text:
+        CSP_REFUSALS.append(text)
 
 
 def new_page(browser: object, server: Server, **options: object) -> object:
@@ -142,7 +155,9 @@ def new_page(browser: object, server: Server, **options: object) -> object:
             route.continue_() if route.request.url.startswith(server.url) else route.abort()
         ),
     )
-    return context.new_page()
+    page = context.new_page()
+    page.on("console", _csp_refusal)
+    return page
 
 
 def screenshot(page: object, name: str) -> None:

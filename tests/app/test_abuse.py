@@ -307,3 +307,22 @@ def test_a_changed_account_ends_its_sessions(live: Live, change: dict[str, objec
         session.commit()
     assert thief.get("/curate").status_code == 401
     assert client.get("/curate").status_code == 401
+
+
+def test_pages_carry_security_headers_and_never_echo_the_host(live: Live) -> None:
+    client = TestClient(live.app, base_url="https://testserver")
+    page = client.get("/p/demo", headers={"Host": "evil.example"})
+    assert page.status_code == 200 and "evil.example" not in page.text
+    assert 'src="/static/js/play.js"' in page.text
+    policy = page.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in policy and "script-src 'self';" in policy
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert page.headers["referrer-policy"] == "same-origin"
+    assert page.headers["strict-transport-security"].startswith("max-age=")
+    plain = TestClient(live.app).get("/healthz")
+    assert "strict-transport-security" not in plain.headers  # not over plain HTTP
+    assert plain.headers["x-frame-options"] == "DENY"
+    app = create_app(live.settings.model_copy(update={"allowed_hosts": "tessera.example"}))
+    refused = TestClient(app, base_url="http://evil.example").get("/")
+    assert refused.status_code == 400
+    assert TestClient(app, base_url="http://tessera.example").get("/").status_code == 200

@@ -279,3 +279,46 @@ def test_user_set_changes_an_account_and_ends_its_sessions(tmp_path: Path) -> No
     ):
         refused = run(data, "user", "set", *args)
         assert refused.returncode != 0 and message in refused.stderr, refused.stderr
+
+
+def _serving(data: Path, port: int, **env: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [*TESSERA, "serve", "--port", str(port)],
+        env=_env(data) | env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+            return proc
+        except httpx.TransportError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                output = proc.stdout.read() if proc.stdout else "no output"
+                raise AssertionError(output) from None
+            time.sleep(0.2)
+
+
+def test_a_forwarded_address_is_believed_only_from_a_trusted_proxy(tmp_path: Path) -> None:
+    """The address limit counts the connection's address: a client on this machine cannot pick
+    a new one per request with X-Forwarded-For (uvicorn believed 127.0.0.1 by default)."""
+    limit = {"TESSERA_RATE_LIMIT_ADDRESS_PER_MINUTE": "2"}
+    for trusted, expected in (("", [404, 404, 429]), ("127.0.0.1", [404, 404, 404])):
+        port = _free_port()
+        proc = _serving(tmp_path / "data", port, TESSERA_TRUSTED_PROXIES=trusted, **limit)
+        try:
+            statuses = [
+                httpx.get(
+                    f"http://127.0.0.1:{port}/api/projects/none/tasks/next",
+                    headers={"X-Forwarded-For": f"203.0.113.{i}"},
+                    timeout=10,
+                ).status_code
+                for i in range(3)
+            ]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+        assert statuses == expected, (trusted, statuses)
