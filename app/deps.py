@@ -31,6 +31,7 @@ from app.services.errors import (
     TooLargeError,
     UnauthorizedError,
 )
+from app.services.tile import PictureCache
 from app.services.volunteer import find_volunteer, get_or_create_volunteer
 
 ResponseT = TypeVar("ResponseT", bound=Response)
@@ -193,6 +194,30 @@ def known_volunteer(
 
 
 KnownVolunteerDep = Annotated[Volunteer | None, Depends(known_volunteer)]
+
+# Pictures a grid shows: nine tiles, and a context picture or two.
+PICTURES_PER_TASK_REQUEST = 12
+
+
+@dataclass(frozen=True)
+class Pictures:
+    """Tiles and context pictures: rendered once per task (``PictureCache``) and limited per
+    volunteer (``PICTURES_PER_TASK_REQUEST`` times the task requests they may make), not per
+    address: a class behind one address fetches far more pictures than task requests."""
+
+    cache: PictureCache
+    limiter: RateLimiter
+
+    def limit(self, volunteer: Volunteer) -> None:
+        self.limiter.hit(volunteer.public_id)
+
+
+async def get_pictures(request: Request) -> Pictures:
+    pictures: Pictures = request.app.state.pictures
+    return pictures
+
+
+PicturesDep = Annotated[Pictures, Depends(get_pictures)]
 
 
 def logged_in_account(

@@ -24,6 +24,7 @@ from app.api import metrics as metrics_api
 from app.bodylimit import BodyLimitMiddleware
 from app.config import Settings, get_settings
 from app.db import Checkpointer, engine_for, make_session_factory
+from app.deps import PICTURES_PER_TASK_REQUEST, Pictures
 from app.headers import SecurityHeadersMiddleware
 from app.pages import FRONTEND_DIR, templates
 from app.pages import curate as curate_pages
@@ -47,6 +48,7 @@ from app.services.errors import (
 from app.services.metrics import DatabaseCollector, RequestMetrics, RequestMetricsMiddleware
 from app.services.project import get_project, list_project_summaries
 from app.services.recompute import recompute_project
+from app.services.tile import PictureCache
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +224,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.volunteer_limiter = RateLimiter(settings.rate_limit_volunteer_per_minute, "volunteer")
     app.state.address_limiter = RateLimiter(settings.rate_limit_address_per_minute, "address")
     app.state.login_limits = LoginLimits.from_settings(settings)
+    app.state.pictures = Pictures(
+        PictureCache(),
+        RateLimiter(
+            settings.rate_limit_volunteer_per_minute * PICTURES_PER_TASK_REQUEST,
+            "volunteer",
+            refused="too many pictures for this {what}",
+        ),
+    )
     _error_handlers(app)
     registry = CollectorRegistry()
     registry.register(DatabaseCollector(app.state.session_factory))

@@ -13,6 +13,7 @@ neither read it nor forge its signature.
 from __future__ import annotations
 
 import enum
+import hashlib
 import hmac
 from dataclasses import dataclass
 
@@ -52,6 +53,10 @@ class Signer:
         self._task = URLSafeTimedSerializer(secret, salt="tessera.task")
         self._session = URLSafeTimedSerializer(secret, salt="tessera.session")
         self._csrf = URLSafeSerializer(secret, salt="tessera.csrf")
+        # Keys the tiles' variations (``tile_seed``): derived from the secret, never sent.
+        self.tile_key = hashlib.blake2b(
+            secret.encode(), digest_size=32, person=b"tessera.tile"
+        ).digest()
 
     def session_cookie(self, account_id: int, epoch: int) -> str:
         return self._session.dumps([account_id, epoch])

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.deps import (
     KnownVolunteerDep,
+    PicturesDep,
     RowId,
     SessionDep,
     SettingsDep,
@@ -253,11 +254,27 @@ def get_tile(
     position: Annotated[int, Path(ge=0, le=8, description="tile position, 0-8 row-major")],
     session: SessionDep,
     settings: SettingsDep,
+    signer: SignerDep,
+    pictures: PicturesDep,
     volunteer: KnownVolunteerDep,
 ) -> Response:
     task = session.get(Task, task_id)
     if task is None or volunteer is None or task.volunteer_id != volunteer.id:
         raise NotFoundError("no such task for this volunteer")
+    pictures.limit(volunteer)
+    jpeg = pictures.cache.get(
+        ("tile", task_id, position),
+        lambda: _render_tile(session, settings, signer, task, position),
+    )
+    return Response(
+        jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"}
+    )
+
+
+def _render_tile(
+    session: SessionDep, settings: SettingsDep, signer: SignerDep, task: Task, position: int
+) -> bytes:
+    task_id = task.id
     row = session.execute(
         select(Cell, Image)
         .join(TaskTile, TaskTile.cell_id == Cell.id)
@@ -269,16 +286,13 @@ def get_tile(
         raise NotFoundError(f"task {task_id} has no tile {position}")
     cell, image = row
     augmentation = DEFAULT_AUGMENTATION if settings.tile_augmentation else PLAIN
-    jpeg = render_tile(
+    return render_tile(
         settings,
         image,
         cell,
-        seed=tile_seed(task.nonce, position),
+        seed=tile_seed(task.nonce, position, signer.tile_key),
         square=_square(session, task),
         augmentation=augmentation,
-    )
-    return Response(
-        jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"}
     )
 
 
@@ -295,6 +309,7 @@ def get_context(
     task_id: RowId,
     session: SessionDep,
     settings: SettingsDep,
+    pictures: PicturesDep,
     volunteer: KnownVolunteerDep,
     view: Annotated[
         Literal["image", "around"],
@@ -304,6 +319,17 @@ def get_context(
     task = session.get(Task, task_id)
     if task is None or volunteer is None or task.volunteer_id != volunteer.id:
         raise NotFoundError("no such task for this volunteer")
+    pictures.limit(volunteer)
+    jpeg = pictures.cache.get(
+        ("context", task_id, view), lambda: _render_context(session, settings, task, view)
+    )
+    return Response(
+        jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"}
+    )
+
+
+def _render_context(session: SessionDep, settings: SettingsDep, task: Task, view: str) -> bytes:
+    task_id = task.id
     window = _context_window(session, task)
     image = None
     if window is not None:
@@ -324,10 +350,7 @@ def get_context(
         image.width,
         square=_square(session, task),
     )
-    jpeg = render_context(settings, image, area, around=view == "around")
-    return Response(
-        jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"}
-    )
+    return render_context(settings, image, area, around=view == "around")
 
 
 @router.post(

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from httpx import Response
 from sqlalchemy import select
 
+from app.api import task as task_api
 from app.db import as_utc, utcnow
 from app.main import create_app
 from app.models import Image, Role, Tag, Task, TaskState, Volunteer, Window
@@ -326,3 +327,26 @@ def test_pages_carry_security_headers_and_never_echo_the_host(live: Live) -> Non
     refused = TestClient(app, base_url="http://evil.example").get("/")
     assert refused.status_code == 400
     assert TestClient(app, base_url="http://tessera.example").get("/").status_code == 200
+
+
+def test_pictures_are_rendered_once_per_task_and_limited_per_volunteer(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rendered: list[int] = []
+    real = task_api.render_tile
+
+    def counting(*args: object, **kwargs: object) -> bytes:
+        rendered.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(task_api, "render_tile", counting)
+    app = create_app(live.settings.model_copy(update={"rate_limit_volunteer_per_minute": 2}))
+    volunteer = live.volunteer()
+    volunteer.client = TestClient(app)
+    task = volunteer.next_task(SLUG)
+    assert task is not None
+    url = task["tiles"][0]["url"]
+    statuses = [volunteer.client.get(url).status_code for _ in range(30)]
+    # Two task requests a minute allow 24 pictures; the tile is rendered once.
+    assert statuses[:24] == [200] * 24 and statuses[24:] == [429] * 6
+    assert len(rendered) == 1

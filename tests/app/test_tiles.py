@@ -28,6 +28,8 @@ from app.services.tile import (
 from ml.aggregation import grid
 from tests.app.conftest import HAS_PYRAMID, SLUG, Live
 
+KEY = b"a tile key"
+
 
 def _pixels(jpeg: bytes) -> np.ndarray:
     return np.asarray(PILImage.open(io.BytesIO(jpeg)).convert("L"), dtype=np.float64)
@@ -63,7 +65,9 @@ def test_each_task_renders_a_known_tile_differently_but_it_shows_the_same_cell(
         plain, shapes = _pixels(plain_jpeg), _coarse(plain_jpeg)
         assert plain.shape[::-1] == tile_size(image, cell, square=True)
         renderings = [
-            render_tile(live.settings, image, cell, seed=tile_seed(f"nonce-{i}", 4), square=True)
+            render_tile(
+                live.settings, image, cell, seed=tile_seed(f"nonce-{i}", 4, KEY), square=True
+            )
             for i in range(12)
         ]
         assert len({hashlib.sha256(r).hexdigest() for r in renderings}) == len(renderings)
@@ -109,7 +113,10 @@ def test_a_tasks_tile_is_the_same_on_every_fetch_and_differs_between_tasks(live:
     first, second = volunteer.client.get(url), volunteer.client.get(url)
     assert first.status_code == second.status_code == 200
     assert first.content == second.content
-    assert tile_seed("a", 0) != tile_seed("b", 0) != tile_seed("a", 1)
+    assert tile_seed("a", 0, KEY) != tile_seed("b", 0, KEY) != tile_seed("a", 1, KEY)
+    # The nonce is in the task's token, which the volunteer can read: without the server's key
+    # the seed cannot be worked out from it.
+    assert tile_seed("a", 0, KEY) != tile_seed("a", 0, b"another server's key")
 
 
 def test_a_fine_window_shows_where_it_is_in_the_whole_image(live: Live) -> None:
