@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, timedelta
 
+import numpy as np
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
 from app.models import Credibility, Task, TaskState, Volunteer, Vote
 from app.services.errors import InvalidInputError, NotFoundError
+from ml.aggregation.credibility import COUNT_FIELDS, WorkerCounts, sensitivity_specificity
 
 FIND_VOLUNTEER = select(Volunteer).where(Volunteer.public_id == bindparam("public_id"))
 
@@ -156,34 +159,75 @@ class LeaderboardRow:
     rank: int
     name: str
     answers: int
+    credible: int  # answers weighed by how informative the volunteer is (``leaderboard``)
     is_you: bool
+
+
+# Raw answers first, re-ranked by credible contribution: enough candidates that a flood of
+# throwaway identities cannot push every honest volunteer out of them.
+LEADERBOARD_CANDIDATES = 2000
 
 
 def leaderboard(
     session: Session, *, volunteer: Volunteer | None, limit: int = 20
 ) -> list[LeaderboardRow]:
-    """Volunteers by answers given (banned ones left out)."""
+    """Volunteers by credible contribution (banned ones left out): their answers times how
+    informative they are (Youden's J of their credibility, 0 for a coin), so that answering
+    at random as fast as possible earns no place."""
     rows = session.execute(
         select(Volunteer, func.count(Vote.id).label("answers"))
         .join(Vote, Vote.volunteer_id == Volunteer.id)
         .where(Volunteer.banned.is_(False))
         .group_by(Volunteer.id)
         .order_by(func.count(Vote.id).desc(), Volunteer.id)
-        .limit(limit)
+        .limit(LEADERBOARD_CANDIDATES)
     ).all()
+    found = {
+        c.volunteer_id: c
+        for c in session.scalars(
+            select(Credibility).where(
+                Credibility.volunteer_id.in_([v.id for v, _ in rows]), Credibility.category == ""
+            )
+        )
+    }
+    counts = WorkerCounts.from_rows(
+        [
+            [float(getattr(found[v.id], f)) if v.id in found else 0.0 for f in COUNT_FIELDS]
+            for v, _ in rows
+        ]
+    )
+    sens, spec = sensitivity_specificity(counts)
+    informative = np.clip(sens + spec - 1.0, 0.0, 1.0)
+    scored = sorted(
+        ((round(n * float(j)), n, v) for (v, n), j in zip(rows, informative, strict=True)),
+        key=lambda row: (-row[0], -row[1], row[2].id),
+    )
     return [
         LeaderboardRow(
             rank=i + 1,
             name=display_name(v),
             answers=n,
+            credible=c,
             is_you=volunteer is not None and v.id == volunteer.id,
         )
-        for i, (v, n) in enumerate(rows)
+        for i, (c, n, v) in enumerate(scored[:limit])
     ]
 
 
+# Characters that change how a name shows without showing themselves: direction overrides and
+# isolates, marks, zero-width spaces and joiners, the byte-order mark.
+INVISIBLE = re.compile("[\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+# The name every volunteer has until they choose one (``display_name``): nobody may choose it.
+DEFAULT_NAME = re.compile(r"^volunteer\s*[0-9a-f]{4,}$", re.IGNORECASE)
+
+
 def rename_volunteer(session: Session, *, volunteer: Volunteer, name: str) -> None:
-    name = " ".join(name.split())
+    name = " ".join(INVISIBLE.sub("", name).split())
     if not 2 <= len(name) <= 40:
         raise InvalidInputError("a display name has 2 to 40 characters")
+    if DEFAULT_NAME.match(name):
+        raise InvalidInputError(
+            f"{name!r} looks like the name Tessera gives volunteers who have not chosen one; "
+            "choose another"
+        )
     volunteer.display_name = name

@@ -19,8 +19,10 @@ from app.db import as_utc, utcnow
 from app.main import create_app
 from app.models import Image, Role, Tag, Task, TaskState, Volunteer, Window
 from app.services import account as account_service
+from app.services.consensus import COUNT_COLUMNS
 from app.services.import_formats import ImportFormatError, read_coco, read_vocabulary
 from app.services.masks.export import _entry_name
+from app.services.volunteer import credibility_of, leaderboard
 from tests.app.conftest import Live
 from tests.app.test_curate import PASSWORD, csrf_of, logged_in, triage_some
 
@@ -350,3 +352,40 @@ def test_pictures_are_rendered_once_per_task_and_limited_per_volunteer(
     # Two task requests a minute allow 24 pictures; the tile is rendered once.
     assert statuses[:24] == [200] * 24 and statuses[24:] == [429] * 6
     assert len(rendered) == 1
+
+
+def test_the_leaderboard_ranks_credible_answers_not_fast_clicks(live: Live) -> None:
+    clickers = [live.volunteer("random_clicker", seed) for seed in range(3)]
+    careful = live.volunteer("diligent", seed=9)
+    for _ in range(6):
+        for clicker in clickers:
+            clicker.step(SLUG)
+    for _ in range(2):
+        careful.step(SLUG)
+    with live.factory() as session:
+        clicker_ids = set(session.scalars(select(Volunteer.id).where(Volunteer.id <= 3)))
+        for volunteer_id in clicker_ids:  # shown to toss a coin on gold
+            row = credibility_of(session, volunteer_id=volunteer_id)
+            for name in COUNT_COLUMNS:
+                setattr(row, name, 30)
+        session.commit()
+        board = leaderboard(session, volunteer=None)
+    assert board[0].answers < max(row.answers for row in board)  # fewer answers, ranked first
+    # A coin's answers count for next to nothing (J of 30 right and 30 wrong under the priors).
+    assert board[0].credible > 5 and all(row.credible <= 2 for row in board[1:])
+
+
+@pytest.mark.parametrize("name", ["Volunteer 1a2b3c", "volunteer1a2b3c", "VOLUNTEER abcdef"])
+def test_nobody_may_take_the_name_of_a_volunteer_without_one(live: Live, name: str) -> None:
+    client = live.volunteer().client
+    response = client.patch("/api/volunteers/me", json={"display_name": name})
+    assert response.status_code == 422 and "choose another" in response.text
+
+
+def test_invisible_characters_are_stripped_from_names(live: Live) -> None:
+    client = live.volunteer().client
+    sneaky = "Ad\u202ea\u200b Lo\u2066vel\u2069ace\ufeff"
+    response = client.patch("/api/volunteers/me", json={"display_name": sneaky})
+    assert response.status_code == 200 and response.json()["name"] == "Ada Lovelace"
+    response = client.patch("/api/volunteers/me", json={"display_name": "\u200b\u200bA\u202e"})
+    assert response.status_code == 422  # one visible character is no name
