@@ -1,13 +1,17 @@
 # Tessera web service and jobs, CPU build. Data (SQLite, images, masks, models) lives in /data.
 #   docker build -t tessera .
-#   docker run -p 8000:8000 -v tessera-data:/data tessera
+#   docker run -p 8000:8000 -v tessera-data:/data \
+#     -e TESSERA_SECRET_KEY="$(python3 -c 'import secrets; print(secrets.token_urlsafe(48))')" tessera
+# The image runs in production mode: a secret key is required (share one between containers),
+# and cookies are HTTPS-only (serve it behind TLS; set TESSERA_TRUSTED_PROXIES to the proxy).
 # For PostgreSQL set TESSERA_DATABASE_URL and run `tessera db upgrade` once before serving.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    TESSERA_DATA_DIR=/data
+    TESSERA_DATA_DIR=/data \
+    TESSERA_ENVIRONMENT=production
 
 WORKDIR /srv/tessera
 

@@ -82,8 +82,11 @@ class Settings(BaseSettings):
     login_failures_per_account: int = Field(default=5, ge=0)
     login_attempts_per_address: int = Field(default=30, ge=0)
 
-    # When set, /metrics asks for it as a bearer token (Prometheus' `authorization` setting).
+    # When set, /metrics asks for it as a bearer token (Prometheus' `authorization` setting);
+    # empty, /metrics is public (request counts and latencies, database size: no personal data).
     metrics_token: str = Field(default="", repr=False)
+    # The API's documentation (/docs, /openapi.json) for anyone; false: 404 for both.
+    public_api_docs: bool = True
 
     @model_validator(mode="after")
     def _production_needs_explicit_values(self) -> Settings:

@@ -7,6 +7,7 @@ plain pooled engine. Route handlers and job steps commit once; services only flu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -14,6 +15,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, ClassVar
 
 try:  # POSIX: the writers of several processes queue on a file lock
@@ -164,6 +166,16 @@ class Checkpointer:
         self.checkpoint()
 
 
+def _private_file(path: Path) -> None:
+    """Create the database file readable by its owner only (0600; the umask made it 0644,
+    while the secret beside it is 0600). SQLite gives its -wal and -shm files the database
+    file's permissions. An existing file keeps its own."""
+    if path.exists() or not path.parent.is_dir():
+        return
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
     """An engine for ``url``. SQLite: WAL, the writer gate; with ``background_checkpoints``,
     its connections leave checkpoints to a ``Checkpointer``."""
@@ -173,6 +185,8 @@ def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
         )
         database = engine.url.database
         on_disk = database not in (None, "", ":memory:") and not database.startswith("file:")
+        if on_disk and database is not None:
+            _private_file(Path(database))
         gate = _WriterGate(f"{database}-writer" if on_disk else None)
         event.listen(engine, "connect", _sqlite_pragmas)
         if background_checkpoints and on_disk:

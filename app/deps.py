@@ -107,7 +107,7 @@ def set_private_cookie(
     request: Request, response: Response, name: str, value: str, *, max_age: int | None = None
 ) -> None:
     """Set one of Tessera's cookies: out of scripts' reach, same-site, HTTPS-only in
-    production."""
+    production and whenever the request came over HTTPS."""
     settings: Settings = request.app.state.settings
     response.set_cookie(
         name,
@@ -115,7 +115,8 @@ def set_private_cookie(
         max_age=max_age,
         httponly=True,
         samesite="lax",
-        secure=settings.environment == "production",
+        # Production, or any request that came over HTTPS (a TLS proxy's, with trusted_proxies).
+        secure=settings.environment == "production" or request.url.scheme == "https",
     )
 
 

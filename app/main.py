@@ -179,6 +179,18 @@ def recompute_all(factory: sessionmaker[Session], settings: Settings) -> None:
         log.info("consensus of %s recomputed: %s", slug, report)
 
 
+def _say_what_is_public(settings: Settings) -> None:
+    """In production, say which read-only endpoints anyone may read, and how to close them."""
+    if settings.environment != "production":
+        return
+    if not settings.metrics_token:
+        log.warning("/metrics is public: set TESSERA_METRICS_TOKEN to ask for a bearer token")
+    if settings.public_api_docs:
+        log.warning(
+            "/docs and /openapi.json are public: set TESSERA_PUBLIC_API_DOCS=false to close them"
+        )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     # SQLite: the server's requests never checkpoint the log; a thread does (``Checkpointer``).
@@ -213,6 +225,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # /docs is served from this server (app.pages.docs): the defaults load from a CDN.
         docs_url=None,
         redoc_url=None,
+        openapi_url="/openapi.json" if settings.public_api_docs else None,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -252,6 +265,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(volunteer_pages.router)
     app.include_router(curate_pages.router)
     app.include_router(curate_import_pages.router)
-    app.include_router(docs_pages.router)
+    if settings.public_api_docs:
+        app.include_router(docs_pages.router)
+    _say_what_is_public(settings)
     app.mount("/static", StaticFiles(directory=FRONTEND_DIR / "static"), name="static")
     return app

@@ -192,6 +192,12 @@ def read_vocabulary(path: Path) -> list[VocabularyEntry]:
         for key in ("parent", "display_name", "category", "description"):
             if item.get(key) is not None and not isinstance(item[key], str):
                 raise ImportFormatError(f"{path.name} tag {index}: {key!r} must be a string")
+        if len(item.get("display_name") or "") > MAX_TAG_LENGTH:
+            # The column's length: SQLite would store a longer one, PostgreSQL refuse it.
+            raise ImportFormatError(
+                f"{path.name} tag {index}: 'display_name' has more than {MAX_TAG_LENGTH} "
+                "characters"
+            )
         entries.append(
             VocabularyEntry(
                 name=item["name"],

@@ -4,7 +4,9 @@ may exhaust the server, and bad input gets a 4xx with a message, never a 500."""
 from __future__ import annotations
 
 import json
+import logging
 import re
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -15,7 +17,7 @@ from httpx import Response
 from sqlalchemy import select
 
 from app.api import task as task_api
-from app.db import as_utc, utcnow
+from app.db import as_utc, make_engine, utcnow
 from app.main import create_app
 from app.models import Image, Role, Tag, Task, TaskState, Volunteer, Window
 from app.services import account as account_service
@@ -389,3 +391,41 @@ def test_invisible_characters_are_stripped_from_names(live: Live) -> None:
     assert response.status_code == 200 and response.json()["name"] == "Ada Lovelace"
     response = client.patch("/api/volunteers/me", json={"display_name": "\u200b\u200bA\u202e"})
     assert response.status_code == 422  # one visible character is no name
+
+
+def test_a_new_sqlite_database_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'new.db'}")
+    with engine.connect() as connection:
+        connection.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+        connection.commit()
+    engine.dispose()
+    assert stat.S_IMODE((tmp_path / "new.db").stat().st_mode) == 0o600
+
+
+def test_what_is_public_can_be_closed_and_is_said_in_production(
+    live: Live, caplog: pytest.LogCaptureFixture
+) -> None:
+    closed = TestClient(create_app(live.settings.model_copy(update={"public_api_docs": False})))
+    assert closed.get("/docs").status_code == 404
+    assert closed.get("/openapi.json").status_code == 404
+    assert TestClient(live.app).get("/openapi.json").status_code == 200  # open by default
+    production = live.settings.model_copy(update={"environment": "production"})
+    with caplog.at_level(logging.WARNING):
+        create_app(production)
+    said = caplog.text
+    assert "TESSERA_METRICS_TOKEN" in said and "TESSERA_PUBLIC_API_DOCS=false" in said
+
+
+def test_cookies_are_https_only_whenever_the_request_came_over_https(live: Live) -> None:
+    secure = TestClient(live.app, base_url="https://testserver")
+    response = secure.get(f"/api/projects/{SLUG}/tasks/next")
+    assert "secure" in response.headers["set-cookie"].lower()
+    plain = TestClient(live.app).get(f"/api/projects/{SLUG}/tasks/next")
+    assert "secure" not in plain.headers["set-cookie"].lower()
+
+
+def test_a_display_name_longer_than_its_column_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "vocabulary.json"
+    path.write_text(json.dumps({"tags": [{"name": "cat", "display_name": "c" * 129}]}))
+    with pytest.raises(ImportFormatError, match="more than 128 characters"):
+        read_vocabulary(path)
