@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     # Logins: wrong passwords per account name before it is locked for LOGIN_WINDOW_S (the
     # right password too: a guesser cannot tell), and attempts per client address.
     login_failures_per_account: int = Field(default=5, ge=0)
+    # Tasks leased and not yet answered, per client address (all its volunteers together; each
+    # volunteer holds at most the project's open_tasks_per_volunteer); 0: no cap.
+    open_tasks_per_address: int = Field(default=60, ge=0)
     login_attempts_per_address: int = Field(default=30, ge=0)
 
     # When set, /metrics asks for it as a bearer token (Prometheus' `authorization` setting);

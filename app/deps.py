@@ -25,6 +25,7 @@ from app.security import (
 )
 from app.services.account import has_role
 from app.services.crowd.fuser import Fuser
+from app.services.crowd.picker import Client
 from app.services.errors import (
     ForbiddenError,
     LengthRequiredError,
@@ -154,6 +155,11 @@ class TaskCaller:
     def unit(self) -> AbstractContextManager[Session]:
         """A write session for the request's one transaction (uncommitted work is dropped)."""
         return unit_of_work(self.request.app.state.write_session_factory)
+
+    def client(self) -> Client:
+        """The caller's address, as a keyed hash, and its cap of open tasks."""
+        address = self.request.client.host if self.request.client else "unknown"
+        return Client(self.signer.client_key(address), self.settings.open_tasks_per_address)
 
     def volunteer(self, session: Session) -> Volunteer:
         """The caller's volunteer; a first visit gets a new anonymous identity (and its cookie,

@@ -36,6 +36,7 @@ from app.ratelimit import LoginLimits, RateLimiter, RateLimitExceeded
 from app.security import Signer, TokenError, TokenProblem
 from app.services.crowd.answer import GoneError
 from app.services.crowd.fuser import Fuser
+from app.services.crowd.picker import TooManyOpenTasks
 from app.services.errors import (
     ConflictError,
     ForbiddenError,
@@ -141,7 +142,7 @@ def _error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(UnauthorizedError, login_handler)
 
     def rate_handler(_request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RateLimitExceeded)
+        assert isinstance(exc, RateLimitExceeded | TooManyOpenTasks)
         return JSONResponse(
             status_code=429,
             content={"detail": str(exc)},
@@ -149,6 +150,7 @@ def _error_handlers(app: FastAPI) -> None:
         )
 
     app.add_exception_handler(RateLimitExceeded, rate_handler)
+    app.add_exception_handler(TooManyOpenTasks, rate_handler)
 
 
 class ConsensusTimer:

@@ -58,6 +58,11 @@ class Signer:
             secret.encode(), digest_size=32, person=b"tessera.tile"
         ).digest()
 
+    def client_key(self, address: str) -> str:
+        """A keyed hash of a client address (32 hex digits): the same address always gives the
+        same key, and the key does not give the address back."""
+        return hashlib.blake2b(address.encode(), digest_size=16, key=self.tile_key).hexdigest()
+
     def session_cookie(self, account_id: int, epoch: int) -> str:
         return self._session.dumps([account_id, epoch])
 

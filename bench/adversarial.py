@@ -34,6 +34,10 @@ random choices), hence several seeds.
 
 Target: |IoU(adversarial) - IoU(honest)| <= 2 points on the final masks (mean over seeds), every
 arm having run out of work; a run in which an arm hit the ``--answers`` cap is INCOMPLETE.
+
+Also printed, for tracking (``adversarial: seeds=... taken_away=...``): the points of mean IoU
+the bad actors take away at an equal budget, the answers the honest crowd needed to finish
+(``--seeds 0 1 2`` for the three-seed figure).
 """
 
 from __future__ import annotations
@@ -277,6 +281,32 @@ def print_finals(runs: list[Run], cap: int) -> tuple[list[float], bool]:
     return deltas, all(r.answers < cap for r in runs)
 
 
+def print_equal_budget(runs: list[Run], measure_every: int) -> None:
+    """The figure to track: how many points of mean IoU the bad actors take away at an equal
+    budget. Per seed the budget is the answers the honest crowd needed to finish, rounded down
+    to a measurement (``measure_every``): both arms are measured there."""
+    by = {(r.seed, r.arm): r for r in runs}
+    seeds = sorted({r.seed for r in runs})
+    taken, budgets = [], []
+    for s in seeds:
+        budget = max(measure_every, by[s, "honest"].answers // measure_every * measure_every)
+        honest, adversarial = by[s, "honest"].iou_at(budget), by[s, "adversarial"].iou_at(budget)
+        taken.append(100 * (honest - adversarial))
+        budgets.append(budget)
+        print(
+            f"seed {s}: at {budget} answers honest {100 * honest:.1f}, adversarial "
+            f"{100 * adversarial:.1f}: {taken[-1]:+.1f} points taken away"
+        )
+    points = np.asarray(taken)
+    error = float(points.std(ddof=1) / np.sqrt(len(points))) if len(points) > 1 else 0.0
+    print(
+        f"adversarial: seeds={','.join(map(str, seeds))} budget=honest-finish "
+        f"answers={','.join(map(str, budgets))} taken_away={points.mean():.1f} "
+        f"stderr={error:.1f} (IoU points that 30% adversaries and 20% random clickers take "
+        "away at an equal number of answers)"
+    )
+
+
 def print_groups(runs: list[Run]) -> None:
     for arm in ARMS:
         rows: dict[str, list[Group]] = defaultdict(list)
@@ -343,6 +373,8 @@ def main() -> None:
     print_curves(runs, args.measure_every)
     print_groups(runs)
     deltas, finished = print_finals(runs, args.answers)
+    print("\nat an equal budget (the answers the honest crowd needed to finish)")
+    print_equal_budget(runs, args.measure_every)
     points = 100 * np.asarray(deltas)
     delta = float(points.mean())
     error = float(points.std(ddof=1) / np.sqrt(len(points))) if len(points) > 1 else float("nan")

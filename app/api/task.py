@@ -34,7 +34,7 @@ from app.schemas.task import (
 )
 from app.security import TaskClaims
 from app.services.crowd.answer import skip, submit
-from app.services.crowd.picker import Offer, TaskKindRequest, next_task
+from app.services.crowd.picker import Offer, TaskKindRequest, TooManyOpenTasks, next_task
 from app.services.errors import ForbiddenError, NotFoundError
 from app.services.project import get_project, square_cells
 from app.services.tag import TagResolver
@@ -152,7 +152,7 @@ async def get_next_task(
         with caller.unit() as session:
             volunteer = caller.volunteer(session)
             project = get_project(session, slug=slug)
-            offer = _lease_next(session, caller.signer, project, volunteer, tag, kind)
+            offer = _lease_next(session, caller, project, volunteer, tag, kind)
             session.commit()
             return offer
 
@@ -164,13 +164,14 @@ NOTHING_LEFT = "Nothing left to ask right now. Thank you!"
 
 def _lease_next(
     session: SessionDep,
-    signer: SignerDep,
+    caller: TaskCaller,
     project: Project,
     volunteer: Volunteer,
     tag: str | None,
     kind: TaskKindRequest,
 ) -> TaskOffer:
-    """Lease the most valuable task for ``volunteer`` (flushed, not committed)."""
+    """Lease the most valuable task for ``volunteer`` (flushed, not committed). Raises
+    ``TooManyOpenTasks`` when the caller's address holds its cap of open tasks."""
     if volunteer.banned:
         raise ForbiddenError("this volunteer can no longer take part")
     tag_row = None
@@ -178,10 +179,17 @@ def _lease_next(
         tag_row = TagResolver(session, project).find(tag)
         if tag_row is None:
             raise NotFoundError(f"no tag {tag!r} in project {project.slug!r}")
-    offer = next_task(session, project=project, volunteer=volunteer, tag=tag_row, kind=kind)
+    offer = next_task(
+        session,
+        project=project,
+        volunteer=volunteer,
+        tag=tag_row,
+        kind=kind,
+        client=caller.client(),
+    )
     if offer is None:
         return TaskOffer(task=None, message=NOTHING_LEFT)
-    return TaskOffer(task=_task_read(session, signer, offer, volunteer.public_id))
+    return TaskOffer(task=_task_read(session, caller.signer, offer, volunteer.public_id))
 
 
 @router.post(
@@ -211,8 +219,11 @@ async def post_answer(slug: str, body: AnswerCreate, caller: TaskCallerDep) -> A
                     token=body.skip.token,
                 )
             if body.next:
-                offer = _lease_next(session, caller.signer, project, volunteer, body.tag, body.kind)
-                read.task, read.message = offer.task, offer.message
+                try:
+                    offer = _lease_next(session, caller, project, volunteer, body.tag, body.kind)
+                    read.task, read.message = offer.task, offer.message
+                except TooManyOpenTasks as exc:  # the answer stands; the next lease waits
+                    read.message = str(exc)
             session.commit()
             return read
 

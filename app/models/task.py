@@ -43,6 +43,7 @@ class Task(Base):
         # the index (by fused_at alone it also held every task that is never fused: leased,
         # skipped, expired), by project and in order.
         Index("ix_tasks_waiting", "state", "fused_at", "project_id", "id"),
+        Index("ix_tasks_client_state", "client", "state"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -62,6 +63,9 @@ class Task(Base):
     # When the fuser folded its votes into the consensus (``app.services.crowd.fuser``); None
     # while a submitted task waits for it (and for tasks never submitted).
     fused_at: Mapped[datetime | None] = mapped_column(default=None)
+    # A keyed hash of the client address it was leased to (``Signer.client_key``): open leases
+    # are capped per address. Never the address itself.
+    client: Mapped[str | None] = mapped_column(String(32), default=None)
 
     tiles: Mapped[list[TaskTile]] = relationship(
         back_populates="task", cascade="all", order_by="TaskTile.position"

@@ -195,8 +195,7 @@ def read_vocabulary(path: Path) -> list[VocabularyEntry]:
         if len(item.get("display_name") or "") > MAX_TAG_LENGTH:
             # The column's length: SQLite would store a longer one, PostgreSQL refuse it.
             raise ImportFormatError(
-                f"{path.name} tag {index}: 'display_name' has more than {MAX_TAG_LENGTH} "
-                "characters"
+                f"{path.name} tag {index}: 'display_name' has more than {MAX_TAG_LENGTH} characters"
             )
         entries.append(
             VocabularyEntry(

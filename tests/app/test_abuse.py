@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 from fastapi.testclient import TestClient
 from httpx import Response
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from app.api import task as task_api
 from app.db import as_utc, make_engine, utcnow
@@ -429,3 +429,27 @@ def test_a_display_name_longer_than_its_column_is_refused(tmp_path: Path) -> Non
     path.write_text(json.dumps({"tags": [{"name": "cat", "display_name": "c" * 129}]}))
     with pytest.raises(ImportFormatError, match="more than 128 characters"):
         read_vocabulary(path)
+
+
+def test_one_address_with_many_cookies_cannot_hoard_either(live: Live) -> None:
+    app = create_app(live.settings.model_copy(update={"open_tasks_per_address": 5}))
+    statuses = [  # every request a new cookie: a new volunteer, two leases each at most
+        TestClient(app).get(f"/api/projects/{SLUG}/tasks/next").status_code for _ in range(8)
+    ]
+    assert statuses == [200] * 5 + [429] * 3
+    refused = TestClient(app).get(f"/api/projects/{SLUG}/tasks/next")
+    assert "answer or skip one first" in refused.json()["detail"]
+    assert int(refused.headers["retry-after"]) > 0
+    with live.factory() as session:
+        clients = set(session.scalars(select(Task.client)))
+        assert len(clients) == 1 and "testclient" not in str(clients)  # a hash, not the address
+    # A volunteer of that address who answers keeps going: the answer frees a place.
+    volunteer = live.volunteer()
+    volunteer.client = TestClient(app)
+    with live.factory() as session:
+        session.execute(update(Task).values(state=TaskState.EXPIRED))  # the hoard runs out
+        session.commit()
+    for _ in range(8):
+        task = volunteer.next_task(SLUG)
+        assert task is not None
+        volunteer.answer(SLUG, task)

@@ -56,6 +56,11 @@ def test_both_crowds_run_out_of_work_and_every_bad_actor_is_found_out() -> None:
     )
     assert final is not None, output  # not INCOMPLETE: both campaigns ended under the cap
     assert abs(float(final.group(1))) <= TWO_SEED_POINTS, output
+    # The tracked figure: points taken away at the honest crowd's budget, one line for scripts.
+    tracked = re.search(
+        r"adversarial: seeds=0,1 budget=honest-finish .*taken_away=-?[\d.]+", output
+    )
+    assert tracked is not None, output
     cells = re.findall(r"retired wrong: honest (\d+)/(\d+), adversarial (\d+)/(\d+)", output)
     assert len(cells) == 2, output
     honest_wrong, honest_all, bad_wrong, bad_all = (sum(int(c[i]) for c in cells) for i in range(4))

@@ -30,6 +30,7 @@ from sqlalchemy import (
     case,
     cast,
     exists,
+    func,
     insert,
     literal,
     or_,
@@ -285,6 +286,7 @@ def _new_task(
     cells: list[Cell],
     known: list[bool],
     now: datetime,
+    client: str | None,
 ) -> Task:
     values = {
         "project_id": project.id,
@@ -296,6 +298,7 @@ def _new_task(
         "state": TaskState.LEASED,
         "issued_at": now,
         "expires_at": _lease_until(project, now),
+        "client": client,
     }
     # Rows written as rows (no unit of work to flush); the task handed back is a plain copy.
     task_id = session.execute(INSERT_TASK, values).scalar_one()
@@ -324,6 +327,7 @@ def _window_offer(
     now: datetime,
     *,
     want_known: bool,
+    client: str | None = None,
 ) -> Offer | None:
     window = _known_window(session, project, volunteer, tag, now) if want_known else None
     window = window or _lease_unknown_window(session, project, volunteer, tag, now)
@@ -346,6 +350,7 @@ def _window_offer(
         cells=cells,
         known=known,
         now=now,
+        client=client,
     )
     tag_row = session.get(Tag, window.tag_id)
     assert tag_row is not None
@@ -444,7 +449,12 @@ def _gold_cells(
 
 
 def _mosaic_offer(
-    session: Session, project: Project, volunteer: Volunteer, tag: Tag | None, now: datetime
+    session: Session,
+    project: Project,
+    volunteer: Volunteer,
+    tag: Tag | None,
+    now: datetime,
+    client: str | None = None,
 ) -> tuple[Offer | None, str | None]:
     """A mosaic, or None and why not (then the caller falls back to a window task)."""
     mix = project.setting("mosaic_mix")
@@ -483,6 +493,7 @@ def _mosaic_offer(
         cells=cells,
         known=known,
         now=now,
+        client=client,
     )
     return Offer(task=task, tag=tag_row, cells=cells, known=known, window=window), None
 
@@ -529,6 +540,30 @@ def release_older_leases(
     return [task_id for task_id, _ in older]
 
 
+OPEN_FROM_CLIENT = select(func.count(Task.id)).where(
+    Task.client == bindparam("client"),
+    Task.state == TaskState.LEASED,
+    Task.expires_at > bindparam("now"),
+)
+
+
+class TooManyOpenTasks(Exception):
+    """The volunteer's address holds as many open tasks as it may (``Client``)."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class Client:
+    """Where a task request came from: a keyed hash of its address, and how many open tasks
+    that address may hold (0: no cap)."""
+
+    key: str
+    open_tasks: int
+
+
 def next_task(
     session: Session,
     *,
@@ -537,12 +572,23 @@ def next_task(
     tag: Tag | None = None,
     kind: TaskKindRequest = "auto",
     now: datetime | None = None,
+    client: Client | None = None,
 ) -> Offer | None:
-    """Lease the most valuable task for this volunteer, or None when nothing is left to ask."""
+    """Lease the most valuable task for this volunteer, or None when nothing is left to ask.
+    Raises ``TooManyOpenTasks`` when the ``client``'s address holds its cap of open tasks."""
     now = now or utcnow()
     # One task more is about to be leased: the volunteer keeps at most the cap in all.
     cap = int(project.setting("open_tasks_per_volunteer"))
     release_older_leases(session, volunteer=volunteer, keep=cap - 1, now=now)
+    if client is not None and client.open_tasks > 0:
+        held = session.scalar(OPEN_FROM_CLIENT, {"client": client.key, "now": now}) or 0
+        if held >= client.open_tasks:
+            raise TooManyOpenTasks(
+                f"this address holds {held} tasks nobody has answered yet, the most it may: "
+                "answer or skip one first",
+                int(project.setting("lease_seconds")),
+            )
+    key = client.key if client is not None else None
     # A mosaic spends eight known tiles on one unknown: in "auto" it is one way of serving the
     # known tiles a volunteer is due (the other is a known window), never a task of its own.
     due = needs_known(
@@ -553,10 +599,10 @@ def next_task(
     )
     reason = None
     if want_mosaic:
-        offer, reason = _mosaic_offer(session, project, volunteer, tag, now)
+        offer, reason = _mosaic_offer(session, project, volunteer, tag, now, key)
         if offer is not None:
             return offer
-    offer = _window_offer(session, project, volunteer, tag, now, want_known=due)
+    offer = _window_offer(session, project, volunteer, tag, now, want_known=due, client=key)
     if offer is not None and kind == "mosaic":
         offer.fallback_reason = reason
     return offer
