@@ -260,6 +260,8 @@ def require_role(role: Role) -> Callable[[Account | None], Account]:
 
 
 CuratorDep = Annotated[Account, Depends(require_role(Role.CURATOR))]
+# The same check as a route's dependency, to run before others (before a form is read).
+CuratorChecked = Depends(require_role(Role.CURATOR))
 AdminDep = Annotated[Account, Depends(require_role(Role.ADMIN))]
 
 

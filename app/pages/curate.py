@@ -23,6 +23,7 @@ from app.deps import (
     AdminDep,
     CsrfChecked,
     CsrfTokenDep,
+    CuratorChecked,
     CuratorDep,
     RowId,
     SessionDep,
@@ -366,7 +367,8 @@ def _image_and_project(session: Session, target: Target) -> tuple[Image, Project
     return image, project
 
 
-@router.post("/curate/targets/{target_id}/mask", dependencies=[CsrfChecked])
+# The login first: the CSRF check reads a form without the header, and this one is an upload.
+@router.post("/curate/targets/{target_id}/mask", dependencies=[CuratorChecked, CsrfChecked])
 async def save_mask(
     target_id: RowId,
     session: WriteSessionDep,

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 from starlette.datastructures import UploadFile
 
@@ -20,15 +20,14 @@ from app.config import Settings
 from app.deps import (
     CsrfChecked,
     CsrfTokenDep,
+    CuratorChecked,
     CuratorDep,
     SessionDep,
     SettingsDep,
     UploadLengthChecked,
     WriteSessionDep,
-    require_role,
     with_csrf_cookie,
 )
-from app.models import Role
 from app.pages import templates
 from app.services.archive import ARCHIVE_SUFFIXES, archive_suffix
 from app.services.errors import ConflictError, InvalidInputError, NotFoundError
@@ -38,7 +37,6 @@ from app.services.project import list_project_summaries, slugify
 
 router = APIRouter(include_in_schema=False)
 # The role is checked before the upload's length, and both before its body is read.
-RoleChecked = Depends(require_role(Role.CURATOR))
 
 
 def _render(
@@ -89,7 +87,7 @@ def _project_slug(form_value: object, new_value: object) -> str:
 @router.post(
     "/curate/import",
     response_class=HTMLResponse,
-    dependencies=[RoleChecked, UploadLengthChecked, CsrfChecked],
+    dependencies=[CuratorChecked, UploadLengthChecked, CsrfChecked],
 )
 async def import_upload(
     request: Request,

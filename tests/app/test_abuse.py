@@ -453,3 +453,13 @@ def test_one_address_with_many_cookies_cannot_hoard_either(live: Live) -> None:
         task = volunteer.next_task(SLUG)
         assert task is not None
         volunteer.answer(SLUG, task)
+
+
+def test_an_anonymous_upload_is_refused_by_its_login_before_its_form_is_read(
+    live: Live,
+) -> None:
+    client = TestClient(live.app, follow_redirects=False)
+    files = {"mask": ("mask.png", b"x" * 200_000, "image/png")}
+    response = client.post("/curate/targets/1/mask", files=files)
+    # 401 (who is it?) before 403 (its CSRF token): the CSRF check reads the form.
+    assert response.status_code == 401, response.text
