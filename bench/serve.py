@@ -473,6 +473,7 @@ def start_tessera(
     env |= {
         "TESSERA_RATE_LIMIT_VOLUNTEER_PER_MINUTE": "0",
         "TESSERA_RATE_LIMIT_ADDRESS_PER_MINUTE": "0",
+        "TESSERA_OPEN_TASKS_PER_ADDRESS": "0",
         "TESSERA_FUSION": fusion,
     }
     if database_url is not None:
