@@ -22,9 +22,10 @@ DEFAULT_PROJECT_SETTINGS: dict[str, Any] = {
     "gold_rate": 0.15,
     "mosaic_mix": {"known_true": 3, "known_false": 5, "unknown": 1},
     "lease_seconds": 300,
-    # Tasks one volunteer may hold leased at once (the page holds the task in hand and the next
-    # one, fetched ahead); a new lease past it gives the oldest back, so that nobody can hoard
-    # the open windows and leave the crowd nothing to answer.
+    # Windows one volunteer may hold leased at once (the page holds the task in hand and the
+    # next one, fetched ahead); a new lease past it gives the oldest window back, so that nobody
+    # can hoard the open windows and leave the crowd nothing to answer. The older task may still
+    # be answered (a page offline keeps its answers and sends them later).
     "open_tasks_per_volunteer": 2,
     # Share of targets with ground truth whose truth is served as known tiles (the rest is the
     # frozen evaluation set), and the share of tasks served as mosaics when gold allows.

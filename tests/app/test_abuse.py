@@ -41,18 +41,19 @@ def _leased_windows(live: Live) -> list[Window]:
 def test_one_volunteer_cannot_hoard_the_open_windows(live: Live) -> None:
     with live.factory() as session:
         unknown = len(session.scalars(select(Window).where(Window.known.is_(False))).all())
+    # One address for both (the address's own cap has a test of its own).
+    app = create_app(live.settings.model_copy(update={"open_tasks_per_address": 0}))
     hoarder = live.volunteer()
+    hoarder.client = TestClient(app)
     tasks = [hoarder.next_task(SLUG, kind="window") for _ in range(unknown + 5)]
     first = tasks[0]
     assert first is not None
     # The page holds the task in hand and the next one: two leases, never more.
     assert len(_leased_windows(live)) <= 2
-    with live.factory() as session:
-        leased = session.scalars(select(Task).where(Task.state == TaskState.LEASED)).all()
-        assert len(leased) <= 2
     # An honest volunteer still gets unknown windows to answer (a newcomer's first tasks may
     # be known ones, which check them).
     honest, windows = live.volunteer(seed=1), []
+    honest.client = TestClient(app)
     for _ in range(5):
         task = honest.next_task(SLUG, kind="window")
         assert task is not None
@@ -62,12 +63,13 @@ def test_one_volunteer_cannot_hoard_the_open_windows(live: Live) -> None:
             assert served is not None and served.window_id is not None
             windows.append(session.get(Window, served.window_id))
     assert any(w is not None and not w.known for w in windows)
-    # The hoarder's oldest task was given back: its token is refused, and nothing is stored.
+    # The hoarder's oldest task lost its window's lease, not its answer: a page that kept
+    # answers while offline sends them later, and they count.
     response = hoarder.client.post(
         f"/api/projects/{SLUG}/tasks/submit",
         json={"token": first["token"], "selected": [], "elapsed_ms": 10},
     )
-    assert response.status_code == 410 and "expired" in response.text
+    assert response.status_code == 200, response.text
 
 
 def test_the_page_keeps_the_task_in_hand_while_it_fetches_the_next(live: Live) -> None:

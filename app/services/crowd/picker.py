@@ -10,7 +10,8 @@ window tasks whose cells are all gold, or mosaics of known-true, known-false and
 one tag (3-5-1 by default, reCAPTCHA's mix), served only as known tiles that are due. An unknown
 window is leased to one volunteer at a time by a compare-and-set on its lease (with ``SKIP LOCKED``
 on PostgreSQL, serialised writers on SQLite); an abandoned lease simply runs out. A volunteer
-holds at most ``open_tasks_per_volunteer`` tasks at once: a new lease gives the oldest back.
+holds at most ``open_tasks_per_volunteer`` window leases at once: a new lease gives the oldest
+window back (its task may still be answered, for a page that kept answers while offline).
 """
 
 from __future__ import annotations
@@ -499,19 +500,14 @@ def _mosaic_offer(
 
 
 OPEN_LEASES = (
-    select(Task.id, Task.window_id)
+    select(Task.window_id)
     .where(
         Task.volunteer_id == bindparam("volunteer_id"),
         Task.state == TaskState.LEASED,
         Task.expires_at > bindparam("now"),
+        Task.window_id.is_not(None),
     )
     .order_by(Task.issued_at.desc(), Task.id.desc())
-)
-EXPIRE_TASKS = (
-    update(Task)
-    .where(Task.id.in_(bindparam("task_ids", expanding=True)), Task.state == TaskState.LEASED)
-    .values(state=TaskState.EXPIRED)
-    .execution_options(synchronize_session=False)
 )
 RELEASE_WINDOWS = (
     update(Window)
@@ -527,17 +523,17 @@ RELEASE_WINDOWS = (
 def release_older_leases(
     session: Session, *, volunteer: Volunteer, keep: int, now: datetime
 ) -> list[int]:
-    """Give back the volunteer's open tasks past the ``keep`` newest (expired: a token of one
-    is refused as expired) and their windows' leases. Returns the tasks given back."""
-    rows = session.execute(OPEN_LEASES, {"volunteer_id": volunteer.id, "now": now}).all()
-    older = rows[max(keep, 0) :]
+    """Give back the window leases of the volunteer's open tasks past the ``keep`` newest:
+    others may be served those windows now. The tasks themselves stay answerable until they
+    expire: a page that kept answers while offline sends them later, and they must count.
+    Returns the windows given back (those still held)."""
+    rows = session.scalars(OPEN_LEASES, {"volunteer_id": volunteer.id, "now": now})
+    windows = [w for w in rows if w is not None]
+    older = [w for w in windows[max(keep, 0) :] if w not in windows[: max(keep, 0)]]
     if not older:
         return []
-    session.execute(EXPIRE_TASKS, {"task_ids": [task_id for task_id, _ in older]})
-    windows = [window_id for _, window_id in older if window_id is not None]
-    if windows:
-        session.execute(RELEASE_WINDOWS, {"window_ids": windows, "volunteer_id": volunteer.id})
-    return [task_id for task_id, _ in older]
+    session.execute(RELEASE_WINDOWS, {"window_ids": older, "volunteer_id": volunteer.id})
+    return older
 
 
 OPEN_FROM_CLIENT = select(func.count(Task.id)).where(
