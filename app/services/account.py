@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import threading
+from dataclasses import dataclass
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -19,12 +21,17 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{2,80}$")
 _hasher = PasswordHasher()
 # Verifying against this keeps a login for an unknown name as slow as one with a wrong password.
 _DUMMY_HASH = _hasher.hash("not a password anyone has")
+# One password hashed or checked at a time per process. Each takes 64 MiB and both cores for
+# tens of milliseconds (4 lanes); sixteen at once left every other request without CPU (a
+# volunteer's next grid took 30 s under 16 login loops), so logins queue among themselves.
+_ONE_AT_A_TIME = threading.BoundedSemaphore(1)
 
 
 def hash_password(password: str) -> str:
     if len(password) < MIN_PASSWORD_LENGTH:
         raise InvalidInputError(f"the password needs at least {MIN_PASSWORD_LENGTH} characters")
-    return _hasher.hash(password)
+    with _ONE_AT_A_TIME:
+        return _hasher.hash(password)
 
 
 def find_account(session: Session, *, name: str) -> Account | None:
@@ -80,24 +87,51 @@ def update_account(
         revoke_sessions(account)
 
 
-def authenticate(session: Session, *, name: str, password: str) -> Account:
-    """The account with these credentials; one message for every failure (no name probing).
-    Reads only: the password check (argon2, tens of ms and 64 MiB) holds no write lock;
-    ``record_login`` then writes what a login changes."""
+@dataclass(frozen=True)
+class Credentials:
+    """What checking a password needs of an account, read in a transaction of its own so that
+    no database connection is held while argon2 runs (``check_password``)."""
+
+    account_id: int | None  # None: no such account (checked against a dummy hash all the same)
+    password_hash: str
+    disabled: bool
+
+
+def credentials_of(session: Session, *, name: str) -> Credentials:
     account = find_account(session, name=name)
+    if account is None:
+        return Credentials(None, _DUMMY_HASH, True)
+    return Credentials(account.id, account.password_hash, account.disabled)
+
+
+def check_password(credentials: Credentials, password: str) -> int:
+    """The account id if the password is right; one message for every failure (no name
+    probing). One check at a time per process (``_ONE_AT_A_TIME``); no database involved."""
     try:
-        _hasher.verify(account.password_hash if account else _DUMMY_HASH, password)
+        with _ONE_AT_A_TIME:
+            _hasher.verify(credentials.password_hash, password)
     except (VerificationError, InvalidHashError):
-        account = None
-    if account is None or account.disabled:
+        raise UnauthorizedError("wrong name or password") from None
+    if credentials.account_id is None or credentials.disabled:
         raise UnauthorizedError("wrong name or password")
+    return credentials.account_id
+
+
+def authenticate(session: Session, *, name: str, password: str) -> Account:
+    """The account with these credentials (``credentials_of`` then ``check_password``)."""
+    account_id = check_password(credentials_of(session, name=name), password)
+    account = session.get(Account, account_id)
+    assert account is not None
     return account
 
 
-def rehashed(account: Account, password: str) -> str | None:
+def rehashed(credentials: Credentials, password: str) -> str | None:
     """The password hashed again when the account's hash has older parameters (None if not):
     computed before the write that stores it."""
-    return _hasher.hash(password) if _hasher.check_needs_rehash(account.password_hash) else None
+    if not _hasher.check_needs_rehash(credentials.password_hash):
+        return None
+    with _ONE_AT_A_TIME:
+        return _hasher.hash(password)
 
 
 def record_login(session: Session, *, account_id: int, new_hash: str | None) -> Account:
