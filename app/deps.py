@@ -259,9 +259,11 @@ def require_role(role: Role) -> Callable[[Account | None], Account]:
     return check
 
 
-CuratorDep = Annotated[Account, Depends(require_role(Role.CURATOR))]
-# The same check as a route's dependency, to run before others (before a form is read).
-CuratorChecked = Depends(require_role(Role.CURATOR))
+_curator = require_role(Role.CURATOR)
+CuratorDep = Annotated[Account, Depends(_curator)]
+# The same check (run once per request) as a route's dependency, to run before the others
+# (before a form is read).
+CuratorChecked = Depends(_curator)
 AdminDep = Annotated[Account, Depends(require_role(Role.ADMIN))]
 
 

@@ -43,7 +43,7 @@ class Task(Base):
         # the index (by fused_at alone it also held every task that is never fused: leased,
         # skipped, expired), by project and in order.
         Index("ix_tasks_waiting", "state", "fused_at", "project_id", "id"),
-        Index("ix_tasks_client_state", "client", "state"),
+        Index("ix_tasks_client_open", "client", "state", "expires_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -23,10 +23,14 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("tasks") as batch:
         batch.add_column(sa.Column("client", sa.String(length=32), nullable=True))
-        batch.create_index("ix_tasks_client_state", ["client", "state"], unique=False)
+        # By expiry too: abandoned leases stay "leased" after they run out, and a count of an
+        # address's open tasks must not walk its whole history.
+        batch.create_index(
+            "ix_tasks_client_open", ["client", "state", "expires_at"], unique=False
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("tasks") as batch:
-        batch.drop_index("ix_tasks_client_state")
+        batch.drop_index("ix_tasks_client_open")
         batch.drop_column("client")
