@@ -9,13 +9,26 @@ pixel of every positive border cell, and its IoU is capped by the size of the fi
    its cell's posterior ``q`` and its cell's side in pixels.
 2. A trimap follows from the answers' meaning:
 
-   * **sure background**: pixels of cells decided negative (``q <= NEGATIVE``);
+   * **sure background**: pixels of cells decided negative beyond doubt (``q <= SURE_NEGATIVE``:
+     a gold or curator *no*, or credible votes that agree);
    * **sure foreground** (the *core*): pixels of decided positive cells (``q >= POSITIVE``)
      farther than ``CORE_CELLS`` cell sides from any pixel not claimed positive (the image's
      edge counts as unclaimed, so an object cut by the edge is not assumed to fill its cells);
    * **probably foreground** (the *band*): the other pixels of positive cells, where the object's
      border runs somewhere inside the cells the crowd said yes to;
-   * **probably background**: pixels of undecided cells that lean negative.
+   * **probably background**: pixels of undecided cells that lean negative, and of cells decided
+     negative over a credible *yes* (``SURE_NEGATIVE < q <= NEGATIVE``). A crowd's *no* is
+     wrong most often where the object is: two careful people who miss half an object in a
+     square outvote the one who saw it, and the posterior (0.02 on such a 2-1 split, 1e-4 when
+     all three agree) is what tells that *no* from a sure one. Next to the claim (within a
+     cell's side of it), those pixels are the method's to take (``Trimap.reach``); elsewhere
+     they stay out of the mask, but still tell the background's colours (``Trimap.negative``):
+     a doubted *no* is background far more often than not.
+   * and the **margin** of a voted *no* beside the claim (``MARGIN`` of the cell's side) is
+     probably background too, however sure the votes: people say no to a square that shows a
+     sliver of the object (2% of a square is easy to miss, and reCAPTCHA's users learn to skip
+     it), so the object's border may run a little way into it. A known *no* (gold, a
+     curator's: a posterior of exactly 0) has no margin.
 
 3. A method decides the probable pixels (``METHODS``, ``get_method``):
 
@@ -32,12 +45,15 @@ pixel of every positive border cell, and its IoU is capped by the size of the fi
      colour models from its own surroundings.
 
    Assumptions: the object differs from its surroundings in colour or edges near its border
-   (GrabCut); a *no* cell is right (the consensus made it so, and gold checks it).
+   (GrabCut); a sure *no* cell is right, but for its margin (the consensus made it so, and
+   gold checks it).
 
 The soft mask is a per-pixel probability: the cell's posterior outside the band; in the band the
 cell's posterior times the pixel's confidence, which grows from 0.5 at the decided border to 1 at
-``RAMP_PX`` pixels from it (or the model's probability where the method is ``model``). The hard
-mask is the method's decision inside cells claimed positive.
+``RAMP_PX`` pixels from it (or the model's probability where the method is ``model``); a
+probably-background pixel the method takes is at even odds. The hard mask is the method's
+decision inside cells claimed positive and the probable background beside them
+(``Trimap.reach``).
 """
 
 from __future__ import annotations
@@ -52,7 +68,9 @@ import numpy.typing as npt
 from ml.aggregation import grid
 from ml.aggregation.rules import leaf_cells
 
-NEGATIVE = 0.2  # a cell at or under this posterior is sure background
+NEGATIVE = 0.2  # a cell at or under this posterior leans negative: not the object's
+SURE_NEGATIVE = 0.01  # ... and at or under this one it is sure background (see ``trimap``)
+MARGIN = 0.15  # of a cell's side: how far into a voted *no* beside the claim a sliver may hide
 POSITIVE = 0.8  # a cell at or over this posterior may hold sure foreground (its core)
 CORE_CELLS = 1.5  # sure foreground starts farther from the border than a cell's diagonal (1.41)
 RAMP_PX = 4.0  # band confidence reaches 1 this far from the decided border
@@ -83,6 +101,18 @@ class Trimap:
     claimed: BoolMask  # in a cell whose posterior is over 0.5
     positive: tuple[grid.PixelRect, ...]  # the finest cells claimed positive
     side: FloatMask | None = None  # the pixel's finest cell's shorter side in pixels
+    doubted: BoolMask | None = None  # not claimed nor sure background, next to the claim
+
+    @property
+    def reach(self) -> BoolMask:
+        """Pixels a method may put in the mask: the claimed ones, and the doubted ones."""
+        return self.claimed if self.doubted is None else self.claimed | self.doubted
+
+    @property
+    def negative(self) -> BoolMask:
+        """Pixels of cells that lean negative, doubted or not: the background's colour sample
+        (a doubted *no* is background far more often than not; ``SURE_NEGATIVE``)."""
+        return np.asarray(self.posterior <= NEGATIVE)
 
     @property
     def probable_bg(self) -> BoolMask:
@@ -122,13 +152,20 @@ def trimap(
     padded = np.pad(claimed, 1).astype(np.uint8)
     inside = cv2.distanceTransform(padded, cv2.DIST_L2, 3)[1:-1, 1:-1]  # (H, W)
     sure_fg = claimed & (posterior >= POSITIVE) & (inside > CORE_CELLS * side)
-    sure_bg = posterior <= NEGATIVE
+    sure_bg = posterior <= SURE_NEGATIVE
     positive = tuple(
         grid.cell_rect(c, height, width, square=square)
         for c, q, leaf in zip(cells, p, leaf_cells(cells), strict=True)
         if leaf and q > 0.5
     )
-    return Trimap(posterior, sure_fg, sure_bg, claimed & ~sure_fg, claimed, positive, side)
+    doubted = None
+    if claimed.any():
+        outside = cv2.distanceTransform((~claimed).astype(np.uint8), cv2.DIST_L2, 3)  # (H, W)
+        # A voted *no* is a person's "I see none of it"; a known one (0: gold, a curator) is not.
+        sure_bg &= ~((outside <= MARGIN * side) & (posterior > 0.0))
+        doubted = ~claimed & ~sure_bg & (outside <= side)
+    band = claimed & ~sure_fg
+    return Trimap(posterior, sure_fg, sure_bg, band, claimed, positive, side, doubted)
 
 
 def _keep_every_yes(tm: Trimap, hard: BoolMask, fallback: BoolMask | None = None) -> BoolMask:
@@ -154,10 +191,12 @@ def _distance_ramp(fg: BoolMask) -> FloatMask:
 
 def _finish(tm: Trimap, fg: BoolMask, fallback: BoolMask | None = None) -> Composed:
     """Soft and hard masks from a per-pixel decision ``fg`` of the probable pixels."""
-    hard = _keep_every_yes(tm, tm.sure_fg | (fg & tm.claimed & ~tm.sure_bg), fallback)
+    hard = _keep_every_yes(tm, tm.sure_fg | (fg & tm.reach & ~tm.sure_bg), fallback)
     confidence = _distance_ramp(hard)
     in_object = np.where(hard, confidence, 1.0 - confidence)
     soft = np.where(tm.band, tm.posterior * in_object, tm.posterior)
+    if tm.doubted is not None:  # the method's call, at even odds with the cell's *no*
+        soft = np.where(tm.doubted & hard, 0.5 * in_object, soft)
     soft = np.where(tm.sure_fg, tm.posterior, soft)
     return Composed(soft.astype(np.float32), hard)
 
@@ -172,7 +211,8 @@ def compose_by_model(tm: Trimap, image: np.ndarray, model: FloatMask | None) -> 
     """The band takes the segmenter's per-pixel decision (``cells`` without a model)."""
     if model is None:
         return compose_by_cells(tm, image, model)
-    hard = _keep_every_yes(tm, tm.sure_fg | (tm.band & (model >= 0.5)))
+    open_to_model = tm.band | (tm.reach & ~tm.claimed)
+    hard = _keep_every_yes(tm, tm.sure_fg | (open_to_model & (model >= 0.5)))
     soft = np.where(tm.band, tm.posterior * model, tm.posterior)
     return Composed(soft.astype(np.float32), hard)
 
@@ -328,14 +368,14 @@ def _grabcut_labels(
     if model is not None:
         probable_fg = tm.band & (model >= 0.5)
     else:
-        far_bg = tm.sure_bg & ~_next_to_claim(tm)
-        coloured = tm.band & object_coloured(pixels, tm.sure_bg, tm.band)
+        far_bg = tm.negative & ~_next_to_claim(tm)
+        coloured = tm.band & object_coloured(pixels, tm.negative, tm.band)
         if far_bg.sum() >= FAR_BG_MIN:
             unlike = unlike_background(pixels, far_bg)
         elif far is not None and len(far) >= FAR_BG_MIN:  # the crop holds too little of it
             unlike = unlike_background(pixels, far_bg, samples=far)
         else:
-            unlike = unlike_background(pixels, tm.sure_bg)
+            unlike = unlike_background(pixels, tm.negative)
         probable_fg = coloured & unlike
         if probable_fg.sum() < SEED_KEPT * coloured.sum():
             # Most of the band's own colours are common in the background too: the object is
@@ -403,8 +443,9 @@ def compose_by_grabcut(tm: Trimap, image: np.ndarray, model: FloatMask | None) -
     # several objects (or pieces) each get colour models from their own surroundings.
     n, comp = cv2.connectedComponents(tm.claimed.astype(np.uint8), connectivity=8)
     parts = [comp == i for i in range(1, n)]
+    doubted = tm.reach & ~tm.claimed
     rgb = _rgb(image)
-    far_bg = tm.sure_bg & ~_next_to_claim(tm)
+    far_bg = tm.negative & ~_next_to_claim(tm)
     fg = np.zeros(tm.band.shape, dtype=bool)
     fallback = np.zeros(tm.band.shape, dtype=bool)
     for part in parts:
@@ -423,7 +464,7 @@ def compose_by_grabcut(tm: Trimap, image: np.ndarray, model: FloatMask | None) -
         # object in a large band, say, whose few pixels the downscaling lost).
         if cut is None:
             cut = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
-        fg[window] |= cut & part[window]
+        fg[window] |= cut & (part | doubted)[window]
     return _finish(tm, fg, fallback)
 
 
@@ -436,6 +477,7 @@ def _cropped(tm: Trimap, window: tuple[slice, slice]) -> Trimap:
         tm.claimed[window],
         (),
         None if tm.side is None else tm.side[window],
+        None if tm.doubted is None else tm.doubted[window],
     )
 
 

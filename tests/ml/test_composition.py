@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from bench.ceiling import perfect_levels
 from ml.aggregation import grid
 from ml.aggregation.rules import RefinementConfig
-from ml.composition import compose_mask, get_method, trimap
+from ml.composition import SURE_NEGATIVE, compose_mask, get_method, trimap
 from ml.demo.scenes import generate_scenes
 
 
@@ -66,16 +66,17 @@ def test_the_model_decides_the_band_when_asked() -> None:
     seed=st.integers(0, 100),
     method=st.sampled_from(["cells", "grabcut"]),
 )
-def test_a_no_is_never_painted_and_a_yes_always_keeps_some_pixels(
+def test_a_sure_no_is_never_painted_and_a_yes_always_keeps_some_pixels(
     labels: list[float], seed: int, method: str
 ) -> None:
     image, _ = _scene(size=60, radius=14.0, seed=seed)
     cells = grid.level_cells(1)
     hard = compose_mask(image, cells, labels, method=method).hard
+    claimed = trimap(cells, labels, 60, 60).claimed
     for cell, q in zip(cells, labels, strict=True):
         r = grid.cell_rect(cell, 60, 60)
         inside = hard[r.top : r.bottom, r.left : r.right]
-        if q <= 0.2:
+        if q <= SURE_NEGATIVE or (q <= 0.5 and not claimed.any()):
             assert not inside.any()
         if q > 0.5:
             assert inside.any()
@@ -194,3 +195,40 @@ def test_a_wrong_no_on_a_sliver_beside_a_small_claim_does_not_lose_the_object() 
     labels = ((coverage > 0) & ~sliver).astype(float)
     hard = compose_mask(scene.image, cells, labels, square=True).hard
     assert _iou(hard, truth) >= 0.85
+
+
+def test_a_sliver_people_said_no_to_is_the_image_s_to_take_and_a_known_no_is_not() -> None:
+    # The disc's border squares that hold under 5% of a square: people say no to those (2% of
+    # a square is easy to miss), so voted "no"s (posterior 1e-4, three agreeing votes) beside
+    # the claim leave a margin for the image to decide; gold's (exactly 0) leave none.
+    image, truth = _scene(seed=1)
+    cells = grid.level_cells(2)
+    coverage = grid.cell_coverage(truth, cells)
+    sliver = (coverage > 0) & (coverage < 0.05)
+    assert sliver.sum() >= 2
+    voted = np.where(coverage >= 0.05, 0.9999, 1e-4)
+    known = (coverage >= 0.05).astype(float)
+    claimed = trimap(cells, known, *truth.shape).claimed
+    by_votes = compose_mask(image, cells, voted).hard
+    by_gold = compose_mask(image, cells, known).hard
+    assert not (by_gold & ~claimed).any()
+    assert (by_votes & truth & ~claimed).sum() >= 0.5 * (truth & ~claimed).sum()
+    assert _iou(by_votes, truth) > _iou(by_gold, truth)
+    assert _iou(by_votes, truth) >= 0.95
+
+
+def test_a_no_outvoting_a_yes_beside_the_claim_does_not_cut_the_object_in_half() -> None:
+    # Two careful people missed the half of the disc in one square and outvoted the one who
+    # saw it (posterior 0.02): the square is probable background, the image decides it.
+    image, truth = _scene(seed=2)
+    cells = grid.level_cells(2)
+    coverage = grid.cell_coverage(truth, cells)
+    probs = np.where(coverage > 0, 0.9999, 1e-4)
+    split = int(np.argmax(np.where(coverage < 0.6, coverage, 0)))  # much of it, not all
+    assert coverage[split] >= 0.2
+    probs[split] = 0.02
+    hard = compose_mask(image, cells, probs).hard
+    r = grid.cell_rect(cells[split], *truth.shape)
+    inside = (slice(r.top, r.bottom), slice(r.left, r.right))
+    assert _iou(hard[inside], truth[inside]) >= 0.8
+    assert _iou(hard, truth) >= 0.9
