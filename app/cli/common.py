@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from sqlalchemy import Engine
-from sqlalchemy.engine import make_url
 
-from app.config import Settings, SettingsError, get_settings
-from app.db import engine_for
-from app.migrate import current_revision, head_revision, is_at_head, upgrade_to_head
+if TYPE_CHECKING:  # a command imports what it uses when it runs: `tessera --help` stays quick
+    from sqlalchemy import Engine
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from app.config import Settings
 
 app = typer.Typer(help="Tessera: tagged images to segmentation masks, with a crowd in the loop.")
 
@@ -65,6 +65,10 @@ def load_settings(*, existing: bool = False) -> Settings:
     """The settings, after a line on stderr saying which data folder and database a command
     uses. ``existing``: a command that only reads refuses a data folder or SQLite database that
     is not there, instead of creating an empty one (a mistyped --data-dir)."""
+    from sqlalchemy.engine import make_url
+
+    from app.config import SettingsError, get_settings
+
     try:
         settings = get_settings()
     except SettingsError as exc:
@@ -86,6 +90,9 @@ def load_settings(*, existing: bool = False) -> Settings:
 
 def ready_engine(settings: Settings) -> Engine:
     """An engine on an up-to-date schema: SQLite is upgraded in place, others must be."""
+    from app.db import engine_for
+    from app.migrate import current_revision, head_revision, is_at_head, upgrade_to_head
+
     engine = engine_for(settings)
     if settings.is_sqlite:
         upgrade_to_head(engine)
@@ -95,3 +102,10 @@ def ready_engine(settings: Settings) -> Engine:
             f"{head_revision(settings.resolved_database_url)!r}: run `tessera db upgrade` first"
         )
     return engine
+
+
+def sessions(settings: Settings, *, writer: bool = False) -> sessionmaker[Session]:
+    """Sessions on ``ready_engine`` (``writer``: serialised writers on SQLite)."""
+    from app.db import make_session_factory
+
+    return make_session_factory(ready_engine(settings), writer=writer)

@@ -6,26 +6,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from app.cli.common import (
-    DEMO_PROJECT,
-    app,
-    console,
-    err,
-    fail,
-    load_settings,
-    ready_engine,
-)
-from app.db import engine_for, make_session_factory
-from app.migrate import current_revision, upgrade_to_head
-from app.services.errors import ConflictError, InvalidInputError, NotFoundError
-from app.services.import_formats import ImportFormatError
-from app.services.importer import ImportReport, default_project_slug, run_import
-from app.services.project import get_project, list_project_summaries, project_has_images
+from app.cli.common import DEMO_PROJECT, app, console, err, fail, load_settings, sessions
+
+if TYPE_CHECKING:
+    from app.services.importer import ImportReport
 
 db_app = typer.Typer(help="Database schema.")
 project_app = typer.Typer(help="Projects.")
@@ -40,6 +29,9 @@ app.add_typer(user_app, name="user")
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or upgrade the schema to the newest revision."""
+    from app.db import engine_for
+    from app.migrate import current_revision, upgrade_to_head
+
     settings = load_settings()
     engine = engine_for(settings)
     upgrade_to_head(engine)
@@ -49,6 +41,9 @@ def db_upgrade() -> None:
 @db_app.command("current")
 def db_current() -> None:
     """Show the schema revision of the database."""
+    from app.db import engine_for
+    from app.migrate import current_revision
+
     engine = engine_for(load_settings(existing=True))
     console.print(current_revision(engine) or "empty (run `tessera db upgrade`)")
 
@@ -84,10 +79,13 @@ def import_command(
     tags: Annotated[Path | None, typer.Option(help="tag file, if not tags.txt/csv/json")] = None,
 ) -> None:
     """Import images with their tags (Danbooru lines, CSV, JSON) and/or COCO masks."""
+    from app.services.errors import ConflictError, InvalidInputError, NotFoundError
+    from app.services.import_formats import ImportFormatError
+    from app.services.importer import default_project_slug, run_import
+
     settings = load_settings()
-    engine = ready_engine(settings)
     slug = project or default_project_slug(path)
-    with make_session_factory(engine)() as session:
+    with sessions(settings)() as session:
         try:
             report = run_import(
                 session, settings=settings, project_slug=slug, path=path, tag_file=tags
@@ -100,8 +98,9 @@ def import_command(
 @project_app.command("list")
 def project_list() -> None:
     """List projects with their counts."""
-    engine = ready_engine(load_settings(existing=True))
-    with make_session_factory(engine)() as session:
+    from app.services.project import list_project_summaries
+
+    with sessions(load_settings(existing=True))() as session:
         summaries = list_project_summaries(session)
     table = Table("slug", "name", "images", "tags", "targets")
     for s in summaries:
@@ -121,6 +120,8 @@ def project_set(
     from app.jobs.retrain import ACQUISITIONS
     from app.jobs.schedule import schedule_of
     from app.models.project import DEFAULT_PROJECT_SETTINGS
+    from app.services.errors import NotFoundError
+    from app.services.project import get_project, project_has_images
     from ml.composition import METHODS
 
     known = {*DEFAULT_PROJECT_SETTINGS, "retrain"}
@@ -134,7 +135,7 @@ def project_set(
         raise fail(f"acquisition must be one of {', '.join(ACQUISITIONS)}")
     if key == "composition" and parsed not in METHODS:
         raise fail(f"composition must be one of {', '.join(METHODS)}")
-    with make_session_factory(ready_engine(load_settings()))() as session:
+    with sessions(load_settings())() as session:
         try:
             project = get_project(session, slug=slug)
         except NotFoundError as exc:
@@ -161,10 +162,12 @@ def consensus_recompute(
     project: Annotated[str | None, typer.Option(help="project slug; default: all")] = None,
 ) -> None:
     """Re-estimate every posterior and credibility by full EM (banned volunteers left out)."""
+    from app.services.errors import NotFoundError
+    from app.services.project import get_project, list_project_summaries
     from app.services.recompute import recompute_project
 
     settings = load_settings()
-    factory = make_session_factory(ready_engine(settings), writer=True)
+    factory = sessions(settings, writer=True)
     with factory() as session:
         slugs = [project] if project else [s.slug for s in list_project_summaries(session)]
     for slug in slugs:
@@ -193,6 +196,7 @@ def user_add(
     """Add an account; the password is asked for (twice) unless given on standard input."""
     from app.models import Role
     from app.services.account import create_account
+    from app.services.errors import ConflictError, InvalidInputError
 
     try:
         chosen = Role(role)
@@ -202,9 +206,7 @@ def user_add(
         password = sys.stdin.readline().rstrip("\n")
     else:
         password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
-    settings = load_settings()
-    factory = make_session_factory(ready_engine(settings), writer=True)
-    with factory() as session:
+    with sessions(load_settings(), writer=True)() as session:
         try:
             create_account(session, name=name, password=password, role=chosen)
         except (ConflictError, InvalidInputError) as exc:
@@ -229,6 +231,7 @@ def user_set(
     account's login sessions on every browser (``--logout`` does only that)."""
     from app.models import Role
     from app.services.account import find_account, revoke_sessions, update_account
+    from app.services.errors import InvalidInputError
 
     try:
         chosen = Role(role) if role is not None else None
@@ -239,9 +242,7 @@ def user_set(
         raise fail(
             "nothing to change: give --role, --disable/--enable, --password-stdin or --logout"
         )
-    settings = load_settings(existing=True)
-    factory = make_session_factory(ready_engine(settings), writer=True)
-    with factory() as session:
+    with sessions(load_settings(existing=True), writer=True)() as session:
         account = find_account(session, name=name)
         if account is None:
             raise fail(f"no account {name!r} (tessera user list shows them)")
@@ -260,8 +261,7 @@ def user_list() -> None:
     """List the accounts and their roles."""
     from app.services.account import list_accounts
 
-    settings = load_settings(existing=True)
-    with make_session_factory(ready_engine(settings))() as session:
+    with sessions(load_settings(existing=True))() as session:
         table = Table("name", "role", "last login")
         for account in list_accounts(session):
             table.add_row(account.name, account.role, str(account.last_login_at or "never"))
@@ -286,10 +286,12 @@ def export_command(
 
     Fails (exit 2, nothing written) when there is no mask to export.
     """
+    from app.services.errors import NotFoundError
     from app.services.masks.export import NothingToExportError, export_project
+    from app.services.project import get_project
 
     settings = load_settings(existing=True)
-    with make_session_factory(ready_engine(settings))() as session:
+    with sessions(settings)() as session:
         try:
             target = get_project(session, slug=project)
             report = export_project(

@@ -10,11 +10,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import app, console, err, fail, load_settings, ready_engine
-from app.db import make_session_factory
-from app.services.backup import create_backup, restore_backup
-from app.services.doctor import DEFAULT_GRACE_S, check, repair
-from app.services.errors import ConflictError, InvalidInputError
+from app.cli.common import app, console, err, fail, load_settings, sessions
 
 EXIT_UNHEALTHY = 1
 
@@ -25,13 +21,16 @@ def doctor_command(
         bool, typer.Option("--repair", help="remove crash debris older than --grace")
     ] = False,
     grace: Annotated[
-        float, typer.Option(help="seconds a file must be old to count as debris", min=0)
-    ] = DEFAULT_GRACE_S,
+        float | None,
+        typer.Option(help="seconds a file must be old to count as debris (an hour)", min=0),
+    ] = None,
 ) -> None:
     """Check that the database and the data folder agree; exit 1 when something is wrong."""
+    from app.services.doctor import DEFAULT_GRACE_S, check, repair
+
+    grace = DEFAULT_GRACE_S if grace is None else grace
     settings = load_settings(existing=True)
-    engine = ready_engine(settings)
-    with make_session_factory(engine)() as session:
+    with sessions(settings)() as session:
         result = check(session, settings=settings)
     if fix:
         repair(result, grace_s=grace)
@@ -59,11 +58,13 @@ def backup_command(
     out: Annotated[Path, typer.Argument(help="the backup to write: .tar, .tar.gz or .tgz")],
 ) -> None:
     """Back up the database and the files it names into one archive (safe while serving)."""
+    from app.services.backup import create_backup
+    from app.services.errors import ConflictError
+
     settings = load_settings(existing=True)
     if not out.name.endswith((".tar", ".tar.gz", ".tgz")):
         raise fail(f"{out}: name the backup .tar, .tar.gz or .tgz")
-    engine = ready_engine(settings)
-    with make_session_factory(engine)() as session:
+    with sessions(settings)() as session:
         try:
             report = create_backup(session, settings=settings, out=out)
         except ConflictError as exc:
@@ -79,12 +80,15 @@ def restore_command(
     archive: Annotated[Path, typer.Argument(help="a backup written by `tessera backup`")],
 ) -> None:
     """Restore a backup into an empty database and data folder (all or nothing)."""
+    from app.services.backup import restore_backup
+    from app.services.errors import ConflictError, InvalidInputError
+
     settings = load_settings()
     if not archive.is_file():
         raise fail(f"{archive} does not exist")
-    engine = ready_engine(settings)
+    factory = sessions(settings)
     settings.ensure_dirs()
-    with make_session_factory(engine)() as session:
+    with factory() as session:
         try:
             counts = restore_backup(session, settings=settings, archive=archive)
         except (InvalidInputError, ConflictError) as exc:

@@ -4,6 +4,7 @@ CLI starts without them."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -20,12 +21,8 @@ from app.cli.common import (
     console,
     fail,
     load_settings,
-    ready_engine,
+    sessions,
 )
-from app.db import make_session_factory
-from app.services.curation.quality import MAX_QUALITY_TARGETS
-from app.services.errors import NotFoundError
-from app.services.project import get_project
 
 if TYPE_CHECKING:  # torch-side: imported inside the commands
     from app.jobs.train import TrainOptions
@@ -70,10 +67,11 @@ def _train(kind: str, slug: str, options: TrainOptions) -> None:
 
     from app.jobs import train
     from app.jobs.lock import JobBusyError
+    from app.services.errors import NotFoundError
     from ml.train import Progress as TrainProgress
 
     settings = load_settings()
-    factory = make_session_factory(ready_engine(settings))
+    factory = sessions(settings)
     runner = train.run_train_tagger if kind == "tagger" else train.run_train_segmenter
     columns = [
         TextColumn("{task.description}"),
@@ -163,8 +161,10 @@ def _batches(description: str, run: Callable[[Callable[[int, int], None]], T]) -
 
 def _batch_job(description: str, runner: Callable[..., object], slug: str, device: str) -> None:
     """Run a batched model job (``run_seed``, ``run_predict``) with a progress bar."""
+    from app.services.errors import NotFoundError
+
     settings = load_settings()
-    factory = make_session_factory(ready_engine(settings))
+    factory = sessions(settings)
     try:
         report = _batches(
             description,
@@ -201,13 +201,13 @@ def retrain(
     device: Device = "auto",
     seed: Seed = 0,
     quality_targets: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=1,
             help="evaluation targets composed for the round's mask-quality reading (an even "
-            "sample; each costs about a second of GrabCut)",
+            "sample; each costs about a second of GrabCut); default: the job's",
         ),
-    ] = MAX_QUALITY_TARGETS,
+    ] = None,
 ) -> None:
     """One round of the learning loop: train (the segmenter from the active one when it fits),
     promote if better, model priors, re-tag, re-rank, read mask quality. --steps, --epochs and
@@ -215,15 +215,17 @@ def retrain(
     from app.jobs.lock import JobBusyError
     from app.jobs.retrain import RetrainOptions, run_retrain
     from app.jobs.train import TrainOptions
+    from app.services.errors import NotFoundError
 
     settings = load_settings()
-    factory = make_session_factory(ready_engine(settings))
+    factory = sessions(settings)
     options = RetrainOptions(
         segmenter=TrainOptions(steps=steps, epochs=epochs, size=size, seed=seed),
         tagger=TrainOptions(epochs=tagger_epochs, size=size, seed=seed),
         device=device,
-        quality_targets=quality_targets,
     )
+    if quality_targets is not None:
+        options = dataclasses.replace(options, quality_targets=quality_targets)
     try:
         report = run_retrain(
             factory, settings, slug=project, options=options, on_step=console.print
@@ -236,9 +238,11 @@ def retrain(
 @model_app.command("list")
 def model_list(project: ProjectOption = DEMO_PROJECT) -> None:
     """Model versions with their metrics; * marks the active ones."""
+    from app.services.errors import NotFoundError
     from app.services.model_version import list_model_versions
+    from app.services.project import get_project
 
-    with make_session_factory(ready_engine(load_settings(existing=True)))() as session:
+    with sessions(load_settings(existing=True))() as session:
         try:
             versions = list_model_versions(session, project=get_project(session, slug=project))
         except NotFoundError as exc:
@@ -263,9 +267,11 @@ def model_rollback(
 ) -> None:
     """Re-activate the previously promoted version."""
     from app.models import ModelKind
+    from app.services.errors import NotFoundError
     from app.services.model_version import rollback_model
+    from app.services.project import get_project
 
-    with make_session_factory(ready_engine(load_settings()), writer=True)() as session:
+    with sessions(load_settings(), writer=True)() as session:
         try:
             version = rollback_model(
                 session, project=get_project(session, slug=project), kind=ModelKind(kind)
@@ -284,13 +290,15 @@ def export_model(
 ) -> None:
     """Export the active model to ONNX, checked against PyTorch with onnxruntime."""
     from app.models import ModelKind
+    from app.services.errors import NotFoundError
     from app.services.model_version import active_model
+    from app.services.project import get_project
     from ml.checkpoints import load_checkpoint
     from ml.export import export_onnx
     from ml.segmenter import Segmenter
     from ml.tagger import Tagger
 
-    with make_session_factory(ready_engine(load_settings(existing=True)))() as session:
+    with sessions(load_settings(existing=True))() as session:
         try:
             version = active_model(
                 session, project=get_project(session, slug=project), kind=ModelKind(kind)
@@ -315,7 +323,7 @@ def schedule(
     """Run the retraining schedule in the foreground (each retrain in its own process)."""
     from app.jobs.schedule import RetrainScheduler
 
-    scheduler = RetrainScheduler(make_session_factory(ready_engine(load_settings())))
+    scheduler = RetrainScheduler(sessions(load_settings()))
     try:
         plans = scheduler.add_projects(project)
     except ValueError as exc:

@@ -7,16 +7,16 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from app.cli.common import DEMO_PROJECT, app, console, load_settings, ready_engine
+from app.cli.common import DEMO_PROJECT, app, console, load_settings, ready_engine, sessions
 from app.cli.data import print_report
-from app.config import Settings
-from app.db import make_session_factory
-from app.services.importer import ImportReport, run_import
-from app.services.project import create_project, find_project
+
+if TYPE_CHECKING:
+    from app.config import Settings
+    from app.services.importer import ImportReport
 
 DEMO_SETTINGS = {"min_cell_px": 16, "max_level": 4}
 
@@ -82,7 +82,7 @@ def fuse(
     from app.services.crowd.fuser import Fuser
 
     settings = load_settings()
-    fuser = Fuser(settings, make_session_factory(ready_engine(settings), writer=True), poll)
+    fuser = Fuser(settings, sessions(settings, writer=True), poll)
     stop = threading.Event()
     # Ctrl+C, and SIGTERM from a service manager, end it after the batch under way (set here:
     # a process started in the background inherits SIGINT ignored).
@@ -98,10 +98,11 @@ def fuse(
 
 def build_demo(settings: Settings, *, seed: int, n_images: int) -> ImportReport | None:
     """Generate the demo dataset and import it as project 'demo', unless it is there already."""
+    from app.services.importer import run_import
+    from app.services.project import create_project, find_project
     from ml.demo.dataset import write_demo_dataset
 
-    engine = ready_engine(settings)
-    factory = make_session_factory(engine)
+    factory = sessions(settings)
     with factory() as session:
         if find_project(session, slug=DEMO_PROJECT) is not None:
             return None
