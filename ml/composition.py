@@ -280,7 +280,7 @@ def unlike_smooth_background(
     Light falls off across a scene, so a background is a gradient more often than one set of
     colours: the *yes* cells' background is then lighter (or warmer) than the *no* cells' on
     average, its shades are "more common in the band" (``object_coloured``), and GrabCut took
-    the lit side of the band for the object (demo_0010's circle at the first level: IoU 0.22
+    the lit side of the band for the object (demo_0003's circle at the first level: IoU 0.22
     with the crowd's answers). A plane carries the gradient across the band. The fit is made
     twice, the second time without the pixels far from the first (a wrong *no* on part of the
     object puts its colour in the sure background; the median is what it cannot move).
