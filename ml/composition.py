@@ -162,12 +162,19 @@ def trimap(
     )
     doubted = None
     if claimed.any():
-        outside = cv2.distanceTransform((~claimed).astype(np.uint8), cv2.DIST_L2, 3)  # (H, W)
+        outside = _distance_to(claimed)
         # A voted *no* is a person's "I see none of it"; a known one (0: gold, a curator) is not.
         sure_bg &= ~((outside <= MARGIN * side) & (posterior > 0.0))
         doubted = ~claimed & ~sure_bg & (outside <= side)
     band = claimed & ~sure_fg
     return Trimap(posterior, sure_fg, sure_bg, band, claimed, positive, side, doubted)
+
+
+def _distance_to(claimed: BoolMask) -> FloatMask:
+    """Each pixel's distance in pixels to the nearest claimed one (0 on the claim)."""
+    return np.asarray(
+        cv2.distanceTransform((~claimed).astype(np.uint8), cv2.DIST_L2, 3), np.float32
+    )
 
 
 def _keep_every_yes(tm: Trimap, hard: BoolMask, fallback: BoolMask | None = None) -> BoolMask:
@@ -454,7 +461,7 @@ def _grabcut_labels(
 def _next_to_claim(tm: Trimap) -> BoolMask:
     """Pixels within one of their cell's sides of a pixel claimed positive: the *no* cells where
     a careless crowd's wrong *no* on a sliver of the object would be."""
-    d = cv2.distanceTransform((~tm.claimed).astype(np.uint8), cv2.DIST_L2, 3)
+    d = _distance_to(tm.claimed)
     side = tm.side if tm.side is not None else np.ones(d.shape, dtype=np.float32)
     return np.asarray(d <= side)
 
