@@ -10,16 +10,28 @@ banned volunteers out.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+import time
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import bindparam, or_, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
-from app.models import Cell, Consensus, Credibility, Gold, Task, Volunteer, Vote
+from app.models import (
+    Cell,
+    Consensus,
+    Credibility,
+    Gold,
+    Project,
+    RetireReason,
+    Target,
+    Task,
+    Volunteer,
+    Vote,
+)
 from ml.aggregation.credibility import (
     AGREEMENT_VOTES,
     COUNT_FIELDS,
@@ -218,20 +230,24 @@ class Fusing:
     cell_ids: list[int]
 
 
-def agreement_increments(session: Session, *, tasks: list[Fusing]) -> dict[int, np.ndarray]:
+def agreement_increments(
+    session: Session, *, tasks: list[Fusing], base: Mapping[int, float] | None = None
+) -> dict[int, np.ndarray]:
     """Credibility increments (soft counts, ``COUNT_COLUMNS`` order) from agreement, for fusing
     ``tasks`` in this order (``ml.aggregation.credibility.agreement_credit``): as each task is
     fused, every vote of a cell that has just reached ``AGREEMENT_VOTES`` votes, and the task's
     own votes on cells past it; each vote is thus scored once. Votes count as of fusing each
     task: those of tasks fused before, of the tasks before it in ``tasks`` and its own, not
     those still waiting for the fuser. Credibility is as stored (a batch adds its increments
-    once, after). One query for the whole batch."""
+    once, after). ``base``: per cell id, the log-odds its votes are scored against before they
+    speak (``base_rates``; flat where missing). One query for the whole batch."""
     order = {t.task_id: i for i, t in enumerate(tasks)}
     cell_ids = sorted({c for t in tasks for c in t.cell_ids})
     if not cell_ids:
         return {}
     votes = cell_votes(session, cell_ids=cell_ids, fused_and=order)
     index = {c: i for i, c in enumerate(cell_ids)}
+    base_logodds = np.array([(base or {}).get(c, 0.0) for c in cell_ids])
     worker = {v: i for i, v in enumerate(votes.volunteers)}
     rank = np.array([order.get(int(t), -1) for t in votes.task], dtype=np.int64)  # -1: fused
     of_cell: list[list[int]] = [[] for _ in cell_ids]
@@ -250,9 +266,51 @@ def agreement_increments(session: Session, *, tasks: list[Fusing]) -> dict[int, 
         mine = votes.worker[ks] == worker[task.volunteer_id]
         credit = (n_votes == AGREEMENT_VOTES) | (mine & (n_votes > AGREEMENT_VOTES))
         if credit.any():
-            soft += agreement_credit(cell, votes.worker[ks], votes.label[ks], credit, votes.counts)
+            soft += agreement_credit(
+                cell,
+                votes.worker[ks],
+                votes.label[ks],
+                credit,
+                votes.counts,
+                base_logodds=base_logodds,
+            )
     rows = np.hstack([soft, np.zeros((len(votes.volunteers), len(COUNT_COLUMNS) - 4))])
     return {v: rows[i] for i, v in enumerate(votes.volunteers) if rows[i].any()}
+
+
+BASE_RATE_TTL_S = 60.0  # how long a process keeps a project's base rates before reading again
+_base_rates: dict[tuple[str, int, object], tuple[float, dict[int, float]]] = {}
+# Per level of the pyramid: the project's control squares inside their images, and those of them
+# that gold says are empty.
+CONTROL_SQUARES = (
+    select(Cell.level, func.count(Cell.id), func.count(Gold.cell_id))
+    .join(Target, (Target.id == Cell.target_id) & Target.control)
+    .outerjoin(Gold, (Gold.cell_id == Cell.id) & Gold.label.is_(False) & Gold.frozen.is_(False))
+    .where(
+        Target.project_id == bindparam("project_id"),
+        Cell.retire_reason.is_distinct_from(RetireReason.OUTSIDE),
+    )
+    .group_by(Cell.level)
+)
+
+
+def base_rates(session: Session, *, project: Project) -> dict[int, float]:
+    """Per level of the pyramid, the log-odds that a square shows its tag, from the project's
+    control truth (outside the crowd's votes): the share of control squares that are not known
+    empty, Laplace-smoothed (flat without control targets). Agreement scores votes against it
+    (``agreement_credit``). A square that shows any of the object counts: what volunteers are
+    asked. Read at most every ``BASE_RATE_TTL_S`` per process (control truth changes rarely)."""
+    key = (str(session.get_bind().engine.url), project.id, project.created_at)
+    now = time.monotonic()
+    cached = _base_rates.get(key)
+    if cached is not None and now - cached[0] < BASE_RATE_TTL_S:
+        return cached[1]
+    rates = {
+        int(level): float(np.log((n - empty + 1.0) / (empty + 1.0)))
+        for level, n, empty in session.execute(CONTROL_SQUARES, {"project_id": project.id})
+    }
+    _base_rates[key] = (now, rates)
+    return rates
 
 
 # Statements of the answer path built once (building one and keying it for SQLAlchemy's cache

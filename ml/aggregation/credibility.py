@@ -164,16 +164,23 @@ def agreement_credit(
     credit: npt.ArrayLike,
     counts: WorkerCounts,
     config: DawidSkeneConfig = DEFAULT_CONFIG,
+    base_logodds: npt.ArrayLike | None = None,
 ) -> FloatArray:
     """Soft-count increments from the agreement of the votes marked in ``credit``.
 
     Each marked vote counts towards its volunteer's ``(pos_yes, pos_no, neg_no, neg_yes)`` with
     weights ``(q y, q (1 - y), (1 - q)(1 - y), (1 - q) y)``, where ``y`` is the vote and ``q``
-    the probability that the cell shows the tag from every *other* vote of the cell, as a flat
-    prior would have it (leave-one-out).
+    the probability that the cell shows the tag from every *other* vote of the cell
+    (leave-one-out), on top of ``base_logodds``: how often such a cell shows the tag, known from
+    outside these votes (flat where None). The base rate matters while volunteers are new: with
+    a flat one, two newcomers' "no" leave ``q`` = 0.2, and every agreeing "no" on an empty square
+    is charged as a fifth of a miss, which deflates everyone's sensitivity and keeps empty squares
+    open for many more votes. It must not come from the votes it scores: a crowd that says yes to
+    everything would confirm itself.
 
     Shape:
-        the vote arrays ``(n_votes,)``; returns ``(n_workers, 4)``.
+        the vote arrays ``(n_votes,)``; ``base_logodds`` ``(n_cells,)``, indexed by
+        ``vote_cell``; returns ``(n_workers, 4)``.
     """
     cell = np.asarray(vote_cell, dtype=np.intp)
     worker = np.asarray(vote_worker, dtype=np.intp)
@@ -181,7 +188,9 @@ def agreement_credit(
     w = np.asarray(credit, dtype=np.float64)
     llr_yes, llr_no = worker_llr(counts, config)
     per_vote = np.where(y == 1, llr_yes[worker], llr_no[worker])  # (n_votes,)
-    total = np.bincount(cell, weights=per_vote)
+    total = np.bincount(cell, weights=per_vote).astype(np.float64)
+    if base_logodds is not None:
+        total = total + np.asarray(base_logodds, dtype=np.float64)[: total.shape[0]]
     q = 1.0 / (1.0 + np.exp(-(total[cell] - per_vote)))  # leave-one-out posterior per vote
     n = counts.pos_yes.shape[0]
     parts = (q * y, q * (1 - y), (1 - q) * (1 - y), (1 - q) * y)

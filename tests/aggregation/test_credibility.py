@@ -138,3 +138,24 @@ def test_agreement_credit_scores_each_vote_against_the_others_only() -> None:
     # Votes not marked for credit count nothing.
     none = agreement_credit(cell, worker, label, np.zeros(4, dtype=bool), counts)
     assert not none.any()
+
+
+def test_agreement_credit_scores_against_a_base_rate_from_outside_the_votes() -> None:
+    from ml.aggregation.credibility import WorkerCounts, agreement_credit
+
+    counts = WorkerCounts.from_rows(np.zeros((3, 8)))  # three newcomers
+    cell, worker = np.array([0, 0, 0]), np.array([0, 1, 2])
+    nos = np.array([0, 0, 0])  # they agree the square is empty
+    flat = agreement_credit(cell, worker, nos, np.ones(3, dtype=bool), counts)
+    # Where one square in five shows the tag, the same agreeing "no"s are charged as far less of
+    # a miss (pos_no), and count as more of a correct rejection (neg_no).
+    rare = agreement_credit(
+        cell, worker, nos, np.ones(3, dtype=bool), counts, base_logodds=np.array([np.log(0.25)])
+    )
+    assert rare[:, 1].sum() < 0.5 * flat[:, 1].sum()
+    assert rare[:, 2].sum() > flat[:, 2].sum()
+    # A flat base rate (log-odds 0) is the same as none.
+    zero = agreement_credit(
+        cell, worker, nos, np.ones(3, dtype=bool), counts, base_logodds=np.zeros(1)
+    )
+    np.testing.assert_allclose(zero, flat)

@@ -7,8 +7,11 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from app.models import Cell, RetireReason, Volunteer
-from app.services.consensus import credibility_estimates
+from app.models import Cell, Project, RetireReason, Target, Volunteer
+from app.services.consensus import base_rates, credibility_estimates
+from app.services.crowd.opening import load_truth, outside_image
+from app.services.project import square_cells
+from ml.aggregation import grid
 from ml.aggregation.simulate import PROFILES, VolunteerProfile
 from tests.app.conftest import Live
 from tests.app.crowd import SimulatedVolunteer
@@ -72,3 +75,33 @@ def test_liars_among_an_honest_majority_lose_their_weight_without_gold(live: Liv
     _run(live, honest + liars, "shape")
     j = _youden(live)  # volunteers in creation order: the honest five, then the liars
     assert min(j[:5]) > max(j[5:]) and max(j[5:]) < 0.1, j
+
+
+def test_agreement_scores_votes_against_the_share_of_control_squares_that_show_the_tag(
+    live: Live,
+) -> None:
+    with live.factory() as session:
+        project = session.scalars(select(Project).where(Project.slug == SLUG)).one()
+        rates = base_rates(session, project=project)
+        # The same share, from the control truth's pixels: squares holding any of the object.
+        shown, squares = 0, 0
+        for target in session.scalars(select(Target).where(Target.control)):
+            mask = load_truth(session, live.settings, target)
+            assert mask is not None
+            cells = [
+                grid.Cell(c.level, c.row, c.col)
+                for c in session.scalars(select(Cell).where(Cell.target_id == target.id))
+                if c.level == 1 and not outside_image(c)
+            ]
+            coverage = grid.cell_coverage(mask, cells, square=square_cells(project))
+            shown, squares = shown + int((coverage > 0).sum()), squares + len(cells)
+    assert squares and 0 < shown < squares
+    assert rates[1] == pytest.approx(np.log((shown + 1) / (squares - shown + 1)))
+    assert rates[1] < 0  # most squares of the demo's scenes are empty
+
+
+@pytest.mark.parametrize("live", [{"control_share": 0.0}], indirect=True)
+def test_without_control_truth_agreement_has_no_base_rate(live: Live) -> None:
+    with live.factory() as session:
+        project = session.scalars(select(Project).where(Project.slug == SLUG)).one()
+        assert base_rates(session, project=project) == {}

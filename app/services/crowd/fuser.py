@@ -35,6 +35,7 @@ from app.services.consensus import (
     COUNT_COLUMNS,
     Fusing,
     agreement_increments,
+    base_rates,
     gold_labels,
     refresh_cells,
 )
@@ -137,7 +138,9 @@ def fuse_tasks(
         Fusing(t.id, t.volunteer_id, [c for _, c, known in tiles[t.id] if not known and c in cells])
         for t in tasks
     ]
-    for volunteer_id, inc in agreement_increments(session, tasks=fusing).items():
+    rates = base_rates(session, project=project)
+    base = {c.id: rates.get(c.level, 0.0) for c in cells.values()}
+    for volunteer_id, inc in agreement_increments(session, tasks=fusing, base=base).items():
         credits[volunteer_id] += inc
     gold = gold_labels(session, cell_ids=[c for ts in tiles.values() for _, c, k in ts if k])
     for task in tasks:
