@@ -10,12 +10,12 @@ adversary's answers inverted; otherwise a volunteer with sensitivity + specifici
 Between batch EM passes (``dawid_skene`` over every vote, run periodically), the web process
 updates a volunteer's counts on gold, exactly and at once (:func:`gold_credit`), and from
 agreement (:func:`agreement_credit`): once a cell has ``AGREEMENT_VOTES`` votes, each of its
-votes is scored once against what the *other* votes say (leave-one-out, without the cell's
-prior), an online step of the batch EM (Neal and Hinton 1998) that leaves out the vote's own
-weight, so that a volunteer is not credited for agreeing with themselves, nor with a prior
-(CAM, inheritance) that is only a guess. A project without
-gold thus learns who answers well from its first answers, instead of waiting for the next EM
-pass with every volunteer at the prior (where three agreeing votes reach only 0.89). It
+votes is scored once against what the *other* votes say (leave-one-out, on the project's base
+rate from control truth, not on the cell's prior), an online step of the batch EM (Neal and
+Hinton 1998) that leaves out the vote's own weight, so that a volunteer is not credited for
+agreeing with themselves, nor with a prior (CAM, inheritance) that is only a guess. A project
+without gold thus learns who answers well from its first answers, instead of waiting for the
+next EM pass with every volunteer at the prior (where three agreeing votes reach only 0.89). It
 recomputes a cell's log-odds from all its votes with the voters' current credibility
 (:func:`cells_logodds`): this is the E-step of the batch model for that cell, so a cell's online
 posterior equals the batch posterior whenever the credibility is the batch credibility.
