@@ -297,19 +297,16 @@ CONTROL_SQUARES = (
 def base_rates(session: Session, *, project: Project) -> dict[int, float]:
     """Per level of the pyramid, the log-odds that a square shows its tag, from the project's
     control truth (outside the crowd's votes): the share of control squares that are not known
-    empty, Laplace-smoothed (flat without control targets), and never above flat: a square
-    that is not gold may also be one too flat to judge (``GOLD_MIN_CONTRAST``), so the share
-    leans high, and a rate over one half would charge agreeing "no"s more than a flat prior
-    does. Agreement scores votes against it (``agreement_credit``). A square that shows any of
-    the object counts: what volunteers are asked. Read at most every ``BASE_RATE_TTL_S`` per
-    process (control truth changes rarely)."""
+    empty, Laplace-smoothed (flat without control targets). Agreement scores votes against it
+    (``agreement_credit``). A square that shows any of the object counts: what volunteers are
+    asked. Read at most every ``BASE_RATE_TTL_S`` per process (control truth changes rarely)."""
     key = (str(session.get_bind().engine.url), project.id, project.created_at)
     now = time.monotonic()
     cached = _base_rates.get(key)
     if cached is not None and now - cached[0] < BASE_RATE_TTL_S:
         return cached[1]
     rates = {
-        int(level): min(float(np.log((n - empty + 1.0) / (empty + 1.0))), 0.0)
+        int(level): float(np.log((n - empty + 1.0) / (empty + 1.0)))
         for level, n, empty in session.execute(CONTROL_SQUARES, {"project_id": project.id})
     }
     _base_rates[key] = (now, rates)
