@@ -7,6 +7,9 @@ Input formats (chosen by extension):
 * VOTES ``.npz``: either ``votes`` (workers x items, int8, -1 = no vote, else 0/1) with optional
   ``gold`` (items, int8, -1 = unknown), or ``masks`` (annotators x H x W, bool) for dense
   consensus. Workers and tasks of a matrix are named by their index ("0", "1", ...).
+* IMAGE (masks only): the photograph the masks were drawn on (PNG, JPEG, ...), same size.
+* TRUTH (masks only): an expert mask to score against: an image (nonzero = object) or an NPZ
+  with ``truth`` (H x W).
 * GOLD ``.csv``: ``task,label`` (label 0/1); ``.npz``: ``gold`` (items, int8, -1 = unknown).
 * PRIOR ``.csv``: ``task,prior`` (probability in [0, 1]) or ``task,logodds``; ``.npz``: ``prior``
   (probabilities, items; or H x W for masks) or ``logodds`` (items).
@@ -18,7 +21,8 @@ Output (chosen by the extension of OUT):
   Dense consensus needs ``.npz``.
 * ``.npz``: ``task`` (str), ``posterior`` (float64), ``label`` (int8), ``worker`` (str),
   ``sensitivity``, ``specificity`` (float64), ``adversary`` (bool); for masks ``soft`` (H x W
-  float32), ``hard`` (H x W bool), ``sensitivity``, ``specificity`` (annotators).
+  float32), ``hard`` (H x W bool), ``sensitivity``, ``specificity`` and ``used`` (annotators;
+  ``used`` is False for one set aside as having drawn another object).
 
 Files are written to a temporary file in the same folder and renamed, so nothing half-written
 stays behind.
@@ -38,7 +42,12 @@ from typing import IO, Any
 import numpy as np
 import numpy.typing as npt
 
-from ml.aggregation.dense import fuse_masks
+from ml.aggregation.dense import (
+    DENSE_METHODS,
+    calibration_on_disputed,
+    fuse_masks,
+    mask_iou,
+)
 from ml.aggregation.registry import METHODS, get_method
 from ml.aggregation.votes import AggregationResult, Votes, from_dense, logit, make_votes
 
@@ -64,6 +73,11 @@ class AggregateSummary:
     out: Path
     workers_out: Path | None
     dense: bool
+    set_aside: int = 0  # masks: annotators set aside as having drawn another object
+    image_used: bool = False  # masks: the border was redrawn from the image
+    iou: float | None = None  # masks with --truth: IoU of the hard mask
+    ece_disputed: float | None = None  # masks with --truth: ECE on the disputed pixels
+    n_disputed: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,7 +94,9 @@ def aggregate_file(
     out: Path,
     gold: Path | None = None,
     prior: Path | None = None,
-    method: str = "dawid_skene",
+    method: str | None = None,
+    image: Path | None = None,
+    truth: Path | None = None,
 ) -> AggregateSummary:
     """Aggregate a vote file (CSV or NPZ) or fuse a dense-mask NPZ; write OUT.
 
@@ -89,26 +105,44 @@ def aggregate_file(
         out: where to write (``.csv`` or ``.npz``).
         gold: optional GOLD file (overrides ``gold`` inside a VOTES NPZ).
         prior: optional PRIOR file.
-        method: a name in ``METHODS``; masks always use the two-coin EM.
+        method: a name in ``METHODS`` for votes (default ``dawid_skene``), in
+            ``DENSE_METHODS`` for masks (default ``consensus``; ``dawid_skene`` means ``staple``).
+        image: masks only: the photograph (PNG, JPEG, ...) the masks were drawn on.
+        truth: masks only: an expert mask (image file, nonzero = object, or NPZ ``truth``) to
+            score the result against (IoU, and ECE on disputed pixels).
 
     Raises:
         AggregationInputError: a file is missing, malformed or inconsistent, or the method or
             output extension is unknown.
     """
     votes, out = Path(votes), Path(out)
+    if out.suffix.lower() not in (".csv", ".npz"):
+        raise AggregationInputError(f"{out}: output must end in .csv or .npz")
+    kind = _suffix(votes, "VOTES")
+    table: _Table | None = None
+    if kind == ".npz":
+        with _open_npz(votes) as z:
+            if "masks" in z:
+                return _aggregate_masks(
+                    votes,
+                    np.asarray(z["masks"]),
+                    out=out,
+                    prior=prior,
+                    method=method,
+                    image=image,
+                    truth=truth,
+                )
+            table = _read_vote_npz(votes, z)
+    if image is not None or truth is not None:
+        raise AggregationInputError(
+            "--image and --truth are for dense masks (an NPZ with 'masks'), not for votes"
+        )
+    method = method or "dawid_skene"
     if method not in METHODS:
         raise AggregationInputError(
             f"--method {method!r} is unknown; use one of {', '.join(sorted(METHODS))}"
         )
-    if out.suffix.lower() not in (".csv", ".npz"):
-        raise AggregationInputError(f"{out}: output must end in .csv or .npz")
-    kind = _suffix(votes, "VOTES")
-    if kind == ".npz":
-        with _open_npz(votes) as z:
-            if "masks" in z:
-                return _aggregate_masks(votes, np.asarray(z["masks"]), out=out, prior=prior)
-            table = _read_vote_npz(votes, z)
-    else:
+    if table is None:
         table = _read_vote_csv(votes)
     g = _read_gold(gold, table) if gold is not None else table.gold
     p = _read_prior(prior, table) if prior is not None else None
@@ -316,9 +350,21 @@ def _check_prior_array(
 
 
 def _aggregate_masks(
-    path: Path, masks: npt.NDArray[Any], *, out: Path, prior: Path | None
+    path: Path,
+    masks: npt.NDArray[Any],
+    *,
+    out: Path,
+    prior: Path | None,
+    method: str | None,
+    image: Path | None,
+    truth: Path | None,
 ) -> AggregateSummary:
-    if masks.ndim != 3 or masks.dtype != np.bool_:
+    method = "staple" if method == "dawid_skene" else (method or "consensus")
+    if method not in DENSE_METHODS:
+        raise AggregationInputError(
+            f"--method {method!r} is not one for masks; use one of {', '.join(DENSE_METHODS)}"
+        )
+    if masks.ndim != 3 or masks.dtype != np.bool_ or masks.shape[0] == 0:
         raise AggregationInputError(
             f"{path}: array 'masks' must be bool annotators x H x W, got {masks.dtype} "
             f"shape {masks.shape}"
@@ -336,7 +382,18 @@ def _aggregate_masks(
                 raise AggregationInputError(f"{prior}: needs an array 'prior' (H x W)")
             a = np.asarray(z["prior"], dtype=np.float64)
         p = _check_prior_array(prior, "prior", a, masks.shape[1:])
-    fused = fuse_masks(masks, prior=None if p is None else 1.0 / (1.0 + np.exp(-p)))
+    shape = masks.shape[1:]
+    rgb = None if image is None else _read_image(image, shape)
+    expert = None if truth is None else _read_truth(truth, shape)
+    if method == "majority_vote" and (p is not None or rgb is not None):
+        raise AggregationInputError(
+            "--method majority_vote takes neither --prior nor --image; use consensus"
+        )
+    if method == "staple" and rgb is not None:
+        raise AggregationInputError("--image needs --method consensus (the default for masks)")
+    fused = fuse_masks(
+        masks, prior=None if p is None else 1.0 / (1.0 + np.exp(-p)), image=rgb, method=method
+    )
     _atomic_write(
         out,
         lambda f: np.savez_compressed(
@@ -345,11 +402,17 @@ def _aggregate_masks(
             hard=fused.hard,
             sensitivity=fused.sensitivity,
             specificity=fused.specificity,
+            used=fused.used,
         ),
     )
     r, h, w = masks.shape
+    iou = ece = None
+    n_disputed = 0
+    if expert is not None:
+        iou = mask_iou(fused.hard, expert)
+        ece, n_disputed = calibration_on_disputed(fused.soft, masks, expert)
     return AggregateSummary(
-        "dawid_skene",
+        method,
         r,
         h * w,
         r * h * w,
@@ -360,7 +423,52 @@ def _aggregate_masks(
         out,
         None,
         True,
+        set_aside=int((~fused.used).sum()),
+        image_used=fused.image_used,
+        iou=iou,
+        ece_disputed=ece,
+        n_disputed=n_disputed,
     )
+
+
+def _read_image(path: Path, shape: tuple[int, ...]) -> npt.NDArray[np.uint8]:
+    """The photograph the masks were drawn on, as RGB uint8 of the masks' size."""
+    import cv2
+
+    if not path.is_file():
+        raise AggregationInputError(f"IMAGE file {path} does not exist")
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise AggregationInputError(f"{path}: not an image OpenCV can read (use PNG or JPEG)")
+    if bgr.shape[:2] != tuple(shape):
+        raise AggregationInputError(
+            f"{path}: the image is {bgr.shape[1]}x{bgr.shape[0]} (width x height) but the masks "
+            f"are {shape[1]}x{shape[0]}; give the image the masks were drawn on, at full size"
+        )
+    return np.ascontiguousarray(bgr[..., ::-1])
+
+
+def _read_truth(path: Path, shape: tuple[int, ...]) -> npt.NDArray[np.bool_]:
+    """An expert mask: an image file (nonzero = object) or an NPZ with a 2-D ``truth``."""
+    if not path.is_file():
+        raise AggregationInputError(f"TRUTH file {path} does not exist")
+    if path.suffix.lower() == ".npz":
+        with _open_npz(path) as z:
+            if "truth" not in z:
+                raise AggregationInputError(f"{path}: needs an array 'truth' (H x W)")
+            t = np.asarray(z["truth"])
+    else:
+        import cv2
+
+        read = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if read is None:
+            raise AggregationInputError(f"{path}: not an image OpenCV can read (use PNG)")
+        t = np.asarray(read)
+    if t.shape != tuple(shape):
+        raise AggregationInputError(
+            f"{path}: the truth has shape {t.shape}, the masks {tuple(shape)}"
+        )
+    return t != 0
 
 
 # -- writing ----------------------------------------------------------------------------------

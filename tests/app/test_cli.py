@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from tests.builders import files_under, write_image
 
@@ -186,6 +187,35 @@ def test_aggregate_command_writes_posteriors_and_names_bad_rows(tmp_path: Path) 
     votes.write_text("\n".join(rows) + "\n")
     unknown = run(tmp_path / "data", "aggregate", str(votes), "--out", str(out), "--method", "x")
     assert unknown.returncode == 2 and "dawid_skene" in unknown.stderr
+
+
+def test_aggregate_command_fuses_masks_with_the_image(tmp_path: Path) -> None:
+    import cv2
+
+    from ml.aggregation.simulate import photo_like_scene, simulate_annotators
+
+    rng = np.random.default_rng(11)
+    scene = photo_like_scene(rng)
+    np.savez(tmp_path / "m.npz", masks=simulate_annotators(rng, scene, k=5).masks)
+    cv2.imwrite(str(tmp_path / "photo.png"), scene.image[..., ::-1])
+    cv2.imwrite(str(tmp_path / "truth.png"), scene.truth.astype(np.uint8) * 255)
+    out = tmp_path / "fused.npz"
+    args = ["aggregate", str(tmp_path / "m.npz"), "--out", str(out)]
+    result = run(
+        tmp_path / "data",
+        *args,
+        "--image",
+        str(tmp_path / "photo.png"),
+        "--truth",
+        str(tmp_path / "truth.png"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "redrawn from the image" in result.stdout and "ECE" in result.stdout
+    with np.load(out) as z:
+        assert z["hard"].shape == scene.truth.shape
+    cv2.imwrite(str(tmp_path / "small.png"), np.zeros((10, 20, 3), np.uint8))
+    bad = run(tmp_path / "data", *args, "--image", str(tmp_path / "small.png"))
+    assert bad.returncode == 2 and "20x10" in bad.stderr
 
 
 def test_consensus_recompute_command(tmp_path: Path) -> None:
