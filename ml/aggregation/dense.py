@@ -3,8 +3,9 @@
 Three methods (``fuse_masks(method=...)``):
 
 * ``consensus`` (default): what real crowds get wrong is spatial, so it is modelled spatially.
-  (1) An annotator whose mask overlaps the others' majority by less than ``OUTLIER_IOU`` drew
-  another object (or nothing): they are set aside, as long as a majority of annotators remains.
+  (1) Annotators whose masks overlap (IoU >= ``OUTLIER_IOU``) are linked; when the largest
+  linked group is a strict majority, whoever is outside it drew another object (or nothing)
+  and is set aside (``outliers``).
   (2) The remaining masks vote per pixel, and where they disagree the vote share is smoothed
   over about a pixel (``SMOOTH_PX``), so that one click's jitter does not leave a jagged border
   (pixels all agree on keep their vote: a thin part everyone drew is not smoothed away).
@@ -42,7 +43,7 @@ from ml.aggregation.dawid_skene import DEFAULT_CONFIG, DawidSkeneConfig, dawid_s
 from ml.aggregation.votes import FloatArray, Votes, logit
 
 DENSE_METHODS = ("consensus", "majority_vote", "staple")
-OUTLIER_IOU = 0.3  # below this overlap with the others' majority, a mask is of another object
+OUTLIER_IOU = 0.3  # masks that overlap less than this (IoU) are not of the same object
 SMOOTH_PX = 1.0  # Gaussian sigma of the vote share's smoothing, in pixels
 BAND_PX = 6  # GrabCut may move the border this far (and over every disputed pixel)
 SURE = 0.97  # posterior beyond which (and outside the band) a pixel is fixed for GrabCut
@@ -174,7 +175,7 @@ def _finish(
 ) -> DenseConsensus:
     s = np.asarray(soft, dtype=np.float32)
     if hard is None:
-        hard = s >= 0.5
+        hard = s > 0.5  # more than half: a tie is not enough
     pos, neg = max(1, int(hard.sum())), max(1, int((~hard).sum()))
     flat = m.reshape(len(m), -1)
     hf = hard.reshape(-1)
@@ -199,26 +200,30 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def outliers(masks: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
-    """Annotators who drew another object: their mask overlaps the majority of the others by
-    less than ``OUTLIER_IOU``. At most the annotators beyond a majority are set aside (the worst
-    first), so a crowd that disagrees about everything is left as it is.
+    """Annotators who drew another object (or nothing).
+
+    Annotators are linked when their masks overlap by at least ``OUTLIER_IOU`` (IoU); when the
+    largest group of linked annotators holds a strict majority of the crowd, everyone outside it
+    is set aside. Otherwise (two camps, or nobody agreeing) nobody is: the crowd is left to vote.
 
     Shape:
         masks: ``(k, H, W)`` bool; returns ``(k,)`` bool, True = set aside.
     """
     k = len(masks)
-    out = np.zeros(k, bool)
-    total = masks.sum(axis=0)
-    score = np.array(
-        [_iou(masks[j], (total - masks[j]) > (k - 1) / 2) for j in range(k)], dtype=np.float64
-    )
-    if k < 5:
-        return out  # two of three left would make the majority a unanimity
-    budget = k - (k // 2 + 1)  # keep a majority of the annotators
-    for j in np.argsort(score, kind="stable")[:budget]:
-        if score[j] < OUTLIER_IOU:
-            out[j] = True
-    return out
+    flat = masks.reshape(k, -1)
+    area = flat.sum(axis=1).astype(np.float64)
+    inter = (flat.astype(np.float32) @ flat.T.astype(np.float32)).astype(np.float64)
+    union = area[:, None] + area[None, :] - inter
+    linked = np.where(union > 0, inter / np.maximum(union, 1.0), 0.0) >= OUTLIER_IOU
+    linked |= np.eye(k, dtype=bool)  # an empty mask is its own group
+    group = np.arange(k)  # connected components by repeated relabelling (k is small)
+    for _ in range(k):
+        group = np.array([group[linked[j]].min() for j in range(k)])
+    sizes = np.bincount(group, minlength=k)
+    main = int(np.argmax(sizes))
+    if sizes[main] * 2 <= k:
+        return np.zeros(k, bool)
+    return group != main
 
 
 def one_coin_accuracy(
@@ -293,7 +298,7 @@ def _redraw_from_image(
     image: npt.NDArray[Any], soft: FloatArray, kept: npt.NDArray[np.bool_]
 ) -> tuple[FloatArray, bool]:
     """GrabCut on the band the crowd left open; the crowd's sure pixels stay fixed."""
-    hard = soft >= 0.5
+    hard = soft > 0.5
     if not hard.any() or hard.all():
         return soft, False
     h, w = hard.shape

@@ -93,8 +93,12 @@ def test_an_annotator_who_drew_another_object_is_set_aside() -> None:
     fused = fuse_masks(masks)
     assert list(fused.used) == [True, True, True, True, False]
     assert not fused.hard[40:55, 40:55].any() and fused.hard[10:30, 10:30].all()
-    # three annotators: setting one aside would leave a tie, so nobody is
-    assert not outliers(masks[[0, 1, 4]]).any()
+    # two of five drew the same other object: the three who agree still carry it
+    masks[3] = masks[4]
+    assert list(outliers(masks)) == [False, False, False, True, True]
+    # two camps and nobody with a majority: nobody is set aside, the crowd votes
+    masks[2] = False
+    assert not outliers(masks).any()
 
 
 def test_the_image_redraws_a_border_drawn_too_wide() -> None:
