@@ -5,11 +5,16 @@ model jobs), ``serve`` (server and demo) and ``maintenance`` (doctor, backup, re
 from __future__ import annotations
 
 import logging
-
-from app.cli import data, maintenance, models, serve  # noqa: F401  (they register commands)
-from app.cli.common import app
+import sys
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["aggregate"]:  # the fast path: no typer (see app.cli.aggregate)
+        from app.cli.aggregate import run
+
+        raise SystemExit(run(sys.argv[2:]))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from app.cli import data, maintenance, models, serve  # noqa: F401  (they register commands)
+    from app.cli.common import app
+
     app()

@@ -315,54 +315,14 @@ def export_command(
     )
 
 
-@app.command("aggregate")
-def aggregate(
-    votes: Annotated[Path, typer.Argument(help="CSV worker,task,label or NPZ votes/masks")],
-    out: Annotated[Path, typer.Option(help="output .csv or .npz")],
-    gold: Annotated[Path | None, typer.Option(help="CSV task,label or NPZ gold")] = None,
-    prior: Annotated[Path | None, typer.Option(help="CSV task,prior or NPZ prior")] = None,
-    method: Annotated[
-        str | None,
-        typer.Option(
-            help="votes: majority_vote, weighted_majority or dawid_skene (default); "
-            "masks: consensus (default), majority_vote or staple"
-        ),
-    ] = None,
-    image: Annotated[
-        Path | None, typer.Option(help="masks: the image they were drawn on (PNG, JPEG)")
-    ] = None,
-    truth: Annotated[
-        Path | None,
-        typer.Option(help="masks: an expert mask (PNG or NPZ 'truth') to report IoU and ECE"),
-    ] = None,
-) -> None:
-    """Aggregate a file of votes offline: posteriors per item, credibility per worker; or fuse
-    several annotators' masks of one object into one."""
-    from ml.aggregation.io import AggregationInputError, aggregate_file
+@app.command(
+    "aggregate",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def aggregate(ctx: typer.Context) -> None:
+    """Aggregate a file of votes offline, or fuse several masks of one object (tessera aggregate
+    --help lists the options)."""
+    from app.cli.aggregate import run
 
-    try:
-        summary = aggregate_file(
-            votes, out=out, gold=gold, prior=prior, method=method, image=image, truth=truth
-        )
-    except (AggregationInputError, KeyError, FileNotFoundError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        raise fail(str(message)) from exc
-    if summary.dense:
-        extra = ", the border redrawn from the image" if summary.image_used else ""
-        if summary.set_aside:
-            extra += f", {summary.set_aside} annotator(s) set aside (another object)"
-        console.print(
-            f"{summary.method}: {summary.n_workers} masks of {summary.n_items:,} pixels"
-            f"{extra} -> {summary.out}"
-        )
-        if summary.iou is not None:
-            console.print(
-                f"against the truth: IoU {summary.iou:.4f}; calibration on the "
-                f"{summary.n_disputed:,} disputed pixels: ECE {summary.ece_disputed:.4f}"
-            )
-        return
-    console.print(
-        f"{summary.method}: {summary.n_votes:,} votes by {summary.n_workers:,} workers on "
-        f"{summary.n_items:,} items ({summary.n_gold:,} gold), {summary.iterations} iterations"
-        f"{'' if summary.converged else ' (not converged)'} -> {summary.out}"
-    )
+    raise typer.Exit(run(list(ctx.args)))
