@@ -1,6 +1,6 @@
 """Benchmark Tessera's aggregation methods against crowd-kit on the same simulated votes.
 
-Usage: ``python bench/aggregation.py [--quick] [--seed N] [--only votes|scale|dense ...]``
+Usage: ``python bench/aggregation.py [--quick] [--seed N] [--only votes|scale|e2e|dense ...]``
 
 Crowd: 50% diligent, 20% sloppy, 20% random clickers, 10% adversaries; 5% of items are gold
 (given to Tessera's methods and, as ``true_labels``, to crowd-kit's DawidSkene+gold; accuracy and
@@ -8,6 +8,8 @@ calibration are measured on the other items). Timings start from the same plain 
 sides: Tessera's include building Votes, crowd-kit's its DataFrame handling inside ``fit``.
 Times are the best of three runs (one for the 10M-vote scale run).
 Targets: accuracy >= crowd-kit DawidSkene, >= 20x faster, EM over 10M votes < 10 s, ECE <= 0.03.
+End to end (``tessera aggregate`` on a 10M-vote CSV, CSV out, against ``pd.read_csv`` + crowd-kit
+``DawidSkene``): < 5 s and >= 5x faster; ``--quick`` runs it on 1M votes.
 
 Dense: 90 photograph-like objects (8 with ``--quick``), five simulated annotators each (see
 ``bench_dense``); targets: IoU >= 0.90 with the image, above majority vote and crowd-kit's
@@ -29,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
 from crowdkit.aggregation import (
     DawidSkene,
     MajorityVote,
@@ -40,6 +44,7 @@ from crowdkit.aggregation import (
 from ml.aggregation import METHODS, expected_calibration_error, fuse_masks, make_votes
 from ml.aggregation.dawid_skene import dawid_skene
 from ml.aggregation.dense import mask_iou
+from ml.aggregation.io import aggregate_file
 from ml.aggregation.simulate import (
     photo_like_scene,
     sample_coverage,
@@ -47,6 +52,7 @@ from ml.aggregation.simulate import (
     simulate_annotators,
     simulate_crowd,
 )
+from ml.aggregation.votes import Votes
 
 ROOT = Path(__file__).resolve().parents[1]
 MIX = {"diligent": 0.5, "sloppy": 0.2, "random_clicker": 0.2, "adversary": 0.1}
@@ -147,6 +153,82 @@ def bench_scale(sizes: Sizes, seed: int) -> None:
     )
 
 
+def _write_votes_csv(path: Path, votes: Votes) -> None:
+    """worker,task,label with integer names (crowd-kit's convention; pandas reads them as int64,
+    its fastest case), in the simulated order (votes grouped by item)."""
+    table = pa.table({"worker": votes.worker, "task": votes.item, "label": votes.label})
+    with path.open("wb") as f:
+        f.write(b"worker,task,label\n")
+        pacsv.write_csv(table, f, write_options=pacsv.WriteOptions(include_header=False))
+
+
+def _e2e_row(name: str, acc: float, ece: float, seconds: float) -> None:
+    print(f"{name:<44}{acc:>10.4f}{ece:>8.4f}{seconds:>10.2f}")
+
+
+def bench_end_to_end(sizes: Sizes, seed: int) -> None:
+    """``tessera aggregate`` from CSVs (read votes and gold, Dawid-Skene, write the result CSVs)
+    against ``pd.read_csv`` + crowd-kit ``DawidSkene(n_iter=100).fit`` with the same gold as
+    ``true_labels``, on the same files, in one run. The crowd is bench_scale's (5% gold);
+    accuracy and ECE on the other items."""
+    rng = np.random.default_rng(seed)
+    vpi = 10
+    n_items = sizes.scale_votes // vpi
+    cov = sample_coverage(n_items, rng)
+    crowd = simulate_crowd(
+        cov, n_workers=max(sizes.workers * 10, 100), votes_per_item=vpi, rng=rng, mix=MIX
+    )
+    gold = sample_gold(crowd.truth, 0.05, rng)
+    test = gold < 0
+    truth = crowd.truth[test]
+    with tempfile.TemporaryDirectory() as tmp:
+        src, gold_csv = Path(tmp) / "votes.csv", Path(tmp) / "gold.csv"
+        _write_votes_csv(src, crowd.votes)
+        known = np.flatnonzero(~test)
+        pd.DataFrame({"task": known, "label": gold[known]}).to_csv(gold_csv, index=False)
+        size_mb = src.stat().st_size / 1e6
+        print(
+            f"\n## end to end: {crowd.votes.n_votes:,} votes from CSV ({size_mb:.0f} MB, "
+            f"{n_items:,} items, {crowd.votes.n_workers:,} workers, {known.size:,} gold)"
+        )
+        print(f"{'pipeline':<44}{'accuracy':>10}{'ECE':>8}{'seconds':>10}")
+        out = Path(tmp) / "out.csv"
+        _, dt_ours = timed(lambda: aggregate_file(src, out=out, gold=gold_csv), repeat=1)
+        result = pd.read_csv(out, dtype={"task": np.int64})
+        p1 = np.full(n_items, 0.5)
+        p1[result["task"].to_numpy()] = result["posterior"].to_numpy()
+        acc = float(np.mean((p1[test] >= 0.5) == truth))
+        ece = expected_calibration_error(p1[test], truth)
+        _e2e_row("tessera aggregate_file (CSV in, CSV out)", acc, ece, dt_ours)
+
+        def crowdkit() -> Any:
+            df = pd.read_csv(src)
+            g = pd.read_csv(gold_csv)
+            true_labels = pd.Series(g["label"].to_numpy(), index=g["task"].to_numpy())
+            return DawidSkene(n_iter=100).fit(df, true_labels=true_labels)
+
+        model, dt_ck = timed(crowdkit, repeat=1)
+        assert model.probas_ is not None
+        proba = model.probas_.reindex(range(n_items)).fillna(0.5)
+        q1 = proba[1].to_numpy() if 1 in proba.columns else np.zeros(n_items)
+        acc = float(np.mean((q1[test] >= 0.5) == truth))
+        ece = expected_calibration_error(q1[test], truth)
+        _e2e_row("pd.read_csv + crowd-kit DawidSkene.fit", acc, ece, dt_ck)
+    print(
+        f"speed ratio (pandas + crowd-kit) / tessera: {dt_ck / dt_ours:.1f}x "
+        f"(targets: >= 5x; 10M votes < 5 s)"
+    )
+
+
+def _masks(sizes: Sizes, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    n = sizes.mask_side
+    yy, xx = np.mgrid[0:n, 0:n]
+    truth = (yy - n / 2) ** 2 / (n / 3) ** 2 + (xx - n / 2) ** 2 / (n / 4) ** 2 < 1
+    flips = [0.03, 0.06, 0.1, 0.5, 0.85][: sizes.annotators]  # last two: random, adversary
+    masks = np.stack([truth ^ (rng.random(truth.shape) < p) for p in flips])
+    return truth, masks
+
+
 def bench_dense(sizes: Sizes, seed: int) -> None:
     """Five simulated annotators per photograph-like object (``ml.aggregation.simulate.masks``:
     few-vertex polygons, biased and jittered borders, parts left out or added, the wrong
@@ -243,16 +325,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--only", choices=("votes", "scale", "dense"), action="append", help="sections to run"
+        "--only",
+        choices=("votes", "scale", "e2e", "dense"),
+        action="append",
+        help="sections to run",
     )
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
-    only = set(args.only or ("votes", "scale", "dense"))
+    only = set(args.only or ("votes", "scale", "e2e", "dense"))
     print(f"# aggregation benchmark ({'quick' if args.quick else 'full'}), seed {args.seed}")
     if "votes" in only:
         bench_votes(sizes, args.seed)
     if "scale" in only:
         bench_scale(sizes, args.seed)
+    if "e2e" in only:
+        bench_end_to_end(sizes, args.seed)
     if "dense" in only:
         bench_dense(sizes, args.seed)
 
