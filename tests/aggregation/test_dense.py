@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from ml.aggregation.calibration import expected_calibration_error
-from ml.aggregation.dense import calibration_on_disputed, fuse_masks, mask_iou, outliers
+from ml.aggregation.dense import (
+    calibration_on_disputed,
+    fuse_masks,
+    gaussian_blur,
+    mask_iou,
+    outliers,
+)
 from ml.aggregation.io import AggregationInputError, aggregate_file
 from ml.aggregation.simulate import photo_like_scene, simulate_annotators
 
@@ -174,3 +180,25 @@ def test_aggregate_file_refuses_what_does_not_fit(tmp_path: Path, crowds: list) 
     with pytest.raises(AggregationInputError, match="for dense masks"):
         aggregate_file(votes, out=tmp_path / "o.csv", image=img)
     assert not (tmp_path / "o.npz").exists()
+
+
+@pytest.mark.parametrize("shape", [(48, 64), (3, 40), (1, 7), (2, 2)])
+def test_numpy_blur_matches_opencv(shape: tuple[int, int]) -> None:
+    a = np.random.default_rng(0).random(shape).astype(np.float32)
+    assert np.allclose(gaussian_blur(a, 1.0), cv2.GaussianBlur(a, (0, 0), 1.0), atol=1e-6)
+
+
+def test_masks_without_an_image_do_not_load_opencv() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from ml.aggregation.io import aggregate_file\n"
+        "from ml.aggregation.dense import fuse_masks\n"
+        "m = np.zeros((5, 20, 20), bool); m[:, 5:15, 5:15] = True; m[0, 4] = True\n"
+        "assert fuse_masks(m).hard[5:15, 5:15].all()\n"
+        "print('cv2' in sys.modules, 'pyarrow' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
