@@ -46,6 +46,7 @@ from ml.aggregation.dawid_skene import dawid_skene
 from ml.aggregation.dense import mask_iou
 from ml.aggregation.io import aggregate_file
 from ml.aggregation.simulate import (
+    SimulatedCrowd,
     photo_like_scene,
     sample_coverage,
     sample_gold,
@@ -134,7 +135,8 @@ def bench_votes(sizes: Sizes, seed: int) -> None:
         print(f"speed ratio crowd-kit {label_} / tessera dawid_skene: {ratio:.1f}x")
 
 
-def bench_scale(sizes: Sizes, seed: int) -> None:
+def _scale_crowd(sizes: Sizes, seed: int) -> tuple[SimulatedCrowd, np.ndarray, int]:
+    """The scale runs' crowd: ``sizes.scale_votes`` votes, 10 per item, 5% of items gold."""
     rng = np.random.default_rng(seed)
     vpi = 10
     n_items = sizes.scale_votes // vpi
@@ -142,7 +144,11 @@ def bench_scale(sizes: Sizes, seed: int) -> None:
     crowd = simulate_crowd(
         cov, n_workers=max(sizes.workers * 10, 100), votes_per_item=vpi, rng=rng, mix=MIX
     )
-    gold = sample_gold(crowd.truth, 0.05, rng)
+    return crowd, sample_gold(crowd.truth, 0.05, rng), n_items
+
+
+def bench_scale(sizes: Sizes, seed: int) -> None:
+    crowd, gold, n_items = _scale_crowd(sizes, seed)
     r, dt = timed(lambda: dawid_skene(crowd.votes, gold=gold), repeat=1)
     test = gold < 0
     acc = float(np.mean(r.label[test] == crowd.truth[test]))
@@ -171,14 +177,7 @@ def bench_end_to_end(sizes: Sizes, seed: int) -> None:
     against ``pd.read_csv`` + crowd-kit ``DawidSkene(n_iter=100).fit`` with the same gold as
     ``true_labels``, on the same files, in one run. The crowd is bench_scale's (5% gold);
     accuracy and ECE on the other items."""
-    rng = np.random.default_rng(seed)
-    vpi = 10
-    n_items = sizes.scale_votes // vpi
-    cov = sample_coverage(n_items, rng)
-    crowd = simulate_crowd(
-        cov, n_workers=max(sizes.workers * 10, 100), votes_per_item=vpi, rng=rng, mix=MIX
-    )
-    gold = sample_gold(crowd.truth, 0.05, rng)
+    crowd, gold, n_items = _scale_crowd(sizes, seed)
     test = gold < 0
     truth = crowd.truth[test]
     with tempfile.TemporaryDirectory() as tmp:
