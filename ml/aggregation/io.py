@@ -14,7 +14,8 @@ Input formats (chosen by extension):
     (COO: 10M votes of 1,000 workers on 1M items take 10M entries, where the matrix would take
     1e9). Names are integers or strings, numbered in order of first appearance; ``label`` is
     integer or bool 0/1, or strings as in the CSV. Gold comes from ``--gold``;
-  - ``masks`` (annotators x H x W, bool) for dense consensus.
+  - ``masks`` (annotators x H x W, bool, or integer with nonzero = object) for dense
+    consensus.
 * IMAGE (masks only): the photograph the masks were drawn on (PNG, JPEG, ...), same size.
 * TRUTH (masks only): an expert mask to score against: an image (nonzero = object) or an NPZ
   with ``truth`` (H x W).
@@ -195,11 +196,13 @@ def _aggregate_masks(
         raise AggregationInputError(
             f"--method {method!r} is not one for masks; use one of {', '.join(DENSE_METHODS)}"
         )
-    if masks.ndim != 3 or masks.dtype != np.bool_ or masks.shape[0] == 0:
+    integral = masks.dtype == np.bool_ or np.issubdtype(masks.dtype, np.integer)
+    if masks.ndim != 3 or not integral or masks.shape[0] == 0 or 0 in masks.shape[1:]:
         raise AggregationInputError(
-            f"{path}: array 'masks' must be bool annotators x H x W, got {masks.dtype} "
-            f"shape {masks.shape}"
+            f"{path}: array 'masks' must be annotators x H x W, bool or integer (nonzero = "
+            f"object), got {masks.dtype} shape {masks.shape}"
         )
+    masks = masks != 0
     if out.suffix.lower() != ".npz":
         raise AggregationInputError(f"{out}: dense consensus of masks writes .npz, not .csv")
     p = None

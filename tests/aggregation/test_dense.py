@@ -158,6 +158,10 @@ def test_aggregate_file_with_image_and_truth(tmp_path: Path, crowds: list) -> No
         assert mask_iou(z["hard"], scene.truth) == pytest.approx(s.iou)
     s = aggregate_file(src, out=tmp_path / "o.npz", method="majority_vote", truth=truth)
     assert s.method == "majority_vote" and not s.image_used
+    # masks as 0/255 bytes (a stack of PNGs) mean the same as bool masks
+    np.savez(src, masks=masks.astype(np.uint8) * 255)
+    again = aggregate_file(src, out=tmp_path / "o.npz", method="majority_vote", truth=truth)
+    assert again.iou == s.iou
 
 
 def test_aggregate_file_refuses_what_does_not_fit(tmp_path: Path, crowds: list) -> None:

@@ -94,7 +94,10 @@ def test_wrong_dtype_and_shape_arrays(tmp_path: Path) -> None:
     with pytest.raises(AggregationInputError, match="'gold' has 4 items"):
         aggregate_file(src, out=tmp_path / "o.npz")
     np.savez(src, masks=np.zeros((2, 3), dtype=bool))
-    with pytest.raises(AggregationInputError, match="'masks' must be bool annotators x H x W"):
+    with pytest.raises(AggregationInputError, match="'masks' must be annotators x H x W"):
+        aggregate_file(src, out=tmp_path / "o.npz")
+    np.savez(src, masks=np.zeros((2, 3, 4), dtype=np.float32))
+    with pytest.raises(AggregationInputError, match="bool or integer"):
         aggregate_file(src, out=tmp_path / "o.npz")
     np.savez(src, other=np.zeros(2))
     with pytest.raises(AggregationInputError, match="needs an array 'votes'"):
