@@ -1,6 +1,7 @@
 """Benchmark Tessera's aggregation methods against crowd-kit on the same simulated votes.
 
-Usage: ``python bench/aggregation.py [--quick] [--seed N] [--only votes|scale|e2e|dense ...]``
+Usage: ``python bench/aggregation.py [--quick] [--seed N] [--only votes|scale|e2e|dense ...]
+[--scenes photo|demo]``
 
 Crowd: 50% diligent, 20% sloppy, 20% random clickers, 10% adversaries; 5% of items are gold
 (given to Tessera's methods and, as ``true_labels``, to crowd-kit's DawidSkene+gold; accuracy and
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -46,6 +47,7 @@ from ml.aggregation.dawid_skene import dawid_skene
 from ml.aggregation.dense import mask_iou
 from ml.aggregation.io import aggregate_file
 from ml.aggregation.simulate import (
+    DenseScene,
     SimulatedCrowd,
     photo_like_scene,
     sample_coverage,
@@ -54,6 +56,7 @@ from ml.aggregation.simulate import (
     simulate_crowd,
 )
 from ml.aggregation.votes import Votes
+from ml.demo.scenes import generate_scenes
 
 ROOT = Path(__file__).resolve().parents[1]
 MIX = {"diligent": 0.5, "sloppy": 0.2, "random_clicker": 0.2, "adversary": 0.1}
@@ -228,21 +231,40 @@ def _masks(sizes: Sizes, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
     return truth, masks
 
 
-def bench_dense(sizes: Sizes, seed: int) -> None:
-    """Five simulated annotators per photograph-like object (``ml.aggregation.simulate.masks``:
-    few-vertex polygons, biased and jittered borders, parts left out or added, the wrong
-    object), every method on the same masks; IoU against the truth, ECE on disputed pixels."""
+def _demo_scenes(seed: int, n: int) -> Iterator[DenseScene]:
+    """The demo's procedural scenes (flat geometric shapes, not the photograph-like ones): a
+    second, independent source of images, one object each as the one to outline."""
     rng = np.random.default_rng(seed)
+    for scene in generate_scenes(seed=seed, n_images=n):
+        masks = [o.mask for o in scene.objects if o.mask.sum() >= 60]
+        if not masks:
+            continue
+        t = int(rng.integers(len(masks)))
+        others = tuple(m for k, m in enumerate(masks) if k != t)
+        yield DenseScene(scene.image, masks[t], others)
+
+
+def bench_dense(sizes: Sizes, seed: int, scenes: str = "photo") -> None:
+    """Five simulated annotators per object (``ml.aggregation.simulate.masks``: few-vertex
+    polygons, biased and jittered borders, parts left out or added, the wrong object), every
+    method on the same masks; IoU against the truth, ECE on disputed pixels. ``scenes``:
+    ``photo`` (photograph-like scenes, 640x480) or ``demo`` (the demo's scenes, 384-1024 px)."""
+    rng = np.random.default_rng(seed)
+    source = (
+        (photo_like_scene(rng) for _ in range(sizes.objects))
+        if scenes == "photo"
+        else _demo_scenes(seed, sizes.objects)
+    )
     crowds = []
     single: list[float] = []
-    for _ in range(sizes.objects):
-        scene = photo_like_scene(rng)
+    for scene in source:
         crowd = simulate_annotators(rng, scene, k=sizes.annotators)
         crowds.append((scene, crowd.masks))
         single += list(crowd.iou)
     h, w = crowds[0][0].truth.shape
+    kind = f"{w}x{h} photograph-like scenes" if scenes == "photo" else "the demo's scenes"
     print(
-        f"\n## dense: {sizes.objects} objects in {w}x{h} photograph-like scenes, "
+        f"\n## dense: {len(crowds)} objects in {kind}, "
         f"{sizes.annotators} simulated annotators each (single annotator IoU mean "
         f"{np.mean(single):.3f}, median {np.median(single):.3f})"
     )
@@ -324,6 +346,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--scenes",
+        choices=("photo", "demo"),
+        default="photo",
+        help="dense: photograph-like scenes or the demo's",
+    )
+    parser.add_argument(
         "--only",
         choices=("votes", "scale", "e2e", "dense"),
         action="append",
@@ -340,7 +368,7 @@ def main() -> None:
     if "e2e" in only:
         bench_end_to_end(sizes, args.seed)
     if "dense" in only:
-        bench_dense(sizes, args.seed)
+        bench_dense(sizes, args.seed, args.scenes)
 
 
 if __name__ == "__main__":
