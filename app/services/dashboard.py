@@ -31,6 +31,7 @@ from app.models import (
     Vote,
 )
 from app.storage import decode_mask_png
+from ml.aggregation.dense import mask_iou
 
 MAX_IOU_TARGETS = 300
 
@@ -67,12 +68,6 @@ def _hard(settings: Settings, path: str) -> np.ndarray:
     return mask if mask.dtype == bool else mask > 0.5
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two boolean masks; two empty masks agree fully (1.0)."""
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
-
 def _gold_iou(session: Session, settings: Settings, project: Project) -> list[tuple[float, float]]:
     truth = {
         target_id: path
@@ -99,7 +94,7 @@ def _gold_iou(session: Session, settings: Settings, project: Project) -> list[tu
     ordered = sorted(final.items(), key=lambda kv: as_utc(kv[1][1]))[-MAX_IOU_TARGETS:]
     scores, out = [], []
     for target_id, (path, _at) in ordered:
-        scores.append(iou(_hard(settings, path), _hard(settings, truth[target_id])))
+        scores.append(mask_iou(_hard(settings, path), _hard(settings, truth[target_id])))
         out.append((float(len(scores)), float(np.mean(scores))))
     return out
 

@@ -193,11 +193,6 @@ def _finish(
     )
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = int(np.logical_or(a, b).sum())
-    return 1.0 if union == 0 else int(np.logical_and(a, b).sum()) / union
-
-
 def outliers(masks: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
     """Annotators who drew another object (or nothing).
 
@@ -381,5 +376,7 @@ def calibration_on_disputed(
 
 
 def mask_iou(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
-    """Intersection over union of two masks (1.0 when both are empty)."""
-    return _iou(np.asarray(a, dtype=bool), np.asarray(b, dtype=bool))
+    """Intersection over union of two masks; two empty masks agree fully (1.0)."""
+    x, y = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    union = int(np.logical_or(x, y).sum())
+    return 1.0 if union == 0 else int(np.logical_and(x, y).sum()) / union

@@ -22,8 +22,9 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.models import Image, MaskSource, MaskVersion, Project, QualitySnapshot, Tag, Target
 from app.services.crowd.opening import load_truth
-from app.services.dashboard import human_seconds, iou
+from app.services.dashboard import human_seconds
 from app.services.masks.composition import compose_target, load_pixels
+from ml.aggregation.dense import mask_iou
 from ml.composition import Composed
 
 # Composing a mask takes 0.05-0.25 s, and about 1.3 s where a poor first model leaves most of a
@@ -87,7 +88,7 @@ def measure_quality(
             pixels=pixels[image.id],
             composed=composed,
         )
-        scores[target.tag_id].append(iou(mask.hard, truth))
+        scores[target.tag_id].append(mask_iou(mask.hard, truth))
     every = [s for tag_scores in scores.values() for s in tag_scores]
     return QualityReading(
         human_seconds=human_seconds(session, project=project) / max(len(every_target), 1),
