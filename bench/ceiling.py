@@ -1,6 +1,7 @@
 """The composition's ceiling: mask IoU when every answer is right, against human-seconds.
 
-Usage: ``python bench/ceiling.py [--images N] [--seed S] [--min-cell-px P ...] [--methods ...]``
+Usage: ``python bench/ceiling.py [--scenes demo|photo] [--images N] [--seed S] [--min-cell-px P ...]
+[--methods ...]``
 
 A perfect crowd answers "is any of it in this square" with the truth (a cell is positive when the
 ground truth touches it). Windows open as the product opens them (the refinement rules on the
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ml.aggregation import grid
 from ml.aggregation.rules import RefinementConfig, choose_refinements
+from ml.aggregation.simulate.masks import photo_like_scene
 from ml.composition import METHODS, compose_mask
 from ml.demo.scenes import generate_scenes
 
@@ -54,6 +56,17 @@ def perfect_levels(truth: np.ndarray, config: RefinementConfig) -> list[tuple[in
     return out
 
 
+def scene_targets(kind: str, *, seed: int, n_images: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image, truth) pairs: every tag of the demo's scenes, or one object per photograph-like
+    scene (an image source independent of the demo's flat shapes)."""
+    if kind == "photo":
+        rng = np.random.default_rng(seed)
+        scenes = [photo_like_scene(rng) for _ in range(n_images)]
+        return [(s.image, s.truth) for s in scenes]
+    demo = generate_scenes(seed=seed, n_images=n_images)
+    return [(s.image, m) for s in demo for m in s.tag_masks.values()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=24)
@@ -63,14 +76,23 @@ def main() -> None:
     parser.add_argument("--max-level", type=int, default=4)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument(
+        "--scenes",
+        choices=("demo", "photo"),
+        default="demo",
+        help="demo: the demo's procedural scenes (every tag of each image); photo: "
+        "photograph-like scenes (ml.aggregation.simulate.masks, one object each, 480x640)",
+    )
+    parser.add_argument(
         "--image-frame",
         action="store_true",
         help="cells follow each image's aspect (projects made before square cells)",
     )
     args = parser.parse_args()
-    scenes = list(generate_scenes(seed=args.seed, n_images=args.images))
-    targets = [(s.image, m) for s in scenes for m in s.tag_masks.values()]
-    print(f"{len(scenes)} images, {len(targets)} targets, {args.votes} vote(s) per window")
+    targets = scene_targets(args.scenes, seed=args.seed, n_images=args.images)
+    print(
+        f"{args.images} {args.scenes} images, {len(targets)} targets, "
+        f"{args.votes} vote(s) per window"
+    )
     for min_px in args.min_cell_px:
         config = RefinementConfig(
             min_cell_px=min_px, max_level=args.max_level, square=not args.image_frame
