@@ -43,9 +43,7 @@ pixel of every positive border cell, and its IoU is capped by the size of the fi
      models are fitted to the sure and probable regions and a graph cut on the image's edges
      places the border. It runs once per connected region of claimed cells, on a crop around
      that region's band (downscaled when large), so its cost follows the border, not the
-     image, and each object of a tag gets colour models from its own surroundings. GrabCut
-     ends near where it starts, so it starts twice, from that seed and from the whole band, and
-     the cut whose colours and border look more like an object's is kept (``cut_score``).
+     image, and each object of a tag gets colour models from its own surroundings.
 
    Assumptions: the object differs from its surroundings in colour or edges near its border
    (GrabCut); a sure *no* cell is right, but for its margin (the consensus made it so, and
@@ -88,7 +86,6 @@ FAR_CELLS = 1.5  # a GrabCut crop reaches this many cell sides past the band (``
 COLOUR_BINS = 8  # per channel, for the colour frequencies of ``object_coloured``
 OBJECT_RATIO = 2.0  # a colour this much more common in the band than the background: the object's
 SMOOTH_BAR = 2.0  # x the median distance of the sure background from its plane: unlike it
-CONTRAST_PX = 4  # ``border_contrast`` compares the mean colours this far either side
 GRABCUT_MAX_PIXELS = 120_000  # larger crops run downscaled (GrabCut's cost grows with area)
 
 FloatMask = npt.NDArray[np.float32]
@@ -266,7 +263,9 @@ def object_coloured(pixels: np.ndarray, sure_bg: BoolMask, band: BoolMask) -> Bo
     """
     if not sure_bg.any() or not band.any():
         return band.copy()
-    code = _colour_codes(pixels)  # (H*W,)
+    step = 256 // COLOUR_BINS
+    q = (pixels[:, :, :3].astype(np.int32) // step).reshape(-1, 3)
+    code = ((q[:, 0] * COLOUR_BINS) + q[:, 1]) * COLOUR_BINS + q[:, 2]  # (H*W,)
     n_bins = COLOUR_BINS**3
     in_band = np.bincount(code[band.reshape(-1)], minlength=n_bins) / band.sum()
     # One pseudo-pixel per bin: a colour the background never showed counts as rare in it.
@@ -275,12 +274,6 @@ def object_coloured(pixels: np.ndarray, sure_bg: BoolMask, band: BoolMask) -> Bo
     )
     ratio = (in_band / in_bg)[code].reshape(band.shape)
     return ratio >= OBJECT_RATIO
-
-
-def _colour_codes(pixels: np.ndarray) -> np.ndarray:
-    """Each pixel's colour bin (``COLOUR_BINS`` per channel). Shape: ``(H, W, 3)`` -> ``(H*W,)``."""
-    q = (pixels[:, :, :3].astype(np.int32) // (256 // COLOUR_BINS)).reshape(-1, 3)
-    return np.asarray(((q[:, 0] * COLOUR_BINS) + q[:, 1]) * COLOUR_BINS + q[:, 2])
 
 
 def unlike_smooth_background(
@@ -525,104 +518,15 @@ def compose_by_grabcut(tm: Trimap, image: np.ndarray, model: FloatMask | None) -
         # Background away from the claim, from a wider window than the crop GrabCut runs on.
         outer = _crop(part & tm.band, tm.side)
         far = None if outer is None else rgb[outer][far_bg[outer]]
-        cropped = _cropped(tm, window)
-        labels = _grabcut_labels(cropped, pixels, _crop_of(model, window), far)
+        labels = _grabcut_labels(_cropped(tm, window), pixels, _crop_of(model, window), far)
         fallback[window] |= (labels == cv2.GC_PR_FGD) & part[window]
-        reach = (part | doubted)[window]
-        seeds = [labels]
-        band = _band_labels(cropped)
-        if not np.array_equal(band, labels):
-            seeds.append(band)
-        cuts = [_cut(pixels, seed, reach) for seed in seeds]
-        fg[window] |= max(cuts, key=lambda cut: cut_score(cut, pixels))
+        cut = _run_grabcut(pixels, labels)
+        # Without samples of both kinds GrabCut cannot run: its initial labels stand (a tiny
+        # object in a large band, say, whose few pixels the downscaling lost).
+        if cut is None:
+            cut = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
+        fg[window] |= cut & (part | doubted)[window]
     return _finish(tm, fg, fallback)
-
-
-def _cut(pixels: np.ndarray, labels: np.ndarray, reach: BoolMask) -> BoolMask:
-    """GrabCut's foreground from initial ``labels``, within ``reach``. Without samples of both
-    kinds GrabCut cannot run: its initial labels stand (a tiny object in a large band, say,
-    whose few pixels the downscaling lost)."""
-    cut = _run_grabcut(pixels, labels)
-    if cut is None:
-        cut = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
-    return (cut & reach) | (labels == cv2.GC_FGD)
-
-
-def _band_labels(tm: Trimap) -> np.ndarray:
-    """GrabCut's initial labels with the whole band probably the object: the second start of
-    ``compose_by_grabcut``, for when the colour seed of ``_grabcut_labels`` took the wrong
-    colours (a shaded object, a background coloured like it in places)."""
-    labels = np.full(tm.band.shape, cv2.GC_PR_BGD, dtype=np.uint8)
-    labels[tm.band] = cv2.GC_PR_FGD
-    labels[tm.sure_bg] = cv2.GC_BGD
-    labels[tm.sure_fg] = cv2.GC_FGD
-    return labels
-
-
-def colour_separation(cut: BoolMask, pixels: np.ndarray) -> float:
-    """How well colour tells the ``cut`` from the rest of the crop: the uncertainty coefficient
-    of the label given the pixel's colour (``COLOUR_BINS`` bins per channel), 0 (colour says
-    nothing) .. 1 (colour says all); -1 for a cut that is empty or everything.
-
-    A cut that took background along with the object mixes the two colour populations, and one
-    that took the lit half of the background splits one population in two: either way the
-    colours predict the label less well than a cut along the object's own border.
-
-    Shape: cut ``(h, w)``, pixels ``(h, w, 3)``.
-    """
-    n, k = cut.size, int(cut.sum())
-    if k == 0 or k == n:
-        return -1.0
-    code = _colour_codes(pixels)
-    n_bins = COLOUR_BINS**3
-    inside = np.bincount(code[cut.reshape(-1)], minlength=n_bins).astype(np.float64)
-    outside = np.bincount(code[~cut.reshape(-1)], minlength=n_bins).astype(np.float64)
-    total = inside + outside
-    p = k / n
-    h_label = -(p * np.log(p) + (1.0 - p) * np.log(1.0 - p))
-    h_given_colour = 0.0
-    for counts in (inside, outside):
-        seen = counts > 0
-        h_given_colour -= float((counts[seen] / n * np.log(counts[seen] / total[seen])).sum())
-    return (h_label - h_given_colour) / h_label
-
-
-def border_contrast(cut: BoolMask, pixels: np.ndarray) -> float:
-    """Mean colour difference across the ``cut``'s border: at each border pixel, the mean
-    colour of the cut's pixels within ``CONTRAST_PX`` against that of the other pixels there;
-    -1 without a border. Texture averages out on both sides; a border through a flat stretch
-    (a cell's edge in the background) scores near 0.
-
-    Shape: cut ``(h, w)``, pixels ``(h, w, 3)``.
-    """
-    eroded = cv2.erode(
-        cut.astype(np.uint8), np.ones((3, 3), np.uint8), borderType=cv2.BORDER_REPLICATE
-    )
-    border = cut & ~eroded.astype(bool)
-    if not border.any() or cut.all():
-        return -1.0
-    colours = pixels[:, :, :3].astype(np.float32)
-    box = (2 * CONTRAST_PX + 1, 2 * CONTRAST_PX + 1)
-    inside = cut.astype(np.float32)
-    means = []
-    for weight in (inside, 1.0 - inside):
-        share = np.maximum(cv2.blur(weight, box), 1e-6)[..., None]
-        means.append(cv2.blur(colours * weight[..., None], box) / share)
-    return float(np.linalg.norm(means[0] - means[1], axis=2)[border].mean())
-
-
-def cut_score(cut: BoolMask, pixels: np.ndarray) -> float:
-    """Which of GrabCut's cuts to keep: colour separation times border contrast (each from the
-    crop alone, no truth). GrabCut converges on whatever its start suggests, and no one start
-    wins everywhere: the colour seed of ``_grabcut_labels`` (0.40 at the second level on
-    photograph-like scenes with perfect answers) against the plain band (0.47), and per
-    object each is sometimes right where the other fails (0.02 against 0.94). Keeping the
-    cut whose colours and border look like an object's: 0.48; on the demo's scenes 0.86
-    against 0.84 and 0.79 (``bench/ceiling.py``). -1 for a cut that is empty or everything."""
-    separation = colour_separation(cut, pixels)
-    if separation < 0:  # empty, or everything: no border to judge
-        return -1.0
-    return separation * border_contrast(cut, pixels)
 
 
 def _cropped(tm: Trimap, window: tuple[slice, slice]) -> Trimap:

@@ -10,8 +10,7 @@ from hypothesis import strategies as st
 from bench.ceiling import perfect_levels
 from ml.aggregation import grid
 from ml.aggregation.rules import RefinementConfig
-from ml.aggregation.simulate.masks import photo_like_scene
-from ml.composition import SURE_NEGATIVE, compose_mask, cut_score, get_method, trimap
+from ml.composition import SURE_NEGATIVE, compose_mask, get_method, trimap
 from ml.demo.scenes import generate_scenes
 
 
@@ -251,36 +250,3 @@ def test_a_background_lit_unevenly_is_not_taken_for_the_object() -> None:
     cells = grid.level_cells(1)
     probs = [0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0]  # the lower-left 2x2: the disc's
     assert _iou(compose_mask(image, cells, probs).hard, disc) >= 0.85
-
-
-def test_the_cut_kept_is_the_one_whose_colours_and_border_look_like_an_object() -> None:
-    # A background lit from the left and a reddish disc: the disc itself against the disc with
-    # a stretch of background (two colour populations mixed), and against the lit half of the
-    # background (one population split along no edge).
-    size = 120
-    rng = np.random.default_rng(3)
-    yy, xx = np.mgrid[:size, :size]
-    disc = (yy - 60) ** 2 + (xx - 45) ** 2 <= 22**2
-    image = np.repeat((70 + xx * 1.0)[..., None], 3, axis=2) + rng.normal(0, 6, (size, size, 3))
-    image[disc] = rng.normal((190, 60, 50), 10, (int(disc.sum()), 3))
-    pixels = np.clip(image, 0, 255).astype(np.uint8)
-    with_background = disc | ((yy > 50) & (yy < 90) & (xx > 45) & (xx < 100))
-    lit_half = (xx >= 60) & ~disc
-    right = cut_score(disc, pixels)
-    assert right > cut_score(with_background, pixels)
-    assert right > cut_score(lit_half, pixels)
-    assert cut_score(np.zeros_like(disc), pixels) < 0 < right
-
-
-@pytest.mark.parametrize("index", [3, 5])
-def test_a_photograph_like_scene_is_cut_where_one_grabcut_start_fails(index: int) -> None:
-    # Shaded, textured objects in clutter (``photo_like_scene``): from the colour seed alone
-    # GrabCut ended on the background of these two at the second level (IoU 0.61 and 0.02
-    # with perfect answers); started from the whole band too, the better-looking cut is kept.
-    rng = np.random.default_rng(0)
-    scene = [photo_like_scene(rng) for _ in range(index + 1)][-1]
-    config = RefinementConfig(min_cell_px=16, square=True)
-    _, answered = perfect_levels(scene.truth, config)[1]
-    cells, probs = [c for c, _ in answered], [float(y) for _, y in answered]
-    composed = compose_mask(scene.image, cells, probs, square=True).hard
-    assert _iou(composed, scene.truth) >= 0.9
