@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.ceiling import perfect_levels
+from bench.ceiling import perfect_levels, scene_targets
 from ml.aggregation import grid
 from ml.aggregation.rules import RefinementConfig
 from ml.composition import SURE_NEGATIVE, compose_mask, get_method, trimap
@@ -250,3 +250,14 @@ def test_a_background_lit_unevenly_is_not_taken_for_the_object() -> None:
     cells = grid.level_cells(1)
     probs = [0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0]  # the lower-left 2x2: the disc's
     assert _iou(compose_mask(image, cells, probs).hard, disc) >= 0.85
+
+
+def test_the_ceiling_bench_measures_photograph_like_scenes_as_well_as_the_demo_s() -> None:
+    photo = scene_targets("photo", seed=0, n_images=2)
+    demo = scene_targets("demo", seed=0, n_images=1)
+    assert len(photo) == 2  # one object per photograph-like scene
+    assert len(demo) == len(next(iter(generate_scenes(seed=0, n_images=1))).tag_masks)
+    for image, truth in photo + demo:
+        assert image.dtype == np.uint8 and image.shape[:2] == truth.shape
+        assert truth.dtype == bool and truth.any()
+    assert scene_targets("photo", seed=0, n_images=2)[1][1].tolist() == photo[1][1].tolist()
