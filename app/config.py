@@ -9,6 +9,7 @@ because several workers behind a load balancer must share one key.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +33,14 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path("tessera-data"), description="images, masks, models")
     database_url: str = Field(default="", description="empty: SQLite file in the data folder")
     secret_key: str = Field(default="", repr=False)
+    # Where images, masks and checkpoints live: empty for the data folder, or
+    # s3://bucket/prefix for S3-compatible object storage (AWS S3, MinIO, Ceph RGW, GCS in
+    # interoperability mode); its endpoint and credentials come from the usual AWS variables
+    # (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION).
+    storage_url: str = Field(default="", description="empty: the data folder; s3://bucket/prefix")
+    # Objects read from object storage are kept in the data folder's cache up to this size
+    # (least recently used first out): tiles read the same images again and again.
+    storage_cache_bytes: int = Field(default=2 * 1024**3, ge=0)
 
     # Import limits: a decompression bomb is refused before its pixels are decoded.
     max_image_bytes: int = 50 * 1024 * 1024
@@ -92,6 +101,16 @@ class Settings(BaseSettings):
     public_api_docs: bool = True
 
     @model_validator(mode="after")
+    def _storage_url_is_known(self) -> Settings:
+        url = self.storage_url
+        if url and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\s]*)?", url):
+            raise SettingsError(
+                f"TESSERA_STORAGE_URL={url!r} is not a storage Tessera knows: leave it empty "
+                "for the data folder, or give s3://bucket/prefix (a valid bucket name)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _production_needs_explicit_values(self) -> Settings:
         if self.environment != "production":
             return self
@@ -124,6 +143,11 @@ class Settings(BaseSettings):
     @property
     def masks_dir(self) -> Path:
         return self.data_dir / "masks"
+
+    @property
+    def storage_cache_dir(self) -> Path:
+        """Local copies of objects read from object storage (unused with the data folder)."""
+        return self.data_dir / "cache" / "objects"
 
     @property
     def scratch_dir(self) -> Path:

@@ -1,8 +1,10 @@
-"""Files under the data folder: validated images in a content-addressed store, and masks.
+"""Tessera's files: validated images in a content-addressed store, masks and checkpoints.
 
-Every file is written to a temporary name in its final folder, flushed, then renamed, so a
-reader or a crash never sees half a file. A file already present under its hash is not written
-again: an image is stored once however many times it is imported.
+They live in a ``Storage``: the data folder (the default) or S3-compatible object storage
+(``TESSERA_STORAGE_URL=s3://bucket/prefix``), addressed by keys such as
+``images/ab/cd/<sha>.jpg``. Every file is written to a temporary name and renamed (or uploaded
+whole), so a reader or a crash never sees half a file. A file already present under its hash is
+not written again: an image is stored once however many times it is imported.
 """
 
 from __future__ import annotations
@@ -10,13 +12,21 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import tempfile
+import threading
+import time
 import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
+
+from app.config import Settings
 
 SUPPORTED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
 
@@ -58,7 +68,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
-        raise
         raise
 
 
@@ -120,28 +129,326 @@ def inspect_image(data: bytes, limits: ImageLimits) -> ImageInfo:
     )
 
 
-class FileStore:
-    """A folder of files named by their content hash, fanned out by the first hex digits."""
+@dataclass(frozen=True)
+class StoredFile:
+    key: str  # its path under the storage root, with "/" (images/ab/cd/<sha>.jpg)
+    size: int
+    mtime: float  # seconds since the epoch: last written or put in use again
+
+
+def temporary_name(key: str) -> bool:
+    """A name only writers use on the way to a real one (``.NAME.*.tmp`` / ``.partial``)."""
+    name = key.rsplit("/", 1)[-1]
+    return name.startswith(".") and name.endswith((".tmp", ".partial"))
+
+
+class Storage(ABC):
+    """Where Tessera's files live, named by keys: POSIX paths under one root.
+
+    Every write keeps one promise on every backend: a key names a whole file or nothing (a
+    local file is written to a temporary name and renamed; an object is only visible once its
+    upload completes). Images and masks are content-addressed and never change under a key;
+    checkpoints get a new key per training.
+    """
+
+    url: str  # what the settings said, for messages
+
+    @abstractmethod
+    def local_path(self, key: str) -> Path:
+        """A local file holding the key's bytes (the file itself, or a cached copy)."""
+
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key``, visible only once whole."""
+
+    @abstractmethod
+    def upload(self, key: str, path: Path) -> None:
+        """Store the local file ``path`` under ``key`` (a no-op when it already is that file)."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def touch(self, key: str) -> None:
+        """Mark the file as in use now (``doctor --repair`` spares young files)."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the key's file; a missing one is not an error."""
+
+    @abstractmethod
+    def files(self, prefix: str) -> Iterator[StoredFile]:
+        """Every file whose key starts with ``prefix`` (a folder: ``"images/"``)."""
+
+    def key_for(self, path: str) -> str | None:
+        """The key of a path a row holds (a key already, or an absolute file under the root)."""
+        return None if Path(path).is_absolute() else path
+
+
+class LocalStorage(Storage):
+    """Files in a folder (the data folder): the embedded default."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.url = str(root)
 
-    def relative_path(self, sha256: str, extension: str) -> Path:
-        return Path(sha256[:2]) / sha256[2:4] / f"{sha256}.{extension}"
+    def file(self, key: str) -> Path:
+        """Where the key's file is or would be."""
+        return self.root.joinpath(*PurePosixPath(key).parts)
+
+    def local_path(self, key: str) -> Path:
+        path = self.file(key)
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.url}: no file {key}")
+        return path
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.file(key).read_bytes()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        atomic_write_bytes(self.file(key), data)
+
+    def upload(self, key: str, path: Path) -> None:
+        target = self.file(key)
+        if target.resolve() == path.resolve():
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as out, path.open("rb") as source:
+                shutil.copyfileobj(source, out, 1024 * 1024)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp_name, target)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+
+    def exists(self, key: str) -> bool:
+        return self.file(key).is_file()
+
+    def touch(self, key: str) -> None:
+        os.utime(self.file(key))
+
+    def delete(self, key: str) -> None:
+        self.file(key).unlink(missing_ok=True)
+
+    def files(self, prefix: str) -> Iterator[StoredFile]:
+        folder = self.file(prefix.rstrip("/"))
+        if not folder.is_dir():
+            return
+        for path in folder.rglob("*"):
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                continue  # renamed or removed meanwhile
+            if path.is_file():
+                key = path.relative_to(self.root).as_posix()
+                yield StoredFile(key=key, size=st.st_size, mtime=st.st_mtime)
+
+    def key_for(self, path: str) -> str | None:
+        if not Path(path).is_absolute():
+            return path
+        try:
+            return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            return None  # a checkpoint registered from outside the data folder
+
+
+class S3Storage(Storage):
+    """Objects in an S3-compatible bucket under a prefix, with a local cache for reads.
+
+    An object is visible only once its upload completes (S3's PUT is atomic), so a row never
+    names a partial object. Reads go through ``local_path``: keys never change content, so a
+    cached copy is never stale; the cache keeps the most recently used files up to its size.
+    """
+
+    def __init__(self, url: str, cache_dir: Path, cache_bytes: int, client: Any = None) -> None:
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        self.url, self.bucket = url, bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.cache = LocalCache(cache_dir, cache_bytes)
+        if client is None:
+            import boto3  # only object-storage deployments need it
+
+            client = boto3.client("s3")
+        self.client = client
+
+    def _name(self, key: str) -> str:
+        return self.prefix + key
+
+    def local_path(self, key: str) -> Path:
+        path = self.cache.path(key)
+        if self.cache.hit(path):
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                self.client.download_fileobj(self.bucket, self._name(key), fh)
+            os.replace(tmp_name, path)
+        except BaseException as exc:
+            Path(tmp_name).unlink(missing_ok=True)
+            if _missing(exc):
+                raise FileNotFoundError(f"{self.url}: no object {key}") from exc
+            raise
+        self.cache.added(path)
+        return path
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.local_path(key).read_bytes()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._name(key), Body=data)
+
+    def upload(self, key: str, path: Path) -> None:
+        self.client.upload_file(str(path), self.bucket, self._name(key))
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._name(key))
+        except Exception as exc:
+            if _missing(exc):
+                return False
+            raise
+        return True
+
+    def touch(self, key: str) -> None:
+        # Copying an object onto itself with new metadata renews its LastModified.
+        name = self._name(key)
+        self.client.copy_object(
+            Bucket=self.bucket,
+            Key=name,
+            CopySource={"Bucket": self.bucket, "Key": name},
+            Metadata={"touched": str(time.time())},
+            MetadataDirective="REPLACE",
+        )
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._name(key))
+        self.cache.path(key).unlink(missing_ok=True)
+
+    def files(self, prefix: str) -> Iterator[StoredFile]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self._name(prefix)
+        )
+        for page in pages:
+            for obj in page.get("Contents", []):
+                yield StoredFile(
+                    key=obj["Key"][len(self.prefix) :],
+                    size=int(obj["Size"]),
+                    mtime=obj["LastModified"].timestamp(),
+                )
+
+
+def _missing(exc: BaseException) -> bool:
+    """An S3 client error that means "no such key" (botocore's ClientError, by its code)."""
+    response = getattr(exc, "response", None)
+    code = str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+    return code in {"404", "NoSuchKey", "NotFound"}
+
+
+class LocalCache:
+    """Local copies of objects, the least recently used removed past ``max_bytes``."""
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root, self.max_bytes = root, max_bytes
+        self._lock = threading.Lock()
+        self._size: int | None = None  # measured on first use
+
+    def path(self, key: str) -> Path:
+        return self.root.joinpath(*PurePosixPath(key).parts)
+
+    def hit(self, path: Path) -> bool:
+        try:
+            os.utime(path)  # recently used: the last to go
+        except FileNotFoundError:
+            return False
+        return True
+
+    def added(self, path: Path) -> None:
+        with self._lock:
+            if self._size is None:
+                self._size = sum(f.stat().st_size for f in self._entries())
+            else:
+                self._size += path.stat().st_size
+            if self._size > self.max_bytes:
+                self._evict(keep=path)
+
+    def _entries(self) -> list[Path]:
+        return [p for p in self.root.rglob("*") if p.is_file() and not p.name.startswith(".")]
+
+    def _evict(self, keep: Path) -> None:
+        """Oldest first, never ``keep`` (the file just fetched: its reader is about to open it)."""
+        entries = []
+        for p in self._entries():
+            if p == keep:
+                continue
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            entries.append((st.st_mtime, st.st_size, p))
+        entries.sort()
+        total = keep.stat().st_size + sum(size for _, size, _ in entries)
+        # Down to 90% of the limit, so that one more download does not evict again at once.
+        while entries and total > 0.9 * self.max_bytes:
+            _, size, p = entries.pop(0)
+            p.unlink(missing_ok=True)
+            total -= size
+        self._size = total
+
+
+_opened: dict[tuple[str, str], Storage] = {}
+_opened_lock = threading.Lock()
+
+
+def open_storage(settings: Settings) -> Storage:
+    """The storage the settings name, made once per process (an S3 client is costly)."""
+    url = settings.storage_url
+    ident = (url, str(settings.data_dir.resolve()))
+    with _opened_lock:
+        storage = _opened.get(ident)
+        if storage is None:
+            if url:
+                storage = S3Storage(url, settings.storage_cache_dir, settings.storage_cache_bytes)
+            else:
+                storage = LocalStorage(settings.data_dir)
+            _opened[ident] = storage
+    return storage
+
+
+class FileStore:
+    """Files named by their content hash under one folder of a storage, fanned out by the first
+    hex digits (``images/ab/cd/<sha>.jpg``)."""
+
+    def __init__(self, storage: Storage, folder: str) -> None:
+        self.storage, self.folder = storage, folder
+
+    @staticmethod
+    def key_in(folder: str, sha256: str, extension: str) -> str:
+        return f"{folder}/{sha256[:2]}/{sha256[2:4]}/{sha256}.{extension}"
+
+    def key(self, sha256: str, extension: str) -> str:
+        return self.key_in(self.folder, sha256, extension)
 
     def path(self, sha256: str, extension: str) -> Path:
-        return self.root / self.relative_path(sha256, extension)
+        """A local file with the content (downloaded to the cache first from object storage)."""
+        return self.storage.local_path(self.key(sha256, extension))
 
-    def put(self, data: bytes, extension: str, sha256: str | None = None) -> tuple[Path, bool]:
-        """Store ``data`` under its hash. Returns the path and whether it was new."""
-        path = self.path(sha256 or hashlib.sha256(data).hexdigest(), extension)
-        if path.exists():
+    def put(self, data: bytes, extension: str, sha256: str | None = None) -> tuple[str, bool]:
+        """Store ``data`` under its hash. Returns the key and whether it was new."""
+        key = self.key(sha256 or hashlib.sha256(data).hexdigest(), extension)
+        if self.storage.exists(key):
             # Freshly in use again: `tessera doctor --repair` spares files younger than its
             # grace period, and this one may be an orphan that a new import is about to claim.
-            os.utime(path)
-            return path, False
-        atomic_write_bytes(path, data)
-        return path, True
+            self.storage.touch(key)
+            return key, False
+        self.storage.write_bytes(key, data)
+        return key, True
 
 
 def encode_mask_png(mask: np.ndarray) -> bytes:
@@ -159,9 +466,9 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_mask_png(path: Path) -> np.ndarray:
+def decode_mask_png(path: Path | bytes) -> np.ndarray:
     """Read a mask PNG back: 1-bit -> (H, W) bool, 8-bit -> (H, W) float32 in [0, 1]."""
-    with PILImage.open(path) as img:
+    with PILImage.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
         if img.mode == "1":
             return np.asarray(img, dtype=bool)
         return np.asarray(img.convert("L"), dtype=np.float32) / 255.0

@@ -221,3 +221,75 @@ def other_database_url(database_url: str, tmp_path: Path) -> Iterator[str]:
     """A second brand-new database, e.g. to restore a backup of the first into."""
     with _new_database(database_url, tmp_path / "other.db") as url:
         yield url
+
+
+# An S3-protocol server on loopback for the object-storage backend: the one .ci/run started
+# (TESSERA_TEST_S3_ENDPOINT), or moto's standalone server started here for the run.
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "tessera-test",
+    "AWS_SECRET_ACCESS_KEY": "tessera-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def _wait_for_http(url: str, proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"the S3 server exited ({proc.returncode})") from None
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    given = os.environ.get("TESSERA_TEST_S3_ENDPOINT")
+    if given:
+        _wait_for_http(given, None, 30)
+        yield given
+        return
+    import socket
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_http(url, proc, 60)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    """A new empty bucket on the loopback S3 server, its client settings in the environment;
+    returns ``s3://bucket/prefix`` for TESSERA_STORAGE_URL."""
+    import uuid
+
+    import boto3
+
+    env = S3_CREDENTIALS | {"AWS_ENDPOINT_URL": s3_endpoint}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"tessera-{uuid.uuid4().hex[:16]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/instance"

@@ -33,12 +33,12 @@ def doctor_command(
     with sessions(settings)() as session:
         result = check(session, settings=settings)
     if fix:
-        repair(result, grace_s=grace)
+        repair(result, settings=settings, grace_s=grace)
     removed = set(result.repaired)
     for label, paths in (("temporary", result.temporary), ("orphan", result.orphans)):
-        for path in paths:
-            state = "removed" if path in removed else "found"
-            (console if path in removed else err).print(f"{state} {label} file {path}")
+        for debris in paths:
+            state = "removed" if debris in removed else "found"
+            (console if debris in removed else err).print(f"{state} {label} file {debris}")
     for line in (*result.missing, *result.database):
         err.print(f"[bold red]damaged[/] {line}")
     console.print(

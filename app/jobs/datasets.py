@@ -29,6 +29,7 @@ from app.models import (
     Target,
     TargetState,
 )
+from app.services.files import mask_file
 from app.services.image import image_path
 from ml.data import SegmenterItem, TaggerItem
 
@@ -118,7 +119,7 @@ def segmenter_items(
         planes = eval_planes if frozen else train_planes
         path = version.soft_path or version.hard_path
         planes.setdefault(target.image_id, [None] * len(vocab.tags))[column[target.tag_id]] = (
-            settings.data_dir / path
+            mask_file(settings, path)
         )
     images = {i.id: i for i in session.scalars(select(Image).where(Image.project_id == project.id))}
 

@@ -16,12 +16,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import Settings
 from app.models import Image, MaskSource, ModelKind, Tag, Target, TargetState
 from app.services.errors import NotFoundError
+from app.services.files import mask_store
 from app.services.image import image_path
 from app.services.job import finish_job, job_run
 from app.services.model_version import active_model
 from app.services.project import get_project
 from app.services.target import add_mask_version
-from app.storage import FileStore
 from ml.checkpoints import load_checkpoint
 from ml.data import load_images
 from ml.segmenter import Segmenter, predict_masks
@@ -85,7 +85,7 @@ def _predict(
     for target, image, name in rows:
         if name in column:
             by_image.setdefault(image.id, (image, []))[1].append((target, column[name]))
-    store, report = FileStore(settings.masks_dir), PredictReport(images=len(by_image))
+    store, report = mask_store(settings), PredictReport(images=len(by_image))
     groups = list(by_image.values())
     for start in range(0, len(groups), BATCH):
         batch = groups[start : start + BATCH]

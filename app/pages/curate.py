@@ -73,6 +73,7 @@ from app.services.curation.volunteer_review import (
 )
 from app.services.dashboard import project_dashboard
 from app.services.errors import InvalidInputError, NotFoundError, UnauthorizedError
+from app.services.files import mask_file
 from app.services.image import image_path
 from app.services.masks.composition import compose_target
 from app.services.masks.export import export_project
@@ -338,7 +339,7 @@ def mask_png(
     if version is None:
         raise NotFoundError(f"no mask version {version_id}")
     return FileResponse(
-        settings.data_dir / version.hard_path,
+        mask_file(settings, version.hard_path),
         media_type="image/png",
         headers={"Cache-Control": "private, max-age=86400"},  # versions never change
     )

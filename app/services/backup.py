@@ -41,8 +41,10 @@ from app.config import Settings
 from app.db import Base
 from app.models import ModelVersion, Project
 from app.services.archive import safe_member_name
-from app.services.doctor import referenced_files
+from app.services.doctor import STORED_FOLDERS, is_stored, referenced_files
 from app.services.errors import ConflictError, InvalidInputError
+from app.services.files import models_key, remove_files
+from app.storage import Storage, open_storage
 
 FORMAT = "tessera-backup/1"
 BATCH = 2000
@@ -105,19 +107,17 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _model_member(settings: Settings, model: ModelVersion, project_slug: str) -> str:
-    """The checkpoint's path under the data folder (models/<project>/<file>)."""
-    try:
-        return str(Path(model.path).resolve().relative_to(settings.data_dir.resolve()))
-    except ValueError:
-        return f"models/{project_slug}/{Path(model.path).name}"
+def _model_member(storage: Storage, model: ModelVersion, project_slug: str) -> str:
+    """The checkpoint's key (models/<project>/<file>), also for one trained elsewhere."""
+    return storage.key_for(model.path) or models_key(project_slug, Path(model.path).name)
 
 
 def create_backup(session: Session, *, settings: Settings, out: Path) -> BackupReport:
     """Write the backup of everything to OUT (``.tar``, or ``.tar.gz``/``.tgz`` compressed)."""
     _snapshot(session)
+    storage = open_storage(settings)
     rows: dict[str, int] = {}
-    files: dict[str, Path] = {}  # archive member -> file
+    files: dict[str, Path] = {}  # archive member -> local file
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
@@ -133,15 +133,17 @@ def create_backup(session: Session, *, settings: Settings, out: Path) -> BackupR
                 rows[table.name] = len(lines)
                 _add_bytes(tar, f"tables/{table.name}.jsonl", "\n".join(lines).encode())
             slugs = dict(session.execute(select(Project.id, Project.slug)).all())
-            models = {
-                m.id: _model_member(settings, m, slugs[m.project_id])
-                for m in session.scalars(select(ModelVersion))
-            }
-            for path in sorted(referenced_files(session, settings)):
-                if not path.is_file():
-                    raise ConflictError(f"{path} is named by a row but missing: run tessera doctor")
-                member = _member_name(settings, path)
-                files[member] = path
+            models, outside = {}, {}
+            for m in session.scalars(select(ModelVersion)):
+                models[m.id] = _model_member(storage, m, slugs[m.project_id])
+                if storage.key_for(m.path) is None:
+                    outside[str(Path(m.path).resolve())] = models[m.id]
+            present = {f.key for folder in STORED_FOLDERS for f in storage.files(folder)}
+            for name in sorted(referenced_files(session, settings)):
+                if not is_stored(name, present):
+                    raise ConflictError(f"{name} is named by a row but missing: run tessera doctor")
+                local = Path(name) if name in outside else storage.local_path(name)
+                files[outside.get(name, name)] = local
             for member, path in files.items():
                 tar.add(path, arcname=f"files/{member}", recursive=False)
             manifest = {
@@ -161,13 +163,6 @@ def create_backup(session: Session, *, settings: Settings, out: Path) -> BackupR
         raise
     size = sum(p.stat().st_size for p in files.values())
     return BackupReport(path=out, rows=rows, files=len(files), bytes=size)
-
-
-def _member_name(settings: Settings, path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(settings.data_dir.resolve()))
-    except ValueError:  # a checkpoint outside the data folder (trained elsewhere)
-        return f"models/_outside/{path.name}"
 
 
 def _read_manifest(tar: tarfile.TarFile) -> dict[str, Any]:
@@ -195,27 +190,30 @@ def _rows(tar: tarfile.TarFile, table: Table) -> Iterator[dict[str, Any]]:
         yield {name: _decode(raw.get(name), column) for name, column in columns.items()}
 
 
-def _restore_files(tar: tarfile.TarFile, settings: Settings, added: list[Path]) -> int:
+def _restore_files(tar: tarfile.TarFile, settings: Settings, added: list[str]) -> int:
+    storage = open_storage(settings)
+    settings.scratch_dir.mkdir(parents=True, exist_ok=True)
     count = 0
     for info in tar.getmembers():
         if not info.name.startswith("files/"):
             continue
         if not info.isfile():
             raise InvalidInputError(f"backup member {info.name!r} is not a plain file")
-        relative = safe_member_name(info.name.removeprefix("files/"))
-        target = settings.data_dir.joinpath(*PurePosixPath(relative).parts)
+        key = str(PurePosixPath(safe_member_name(info.name.removeprefix("files/"))))
         count += 1
-        if target.exists():
+        if storage.exists(key):
             continue  # content-addressed or versioned: the same file
-        target.parent.mkdir(parents=True, exist_ok=True)
         source = tar.extractfile(info)
         assert source is not None
-        tmp = target.with_name(f".{target.name}.restore.tmp")
-        with source, tmp.open("wb") as fh:
-            while chunk := source.read(1024 * 1024):
-                fh.write(chunk)
-        os.replace(tmp, target)
-        added.append(target)
+        fd, tmp_name = tempfile.mkstemp(prefix=".restore.", suffix=".tmp", dir=settings.scratch_dir)
+        try:
+            with source, os.fdopen(fd, "wb") as fh:
+                while chunk := source.read(1024 * 1024):
+                    fh.write(chunk)
+            storage.upload(key, Path(tmp_name))
+        finally:
+            Path(tmp_name).unlink(missing_ok=True)
+        added.append(key)
     return count
 
 
@@ -236,7 +234,7 @@ def restore_backup(session: Session, *, settings: Settings, archive: Path) -> di
     """Restore ARCHIVE into this empty database and data folder; commits. Returns row counts."""
     if session.scalar(select(func.count()).select_from(Project)):
         raise ConflictError("the database is not empty: restore into a fresh one")
-    added: list[Path] = []
+    added: list[str] = []
     try:
         try:
             with tarfile.open(archive) as tar:
@@ -246,14 +244,13 @@ def restore_backup(session: Session, *, settings: Settings, archive: Path) -> di
         session.commit()
     except BaseException:
         session.rollback()
-        for path in added:
-            path.unlink(missing_ok=True)
+        remove_files(settings, added)
         raise
     return counts
 
 
 def _restore(
-    session: Session, settings: Settings, tar: tarfile.TarFile, added: list[Path]
+    session: Session, settings: Settings, tar: tarfile.TarFile, added: list[str]
 ) -> dict[str, int]:
     manifest = _read_manifest(tar)
     if manifest["revision"] != _revision(session):
@@ -269,7 +266,7 @@ def _restore(
         counts[table.name] = 0
         for row in _rows(tar, table):
             if table.name == ModelVersion.__tablename__ and row["id"] in models:
-                row["path"] = str(settings.data_dir / models[row["id"]])
+                row["path"] = models[row["id"]]  # its key in this instance's storage
             batch.append(row)
             if len(batch) >= BATCH:
                 session.execute(insert(table), batch)

@@ -30,7 +30,7 @@ from app.models import (
     TaskState,
     Vote,
 )
-from app.storage import decode_mask_png
+from app.services.files import read_mask
 from ml.aggregation.dense import mask_iou
 
 MAX_IOU_TARGETS = 300
@@ -64,7 +64,7 @@ class Dashboard:
 
 
 def _hard(settings: Settings, path: str) -> np.ndarray:
-    mask = decode_mask_png(settings.data_dir / path)
+    mask = read_mask(settings, path)
     return mask if mask.dtype == bool else mask > 0.5
 
 

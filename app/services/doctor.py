@@ -1,5 +1,7 @@
-"""Check that the database and the data folder agree, and clear what a crash left behind.
+"""Check that the database and the stored files agree, and clear what a crash left behind.
 
+The files are those of the storage the settings name: the data folder, or the bucket of
+``TESSERA_STORAGE_URL`` (where an object is only visible once whole, so only orphans occur).
 Files are written before the rows that name them are committed (then renamed into place), so a
 crash or ``kill -9`` can leave two kinds of debris, never a half-written file under a real name:
 temporary files (``.NAME.*.tmp``, ``.NAME.*.partial``, scratch folders) and whole files that no
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,22 +23,35 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.models import Image, MaskVersion, ModelVersion
-from app.services.image import image_path
+from app.services.image import image_key
+from app.storage import open_storage, temporary_name
 
-TEMPORARY_SUFFIXES = (".tmp", ".partial")
 DEFAULT_GRACE_S = 3600.0
+STORED_FOLDERS = ("images/", "masks/", "models/")
+
+
+@dataclass(frozen=True)
+class Debris:
+    """A file a crash may have left: a key in the storage, or a local scratch folder."""
+
+    name: str
+    mtime: float
+    scratch: bool = False
+
+    def __str__(self) -> str:
+        return self.name
 
 
 @dataclass
 class Checkup:
     """What the check found; ``repaired`` lists what ``repair`` removed."""
 
-    temporary: list[Path] = field(default_factory=list)
-    orphans: list[Path] = field(default_factory=list)
+    temporary: list[Debris] = field(default_factory=list)
+    orphans: list[Debris] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # rows whose file is gone
     database: list[str] = field(default_factory=list)  # the engine's own integrity check
     young: int = 0  # debris newer than the grace period, left for its writer
-    repaired: list[Path] = field(default_factory=list)
+    repaired: list[Debris] = field(default_factory=list)
 
     @property
     def healthy(self) -> bool:
@@ -46,27 +60,28 @@ class Checkup:
         return not (debris or self.missing or self.database)
 
 
-def _files(root: Path) -> Iterator[Path]:
-    if root.is_dir():
-        yield from (p for p in root.rglob("*") if p.is_file())
-
-
-def _is_temporary(path: Path) -> bool:
-    return path.name.startswith(".") and path.name.endswith(TEMPORARY_SUFFIXES)
-
-
-def referenced_files(session: Session, settings: Settings) -> dict[Path, str]:
-    """Every file a row names (resolved), with the row that names it."""
-    named: dict[Path, str] = {}
+def referenced_files(session: Session, settings: Settings) -> dict[str, str]:
+    """Every file a row names, with the row that names it: by its key in the storage, or by
+    its absolute path for a checkpoint registered from outside it."""
+    storage = open_storage(settings)
+    named: dict[str, str] = {}
     for image in session.scalars(select(Image)):
-        named[image_path(settings, image).resolve()] = f"image {image.id} ({image.file_name})"
+        named[image_key(image)] = f"image {image.id} ({image.file_name})"
     for version in session.scalars(select(MaskVersion)):
-        for path in (version.hard_path, version.soft_path):
-            if path:
-                named[(settings.data_dir / path).resolve()] = f"mask version {version.id}"
+        for key in (version.hard_path, version.soft_path):
+            if key:
+                named[key] = f"mask version {version.id}"
     for model in session.scalars(select(ModelVersion)):
-        named[Path(model.path).resolve()] = f"{model.kind} model version {model.version}"
+        key = storage.key_for(model.path)
+        named[key or str(Path(model.path).resolve())] = (
+            f"{model.kind} model version {model.version}"
+        )
     return named
+
+
+def is_stored(name: str, present: set[str]) -> bool:
+    """Whether a name ``referenced_files`` gave has its file (``present``: the listed keys)."""
+    return Path(name).is_file() if Path(name).is_absolute() else name in present
 
 
 def _database_check(session: Session) -> list[str]:
@@ -77,38 +92,40 @@ def _database_check(session: Session) -> list[str]:
 
 
 def check(session: Session, *, settings: Settings) -> Checkup:
-    """Compare the data folder with the rows; change nothing."""
+    """Compare the stored files with the rows; change nothing."""
+    storage = open_storage(settings)
     result = Checkup(database=_database_check(session))
     named = referenced_files(session, settings)
+    stored = [f for folder in STORED_FOLDERS for f in storage.files(folder)]
+    present = {f.key for f in stored}
     result.missing = [
-        f"{row}: {path} is missing" for path, row in named.items() if not path.is_file()
+        f"{row}: {name} is missing" for name, row in named.items() if not is_stored(name, present)
     ]
-    stores = (settings.images_dir, settings.masks_dir, settings.data_dir / "models")
-    for root in stores:
-        for path in _files(root):
-            if _is_temporary(path):
-                result.temporary.append(path)
-            elif path.resolve() not in named:
-                result.orphans.append(path)
+    for f in stored:
+        if temporary_name(f.key):
+            result.temporary.append(Debris(f.key, f.mtime))
+        elif f.key not in named:
+            result.orphans.append(Debris(f.key, f.mtime))
     scratch = settings.scratch_dir
-    result.temporary += sorted(scratch.iterdir()) if scratch.is_dir() else []
+    for path in sorted(scratch.iterdir()) if scratch.is_dir() else []:
+        result.temporary.append(Debris(str(path), path.lstat().st_mtime, scratch=True))
     return result
 
 
-def repair(result: Checkup, *, grace_s: float = DEFAULT_GRACE_S) -> Checkup:
+def repair(result: Checkup, *, settings: Settings, grace_s: float = DEFAULT_GRACE_S) -> Checkup:
     """Remove the debris older than ``grace_s`` seconds; the rest is counted as young."""
+    storage = open_storage(settings)
     cutoff = time.time() - grace_s
-    for path in _debris(result):
-        try:
-            if path.lstat().st_mtime > cutoff:
-                result.young += 1
-                continue
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        except FileNotFoundError:
-            pass  # its writer finished or cleaned up meanwhile
-        result.repaired.append(path)
+    for debris in [*result.temporary, *result.orphans]:
+        if debris.mtime > cutoff:
+            result.young += 1
+            continue
+        if debris.scratch:
+            path = Path(debris.name)
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(
+                missing_ok=True
+            )
+        else:
+            storage.delete(debris.name)  # gone meanwhile (its writer finished) is no error
+        result.repaired.append(debris)
     return result
-
-
-def _debris(result: Checkup) -> Iterable[Path]:
-    return [*result.temporary, *result.orphans]

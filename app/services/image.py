@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.models import Image, Project
-from app.storage import SUPPORTED_FORMATS, FileStore, ImageInfo, ImageLimits
+from app.storage import SUPPORTED_FORMATS, FileStore, ImageInfo, ImageLimits, open_storage
 
 
 def image_limits(settings: Settings) -> ImageLimits:
@@ -22,11 +22,16 @@ def image_limits(settings: Settings) -> ImageLimits:
 
 
 def image_store(settings: Settings) -> FileStore:
-    return FileStore(settings.images_dir)
+    return FileStore(open_storage(settings), "images")
+
+
+def image_key(image: Image) -> str:
+    return FileStore.key_in("images", image.sha256, SUPPORTED_FORMATS[image.format])
 
 
 def image_path(settings: Settings, image: Image) -> Path:
-    return image_store(settings).path(image.sha256, SUPPORTED_FORMATS[image.format])
+    """A local file of the image (from object storage: a cached copy, fetched on first use)."""
+    return open_storage(settings).local_path(image_key(image))
 
 
 def find_image_by_hash(session: Session, *, project: Project, sha256: str) -> Image | None:
@@ -43,7 +48,7 @@ def add_image(
     data: bytes,
     info: ImageInfo,
     file_name: str,
-    written: list[Path],
+    written: list[str],
 ) -> tuple[Image, bool]:
     """The project's image for these bytes, added if new. Appends new files to ``written``.
 
@@ -52,9 +57,9 @@ def add_image(
     existing = find_image_by_hash(session, project=project, sha256=info.sha256)
     if existing is not None:
         return existing, False
-    path, created = store.put(data, info.extension, sha256=info.sha256)
+    key, created = store.put(data, info.extension, sha256=info.sha256)
     if created:
-        written.append(path)
+        written.append(key)
     image = Image(
         project_id=project.id,
         sha256=info.sha256,

@@ -26,6 +26,7 @@ from app.models import Image, ImageTag, ImageTagSource, MaskSource, Project, Tag
 from app.services.archive import ArchiveLimits, archive_suffix, is_archive, unpack_archive
 from app.services.crowd.opening import open_seeded_targets
 from app.services.errors import InvalidInputError
+from app.services.files import mask_store, remove_files
 from app.services.image import add_image, image_limits, image_store
 from app.services.import_formats import (
     CocoData,
@@ -41,7 +42,7 @@ from app.services.import_formats import (
 from app.services.project import get_or_create_project, slugify
 from app.services.tag import TagResolver, apply_vocabulary
 from app.services.target import add_mask_version, ensure_target
-from app.storage import BadImageError, FileStore, inspect_image
+from app.storage import BadImageError, inspect_image
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class ImportReport:
     targets_created: int = 0
     ground_truth_masks: int = 0
     targets_opened: int = 0
-    files_written: list[Path] = field(default_factory=list)
+    files_written: list[str] = field(default_factory=list)  # keys
 
 
 def find_sources(path: Path, *, tag_file: Path | None = None) -> ImportSources:
@@ -163,7 +164,7 @@ class _Importer:
         self.session = session
         self.project = project
         self.images = image_store(settings)
-        self.masks = FileStore(settings.masks_dir)
+        self.masks = mask_store(settings)
         self.limits = image_limits(settings)
         self.resolver = TagResolver(session, project)
         self.report = ImportReport(project=project.slug)
@@ -316,7 +317,7 @@ def import_path(
         )
         return report
     except BaseException:
-        remove_files(importer.report.files_written)
+        remove_files(settings, importer.report.files_written)
         raise
 
 
@@ -352,7 +353,7 @@ def run_import(
     except BaseException:
         session.rollback()
         if report is not None:
-            remove_files(report.files_written)
+            remove_files(settings, report.files_written)
         raise
     return report
 
@@ -390,9 +391,3 @@ def unpacked(settings: Settings, archive: Path) -> Iterator[Path]:
         yield unpack_archive(archive, folder, limits)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def remove_files(paths: list[Path]) -> None:
-    """Undo an import's files (used after a rollback): they were new, nobody else refers to them."""
-    for path in paths:
-        path.unlink(missing_ok=True)

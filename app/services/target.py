@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Collection
-from pathlib import Path
 
 import numpy as np
 from sqlalchemy import func, select
@@ -130,18 +129,18 @@ def add_mask_version(
     mask: np.ndarray,
     source: MaskSource,
     store: FileStore,
-    written: list[Path],
+    written: list[str],
     soft: np.ndarray | None = None,
 ) -> MaskVersion:
     """Store a new version of the target's mask: hard (H, W) bool, and soft (H, W) float."""
-    path, created = store.put(encode_mask_png(mask), "png")
+    hard_key, created = store.put(encode_mask_png(mask), "png")
     if created:
-        written.append(path)
-    soft_path = None
+        written.append(hard_key)
+    soft_key = None
     if soft is not None:
-        soft_path, created = store.put(encode_mask_png(soft.astype(np.float32)), "png")
+        soft_key, created = store.put(encode_mask_png(soft.astype(np.float32)), "png")
         if created:
-            written.append(soft_path)
+            written.append(soft_key)
     latest = session.scalar(
         select(func.max(MaskVersion.version)).where(MaskVersion.target_id == target.id)
     )
@@ -149,8 +148,8 @@ def add_mask_version(
         target_id=target.id,
         version=(latest or 0) + 1,
         source=source,
-        soft_path=str(soft_path.relative_to(store.root.parent)) if soft_path else None,
-        hard_path=str(path.relative_to(store.root.parent)),
+        soft_path=soft_key,
+        hard_path=hard_key,
         area_fraction=float(mask.mean()),
         meta={"height": int(mask.shape[0]), "width": int(mask.shape[1])},
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sqlalchemy import Engine, select
@@ -15,6 +15,7 @@ from app.models import ModelKind, ModelVersion, Project, Role
 from app.services.account import create_account
 from app.services.doctor import referenced_files
 from app.services.project import create_project
+from app.storage import open_storage
 from tests.app.browser import tessera_env
 from tests.app.conftest import SLUG, Live
 from tests.builders import files_under
@@ -84,9 +85,10 @@ def test_a_backup_restores_every_row_and_file_into_a_fresh_instance(
         new_settings = live.settings.model_copy(update={"data_dir": restored_dir})
         new = referenced_files(b, new_settings)
         assert len(new) == len(old) > 0
-        by_name = {p.name: p for p in new}
-        for path in old:
-            assert by_name[path.name].read_bytes() == path.read_bytes()
+        was, now = open_storage(live.settings), open_storage(new_settings)
+        by_name = {PurePosixPath(key).name: key for key in new}
+        for key in old:
+            assert now.read_bytes(by_name[PurePosixPath(key).name]) == was.read_bytes(key)
         # New rows get new ids (PostgreSQL's sequences were moved past the restored ids).
         create_project(b, slug="after-restore")
         create_account(b, name="newbie", password="correct horse battery", role=Role.VOLUNTEER)

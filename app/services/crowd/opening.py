@@ -35,10 +35,10 @@ from app.models import (
     TargetState,
     Window,
 )
+from app.services.files import read_mask
 from app.services.masks.composition import load_pixels
 from app.services.project import square_cells
 from app.services.target import can_be_union, find_latest_mask, tag_belief
-from app.storage import decode_mask_png
 from ml.aggregation import grid
 from ml.aggregation.acquisition import object_area, window_gain
 from ml.aggregation.acquisition import uncertainty as cell_uncertainty
@@ -126,7 +126,7 @@ def load_truth(session: Session, settings: Settings, target: Target) -> np.ndarr
     version = find_latest_mask(session, target=target, source=MaskSource.GROUND_TRUTH)
     if version is None:
         return None
-    mask = decode_mask_png(settings.data_dir / version.hard_path)
+    mask = read_mask(settings, version.hard_path)
     return np.asarray(mask > 0.5) if mask.dtype != bool else mask
 
 

@@ -43,13 +43,13 @@ from app.models import (
 from app.services.consensus import credibility_estimates
 from app.services.crowd.opening import uncertainty
 from app.services.errors import InvalidInputError, NotFoundError
+from app.services.files import mask_store
 from app.services.masks.composition import compose_target
 from app.services.masks.union import finish_unions
 from app.services.project import square_cells
 from app.services.recompute import recompute_project
 from app.services.target import add_mask_version, child_targets, is_union
 from app.services.volunteer import display_name
-from app.storage import FileStore
 from ml.aggregation import grid
 from ml.aggregation.rules import leaf_cells
 
@@ -447,7 +447,7 @@ def finish_target(
         mask=mask,
         soft=soft,
         source=MaskSource.CURATOR,
-        store=FileStore(settings.masks_dir),
+        store=mask_store(settings),
         written=[],
     )
     version.meta = {**version.meta, **meta}

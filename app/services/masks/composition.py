@@ -26,10 +26,10 @@ from app.models import (
     RetireReason,
     Target,
 )
+from app.services.files import mask_store, read_mask
 from app.services.image import image_path
 from app.services.project import square_cells
 from app.services.target import add_mask_version, child_targets, find_latest_mask, is_union
-from app.storage import FileStore, decode_mask_png
 from ml.aggregation import grid
 from ml.aggregation.rules import leaf_cells
 from ml.composition import Composed, compose_mask
@@ -81,7 +81,7 @@ def model_probability(session: Session, settings: Settings, target: Target) -> n
     version = find_latest_mask(session, target=target, source=MaskSource.MODEL)
     if version is None:
         return None
-    mask = decode_mask_png(settings.data_dir / (version.soft_path or version.hard_path))
+    mask = read_mask(settings, version.soft_path or version.hard_path)
     return mask.astype(np.float32)
 
 
@@ -161,7 +161,7 @@ def record_consensus_mask(
         mask=composed.hard,
         soft=composed.soft,
         source=MaskSource.CONSENSUS,
-        store=FileStore(settings.masks_dir),
+        store=mask_store(settings),
         written=[],
     )
     return composed

@@ -47,9 +47,10 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.models import Cell, Image, MaskSource, MaskVersion, Project, Tag, Target, TargetState
 from app.services.errors import InvalidInputError
+from app.services.files import read_file, read_mask
 from app.services.masks.composition import compose_target, load_pixels
 from app.services.target import is_union
-from app.storage import atomic_write_bytes, decode_mask_png, encode_mask_png
+from app.storage import atomic_write_bytes, encode_mask_png
 
 RESULT_SOURCES = (MaskSource.CONSENSUS, MaskSource.CURATOR, MaskSource.GROUND_TRUTH)
 UNFINISHED_STATES = (TargetState.COLLECTING, TargetState.TRIAGE)
@@ -111,8 +112,8 @@ def _finished(
         )
         if version is None:
             continue
-        hard = decode_mask_png(settings.data_dir / version.hard_path)
-        soft = (settings.data_dir / version.soft_path).read_bytes() if version.soft_path else None
+        hard = read_mask(settings, version.hard_path)
+        soft = read_file(settings, version.soft_path) if version.soft_path else None
         yield _Entry(image, tag_row, target.state, hard if hard.dtype == bool else hard > 0.5, soft)
 
 
