@@ -24,7 +24,8 @@ COPY ml ./ml
 COPY migrations ./migrations
 COPY frontend ./frontend
 # Editable, so that alembic.ini, migrations/ and frontend/ are found next to the code.
-RUN pip install -e . && useradd --system --home /data tessera && mkdir -p /data \
+# With the PostgreSQL driver and the S3 client: compose.yaml and deploy/k8s use both.
+RUN pip install -e ".[postgres,s3]" && useradd --system --home /data tessera && mkdir -p /data \
     && chown tessera /data
 
 USER tessera
