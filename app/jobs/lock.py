@@ -9,19 +9,22 @@ Holding the lock proves that no other model job of the project is alive, so taki
 moment to clean up after a killed one: its job rows still say *running* (they become *failed*,
 with a line in their log), and a checkpoint it was writing may have left a ``.partial`` file (it
 is removed; the active model was never touched, since promotion is a single transaction after
-the file is complete). Several machines sharing one PostgreSQL need a shared lock instead
-(``pg_advisory_lock``); the data folder is per machine.
+the file is complete). The data folder is per machine, so on PostgreSQL the lock is also a
+session advisory lock held on a connection of its own: jobs on several machines sharing the
+database (a Kubernetes CronJob, a retrain started by hand) exclude each other too, and the
+server drops it when the holder's connection dies.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -65,13 +68,43 @@ def project_lock(session: Session, settings: Settings, project: Project) -> Iter
             ) from None
         _held[project.slug] = 1
         try:
-            _clean_up(session, settings, project)
-            yield
+            with _database_lock(session, project):
+                _clean_up(session, settings, project)
+                yield
         finally:
             del _held[project.slug]
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def advisory_key(project: Project) -> int:
+    """The project's model-job lock in PostgreSQL's one 64-bit space of advisory locks."""
+    digest = hashlib.sha256(f"tessera model job {project.slug}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+@contextmanager
+def _database_lock(session: Session, project: Project) -> Iterator[None]:
+    bind = session.get_bind()
+    engine = bind if isinstance(bind, Engine) else bind.engine
+    if engine.dialect.name != "postgresql":
+        yield  # one machine: the file lock is the lock
+        return
+    key = advisory_key(project)
+    with engine.connect() as conn:  # its own: the session's connection goes back to the pool
+        taken = conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar()
+        conn.commit()  # a session-level lock outlives the transaction; idle, not in one
+        if not taken:
+            raise JobBusyError(
+                f"a model job of project {project.slug!r} is already running on another "
+                "machine; try again later"
+            )
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+            conn.commit()
 
 
 def _clean_up(session: Session, settings: Settings, project: Project) -> None:
