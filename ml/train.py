@@ -18,6 +18,16 @@ kept small (``CachedSegmenterDataset``).
 Both use AdamW with a cosine schedule; on a GPU they run in bf16 autocast with channels_last
 (``amp``/``channels_last`` in the config; ignored on the CPU). Progress goes to a callback, one
 call per optimizer step; nothing is printed.
+
+Under ``torchrun`` (a process group opened by ``ml.distributed``) every rank calls the same
+function with the same items and config; the model is wrapped in DistributedDataParallel (rank
+0's initial weights go to every rank). ``batch_size`` stays the global batch: each optimizer
+step's batch is the one one process would take, cut into ``world_size`` equal slices, one per
+rank (``ml.distributed.RankBatches``), and DDP averages the slices' gradients. So the steps, the
+passes and the data order are those of one process; what differs is per rank: BatchNorm's
+statistics (over the slice), the augmentation draws (each rank seeds ``seed + rank``) and Dice's
+normalisation. The validation split is scored by rank 0 alone on the unwrapped model and its
+scores given to every rank: they are exactly one process's scores for that model.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,8 +46,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
+from ml import distributed
 from ml.data import (
     Augment,
     SegmenterDataset,
@@ -92,7 +103,7 @@ class TaggerTrainConfig:
     model: TaggerConfig
     epochs: int = 10  # passes over the data, unless ``steps`` is given
     steps: int | None = None  # optimizer steps; overrides ``epochs``
-    batch_size: int = 32
+    batch_size: int = 32  # the global batch: under torchrun, split over the ranks
     lr: float = 1e-3
     weight_decay: float = 1e-4
     loss: str = "asl"  # a key of ml.losses.LOSSES
@@ -107,7 +118,7 @@ class TaggerTrainConfig:
 class SegmenterTrainConfig:
     model: SegmenterConfig
     steps: int = 200  # optimizer steps, the data cycled as needed
-    batch_size: int = 8
+    batch_size: int = 8  # the global batch: under torchrun, split over the ranks
     lr: float = 1e-3
     weight_decay: float = 1e-4
     dice_weight: float = 1.0
@@ -240,13 +251,15 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else the CPU; ``cuda`` without a GPU is an error."""
+    """``auto`` picks CUDA when available, else the CPU; ``cuda`` without a GPU is an error.
+    Under torchrun, ``cuda`` is the GPU of the process's ``LOCAL_RANK``."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+        resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was asked for but no GPU is visible; use 'cpu' or 'auto'")
-    return resolved
+    return distributed.local_device(resolved)
 
 
 def _autocast(device: torch.device, amp: bool) -> AbstractContextManager[Any]:
@@ -273,6 +286,29 @@ def _loader(
         num_workers=workers,
         generator=generator,
         drop_last=False,
+    )
+
+
+def _training_loader(
+    dataset: Dataset[Any], config: TaggerTrainConfig | SegmenterTrainConfig
+) -> DataLoader[Any]:
+    """Shuffled batches of ``config.batch_size``; under torchrun, this rank's slice of each of
+    them (the same global batches: the sampler is built and seeded as one process's is)."""
+    world = distributed.world_size()
+    if world == 1:
+        return _loader(
+            dataset, config.batch_size, shuffle=True, seed=config.seed, workers=config.num_workers
+        )
+    assert isinstance(dataset, Sized)
+    generator = torch.Generator().manual_seed(config.seed)
+    batches = BatchSampler(
+        RandomSampler(dataset, generator=generator), config.batch_size, drop_last=False
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=distributed.RankBatches(batches, rank=distributed.rank(), world_size=world),
+        num_workers=config.num_workers,
+        generator=generator,
     )
 
 
@@ -317,7 +353,7 @@ def _fit(
         loss.backward()
         optimizer.step()
         schedule.step()
-        value = float(loss.detach())
+        value = float(distributed.mean(loss.detach()))  # the global batch's, under torchrun
         by_pass.setdefault(epoch, []).append(value)
         seconds = time.perf_counter() - started
         if progress:
@@ -381,10 +417,11 @@ def _train(
 ) -> Fitted:
     """Cycle ``dataset`` in shuffled batches ``(images, *targets)`` and fit ``net`` on
     ``loss_of(logits, targets)`` for the config's steps, in bf16 autocast and channels_last on a
-    GPU."""
-    loader = _loader(
-        dataset, config.batch_size, shuffle=True, seed=config.seed, workers=config.num_workers
-    )
+    GPU. Under torchrun, in DistributedDataParallel on this rank's slice of each batch."""
+    loader = _training_loader(dataset, config)
+    model = distributed.parallel(net, dev)
+    if model is not net:
+        seed_everything(config.seed + distributed.rank())  # the ranks' augmentations differ
     memory = torch.channels_last if dev.type == "cuda" and config.channels_last else None
 
     def step_loss(batch: tuple[Tensor, ...]) -> Tensor:
@@ -392,11 +429,11 @@ def _train(
         if memory is not None:
             images = images.contiguous(memory_format=memory)
         with _autocast(dev, config.amp):
-            logits = net(images)
+            logits = model(images)
         return loss_of(logits, targets)
 
     return _fit(
-        net,
+        model,
         _cycle(loader),
         step_loss,
         task=task,
@@ -452,7 +489,9 @@ def train_tagger(
         loss_of=lambda logits, targets: loss_fn(logits.float(), targets[0]),
         progress=progress,
     )
-    metrics, thresholds = _score_tagger(net, val_items, dev, config.batch_size, config.amp)
+    metrics, thresholds = distributed.from_rank_zero(
+        lambda: _score_tagger(net, val_items, dev, config.batch_size, config.amp)
+    )
     return TaggerResult(net, metrics, thresholds, fitted.losses, fitted.steps, fitted.seconds)
 
 
@@ -549,7 +588,9 @@ def train_segmenter(
         ),
         progress=progress,
     )
-    scores = evaluate_segmenter(
-        net, val_items, device=dev, batch_size=config.batch_size, amp=config.amp
+    scores = distributed.from_rank_zero(
+        lambda: evaluate_segmenter(
+            net, val_items, device=dev, batch_size=config.batch_size, amp=config.amp
+        )
     )
     return SegmenterResult(net, scores, fitted.losses, fitted.steps, fitted.seconds)

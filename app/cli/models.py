@@ -1,6 +1,10 @@
 """Model commands: ``train``, ``seed``, ``predict``, ``retrain``, ``schedule``, ``model`` and
 ``export-model``. Torch-side modules are imported inside the commands, so that the rest of the
-CLI starts without them."""
+CLI starts without them.
+
+``train`` and ``retrain`` also run under ``torchrun --nproc-per-node N`` (``ml.distributed``):
+rank 0 opens the database, shows the progress and reports; the other ranks train with it
+silently and exit with its exit code."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from rich.table import Table
 
 from app.cli.common import (
     DEMO_PROJECT,
+    EXIT_BAD_INPUT,
     Device,
     ProjectOption,
     app,
@@ -25,6 +30,9 @@ from app.cli.common import (
 )
 
 if TYPE_CHECKING:  # torch-side: imported inside the commands
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from app.config import Settings
     from app.jobs.train import TrainOptions
 
 train_app = typer.Typer(help="Train the project's models (CPU works; a GPU is used when present).")
@@ -62,17 +70,43 @@ Size = Annotated[
 Seed = Annotated[int, typer.Option(help="seeds every random generator training draws from")]
 
 
+def _job_sessions(settings: Settings) -> sessionmaker[Session]:
+    """Sessions for a model job; on the other ranks of a torchrun launch, sessions bound to
+    nothing: rank 0 alone opens (and, on SQLite, upgrades) the database."""
+    from sqlalchemy.orm import sessionmaker
+
+    from ml import distributed
+
+    return sessions(settings) if distributed.is_main() else sessionmaker()
+
+
+def _job_failed(exc: Exception) -> typer.Exit:
+    """``fail``; on the other ranks of a torchrun launch the same exit code, silently (rank 0
+    has said what was wrong)."""
+    from ml import distributed
+
+    return fail(str(exc)) if distributed.is_main() else typer.Exit(EXIT_BAD_INPUT)
+
+
 def _train(kind: str, slug: str, options: TrainOptions) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from app.jobs import train
     from app.jobs.lock import JobBusyError
     from app.services.errors import NotFoundError
+    from ml import distributed
     from ml.train import Progress as TrainProgress
 
     settings = load_settings()
-    factory = sessions(settings)
+    factory = _job_sessions(settings)
     runner = train.run_train_tagger if kind == "tagger" else train.run_train_segmenter
+    errors = (train.NotEnoughDataError, NotFoundError, train.PretrainedWeightsError, JobBusyError)
+    if not distributed.is_main():  # another rank of a torchrun launch: rank 0 reports
+        try:
+            runner(factory, settings, slug=slug, options=options)
+        except errors as exc:
+            raise _job_failed(exc) from exc
+        return
     columns = [
         TextColumn("{task.description}"),
         BarColumn(),
@@ -86,12 +120,7 @@ def _train(kind: str, slug: str, options: TrainOptions) -> None:
 
         try:
             outcome = runner(factory, settings, slug=slug, options=options, on_progress=on_progress)
-        except (
-            train.NotEnoughDataError,
-            NotFoundError,
-            train.PretrainedWeightsError,
-            JobBusyError,
-        ) as exc:
+        except errors as exc:
             raise fail(str(exc)) from exc
     verdict = "promoted" if outcome.promoted else f"kept the active one ({outcome.active_score})"
     console.print(
@@ -216,9 +245,11 @@ def retrain(
     from app.jobs.retrain import RetrainOptions, run_retrain
     from app.jobs.train import TrainOptions
     from app.services.errors import NotFoundError
+    from ml import distributed
 
     settings = load_settings()
-    factory = sessions(settings)
+    factory = _job_sessions(settings)
+    quiet = not distributed.is_main()  # another rank of a torchrun launch: rank 0 reports
     options = RetrainOptions(
         segmenter=TrainOptions(steps=steps, epochs=epochs, size=size, seed=seed),
         tagger=TrainOptions(epochs=tagger_epochs, size=size, seed=seed),
@@ -231,8 +262,9 @@ def retrain(
             factory, settings, slug=project, options=options, on_step=console.print
         )
     except (JobBusyError, NotFoundError) as exc:
-        raise fail(str(exc)) from exc
-    console.print(report)
+        raise _job_failed(exc) from exc
+    if not quiet:
+        console.print(report)
 
 
 @model_app.command("list")

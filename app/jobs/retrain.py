@@ -35,6 +35,10 @@ Under the project's model-job lock (``app.jobs.lock``), as one recorded job:
 A crash or kill at any step leaves the active models, votes and masks as they were: steps
 commit on their own, a checkpoint is complete before it is registered, and the next job run on
 the project marks the killed job failed (``app.jobs.lock``).
+
+Under ``torchrun`` rank 0 runs the round; the other ranks only train the two models with it
+(``app.jobs.train``) and wait for its report (``ml.distributed.led_by_rank_zero``): the lock,
+the rows, the files and steps 4-7 are rank 0's alone.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ from app.services.job import finish_job, job_run, log_job
 from app.services.model_version import active_model
 from app.services.project import get_project, square_cells
 from app.storage import decode_mask_png
+from ml import distributed
 from ml.aggregation import grid
 from ml.calibration import Calibrator, fit_calibrator, model_weight, with_slope
 from ml.checkpoints import load_checkpoint
@@ -141,7 +146,23 @@ def run_retrain(
     options: RetrainOptions,
     on_step: Callable[[str], None] | None = None,
 ) -> RetrainReport:
-    """Run one round of the loop (see the module docstring); returns what each step did."""
+    """Run one round of the loop (see the module docstring); returns what each step did. Under
+    torchrun, on rank 0 with the other ranks training with it; each rank returns rank 0's
+    report."""
+    return distributed.led_by_rank_zero(
+        lambda: _round(factory, settings, slug=slug, options=options, on_step=on_step),
+        device=options.device,
+    )
+
+
+def _round(
+    factory: sessionmaker[Session],
+    settings: Settings,
+    *,
+    slug: str,
+    options: RetrainOptions,
+    on_step: Callable[[str], None] | None,
+) -> RetrainReport:
     with factory() as session:
         project = get_project(session, slug=slug)
         params = {"device": options.device, "segmenter": vars(options.segmenter).copy()}

@@ -7,6 +7,12 @@ there is no active one or it scores better than the active one on the same valid
 Training length is a number of optimizer steps (``TrainOptions.steps``), or ``epochs`` passes
 over the data when given. The job's log and result say how many steps it took, how many
 seconds, what it started from, and the candidate's score next to the active model's.
+
+Under ``torchrun`` (``ml.distributed``) rank 0 runs the job as one process would: it alone takes
+the project lock, reads the training data, writes the job row, the checkpoint and the model
+version, and decides the promotion. The other ranks train with it on the data and config it
+sends them (DistributedDataParallel copies rank 0's initial weights to them), then return its
+outcome or raise its error. ``batch_size`` is the global batch, split over the ranks.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import math
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +35,7 @@ from app.models import Job, ModelKind, ModelVersion, Project
 from app.services.job import finish_job, job_run, log_job
 from app.services.model_version import active_model, promote, register_model_version
 from app.services.project import get_project
+from ml import distributed
 from ml.checkpoints import config_to_dict, load_checkpoint, load_pretrained, save_checkpoint
 from ml.segmenter import Segmenter, SegmenterConfig, build_segmenter
 from ml.tagger import Tagger, TaggerConfig, build_tagger
@@ -59,7 +67,7 @@ class TrainOptions:
     # Square input side in pixels; None: ``input_size`` picks it (128 for a segmenter on a CPU).
     size: int | None = None
     backbone: str = "resnet18"  # timm name for the tagger, smp encoder for the segmenter
-    batch_size: int = 16
+    batch_size: int = 16  # under torchrun: the global batch, split over the processes
     device: str = "auto"
     seed: int = 0  # seeds Python's, NumPy's and torch's generators and the data order
     # Tagger only: dilate the last stages so that Grad-CAM maps are finer than the 3x3 grid.
@@ -230,15 +238,33 @@ def _run(
     options: TrainOptions,
     body: Callable[[Session, Project, Job], TrainOutcome],
 ) -> TrainOutcome:
-    with factory() as session:
-        project = get_project(session, slug=slug)
-        with (
-            project_lock(session, settings, project),
-            job_run(
-                session, project=project, kind=f"train-{kind.value}", params=vars(options).copy()
-            ) as job,
-        ):
-            return body(session, project, job)
+    """``body`` as a job under the project's lock; under torchrun on rank 0, the other ranks
+    training with it (``ml.distributed.led_by_rank_zero``)."""
+
+    def locked() -> TrainOutcome:
+        with factory() as session:
+            project = get_project(session, slug=slug)
+            with (
+                project_lock(session, settings, project),
+                job_run(
+                    session,
+                    project=project,
+                    kind=f"train-{kind.value}",
+                    params=vars(options).copy(),
+                ) as job,
+            ):
+                return body(session, project, job)
+
+    return distributed.led_by_rank_zero(locked, device=options.device)
+
+
+def _processes(batch_size: int, n_items: int) -> str:
+    """What the job log says of a torchrun launch: ``; N processes, B/N images each per step``
+    (B: the global batch, or all the items when they are fewer); nothing for one process."""
+    world = distributed.world_size()
+    if world == 1:
+        return ""
+    return f"; {world} processes, {-(-min(batch_size, n_items) // world)} images each per step"
 
 
 ProgressHook = Callable[[Progress], None]
@@ -312,14 +338,13 @@ def run_train_tagger(
         net = build_tagger(config.model)
         _initial(net, options, job)
         log_job(
-            job, f"training on {snapshot['train']} images, validating on {snapshot['validation']}"
+            job,
+            f"training on {snapshot['train']} images, validating on {snapshot['validation']}"
+            + _processes(config.batch_size, len(train)),
         )
         session.commit()
-        result = train_tagger(
-            config,
-            train,
-            val,
-            device=options.device,
+        result = distributed.lead(  # the other ranks of a torchrun launch train with this one
+            partial(train_tagger, config, train, val, device=options.device),
             progress=_progress(session, job, on_progress),
             model=net,
         )
@@ -400,14 +425,11 @@ def run_train_segmenter(
         log_job(
             job,
             f"training {config.steps} steps at {config.model.input_size} px on {len(train)} "
-            f"images, evaluating on {len(evaluation)}",
+            f"images, evaluating on {len(evaluation)}" + _processes(config.batch_size, len(train)),
         )
         session.commit()
-        result = train_segmenter(
-            config,
-            train,
-            evaluation,
-            device=options.device,
+        result = distributed.lead(  # the other ranks of a torchrun launch train with this one
+            partial(train_segmenter, config, train, evaluation, device=options.device),
             progress=_progress(session, job, on_progress),
             model=net,
         )
