@@ -168,6 +168,11 @@ class Storage(ABC):
     def upload(self, key: str, path: Path) -> None:
         """Store the local file ``path`` under ``key`` (a no-op when it already is that file)."""
 
+    def adopt(self, key: str, path: Path) -> None:
+        """Store the local file ``path`` under ``key``; the file may move (it becomes the local
+        copy, so that reading the key back costs no download)."""
+        self.upload(key, path)
+
     @abstractmethod
     def exists(self, key: str) -> bool: ...
 
@@ -306,6 +311,13 @@ class S3Storage(Storage):
 
     def upload(self, key: str, path: Path) -> None:
         self.client.upload_file(str(path), self.bucket, self._name(key))
+
+    def adopt(self, key: str, path: Path) -> None:
+        self.upload(key, path)
+        copy = self.cache.path(key)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, copy)
+        self.cache.added(copy)
 
     def exists(self, key: str) -> bool:
         try:

@@ -323,6 +323,7 @@ def export_model(
     """Export the active model to ONNX, checked against PyTorch with onnxruntime."""
     from app.models import ModelKind
     from app.services.errors import NotFoundError
+    from app.services.files import model_file
     from app.services.model_version import active_model
     from app.services.project import get_project
     from ml.checkpoints import load_checkpoint
@@ -330,7 +331,8 @@ def export_model(
     from ml.segmenter import Segmenter
     from ml.tagger import Tagger
 
-    with sessions(load_settings(existing=True))() as session:
+    settings = load_settings(existing=True)
+    with sessions(settings)() as session:
         try:
             version = active_model(
                 session, project=get_project(session, slug=project), kind=ModelKind(kind)
@@ -339,7 +341,7 @@ def export_model(
             raise fail(str(exc)) from exc
         if version is None:
             raise fail(f"no active {kind} in {project!r}: train one first")
-        path = version.path
+        path = model_file(settings, version.path)
     model = load_checkpoint(path, kind=kind).model
     assert isinstance(model, Tagger | Segmenter)
     check = export_onnx(model, out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch.nn.functional as F
 from sqlalchemy import select
@@ -16,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import Settings
 from app.models import Image, MaskSource, ModelKind, Tag, Target, TargetState
 from app.services.errors import NotFoundError
-from app.services.files import mask_store
+from app.services.files import mask_store, model_file
 from app.services.image import image_path
 from app.services.job import finish_job, job_run
 from app.services.model_version import active_model
@@ -54,7 +55,8 @@ def run_predict(
         with job_run(
             session, project=project, kind="predict", params={"version": version.version}
         ) as job:
-            report = _predict(session, settings, version.path, device, project.id, on_batch)
+            checkpoint = model_file(settings, version.path)
+            report = _predict(session, settings, checkpoint, device, project.id, on_batch)
             finish_job(job, result=vars(report))
             session.commit()
     return report
@@ -63,7 +65,7 @@ def run_predict(
 def _predict(
     session: Session,
     settings: Settings,
-    path: str,
+    path: Path,
     device: str,
     project_id: int,
     on_batch: Callable[[int, int], None] | None,

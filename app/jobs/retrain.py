@@ -84,11 +84,11 @@ from app.models import (
 from app.services.consensus import refresh_cells
 from app.services.crowd.settle import revalue_windows, settle_targets
 from app.services.curation.quality import MAX_QUALITY_TARGETS, record_quality
+from app.services.files import model_file, read_mask
 from app.services.image import image_path
 from app.services.job import finish_job, job_run, log_job
 from app.services.model_version import active_model
 from app.services.project import get_project, square_cells
-from app.storage import decode_mask_png
 from ml import distributed
 from ml.aggregation import grid
 from ml.calibration import Calibrator, fit_calibrator, model_weight, with_slope
@@ -234,7 +234,7 @@ def _train_models(
     if active is not None and tagger_options.init_weights is None:
         tagger_options = dataclasses.replace(
             tagger_options,
-            init_weights=active.path,
+            init_weights=str(model_file(settings, active.path)),
             backbone=str(active.config.get("backbone", tagger_options.backbone)),
         )
     step("fine-tuning the tagger" if active else "training the tagger", 0.35)
@@ -324,7 +324,7 @@ def _final_mask(session: Session, settings: Settings, target: Target) -> np.ndar
     )
     if version is None:
         return None
-    return np.asarray(decode_mask_png(settings.data_dir / version.hard_path) > 0.5)
+    return np.asarray(read_mask(settings, version.hard_path) > 0.5)
 
 
 def model_prior_targets(
@@ -408,7 +408,8 @@ def _model_priors(
     version = active_model(session, project=project, kind=ModelKind.SEGMENTER)
     if version is None:
         return
-    model = load_checkpoint(version.path, device=resolve_device(device), kind="segmenter").model
+    checkpoint = model_file(settings, version.path)
+    model = load_checkpoint(checkpoint, device=resolve_device(device), kind="segmenter").model
     assert isinstance(model, Segmenter)
     open_targets, calibration_targets = model_prior_targets(session, project)
     square = square_cells(project)

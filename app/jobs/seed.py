@@ -41,6 +41,7 @@ from app.models import (
 )
 from app.services.crowd.opening import load_truth, open_target
 from app.services.errors import NotFoundError
+from app.services.files import model_file
 from app.services.image import image_path
 from app.services.job import finish_job, job_run
 from app.services.model_version import active_model
@@ -233,7 +234,9 @@ def _seed(
     device: str,
     on_batch: Callable[[int, int], None] | None,
 ) -> SeedReport:
-    checkpoint = load_checkpoint(version.path, device=resolve_device(device), kind="tagger")
+    checkpoint = load_checkpoint(
+        model_file(settings, version.path), device=resolve_device(device), kind="tagger"
+    )
     model = checkpoint.model
     assert isinstance(model, Tagger)
     by_name = {t.name: t for t in session.scalars(select(Tag).where(Tag.project_id == project.id))}

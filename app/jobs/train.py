@@ -32,6 +32,7 @@ from app.config import Settings
 from app.jobs.datasets import segmenter_items, tagger_items, vocabulary
 from app.jobs.lock import models_dir, project_lock
 from app.models import Job, ModelKind, ModelVersion, Project
+from app.services.files import model_file, store_checkpoint
 from app.services.job import finish_job, job_run, log_job
 from app.services.model_version import active_model, promote, register_model_version
 from app.services.project import get_project
@@ -135,7 +136,11 @@ class TrainOutcome:
 
 
 def _incumbent_score(
-    active: ModelVersion | None, config: Any, items: Sequence[Any], device: str
+    settings: Settings,
+    active: ModelVersion | None,
+    config: Any,
+    items: Sequence[Any],
+    device: str,
 ) -> float | None:
     """The active model's score on the candidate's evaluation items, or None when the two
     cannot be compared that way (no active model, another vocabulary, no items, a lost file)."""
@@ -143,7 +148,9 @@ def _incumbent_score(
         return None
     kind = "tagger" if isinstance(config, TaggerConfig) else "segmenter"
     try:
-        checkpoint = load_checkpoint(active.path, device=resolve_device(device), kind=kind)
+        checkpoint = load_checkpoint(
+            model_file(settings, active.path), device=resolve_device(device), kind=kind
+        )
     except (OSError, ValueError):
         return None
     if tuple(checkpoint.config.tags) != tuple(config.tags):
@@ -159,6 +166,7 @@ def _incumbent_score(
 
 def _record(
     session: Session,
+    settings: Settings,
     *,
     project: Project,
     kind: ModelKind,
@@ -178,7 +186,7 @@ def _record(
     the active model it was held against.
     """
     current = active_model(session, project=project, kind=kind)
-    rescored = _incumbent_score(current, config, eval_items, device)
+    rescored = _incumbent_score(settings, current, config, eval_items, device)
     recorded = current.metrics.get(metric) if current else None
     held_against = rescored if rescored is not None else recorded
     score = metrics.get(metric)
@@ -189,7 +197,7 @@ def _record(
         session,
         project=project,
         kind=kind,
-        path=path,
+        path=store_checkpoint(settings, project.slug, path),
         config=config_to_dict(config),
         data_snapshot=snapshot,
         metrics={**metrics, "active_score_on_same_data": rescored},
@@ -200,7 +208,12 @@ def _record(
 
 
 def _segmenter_start(
-    session: Session, project: Project, config: SegmenterConfig, options: TrainOptions, job: Job
+    session: Session,
+    settings: Settings,
+    project: Project,
+    config: SegmenterConfig,
+    options: TrainOptions,
+    job: Job,
 ) -> tuple[Segmenter, str]:
     """The network training starts from, and its name: the active segmenter when
     ``options.from_active`` and its config is ``config`` (``active vN``); otherwise a fresh one
@@ -211,7 +224,7 @@ def _segmenter_start(
     if active is not None:
         name = f"active v{active.version}"
         try:
-            checkpoint = load_checkpoint(active.path, kind="segmenter")
+            checkpoint = load_checkpoint(model_file(settings, active.path), kind="segmenter")
         except (OSError, ValueError) as exc:
             log_job(job, f"the {name} segmenter cannot be read ({exc}): training from scratch")
         else:
@@ -354,6 +367,7 @@ def run_train_tagger(
         metrics = result.metrics.to_dict()
         version, promoted, active_score = _record(
             session,
+            settings,
             project=project,
             kind=ModelKind.TAGGER,
             path=path,
@@ -421,7 +435,7 @@ def run_train_segmenter(
             batch_size=options.batch_size,
             seed=options.seed,
         )
-        net, start = _segmenter_start(session, project, config.model, options, job)
+        net, start = _segmenter_start(session, settings, project, config.model, options, job)
         log_job(
             job,
             f"training {config.steps} steps at {config.model.input_size} px on {len(train)} "
@@ -446,6 +460,7 @@ def run_train_segmenter(
         }
         version, promoted, active_score = _record(
             session,
+            settings,
             project=project,
             kind=ModelKind.SEGMENTER,
             path=path,

@@ -37,6 +37,14 @@ def models_key(project_slug: str, file_name: str) -> str:
     return f"models/{project_slug}/{file_name}"
 
 
+def store_checkpoint(settings: Settings, project_slug: str, path: Path) -> str:
+    """Put a checkpoint a job wrote (complete, renamed into place) in the storage; its key, for
+    the model row. In the data folder it already is where its key says (nothing moves)."""
+    key = models_key(project_slug, path.name)
+    open_storage(settings).adopt(key, path)
+    return key
+
+
 def model_file(settings: Settings, path: str) -> Path:
     """A local file of the checkpoint a model row names: its key in the storage, or an absolute
     path (rows written before keys, checkpoints registered from outside the data folder)."""

@@ -7,7 +7,6 @@ Old versions stay; rollback re-activates the previous one.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -42,12 +41,15 @@ def register_model_version(
     *,
     project: Project,
     kind: ModelKind,
-    path: Path,
+    path: str,
     config: dict[str, Any],
     data_snapshot: dict[str, Any],
     metrics: dict[str, Any],
 ) -> ModelVersion:
-    """Record a checkpoint written (and renamed into place) by a job; inactive until promoted."""
+    """Record a checkpoint written (and renamed into place) by a job; inactive until promoted.
+
+    ``path`` is its key in the storage (``models/<project>/<file>``), or an absolute path for
+    a checkpoint kept outside it."""
     latest = session.scalar(
         select(func.max(ModelVersion.version)).where(
             ModelVersion.project_id == project.id, ModelVersion.kind == kind
@@ -57,7 +59,7 @@ def register_model_version(
         project_id=project.id,
         kind=kind,
         version=(latest or 0) + 1,
-        path=str(path),
+        path=path,
         config=config,
         data_snapshot=data_snapshot,
         metrics=metrics,

@@ -196,7 +196,7 @@ def _active_segmenter(world: World, size: int) -> dict[str, torch.Tensor]:
             session,
             project=project,
             kind=ModelKind.SEGMENTER,
-            path=path,
+            path=str(path),  # an absolute path: still read (rows from before storage keys)
             config=config_to_dict(config),
             data_snapshot={},
             metrics={"miou": 0.0},

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from sqlalchemy.orm import Session
 
@@ -29,7 +27,7 @@ def test_promotion_keeps_one_active_version_and_rollback_restores_the_previous(
             session,
             project=project,
             kind=ModelKind.SEGMENTER,
-            path=Path(f"v{i}.pt"),
+            path=f"models/models/v{i}.pt",
             config={"arch": "unet"},
             data_snapshot={"targets": 10 * i},
             metrics={"miou": 0.5 + i / 10},

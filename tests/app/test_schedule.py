@@ -21,10 +21,10 @@ from app.jobs.schedule import (
 )
 from app.migrate import upgrade_to_head
 from app.models import MaskSource, Project, Target, TargetState
+from app.services.files import mask_store
 from app.services.job import finish_job, start_job
 from app.services.project import create_project
 from app.services.target import add_mask_version
-from app.storage import FileStore
 from tests.app.conftest import SLUG, World
 
 
@@ -88,7 +88,7 @@ def test_completed_targets_are_counted_since_the_last_retrain(world: World) -> N
         targets = session.scalars(
             select(Target).where(Target.project_id == project.id).limit(3)
         ).all()
-        store = FileStore(world.settings.masks_dir)
+        store = mask_store(world.settings)
         for target in targets[:2]:
             target.state = TargetState.COMPLETE
             add_mask_version(

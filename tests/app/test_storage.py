@@ -16,9 +16,12 @@ from pathlib import Path
 import boto3
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from app.config import Settings, SettingsError
+from app.db import make_engine, make_session_factory
 from app.main import create_app
+from app.models import ModelVersion
 from app.storage import FileStore, LocalCache, LocalStorage, S3Storage, Storage, open_storage
 from ml.demo.dataset import write_demo_dataset
 from tests.app.browser import tessera_env
@@ -184,6 +187,17 @@ def test_an_instance_imports_serves_exports_checks_and_backs_up_on_either_storag
         assert tile.status_code == 200 and tile.content[:3] == b"\xff\xd8\xff"  # a JPEG
     app.state.engine.dispose()
 
+    # A model job: its checkpoint goes to the storage, the row names its key; predict reads it.
+    done = _cli(settings, "train", "segmenter", "--steps", "2", "--size", "64", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    (checkpoint,) = storage.files("models/")
+    with make_session_factory(make_engine(fresh_database_url))() as session:
+        assert session.scalars(select(ModelVersion.path)).all() == [checkpoint.key]
+    if backend == "s3":
+        assert files_under(settings.data_dir / "models") == []
+    done = _cli(settings, "predict", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+
     out = tmp_path / "export.zip"
     done = _cli(settings, "export", "--out", str(out), "--include-unfinished")
     assert done.returncode == 0, done.stderr
@@ -213,7 +227,7 @@ def test_an_instance_imports_serves_exports_checks_and_backs_up_on_either_storag
     done = _cli(copy, "restore", str(backup))
     assert done.returncode == 0, done.stderr
     restored = open_storage(copy)
-    for folder in ("images/", "masks/"):
+    for folder in ("images/", "masks/", "models/"):
         keys = sorted(f.key for f in storage.files(folder))
         assert sorted(f.key for f in restored.files(folder)) == keys
         assert all(restored.read_bytes(k) == storage.read_bytes(k) for k in keys)

@@ -19,6 +19,7 @@ from app.config import Settings
 from app.db import make_engine, make_session_factory
 from app.jobs.train import TrainOptions, run_train_segmenter
 from app.models import Image, Job, JobStatus, ModelKind, ModelVersion
+from app.services.files import model_file
 from app.services.image import image_path
 from ml.checkpoints import load_checkpoint
 from ml.data import load_images
@@ -63,7 +64,7 @@ def _trained(settings: Settings) -> Trained:
             session.expunge_all()
     finally:
         engine.dispose()
-    model = load_checkpoint(version.path, kind="segmenter").model
+    model = load_checkpoint(model_file(settings, version.path), kind="segmenter").model
     assert isinstance(model, Segmenter)
     return Trained(settings, job, version, model, sorted(images))
 
