@@ -2,7 +2,7 @@
 
 Usage: ``python bench/serve.py [--backend sqlite|postgres|both] [--workers 1] [--path one|two]
 [--answers truth|random] [--rate R] [--seconds 20] [--volunteers 16] [--clients 2] [--images 20]
-[--tiles] [--quick]``
+[--tiles] [--storage local|s3] [--quick]``
 
 Per backend: a fresh demo project in a temp dir (PostgreSQL from ``.ci/postgres``), ``tessera
 serve`` (uvicorn, ``--workers``) as a subprocess of this interpreter (``python -m app.cli``, so
@@ -20,6 +20,10 @@ volunteers together offer R grids/s (the latency at that load).
   cells a task shows from the database (their CPU is reported). ``random`` selects each square
   with p=0.3 (nothing ever retires: the cheap path only).
 
+- ``--storage s3`` keeps the project's images and masks in a bucket of moto's S3 server, started
+  on loopback (``TESSERA_STORAGE_URL``); with ``--tiles`` the first cut of each image reads it
+  from there (then from the local cache). The server's CPU does not count the S3 server's.
+
 Rates and latencies count only calls that finish after the warm-up; errors (non-2xx or
 transport) and acknowledged votes count all. Server CPU is summed over the server's whole
 process tree (every uvicorn worker), from /proc. After the server stops, the stored votes are
@@ -28,7 +32,8 @@ by ``uvicorn.run`` with the same settings, driven by the same clients for the sa
 
 Each configuration ends with one line that scripts can read::
 
-    serve: backend=sqlite workers=1 path=one rate=0 answers=truth grids_per_s=... p99_ms=...
+    serve: backend=sqlite workers=1 path=one storage=local tiles=0 rate=0 answers=truth
+    grids_per_s=... p99_ms=...
     cpu_ms_per_grid=... echo_cpu_ms=... client_cores=... fusion=background
     fuser_lag_p99_ms=... unfused_at_stop=... acked=... stored=...
 
@@ -331,6 +336,34 @@ class Server:
         return "\n".join([ln for ln in text if '" 200' not in ln][-lines:])
 
 
+def start_s3(stack: ExitStack) -> None:
+    """moto's S3 server on loopback and a bucket on it, named in this process's environment (the
+    servers and the clients started after inherit it)."""
+    import boto3
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stack.callback(proc.wait, 30)
+    stack.callback(proc.terminate)
+    os.environ |= {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "TESSERA_STORAGE_URL": "s3://tessera-bench/data",
+    }
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            boto3.client("s3").create_bucket(Bucket="tessera-bench")
+            return
+        except Exception:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise
+            time.sleep(0.2)
+
+
 def start_postgres(stack: ExitStack, tmp: Path) -> str:
     pg_dir, script = tmp / "pg", str(ROOT / ".ci" / "postgres")
     tmp.chmod(0o755)  # as root, the script runs PostgreSQL as the postgres user
@@ -608,6 +641,7 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
         )
         print(
             f"serve: backend={backend} workers={args.workers} path={args.path} "
+            f"storage={args.storage} tiles={int(args.tiles)} "
             f"rate={args.rate:g} "
             f"answers={args.answers} grids_per_s={grids_per_s:.1f} p99_ms={p99:.1f} "
             f"cpu_ms_per_grid={cpu_ms:.2f} echo_cpu_ms={echo_cpu_ms:.3f} "
@@ -649,6 +683,12 @@ def main() -> int:
         help="offered grids per second over all volunteers, each starting grids on a schedule "
         "(latency at that load); 0: closed loops without think time (throughput)",
     )
+    parser.add_argument(
+        "--storage",
+        choices=["local", "s3"],
+        default="local",
+        help="the project's files in the data folder, or in a bucket of moto's S3 server",
+    )
     parser.add_argument("--quick", action="store_true", help="5 s per phase, 1 s warm-up")
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -661,11 +701,14 @@ def main() -> int:
     print(
         f"{args.volunteers} volunteers, {args.seconds:.0f} s measured after {args.warmup:.0f} s"
         f" warm-up, {args.images} demo images, tiles {'on' if args.tiles else 'off'}, "
-        f"{args.clients} client processes, answers {args.answers}, {os.cpu_count()} CPUs"
+        f"{args.clients} client processes, answers {args.answers}, {os.cpu_count()} CPUs, "
+        f"storage {args.storage}"
         + (f", offered {args.rate:g} grids/s" if args.rate else ", closed loops")
     )
     results: list[Result] = []
     with ExitStack() as stack:  # servers, PostgreSQL and temp dirs go, on errors and Ctrl+C too
+        if args.storage == "s3":
+            start_s3(stack)
         results.append(bench_bare(args, stack))
         results.extend(bench_tessera(b, args, stack) for b in backends)
     report(results, args)
