@@ -6,10 +6,11 @@ ends), else the cell's own aspect (cells follow the image's); the long side is s
 ``TILE_SIDE`` pixels. The cell is cut once, with a margin, into a cache under ``data/tiles``
 (by image hash and cell address). Each task then gets its own rendering of it: the window
 shifted by a few percent of the cell, brightness, contrast and saturation changed by a few
-percent, a little noise, and a random JPEG quality. A known tile therefore never comes twice
-as the same bytes or the same pixels, so it cannot be memorised or matched by a hash, while it
-shows what the cell shows. The rendering is a function of the task's secret nonce and the
-tile's position: the same task's tile is the same on every fetch.
+percent, a little noise (a seeded window of one fixed noise field), and a random JPEG quality.
+A known tile therefore never comes twice as the same bytes or the same pixels, so it cannot be
+memorised or matched by a hash, while it shows what the cell shows. The rendering is a function
+of the task's secret nonce and the tile's position: the same task's tile is the same on every
+fetch.
 
 A window finer than the whole image also has *context* pictures (``render_context``): the whole
 image, small, the window's area outlined and the rest dimmed, and for a deeper window the area
@@ -26,11 +27,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image as PILImage
-from PIL import ImageDraw, ImageEnhance
+from PIL import ImageDraw
 
 from app.config import Settings
 from app.models import Cell, Image
@@ -120,6 +122,11 @@ def _cut(img: PILImage.Image, box: grid.PixelRect) -> PILImage.Image:
     return canvas
 
 
+DECODED_CUTS = 256  # about 200 KB each
+_decoded: OrderedDict[Path, PILImage.Image] = OrderedDict()
+_decoded_lock = threading.Lock()
+
+
 def _base(
     settings: Settings,
     image: Image,
@@ -129,8 +136,14 @@ def _base(
     shift: float,
     square: bool,
 ) -> PILImage.Image:
-    """The cached cut of the cell and its margin at tile scale, written on first use."""
+    """The cached cut of the cell and its margin at tile scale, written on first use; the
+    cuts read last are kept decoded in memory too (a window's nine tiles come together)."""
     path = _base_path(settings, image, cell, side, shift, square)
+    with _decoded_lock:
+        hit = _decoded.get(path)
+        if hit is not None:
+            _decoded.move_to_end(path)
+            return hit
     if not path.exists():
         o = g.outer
         with PILImage.open(image_path(settings, image)) as img:
@@ -142,7 +155,54 @@ def _base(
         )
         atomic_write_bytes(path, buf.getvalue())
     with PILImage.open(path) as cached:
-        return cached.convert("RGB")
+        decoded = cached.convert("RGB")
+    with _decoded_lock:
+        _decoded[path] = decoded
+        while len(_decoded) > DECODED_CUTS:
+            _decoded.popitem(last=False)
+    return decoded
+
+
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as Pillow's "L"
+NOISE_BANK_SIDE = 512
+
+
+@lru_cache(maxsize=1)
+def _noise_bank() -> np.ndarray:
+    """Unit Gaussian noise (side x side x 3, float32) that every process draws the same: a
+    tile's noise is a window of it at a seeded offset and orientation. Drawing fresh noise per
+    tile took a third of a tile's rendering; averaging renderings defeats either kind alike."""
+    rng = np.random.default_rng(0x7E55E7A)
+    return rng.standard_normal((NOISE_BANK_SIDE, NOISE_BANK_SIDE, 3), dtype=np.float32)
+
+
+def _vary(
+    pixels: np.ndarray, factors: np.ndarray, noise: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Brightness, contrast and saturation scaled by ``factors`` (as Pillow's ImageEnhance, in
+    that order), plus Gaussian noise of sigma ``noise``, on (H, W, 3) uint8 pixels."""
+    brightness, contrast, saturation = (float(f) for f in factors)
+    out = pixels.astype(np.float32) * brightness
+    grey = out @ LUMA  # (H, W)
+    mean = float(grey.mean())
+    out = mean + contrast * (out - mean)  # contrast about the mean grey level
+    grey = mean + contrast * (grey - mean)
+    out = grey[..., None] + saturation * (out - grey[..., None])  # saturation about the grey
+    h, w = out.shape[:2]
+    if noise > 0 and max(h, w) > NOISE_BANK_SIDE:  # larger than any tile the tasks show
+        out += noise * rng.standard_normal(out.shape, dtype=np.float32)
+    elif noise > 0:
+        bank = _noise_bank()
+        flips = int(rng.integers(4))
+        if flips & 1:
+            bank = bank[::-1]
+        if flips & 2:
+            bank = bank[:, ::-1]
+        top = int(rng.integers(NOISE_BANK_SIDE - h + 1))
+        left = int(rng.integers(NOISE_BANK_SIDE - w + 1))
+        out += noise * bank[top : top + h, left : left + w]
+    np.clip(out, 0, 255, out=out)
+    return np.rint(out).astype(np.uint8)
 
 
 def tile_seed(nonce: str, position: int, key: bytes) -> int:
@@ -203,12 +263,9 @@ def render_tile(
     box = (x0, y0, min(float(base.width), x0 + width), min(float(base.height), y0 + height))
     size = tile_size(image, cell, square=square, side=side)
     tile = base.resize(size, PILImage.Resampling.BICUBIC, box=box)
-    for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-        tile = enhancer(tile).enhance(1.0 + rng.uniform(-a.colour, a.colour))
-    if a.noise > 0:
-        pixels = np.asarray(tile, dtype=np.float32)  # (H, W, 3)
-        noisy = pixels + rng.normal(0.0, a.noise, pixels.shape)
-        tile = PILImage.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8))
+    factors = 1.0 + rng.uniform(-a.colour, a.colour, size=3)  # brightness, contrast, saturation
+    if a.colour > 0 or a.noise > 0:
+        tile = PILImage.fromarray(_vary(np.asarray(tile), factors, a.noise, rng))
     buf = io.BytesIO()
     tile.save(buf, format="JPEG", quality=int(rng.integers(a.quality[0], a.quality[1] + 1)))
     return buf.getvalue()
