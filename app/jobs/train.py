@@ -36,6 +36,7 @@ from app.services.files import model_file, store_checkpoint
 from app.services.job import finish_job, job_run, log_job
 from app.services.model_version import active_model, promote, register_model_version
 from app.services.project import get_project
+from app.storage import open_storage
 from ml import distributed
 from ml.checkpoints import config_to_dict, load_checkpoint, load_pretrained, save_checkpoint
 from ml.segmenter import Segmenter, SegmenterConfig, build_segmenter
@@ -305,6 +306,22 @@ def _progress(session: Session, job: Job, on_progress: ProgressHook | None) -> P
     return report
 
 
+def _on_this_node(
+    settings: Settings, items: Sequence[Any], work: Callable[..., Any], **local: Any
+) -> Any:
+    """``work(**local)`` once the items' files are on this node: with object storage, rank 0's
+    items name files in its cache, which another node of a torchrun launch fetches into its own
+    (at the same place: the same data folder setting). Alone, or with the data folder: ``work``."""
+    if settings.storage_url:
+        storage, cache = open_storage(settings), settings.storage_cache_dir
+        for item in items:
+            masks = getattr(item, "masks", ())  # paths, or arrays already in memory
+            for path in (item.image, *(masks if isinstance(masks, list | tuple) else ())):
+                if isinstance(path, Path) and path.is_relative_to(cache) and not path.is_file():
+                    storage.local_path(path.relative_to(cache).as_posix())
+    return work(**local)
+
+
 def _trained(
     job: Job,
     metric: str,
@@ -357,7 +374,12 @@ def run_train_tagger(
         )
         session.commit()
         result = distributed.lead(  # the other ranks of a torchrun launch train with this one
-            partial(train_tagger, config, train, val, device=options.device),
+            partial(
+                _on_this_node,
+                settings,
+                [*train, *val],
+                partial(train_tagger, config, train, val, device=options.device),
+            ),
             progress=_progress(session, job, on_progress),
             model=net,
         )
@@ -443,7 +465,12 @@ def run_train_segmenter(
         )
         session.commit()
         result = distributed.lead(  # the other ranks of a torchrun launch train with this one
-            partial(train_segmenter, config, train, evaluation, device=options.device),
+            partial(
+                _on_this_node,
+                settings,
+                [*train, *evaluation],
+                partial(train_segmenter, config, train, evaluation, device=options.device),
+            ),
             progress=_progress(session, job, on_progress),
             model=net,
         )

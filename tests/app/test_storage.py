@@ -232,3 +232,23 @@ def test_an_instance_imports_serves_exports_checks_and_backs_up_on_either_storag
         assert sorted(f.key for f in restored.files(folder)) == keys
         assert all(restored.read_bytes(k) == storage.read_bytes(k) for k in keys)
     assert _cli(copy, "doctor").returncode == 0
+
+
+def test_another_node_of_a_torchrun_launch_fetches_the_files_rank_zero_names(
+    s3_bucket: str, tmp_path: Path
+) -> None:
+    from app.jobs.train import _on_this_node
+    from ml.data import SegmenterItem
+
+    node = Settings(data_dir=tmp_path / "node-1", storage_url=s3_bucket)
+    storage = open_storage(node)
+    storage.write_bytes("images/aa/bb/x.jpg", b"an image")
+    storage.write_bytes("masks/cc/dd/m.png", b"a mask")
+    cache = node.storage_cache_dir  # where rank 0's paths point, on every node
+    item = SegmenterItem(
+        image=cache / "images/aa/bb/x.jpg", masks=[None, cache / "masks/cc/dd/m.png"]
+    )
+    assert not item.image.exists()
+    assert _on_this_node(node, [item], lambda: "trained") == "trained"
+    assert item.image.read_bytes() == b"an image"
+    assert (cache / "masks/cc/dd/m.png").read_bytes() == b"a mask"
