@@ -223,6 +223,14 @@ class PictureCache:
         self._items: OrderedDict[tuple[object, ...], bytes] = OrderedDict()
         self._lock = threading.Lock()
 
+    def peek(self, key: tuple[object, ...]) -> bytes | None:
+        """The picture if rendered already (counted as used), else None."""
+        with self._lock:
+            picture = self._items.get(key)
+            if picture is not None:
+                self._items.move_to_end(key)
+            return picture
+
     def get(self, key: tuple[object, ...], render: Callable[[], bytes]) -> bytes:
         with self._lock:
             if key in self._items:
