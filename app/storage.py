@@ -18,10 +18,10 @@ import threading
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image as PILImage
@@ -56,19 +56,25 @@ class ImageInfo:
         return SUPPORTED_FORMATS[self.format]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Create ``path`` whole or not at all: ``write`` fills a temporary file in its folder,
+    which is flushed to disk and renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 def _check_header(data: bytes, limits: ImageLimits) -> tuple[str, int, int]:
@@ -220,17 +226,8 @@ class LocalStorage(Storage):
         target = self.file(key)
         if target.resolve() == path.resolve():
             return
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as out, path.open("rb") as source:
-                shutil.copyfileobj(source, out, 1024 * 1024)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp_name, target)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        with path.open("rb") as source:
+            atomic_write(target, lambda out: shutil.copyfileobj(source, out, 1024 * 1024))
 
     def exists(self, key: str) -> bool:
         return self.file(key).is_file()

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
@@ -58,6 +58,9 @@ from ml.train import (
 
 class NotEnoughDataError(ValueError):
     """There is nothing (or too little) to learn from yet; the message says what is missing."""
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -306,6 +309,12 @@ def _progress(session: Session, job: Job, on_progress: ProgressHook | None) -> P
     return report
 
 
+def _lead(settings: Settings, items: Sequence[Any], work: Callable[..., T], **local: Any) -> T:
+    """``work(**local)``, the other ranks of a torchrun launch training with this one (on their
+    own node, once they have its items' files: ``_on_this_node``)."""
+    return distributed.lead(partial(_on_this_node, settings, items, work), **local)
+
+
 def _on_this_node(
     settings: Settings, items: Sequence[Any], work: Callable[..., Any], **local: Any
 ) -> Any:
@@ -373,13 +382,10 @@ def run_train_tagger(
             + _processes(config.batch_size, len(train)),
         )
         session.commit()
-        result = distributed.lead(  # the other ranks of a torchrun launch train with this one
-            partial(
-                _on_this_node,
-                settings,
-                [*train, *val],
-                partial(train_tagger, config, train, val, device=options.device),
-            ),
+        result = _lead(
+            settings,
+            [*train, *val],
+            partial(train_tagger, config, train, val, device=options.device),
             progress=_progress(session, job, on_progress),
             model=net,
         )
@@ -464,13 +470,10 @@ def run_train_segmenter(
             f"images, evaluating on {len(evaluation)}" + _processes(config.batch_size, len(train)),
         )
         session.commit()
-        result = distributed.lead(  # the other ranks of a torchrun launch train with this one
-            partial(
-                _on_this_node,
-                settings,
-                [*train, *evaluation],
-                partial(train_segmenter, config, train, evaluation, device=options.device),
-            ),
+        result = _lead(
+            settings,
+            [*train, *evaluation],
+            partial(train_segmenter, config, train, evaluation, device=options.device),
             progress=_progress(session, job, on_progress),
             model=net,
         )
