@@ -39,8 +39,9 @@ class Settings(BaseSettings):
     # (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION).
     storage_url: str = Field(default="", description="empty: the data folder; s3://bucket/prefix")
     # Objects read from object storage are kept in the data folder's cache up to this size
-    # (least recently used first out): tiles read the same images again and again.
-    storage_cache_bytes: int = Field(default=2 * 1024**3, ge=0)
+    # (least recently used first out; each process counts its own reads, so roughly): tiles
+    # read the same images again and again. A model job holds its files apart (hard links).
+    storage_cache_bytes: int = Field(default=2 * 1024**3, ge=64 * 1024**2)
 
     # Import limits: a decompression bomb is refused before its pixels are decoded.
     max_image_bytes: int = 50 * 1024 * 1024

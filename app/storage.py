@@ -19,6 +19,8 @@ import time
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
@@ -187,6 +189,10 @@ class Storage(ABC):
         """Mark the file as in use now (``doctor --repair`` spares young files)."""
 
     @abstractmethod
+    def mtime(self, key: str) -> float | None:
+        """When the key's file was last written or touched; None when there is none."""
+
+    @abstractmethod
     def delete(self, key: str) -> None:
         """Remove the key's file; a missing one is not an error."""
 
@@ -234,6 +240,12 @@ class LocalStorage(Storage):
 
     def touch(self, key: str) -> None:
         os.utime(self.file(key))
+
+    def mtime(self, key: str) -> float | None:
+        try:
+            return self.file(key).lstat().st_mtime
+        except FileNotFoundError:
+            return None
 
     def delete(self, key: str) -> None:
         self.file(key).unlink(missing_ok=True)
@@ -284,21 +296,29 @@ class S3Storage(Storage):
 
     def local_path(self, key: str) -> Path:
         path = self.cache.path(key)
-        if self.cache.hit(path):
-            return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        if not self.cache.hit(path):
+            try:
+                atomic_write(
+                    path, lambda fh: self.client.download_fileobj(self.bucket, self._name(key), fh)
+                )
+            except Exception as exc:
+                if _missing(exc):
+                    raise FileNotFoundError(f"{self.url}: no object {key}") from exc
+                raise
+            self.cache.added(path)
+        held = _holding.get()
+        return path if held is None else _hold(path, held / key)
+
+    @contextmanager
+    def holding(self, folder: Path) -> Iterator[None]:
+        """While the block runs (in this context), ``local_path`` gives hard links to the cached
+        copies in ``folder``: a long job's files stay whole whatever the cache evicts, in this
+        process or another sharing the folder. The caller removes ``folder`` afterwards."""
+        token = _holding.set(folder)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                self.client.download_fileobj(self.bucket, self._name(key), fh)
-            os.replace(tmp_name, path)
-        except BaseException as exc:
-            Path(tmp_name).unlink(missing_ok=True)
-            if _missing(exc):
-                raise FileNotFoundError(f"{self.url}: no object {key}") from exc
-            raise
-        self.cache.added(path)
-        return path
+            yield
+        finally:
+            _holding.reset(token)
 
     def read_bytes(self, key: str) -> bytes:
         return self.local_path(key).read_bytes()
@@ -328,13 +348,27 @@ class S3Storage(Storage):
     def touch(self, key: str) -> None:
         # Copying an object onto itself with new metadata renews its LastModified.
         name = self._name(key)
-        self.client.copy_object(
-            Bucket=self.bucket,
-            Key=name,
-            CopySource={"Bucket": self.bucket, "Key": name},
-            Metadata={"touched": str(time.time())},
-            MetadataDirective="REPLACE",
-        )
+        try:
+            self.client.copy_object(
+                Bucket=self.bucket,
+                Key=name,
+                CopySource={"Bucket": self.bucket, "Key": name},
+                Metadata={"touched": str(time.time())},
+                MetadataDirective="REPLACE",
+            )
+        except Exception as exc:
+            if _missing(exc):
+                raise FileNotFoundError(f"{self.url}: no object {key}") from exc
+            raise
+
+    def mtime(self, key: str) -> float | None:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._name(key))
+        except Exception as exc:
+            if _missing(exc):
+                return None
+            raise
+        return float(head["LastModified"].timestamp())
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._name(key))
@@ -351,6 +385,22 @@ class S3Storage(Storage):
                     size=int(obj["Size"]),
                     mtime=obj["LastModified"].timestamp(),
                 )
+
+
+_holding: ContextVar[Path | None] = ContextVar("tessera_holding", default=None)
+
+
+def _hold(path: Path, link: Path) -> Path:
+    """``link`` made a hard link of ``path`` (a copy where links cannot be made)."""
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, link)
+        except FileExistsError:
+            pass
+        except OSError:
+            shutil.copyfile(path, link)
+    return link
 
 
 def _missing(exc: BaseException) -> bool:
@@ -381,27 +431,28 @@ class LocalCache:
     def added(self, path: Path) -> None:
         with self._lock:
             if self._size is None:
-                self._size = sum(f.stat().st_size for f in self._entries())
+                self._size = sum(size for _, size, _ in self._sizes())
             else:
                 self._size += path.stat().st_size
             if self._size > self.max_bytes:
                 self._evict(keep=path)
 
-    def _entries(self) -> list[Path]:
-        return [p for p in self.root.rglob("*") if p.is_file() and not p.name.startswith(".")]
-
-    def _evict(self, keep: Path) -> None:
-        """Oldest first, never ``keep`` (the file just fetched: its reader is about to open it)."""
-        entries = []
-        for p in self._entries():
-            if p == keep:
-                continue
+    def _sizes(self) -> list[tuple[float, int, Path]]:
+        """(last used, bytes, path) of every cached file (one another process removes meanwhile
+        is left out)."""
+        out = []
+        for p in self.root.rglob("*"):
             try:
                 st = p.stat()
             except FileNotFoundError:
                 continue
-            entries.append((st.st_mtime, st.st_size, p))
-        entries.sort()
+            if not p.name.startswith(".") and p.is_file():
+                out.append((st.st_mtime, st.st_size, p))
+        return out
+
+    def _evict(self, keep: Path) -> None:
+        """Oldest first, never ``keep`` (the file just fetched: its reader is about to open it)."""
+        entries = sorted(e for e in self._sizes() if e[2] != keep)
         total = keep.stat().st_size + sum(size for _, size, _ in entries)
         # Down to 90% of the limit, so that one more download does not evict again at once.
         while entries and total > 0.9 * self.max_bytes:
@@ -454,8 +505,11 @@ class FileStore:
         if self.storage.exists(key):
             # Freshly in use again: `tessera doctor --repair` spares files younger than its
             # grace period, and this one may be an orphan that a new import is about to claim.
-            self.storage.touch(key)
-            return key, False
+            try:
+                self.storage.touch(key)
+                return key, False
+            except FileNotFoundError:
+                pass  # removed meanwhile (a repair): written again below
         self.storage.write_bytes(key, data)
         return key, True
 
@@ -475,9 +529,9 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_mask_png(path: Path | bytes) -> np.ndarray:
+def decode_mask_png(path: Path) -> np.ndarray:
     """Read a mask PNG back: 1-bit -> (H, W) bool, 8-bit -> (H, W) float32 in [0, 1]."""
-    with PILImage.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
+    with PILImage.open(path) as img:
         if img.mode == "1":
             return np.asarray(img, dtype=bool)
         return np.asarray(img.convert("L"), dtype=np.float32) / 255.0

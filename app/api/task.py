@@ -310,15 +310,17 @@ async def get_tile(
                 if row is None:
                     raise NotFoundError(NO_TILE)
                 cell, image, nonce, project = row
-                augmentation = DEFAULT_AUGMENTATION if settings.tile_augmentation else PLAIN
-                return render_tile(
-                    settings,
-                    image,
-                    cell,
-                    seed=tile_seed(nonce, position, signer.tile_key),
-                    square=square_cells(project),
-                    augmentation=augmentation,
-                )
+                square = square_cells(project)
+                session.expunge_all()  # kept as read; the connection goes back before rendering
+            augmentation = DEFAULT_AUGMENTATION if settings.tile_augmentation else PLAIN
+            return render_tile(
+                settings,
+                image,
+                cell,
+                seed=tile_seed(nonce, position, signer.tile_key),
+                square=square,
+                augmentation=augmentation,
+            )
 
         jpeg = await run_in_threadpool(pictures.cache.get, key, render)
     return Response(

@@ -18,6 +18,7 @@ outcome or raise its error. ``batch_size`` is the global batch, split over the r
 from __future__ import annotations
 
 import math
+import shutil
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from app.config import Settings
 from app.jobs.datasets import segmenter_items, tagger_items, vocabulary
 from app.jobs.lock import models_dir, project_lock
 from app.models import Job, ModelKind, ModelVersion, Project
-from app.services.files import model_file, store_checkpoint
+from app.services.files import held_files, key_of_local, model_file, store_checkpoint
 from app.services.job import finish_job, job_run, log_job
 from app.services.model_version import active_model, promote, register_model_version
 from app.services.project import get_project
@@ -269,6 +270,7 @@ def _run(
                     kind=f"train-{kind.value}",
                     params=vars(options).copy(),
                 ) as job,
+                held_files(settings),  # its images and masks stay while it trains
             ):
                 return body(session, project, job)
 
@@ -322,12 +324,18 @@ def _on_this_node(
     items name files in its cache, which another node of a torchrun launch fetches into its own
     (at the same place: the same data folder setting). Alone, or with the data folder: ``work``."""
     if settings.storage_url:
-        storage, cache = open_storage(settings), settings.storage_cache_dir
+        storage = open_storage(settings)
         for item in items:
             masks = getattr(item, "masks", ())  # paths, or arrays already in memory
             for path in (item.image, *(masks if isinstance(masks, list | tuple) else ())):
-                if isinstance(path, Path) and path.is_relative_to(cache) and not path.is_file():
-                    storage.local_path(path.relative_to(cache).as_posix())
+                if not isinstance(path, Path) or path.is_file():
+                    continue
+                key = key_of_local(settings, path)
+                if key is not None:
+                    copy = storage.local_path(key)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    if copy != path:
+                        shutil.copyfile(copy, path)  # rank 0's held link, here a copy
     return work(**local)
 
 

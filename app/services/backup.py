@@ -43,7 +43,7 @@ from app.models import ModelVersion, Project
 from app.services.archive import safe_member_name
 from app.services.doctor import STORED_FOLDERS, is_stored, referenced_files
 from app.services.errors import ConflictError, InvalidInputError
-from app.services.files import models_key, remove_files
+from app.services.files import held_files, models_key, remove_files
 from app.storage import Storage, open_storage
 
 FORMAT = "tessera-backup/1"
@@ -114,6 +114,11 @@ def _model_member(storage: Storage, model: ModelVersion, project_slug: str) -> s
 
 def create_backup(session: Session, *, settings: Settings, out: Path) -> BackupReport:
     """Write the backup of everything to OUT (``.tar``, or ``.tar.gz``/``.tgz`` compressed)."""
+    with held_files(settings):  # every file stays whole until it is in the archive
+        return _create_backup(session, settings=settings, out=out)
+
+
+def _create_backup(session: Session, *, settings: Settings, out: Path) -> BackupReport:
     _snapshot(session)
     storage = open_storage(settings)
     rows: dict[str, int] = {}

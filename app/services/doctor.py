@@ -117,7 +117,9 @@ def repair(result: Checkup, *, settings: Settings, grace_s: float = DEFAULT_GRAC
     storage = open_storage(settings)
     cutoff = time.time() - grace_s
     for debris in [*result.temporary, *result.orphans]:
-        if debris.mtime > cutoff:
+        # Read again just before removing: an import may have claimed (touched) it meanwhile.
+        mtime = debris.mtime if debris.scratch else storage.mtime(debris.name)
+        if mtime is not None and mtime > cutoff:
             result.young += 1
             continue
         if debris.scratch:

@@ -7,12 +7,18 @@ where the files live.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from app.config import Settings
-from app.storage import FileStore, decode_mask_png, open_storage
+from app.storage import FileStore, S3Storage, decode_mask_png, open_storage
+
+HELD_PREFIX = "held-"
 
 
 def mask_store(settings: Settings) -> FileStore:
@@ -58,3 +64,34 @@ def remove_files(settings: Settings, keys: list[str]) -> None:
     storage = open_storage(settings)
     for key in keys:
         storage.delete(key)
+
+
+@contextmanager
+def held_files(settings: Settings) -> Iterator[None]:
+    """For a long job (training, a backup): the local files it is given stay whole until the
+    block ends, whatever the object cache evicts meanwhile (hard links in a private scratch
+    folder, removed afterwards). With the data folder the files are the stored ones."""
+    storage = open_storage(settings)
+    if not isinstance(storage, S3Storage):
+        yield
+        return
+    settings.scratch_dir.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=HELD_PREFIX, dir=settings.scratch_dir))
+    try:
+        with storage.holding(folder):
+            yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def key_of_local(settings: Settings, path: Path) -> str | None:
+    """The key of a local file ``local_path`` gave on this or another node (a cached copy, or
+    a job's held link); None for a file of the data folder or elsewhere."""
+    cache, scratch = settings.storage_cache_dir, settings.scratch_dir
+    if path.is_relative_to(cache):
+        return path.relative_to(cache).as_posix()
+    if path.is_relative_to(scratch):
+        parts = path.relative_to(scratch).parts
+        if len(parts) > 1 and parts[0].startswith(HELD_PREFIX):
+            return "/".join(parts[1:])
+    return None

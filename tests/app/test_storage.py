@@ -252,3 +252,20 @@ def test_another_node_of_a_torchrun_launch_fetches_the_files_rank_zero_names(
     assert _on_this_node(node, [item], lambda: "trained") == "trained"
     assert item.image.read_bytes() == b"an image"
     assert (cache / "masks/cc/dd/m.png").read_bytes() == b"a mask"
+
+
+def test_a_jobs_files_stay_whole_whatever_the_cache_evicts(s3_bucket: str, tmp_path: Path) -> None:
+    from app.services.files import held_files, key_of_local
+
+    settings = Settings(data_dir=tmp_path / "data", storage_url=s3_bucket)
+    storage = open_storage(settings)
+    storage.write_bytes("images/aa/bb/x.jpg", b"an image")
+    with held_files(settings):
+        held = storage.local_path("images/aa/bb/x.jpg")
+        assert held.is_relative_to(settings.scratch_dir)
+        assert key_of_local(settings, held) == "images/aa/bb/x.jpg"
+        # Another process evicts the cached copy: the job's file is still there, whole.
+        storage.cache.path("images/aa/bb/x.jpg").unlink()
+        assert held.read_bytes() == b"an image"
+    assert not held.exists()  # the job's links go with the job
+    assert storage.local_path("images/aa/bb/x.jpg").read_bytes() == b"an image"
