@@ -469,7 +469,10 @@ _opened_lock = threading.Lock()
 def open_storage(settings: Settings) -> Storage:
     """The storage the settings name, made once per process (an S3 client is costly)."""
     url = settings.storage_url
-    ident = (url, str(settings.data_dir.resolve()))
+    ident = (url, str(settings.data_dir))  # every file access asks: no syscall, no lock
+    storage = _opened.get(ident)
+    if storage is not None:
+        return storage
     with _opened_lock:
         storage = _opened.get(ident)
         if storage is None:
