@@ -2,7 +2,7 @@
 and without the learning loop, over paired seeds.
 
 Usage: ``python bench/campaign.py [--quick] [--images N] [--seeds S ...] [--arms A ...]
-[--crowd realistic|harsh] [--device cpu|cuda|auto] [--keep DIR]``
+[--crowd realistic|harsh] [--scenes demo|photo] [--device cpu|cuda|auto] [--keep DIR]``
 
 Per seed a demo project of ``--images`` images (384-1024 px, COCO-like object sizes) is generated
 and imported once; each arm runs on its own copy of it, with the same volunteers answering from
@@ -13,6 +13,10 @@ the same random streams (paired seeds):
   and complete masks, its calibrated prior on open cells, its probability in the composition,
   re-tagging) at each of ``--retrain-at`` human-seconds per target, random acquisition;
 - ``loop-uncertainty``: the same with uncertainty acquisition.
+
+``--scenes photo`` uses photograph-like scenes instead (``write_photo_dataset``: shaded,
+textured objects in clutter, one to outline per image), so that the yardstick is not the demo's
+flat shapes alone.
 
 Crowds (``ml.aggregation.simulate`` profiles): ``realistic`` is 80% diligent, 15% sloppy and 5%
 random clickers (20 volunteers); ``harsh`` (the stress arm) is 60% diligent, 20% sloppy, 10%
@@ -62,6 +66,7 @@ from pathlib import Path
 
 import numpy as np
 from fastapi.testclient import TestClient
+from PIL import Image as PILImage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -98,8 +103,9 @@ from app.services.project import create_project
 from app.services.target import child_targets, is_union
 from bench.ceiling import perfect_levels
 from ml.aggregation.simulate import PROFILES
+from ml.aggregation.simulate.masks import photo_like_scene
 from ml.composition import compose_mask
-from ml.demo.dataset import write_demo_dataset
+from ml.demo.dataset import encode_mask, write_demo_dataset
 from tests.app.crowd import SimulatedVolunteer, Truths
 
 SECONDS_PER_GRID = 10.3
@@ -173,13 +179,73 @@ def project_setting(text: str) -> tuple[str, object]:
         return key, value
 
 
-def build(folder: Path, images: int, seed: int, overrides: dict[str, object] | None = None) -> None:
+PHOTO_TAG = "thing"  # the one tag of ``--scenes photo``: each scene's object to outline
+
+
+def write_photo_dataset(out_dir: Path, *, seed: int, n_images: int) -> None:
+    """Photograph-like scenes (``ml.aggregation.simulate.masks.photo_like_scene``: shaded,
+    textured objects in clutter, a lighting gradient, blur and noise, 480x640) as a folder the
+    importer reads, like the demo's (``ml.demo.dataset``): one tag per image, its object's mask
+    as the COCO truth. The other objects of a scene are clutter nobody asks about."""
+    (out_dir / "images").mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    images, annotations, lines = [], [], []
+    for image_id in range(1, n_images + 1):
+        scene = photo_like_scene(rng)
+        name = f"photo_{image_id:04d}.png"
+        PILImage.fromarray(scene.image).save(out_dir / "images" / name, compress_level=1)
+        h, w = scene.truth.shape
+        images.append({"id": image_id, "file_name": name, "width": w, "height": h})
+        annotations.append(
+            {
+                "id": image_id,
+                "image_id": image_id,
+                "category_id": 1,
+                **encode_mask(scene.truth),
+                "iscrowd": 1,
+            }
+        )
+        lines.append(f"{name} {PHOTO_TAG}")
+    (out_dir / "tags.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    vocabulary = {
+        "tags": [
+            {
+                "name": PHOTO_TAG,
+                "display_name": "Thing",
+                "category": "general",
+                "parent": None,
+                "aliases": [],
+                "description": "the object to outline",
+                "exhaustive": True,
+            }
+        ]
+    }
+    (out_dir / "vocabulary.json").write_text(json.dumps(vocabulary), encoding="utf-8")
+    coco = {
+        "images": images,
+        "categories": [{"id": 1, "name": PHOTO_TAG, "supercategory": PHOTO_TAG}],
+        "annotations": annotations,
+    }
+    (out_dir / "annotations.json").write_text(json.dumps(coco), encoding="utf-8")
+
+
+def build(
+    folder: Path,
+    images: int,
+    seed: int,
+    overrides: dict[str, object] | None = None,
+    *,
+    scenes: str = "demo",
+) -> None:
     folder.mkdir(parents=True)
     settings = _settings(folder)
     engine = make_engine(settings.resolved_database_url)
     upgrade_to_head(engine)
     source = folder.parent / "demo-source"
-    write_demo_dataset(source, seed=seed, n_images=images)
+    if scenes == "photo":
+        write_photo_dataset(source, seed=seed, n_images=images)
+    else:
+        write_demo_dataset(source, seed=seed, n_images=images)
     with make_session_factory(engine)() as session:
         project = create_project(session, slug=SLUG)
         project.settings = {**project.settings, **DEMO_SETTINGS, **(overrides or {})}
@@ -659,6 +725,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[Arm]]:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=None)
     parser.add_argument("--crowd", choices=sorted(CROWDS), default="realistic")
+    parser.add_argument(
+        "--scenes",
+        choices=("demo", "photo"),
+        default="demo",
+        help="demo: the demo's procedural images (many tags each); photo: photograph-like "
+        "scenes, one object to outline in each (write_photo_dataset)",
+    )
     parser.add_argument("--budget", type=float, default=None, help="largest s/target to spend")
     parser.add_argument("--retrain-at", type=float, nargs="+", default=None)
     parser.add_argument("--steps", type=int, default=None, help="segmenter steps per round")
@@ -698,7 +771,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[Arm]]:
     args.steps = args.steps or (20 if q else 150)
     args.answers, args.ceiling = 0, True
     print(
-        f"demo images {args.images}, seeds {seeds}, arms {arms}, crowd {args.crowd} "
+        f"{args.scenes} images {args.images}, seeds {seeds}, arms {arms}, crowd {args.crowd} "
         f"({len(CROWDS[args.crowd])} volunteers), up to {budget:g} s/target; loop: retrain at "
         f"{args.retrain_at} s/target, segmenter {args.steps} steps on {args.device}"
         + "".join(f"; {k}={v!r}" for k, v in args.overrides),
@@ -708,7 +781,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[Arm]]:
     with _work_folder(args.keep) as tmp:
         for seed in seeds:
             template = Path(tmp) / f"seed-{seed}" / "template"
-            build(template, args.images, seed, dict(args.overrides))
+            build(template, args.images, seed, dict(args.overrides), scenes=args.scenes)
             for arm in arms:
                 arm_args = argparse.Namespace(**{**vars(args), "seed": seed})
                 results[arm].append(

@@ -1,7 +1,7 @@
 """The composition's ceiling: mask IoU when every answer is right, against human-seconds.
 
 Usage: ``python bench/ceiling.py [--scenes demo|photo] [--images N] [--seed S] [--min-cell-px P ...]
-[--methods ...]``
+[--methods ...] [--crowd perfect|realistic|harsh] [--votes K]``
 
 A perfect crowd answers "is any of it in this square" with the truth (a cell is positive when the
 ground truth touches it). Windows open as the product opens them (the refinement rules on the
@@ -9,7 +9,10 @@ border, down to ``min_cell_px`` pixels per cell side and ``max_level``), one lev
 after each level the mask is composed from the finest cells by each method of
 ``ml.composition`` (``cells``: whole-cell painting, the old composition) and scored against the
 truth. Each window costs ``--votes`` grids of 10.3 s (the measured mean time of a reCAPTCHA
-image grid); human-seconds are per object (one object = one (image, tag) target).
+image grid); human-seconds are per object (one object = one (image, tag) target). ``--crowd realistic`` (or
+``harsh``) has simulated volunteers answer instead (``crowd_levels``): a quick stand-in for the
+campaign's crowd, with its mistakes in the claimed cells, minutes where a campaign takes half an
+hour (no picker, no learning of credibility: ``bench/campaign.py`` stays the yardstick).
 
 The last line per method is for scripts:
 ``ceiling: method=... min_cell_px=... iou=... seconds=...`` (means over targets, all levels).
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ml.aggregation import grid
 from ml.aggregation.rules import RefinementConfig, choose_refinements
+from ml.aggregation.simulate import PROFILES, answer
 from ml.aggregation.simulate.masks import photo_like_scene
 from ml.composition import METHODS, compose_mask
 from ml.demo.scenes import generate_scenes
@@ -53,6 +57,53 @@ def perfect_levels(truth: np.ndarray, config: RefinementConfig) -> list[tuple[in
         frontier = choose_refinements(cells, labels, h, w, opened=set(opened), config=config)
         opened += frontier
         cells += grid.inside_children(frontier, h, w, square=config.square)
+    return out
+
+
+CROWDS = {  # the campaign's crowds (bench/campaign.py), as shares of each kind
+    "realistic": {"diligent": 0.80, "sloppy": 0.15, "random_clicker": 0.05},
+    "harsh": {"diligent": 0.6, "sloppy": 0.2, "random_clicker": 0.1, "adversary": 0.1},
+}
+
+
+def crowd_levels(
+    truth: np.ndarray, config: RefinementConfig, rng: np.random.Generator, *, votes: int, crowd: str
+) -> list[tuple[int, list]]:
+    """``perfect_levels`` with simulated volunteers' answers: each window gets ``votes`` answers
+    from volunteers drawn from ``crowd`` (``ml.aggregation.simulate`` profiles: a volunteer
+    misses an object under their coverage threshold and errs at their rates), and a cell's
+    posterior is Bayes' rule over its votes with each kind's own rates (what the consensus
+    learns of a volunteer, known here), even prior odds. Windows open on the posteriors' side
+    of one half, mistakes included: a fast stand-in for a campaign's crowd."""
+    h, w = truth.shape
+    kinds = list(CROWDS[crowd])
+    shares = np.asarray([CROWDS[crowd][k] for k in kinds])
+    profiles = [PROFILES[k] for k in kinds]
+    cells = list(grid.children(grid.ROOT))
+    logodds = np.zeros(len(cells))
+    opened = [grid.ROOT]
+    out = []
+    frontier = [grid.ROOT]
+    start = 0
+    while frontier:
+        coverage = grid.cell_coverage(truth, cells[start:], square=config.square)
+        for _ in range(votes):
+            for i, cov in enumerate(coverage, start):
+                pr = profiles[rng.choice(len(kinds), p=shares)]
+                said, _ = answer(pr, [cov], rng)
+                yes, no = (
+                    pr.sensitivity / (1.0 - pr.specificity),
+                    (1.0 - pr.sensitivity) / pr.specificity,
+                )
+                logodds[i] += np.log(yes if said[0] else no)
+        probs = 1.0 / (1.0 + np.exp(-logodds))
+        out.append((len(opened), list(zip(cells, probs, strict=True))))
+        labels = (probs > 0.5).astype(np.int8)
+        frontier = choose_refinements(cells, labels, h, w, opened=set(opened), config=config)
+        opened += frontier
+        start = len(cells)
+        cells += grid.inside_children(frontier, h, w, square=config.square)
+        logodds = np.concatenate([logodds, np.zeros(len(cells) - start)])
     return out
 
 
@@ -83,6 +134,12 @@ def main() -> None:
         "photograph-like scenes (ml.aggregation.simulate.masks, one object each, 480x640)",
     )
     parser.add_argument(
+        "--crowd",
+        choices=("perfect", *CROWDS),
+        default="perfect",
+        help="who answers: the truth, or simulated volunteers (crowd_levels)",
+    )
+    parser.add_argument(
         "--image-frame",
         action="store_true",
         help="cells follow each image's aspect (projects made before square cells)",
@@ -91,8 +148,9 @@ def main() -> None:
     targets = scene_targets(args.scenes, seed=args.seed, n_images=args.images)
     print(
         f"{args.images} {args.scenes} images, {len(targets)} targets, "
-        f"{args.votes} vote(s) per window"
+        f"{args.votes} vote(s) per window, {args.crowd} answers"
     )
+    rng = np.random.default_rng(args.seed)
     for min_px in args.min_cell_px:
         config = RefinementConfig(
             min_cell_px=min_px, max_level=args.max_level, square=not args.image_frame
@@ -100,7 +158,11 @@ def main() -> None:
         rows: dict[str, list[list[tuple[float, float]]]] = {m: [] for m in args.methods}
         took = dict.fromkeys(args.methods, 0.0)
         for image, truth in targets:
-            levels = perfect_levels(truth, config)
+            levels = (
+                perfect_levels(truth, config)
+                if args.crowd == "perfect"
+                else crowd_levels(truth, config, rng, votes=args.votes, crowd=args.crowd)
+            )
             for method in args.methods:
                 curve = []
                 for windows, answered in levels:

@@ -15,8 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy import select
 
-from bench.campaign import size_class
+from app.db import make_engine, make_session_factory
+from app.models import Image, Project, Tag, Target
+from app.services.crowd.opening import load_truth
+from bench.campaign import PHOTO_TAG, SLUG, _settings, build, size_class
+from ml.aggregation.simulate.masks import photo_like_scene
 from tests.conftest import run_script
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "campaign.py"
@@ -106,3 +111,23 @@ def test_object_sizes_are_cocos_pixel_areas() -> None:
     assert size_class(square(32)) == "medium"
     assert size_class(square(95)) == "medium"
     assert size_class(square(96)) == "large"
+
+
+def test_photograph_like_scenes_import_as_a_project_with_their_truth(tmp_path: Path) -> None:
+    folder = tmp_path / "seed-0" / "template"
+    build(folder, 3, 0, scenes="photo")
+    settings = _settings(folder)
+    engine = make_engine(settings.resolved_database_url)
+    rng = np.random.default_rng(0)
+    truths = [photo_like_scene(rng).truth for _ in range(3)]
+    with make_session_factory(engine)() as session:
+        targets = list(session.scalars(select(Target).order_by(Target.id)))
+        names = {session.get(Tag, t.tag_id).name for t in targets}  # type: ignore[union-attr]
+        assert len(targets) == 3 and names == {PHOTO_TAG}
+        for target, truth in zip(targets, truths, strict=True):
+            image = session.get(Image, target.image_id)
+            assert image is not None and (image.height, image.width) == truth.shape
+            loaded = load_truth(session, settings, target)
+            assert loaded is not None and np.array_equal(loaded, truth)
+        assert session.scalar(select(Project.slug)) == SLUG
+    engine.dispose()
