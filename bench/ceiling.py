@@ -9,10 +9,11 @@ border, down to ``min_cell_px`` pixels per cell side and ``max_level``), one lev
 after each level the mask is composed from the finest cells by each method of
 ``ml.composition`` (``cells``: whole-cell painting, the old composition) and scored against the
 truth. Each window costs ``--votes`` grids of 10.3 s (the measured mean time of a reCAPTCHA
-image grid); human-seconds are per object (one object = one (image, tag) target). ``--crowd realistic`` (or
-``harsh``) has simulated volunteers answer instead (``crowd_levels``): a quick stand-in for the
-campaign's crowd, with its mistakes in the claimed cells, minutes where a campaign takes half an
-hour (no picker, no learning of credibility: ``bench/campaign.py`` stays the yardstick).
+image grid); human-seconds are per object (one object = one (image, tag) target).
+``--crowd realistic`` (or ``harsh``) has simulated volunteers answer instead (``crowd_levels``):
+a quick stand-in for the campaign's crowd, with its mistakes in the claimed cells, minutes where
+a campaign takes half an hour (no picker, no learning of credibility: ``bench/campaign.py``
+stays the yardstick).
 
 The last line per method is for scripts:
 ``ceiling: method=... min_cell_px=... iou=... seconds=...`` (means over targets, all levels).
