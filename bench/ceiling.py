@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,20 +46,37 @@ def iou(mask: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.logical_and(mask, truth).sum() / union)
 
 
-def perfect_levels(truth: np.ndarray, config: RefinementConfig) -> list[tuple[int, list]]:
-    """(windows opened so far, finest cells with their perfect answers) after each level."""
+Answerer = Callable[[np.ndarray], np.ndarray]  # a window's new cells' coverage -> their posteriors
+
+
+def answered_levels(
+    truth: np.ndarray, config: RefinementConfig, answer_window: Answerer
+) -> list[tuple[int, list]]:
+    """(windows opened so far, finest cells with their posteriors) after each level: each new
+    window's cells are answered once (``answer_window``) and windows open on the posteriors'
+    side of one half, as the product's refinement rules open them."""
     h, w = truth.shape
     cells = list(grid.children(grid.ROOT))
+    probs = answer_window(grid.cell_coverage(truth, cells, square=config.square))
     opened = [grid.ROOT]
     out = []
     frontier = [grid.ROOT]
     while frontier:
-        labels = (grid.cell_coverage(truth, cells, square=config.square) > 0).astype(np.int8)
-        out.append((len(opened), list(zip(cells, labels, strict=True))))
+        out.append((len(opened), list(zip(cells, probs, strict=True))))
+        labels = (probs > 0.5).astype(np.int8)
         frontier = choose_refinements(cells, labels, h, w, opened=set(opened), config=config)
         opened += frontier
-        cells += grid.inside_children(frontier, h, w, square=config.square)
+        new = grid.inside_children(frontier, h, w, square=config.square)
+        cells += new
+        probs = np.concatenate(
+            [probs, answer_window(grid.cell_coverage(truth, new, square=config.square))]
+        )
     return out
+
+
+def perfect_levels(truth: np.ndarray, config: RefinementConfig) -> list[tuple[int, list]]:
+    """``answered_levels`` with perfect answers: a cell is positive when the truth touches it."""
+    return answered_levels(truth, config, lambda coverage: (coverage > 0).astype(np.int8))
 
 
 CROWDS = {  # the campaign's crowds (bench/campaign.py), as shares of each kind
@@ -70,42 +88,28 @@ CROWDS = {  # the campaign's crowds (bench/campaign.py), as shares of each kind
 def crowd_levels(
     truth: np.ndarray, config: RefinementConfig, rng: np.random.Generator, *, votes: int, crowd: str
 ) -> list[tuple[int, list]]:
-    """``perfect_levels`` with simulated volunteers' answers: each window gets ``votes`` answers
-    from volunteers drawn from ``crowd`` (``ml.aggregation.simulate`` profiles: a volunteer
-    misses an object under their coverage threshold and errs at their rates), and a cell's
-    posterior is Bayes' rule over its votes with each kind's own rates (what the consensus
-    learns of a volunteer, known here), even prior odds. Windows open on the posteriors' side
-    of one half, mistakes included: a fast stand-in for a campaign's crowd."""
-    h, w = truth.shape
+    """``answered_levels`` with simulated volunteers' answers: each window gets ``votes``
+    answers from volunteers drawn from ``crowd`` (``ml.aggregation.simulate`` profiles: a
+    volunteer misses an object under their coverage threshold and errs at their rates), and a
+    cell's posterior is Bayes' rule over its votes with each kind's own rates (what the
+    consensus learns of a volunteer, known here), even prior odds: a fast stand-in for a
+    campaign's crowd, mistakes included."""
     kinds = list(CROWDS[crowd])
     shares = np.asarray([CROWDS[crowd][k] for k in kinds])
     profiles = [PROFILES[k] for k in kinds]
-    cells = list(grid.children(grid.ROOT))
-    logodds = np.zeros(len(cells))
-    opened = [grid.ROOT]
-    out = []
-    frontier = [grid.ROOT]
-    start = 0
-    while frontier:
-        coverage = grid.cell_coverage(truth, cells[start:], square=config.square)
+
+    def answer_window(coverage: np.ndarray) -> np.ndarray:
+        logodds = np.zeros(len(coverage))
         for _ in range(votes):
-            for i, cov in enumerate(coverage, start):
+            for i, cov in enumerate(coverage):
                 pr = profiles[rng.choice(len(kinds), p=shares)]
                 said, _ = answer(pr, [cov], rng)
-                yes, no = (
-                    pr.sensitivity / (1.0 - pr.specificity),
-                    (1.0 - pr.sensitivity) / pr.specificity,
-                )
+                yes = pr.sensitivity / (1.0 - pr.specificity)
+                no = (1.0 - pr.sensitivity) / pr.specificity
                 logodds[i] += np.log(yes if said[0] else no)
-        probs = 1.0 / (1.0 + np.exp(-logodds))
-        out.append((len(opened), list(zip(cells, probs, strict=True))))
-        labels = (probs > 0.5).astype(np.int8)
-        frontier = choose_refinements(cells, labels, h, w, opened=set(opened), config=config)
-        opened += frontier
-        start = len(cells)
-        cells += grid.inside_children(frontier, h, w, square=config.square)
-        logodds = np.concatenate([logodds, np.zeros(len(cells) - start)])
-    return out
+        return np.asarray(1.0 / (1.0 + np.exp(-logodds)))
+
+    return answered_levels(truth, config, answer_window)
 
 
 def scene_targets(kind: str, *, seed: int, n_images: int) -> list[tuple[np.ndarray, np.ndarray]]:
