@@ -32,6 +32,9 @@ DEFAULT_PROJECT_SETTINGS: dict[str, Any] = {
     "control_share": 0.3,
     "mosaic_share": 0.25,
     "min_votes": 3,
+    # Credible votes for the object that retire a cell still unsure after min_votes as split:
+    # a sliver of the object, left to its finer window (ml.aggregation.rules; 0: never).
+    "split_votes": 2,
     # Votes that confirm a cell whose model prior is already sure (instead of min_votes).
     "model_confirm_votes": 1,
     # How the learning loop ranks targets: uncertainty, disagreement or random (the baseline).

@@ -63,6 +63,7 @@ class CellStatus(enum.StrEnum):
 
 class RetireReason(enum.StrEnum):
     CONFIDENT = "confident"
+    SPLIT = "split"  # unsure, but credible volunteers saw a sliver of it (ml.aggregation.rules)
     BUDGET = "budget"
     GOLD = "gold"
     MODEL = "model"

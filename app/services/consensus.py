@@ -40,7 +40,8 @@ from ml.aggregation.credibility import (
     budget_shares,
     cells_logodds,
     sensitivity_specificity,
-    worker_llr,
+    supporting_votes,
+    vote_evidence,
 )
 
 COUNT_COLUMNS = COUNT_FIELDS  # Credibility's columns are WorkerCounts' fields
@@ -67,12 +68,14 @@ def credibility_estimates(
 
 @dataclass(frozen=True)
 class Fresh:
-    """New posteriors, vote counts and credible votes (``budget_shares``: what retirement
-    counts) of refreshed cells. Shape: each ``(n_cells,)``."""
+    """New posteriors, vote counts, credible votes (``budget_shares``: what retirement counts)
+    and the credible votes among them that speak for the object (``CellVotes.supporting``) of
+    refreshed cells. Shape: each ``(n_cells,)``."""
 
     posterior: np.ndarray
     n_votes: np.ndarray
     credible: np.ndarray
+    supported: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -95,11 +98,13 @@ class CellVotes:
     def strongest_yes(self, n_cells: int) -> np.ndarray:
         """Per cell, the log-likelihood ratio of its vote that speaks most for the object (0 if
         none does): a credible volunteer's yes, or a confirmed adversary's no."""
-        llr_yes, llr_no = worker_llr(self.counts)
-        evidence = np.where(self.label == 1, llr_yes[self.worker], llr_no[self.worker])
         out = np.zeros(n_cells)
-        np.maximum.at(out, self.cell, evidence)
+        np.maximum.at(out, self.cell, vote_evidence(self.worker, self.label, self.counts))
         return out
+
+    def supporting(self, n_cells: int) -> np.ndarray:
+        """Per cell, its credible votes that speak for the object (``supporting_votes``)."""
+        return supporting_votes(self.cell, self.worker, self.label, self.counts, n_cells)
 
 
 # The fuser's statements, built once; values are bound per call.
@@ -146,7 +151,7 @@ def cell_votes(
 def refresh_cells(session: Session, *, cells: list[Cell]) -> Fresh:
     """Recompute the posteriors of ``cells`` from all their counted votes."""
     if not cells:
-        return Fresh(np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0))
+        return Fresh(np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0))
     votes = cell_votes(session, cell_ids=[c.id for c in cells])
     logodds = cells_logodds(
         [c.prior_logodds for c in cells], votes.cell, votes.worker, votes.label, votes.counts
@@ -163,7 +168,7 @@ def refresh_cells(session: Session, *, cells: list[Cell]) -> Fresh:
         n_yes=n_yes,
         method="online",
     )
-    return Fresh(posterior, n_votes, votes.credible(len(cells)))
+    return Fresh(posterior, n_votes, votes.credible(len(cells)), votes.supporting(len(cells)))
 
 
 _CONSENSUS = Consensus.metadata.tables[Consensus.__tablename__]

@@ -22,6 +22,7 @@ from app.models import (
     Consensus,
     Gold,
     Project,
+    RetireReason,
     Target,
     TargetState,
     Volunteer,
@@ -31,7 +32,7 @@ from app.services.consensus import COUNT_COLUMNS, write_consensus
 from app.services.crowd.retirement import VOTED_REASONS, follow_evidence, following
 from app.services.crowd.settle import lock_targets, settle_targets
 from app.services.volunteer import credibility_of
-from ml.aggregation.credibility import WorkerCounts, budget_shares
+from ml.aggregation.credibility import WorkerCounts, budget_shares, supporting_votes
 from ml.aggregation.dawid_skene import dawid_skene, gold_counts
 from ml.aggregation.votes import Votes, make_votes
 
@@ -128,7 +129,12 @@ def recompute_project(session: Session, *, settings: Settings, project: Project)
     credible = np.bincount(
         votes.item, weights=budget_shares(counts)[votes.worker], minlength=len(cell_ids)
     )
-    relabeled = _follow_votes(session, project, cells, cell_ids, result.posterior, credible)
+    supported = supporting_votes(
+        votes.item, votes.worker, votes.label, counts, n_cells=len(cell_ids)
+    )
+    relabeled = _follow_votes(
+        session, project, cells, cell_ids, result.posterior, credible, supported
+    )
     moved = {
         c for i, c in enumerate(cell_ids) if abs(result.posterior[i] - before[c]) > SETTLE_EPSILON
     }
@@ -205,6 +211,7 @@ def _follow_votes(
     cell_ids: list[int],
     posterior: np.ndarray,
     credible: np.ndarray,
+    supported: np.ndarray,
 ) -> set[int]:
     """Cells retired on their votes follow the new posteriors: those ``following`` picks are
     decided again (``follow_evidence``: relabelled, uncertain, or opened again); in targets a
@@ -216,12 +223,18 @@ def _follow_votes(
         if i in followed_at:
             continue
         if cell.status == CellStatus.RETIRED and cell.retire_reason in VOTED_REASONS:
-            label = bool(posterior[i] >= 0.5)
+            split = cell.retire_reason == RetireReason.SPLIT
+            label = split or bool(posterior[i] >= 0.5)
             if cell.label != label:
                 cell.label = label
                 changed.add(cell_id)
     followed = follow_evidence(
-        session, project, [cells[cell_ids[i]] for i in again], posterior[again], credible[again]
+        session,
+        project,
+        [cells[cell_ids[i]] for i in again],
+        posterior[again],
+        credible[again],
+        supported[again],
     )
     return changed | {c.id for c in followed}
 
@@ -232,7 +245,6 @@ def _follow_reset(session: Session, project: Project, reset: set[int]) -> set[in
     candidates = list(session.scalars(select(Cell).where(Cell.id.in_(reset))))
     cells = [candidates[i] for i in following(session, candidates)]
     prior = np.array([c.prior_logodds for c in cells])
-    followed = follow_evidence(
-        session, project, cells, 1 / (1 + np.exp(-prior)), np.zeros(len(cells))
-    )
+    nothing = np.zeros(len(cells))
+    followed = follow_evidence(session, project, cells, 1 / (1 + np.exp(-prior)), nothing, nothing)
     return {c.id for c in followed}

@@ -154,6 +154,46 @@ def cells_logodds(
     return base + np.bincount(cell, weights=per_vote, minlength=base.shape[0])
 
 
+# A vote that speaks for the object: one that makes it at least this many times more likely (a
+# newcomer's yes makes it 2x; a proven volunteer's 10-20x; a coin's, 1x).
+SUPPORT_RATIO = 4.0
+
+
+def vote_evidence(
+    vote_worker: npt.ArrayLike,
+    vote_label: npt.ArrayLike,
+    counts: WorkerCounts,
+    config: DawidSkeneConfig = DEFAULT_CONFIG,
+) -> FloatArray:
+    """Per vote, its log-likelihood ratio for the object. Shape: ``(n_votes,)``."""
+    worker = np.asarray(vote_worker, dtype=np.intp)
+    llr_yes, llr_no = worker_llr(counts, config)
+    return np.where(np.asarray(vote_label) == 1, llr_yes[worker], llr_no[worker])
+
+
+def supporting_votes(
+    vote_cell: npt.ArrayLike,
+    vote_worker: npt.ArrayLike,
+    vote_label: npt.ArrayLike,
+    counts: WorkerCounts,
+    n_cells: int,
+    config: DawidSkeneConfig = DEFAULT_CONFIG,
+) -> FloatArray:
+    """Per cell, its credible votes (each weighed by ``budget_shares``) that speak for the
+    object: those that make it at least ``SUPPORT_RATIO`` times more likely (a proven
+    volunteer's yes, a confirmed adversary's no).
+
+    Shape:
+        the vote arrays ``(n_votes,)``; returns ``(n_cells,)``.
+    """
+    worker = np.asarray(vote_worker, dtype=np.intp)
+    speaks = vote_evidence(worker, vote_label, counts, config) >= np.log(SUPPORT_RATIO)
+    shares = budget_shares(counts, config)[worker]
+    return np.bincount(
+        np.asarray(vote_cell, dtype=np.intp), weights=shares * speaks, minlength=n_cells
+    ).astype(np.float64)
+
+
 AGREEMENT_VOTES = 3  # votes a cell needs before its votes are scored against each other
 
 

@@ -3,7 +3,14 @@
 Retire: stop asking about a cell once its posterior is confident enough
 (``max(q, 1 - q) >= confidence`` after at least ``min_votes`` votes, or at once for gold), or
 once its vote budget is spent, in which case it is flagged *uncertain* (the target may go to
-triage).
+triage), or once it is *split*: unsure after ``min_votes`` votes, but ``split_votes`` credible
+volunteers said yes. Volunteers are asked whether any of the object is in a square, and miss a
+part that covers too little of it for them to notice, so a square where credible people
+disagree mostly holds a sliver of the object (two credible false yeses on an empty square are
+rare: at a 5% false-yes rate, about 2% of empty squares after five votes). More votes do not
+settle such a square, since everyone who looks sees the same sliver; it retires as holding the
+object, and the refinement below opens its finer window, where the sliver is nine times the
+share of a square and the crowd agrees on it.
 
 Refine: among the leaf retired cells of a target (cells without retired descendants), open a
 window one level deeper on
@@ -59,6 +66,7 @@ class RetirementConfig:
     confidence: float = 0.95
     min_votes: int = 3
     max_votes: int = 12
+    split_votes: float = 2.0  # credible votes for the object that retire an unsure cell split
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,7 @@ class Retirement:
     retired: BoolArray
     uncertain: BoolArray
     label: npt.NDArray[np.int8]
+    split: BoolArray
 
 
 def retire(
@@ -77,6 +86,7 @@ def retire(
     gold: npt.ArrayLike | None = None,
     config: RetirementConfig = RetirementConfig(),
     min_votes: npt.ArrayLike | None = None,
+    supported: npt.ArrayLike | None = None,
 ) -> Retirement:
     """Decide which cells retire.
 
@@ -89,6 +99,9 @@ def retire(
         min_votes: per-cell votes needed before a confident cell retires, instead of
             ``config.min_votes`` (a cell whose model prior is already sure needs only a small
             confirmation sample: see ``confirmation_votes``).
+        supported: per cell, the credible votes that speak for the object (a credible yes, or a
+            confirmed adversary's no); with at least ``config.split_votes`` of them a cell that
+            is not confident after its ``min_votes`` retires *split*: label 1, not uncertain.
 
     Shape:
         all inputs ``(n_cells,)``.
@@ -100,10 +113,14 @@ def retire(
     confident = (np.maximum(q, 1.0 - q) >= config.confidence) & (n >= needed)
     spent = n >= config.max_votes
     known = g >= 0
-    retired = confident | spent | known
-    uncertain = spent & ~confident & ~known
-    label = np.where(known, g, q >= 0.5).astype(np.int8)
-    return Retirement(retired=retired, uncertain=uncertain, label=label)
+    split = np.zeros(q.shape, dtype=bool)
+    if supported is not None and config.split_votes > 0:
+        backed = np.asarray(supported, dtype=np.float64) >= config.split_votes
+        split = backed & ~confident & ~known & (n >= needed)
+    retired = confident | spent | known | split
+    uncertain = spent & ~confident & ~known & ~split
+    label = np.where(known, g, (q >= 0.5) | split).astype(np.int8)
+    return Retirement(retired=retired, uncertain=uncertain, label=label, split=split)
 
 
 # The votes' own log-likelihood ratio, in the direction of a sure prior, that confirms it on

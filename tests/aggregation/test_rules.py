@@ -34,6 +34,26 @@ def test_retire_counts_fractional_credible_votes() -> None:
     assert r.uncertain.tolist() == [False, True, False, False]
 
 
+def test_a_cell_credible_volunteers_split_on_retires_as_holding_the_object() -> None:
+    # Unsure after enough votes: two credible yeses split it (even with the posterior under a
+    # half: the noes are people who missed a sliver), one does not (a false yes is common
+    # enough), nor do two before min_votes; a confident cell stays confident, and a spent
+    # budget with two yeses is split, not uncertain; split_votes=0 turns the rule off.
+    q = [0.6, 0.3, 0.6, 0.6, 0.99, 0.5]
+    n = [4, 5, 4, 2, 3, 7]
+    yes = [2, 2, 1, 2, 3, 2]
+    config = RetirementConfig(0.95, 3, 7)
+    r = retire(q, n, config=config, supported=yes)
+    assert r.retired.tolist() == [True, True, False, False, True, True]
+    assert r.split.tolist() == [True, True, False, False, False, True]
+    assert r.label.tolist() == [1, 1, 1, 1, 1, 1]
+    assert not r.uncertain.any()
+    off = retire(q, n, config=RetirementConfig(0.95, 3, 7, split_votes=0), supported=yes)
+    assert not off.split.any()
+    assert off.uncertain.tolist() == [False] * 5 + [True]
+    assert off.label.tolist() == [1, 0, 1, 1, 1, 1]
+
+
 def test_border_positive_cells_open_windows() -> None:
     cells = level_cells(1)
     labels = np.zeros(9, dtype=np.int8)

@@ -1,10 +1,12 @@
 """Retirement: which cells are done, and cells retired on their votes following them.
 
-A cell retires when it is confident after enough credible votes, or when its budget of credible
-votes is spent (then as uncertain). Votes are counted by credibility (``budget_shares``), so
-that random clickers cannot spend a cell's budget before people who look have answered it. A
-cell retired on its votes is decided again whenever its evidence moves (``follow_evidence``):
-bad actors found out later leave nothing behind.
+A cell retires when it is confident after enough credible votes, when credible volunteers
+split on it (then as holding a sliver of the object, for its finer window to settle:
+``ml.aggregation.rules``), or when its budget of credible votes is spent (then as uncertain).
+Votes are counted by credibility (``budget_shares``), so that random clickers cannot spend a
+cell's budget before people who look have answered it. A cell retired on its votes is decided
+again whenever its evidence moves (``follow_evidence``): bad actors found out later leave
+nothing behind.
 """
 
 from __future__ import annotations
@@ -37,11 +39,12 @@ def retirement_config(project: Project) -> RetirementConfig:
         confidence=float(project.setting("retire_confidence")),
         min_votes=int(project.setting("min_votes")),
         max_votes=int(project.setting("vote_budget")),
+        split_votes=float(project.setting("split_votes")),
     )
 
 
 # Cells retired on their votes follow them; gold, curator and model answers stand.
-VOTED_REASONS = (RetireReason.CONFIDENT, RetireReason.BUDGET)
+VOTED_REASONS = (RetireReason.CONFIDENT, RetireReason.SPLIT, RetireReason.BUDGET)
 
 
 def retire_fresh(
@@ -59,6 +62,7 @@ def retire_fresh(
         [cells[i] for i in open_at],
         fresh.posterior[open_at],
         fresh.credible[open_at],
+        fresh.supported[open_at],
     )
     voted_at = following(session, cells)
     followed = follow_evidence(
@@ -67,6 +71,7 @@ def retire_fresh(
         [cells[i] for i in voted_at],
         fresh.posterior[voted_at],
         fresh.credible[voted_at],
+        fresh.supported[voted_at],
     )
     return touched | {c.target_id for c in followed}, retired
 
@@ -114,32 +119,47 @@ def _min_votes(
 
 
 def _decide(
-    project: Project, cells: list[Cell], posterior: npt.ArrayLike, credible: npt.ArrayLike
+    project: Project,
+    cells: list[Cell],
+    posterior: npt.ArrayLike,
+    credible: npt.ArrayLike,
+    supported: npt.ArrayLike,
 ) -> Retirement:
     return retire(
         posterior,
         credible,
         config=retirement_config(project),
         min_votes=_min_votes(project, cells, posterior),
+        supported=supported,
     )
 
 
+def _reason(decision: Retirement, i: int) -> RetireReason:
+    if decision.uncertain[i]:
+        return RetireReason.BUDGET
+    return RetireReason.SPLIT if decision.split[i] else RetireReason.CONFIDENT
+
+
 def retire_cells(
-    project: Project, cells: list[Cell], posterior: npt.ArrayLike, credible: npt.ArrayLike
+    project: Project,
+    cells: list[Cell],
+    posterior: npt.ArrayLike,
+    credible: npt.ArrayLike,
+    supported: npt.ArrayLike,
 ) -> tuple[set[int], int]:
-    """Retire the open ``cells`` that are confident (after enough credible votes) or out of
-    budget (in credible votes)."""
+    """Retire the open ``cells`` that are confident (after enough credible votes), split
+    (``supported``: their credible votes for the object) or out of budget (in credible votes).
+    """
     if not cells:
         return set(), 0
-    decision = _decide(project, cells, posterior, credible)
+    decision = _decide(project, cells, posterior, credible, supported)
     now, touched = utcnow(), set()
-    for cell, done, unsure, label in zip(
-        cells, decision.retired, decision.uncertain, decision.label, strict=True
-    ):
-        if not done:
+    for i, cell in enumerate(cells):
+        if not decision.retired[i]:
             continue
-        cell.status, cell.label, cell.uncertain = CellStatus.RETIRED, bool(label), bool(unsure)
-        cell.retire_reason = RetireReason.BUDGET if unsure else RetireReason.CONFIDENT
+        cell.status, cell.label = CellStatus.RETIRED, bool(decision.label[i])
+        cell.uncertain = bool(decision.uncertain[i])
+        cell.retire_reason = _reason(decision, i)
         cell.retired_at = now
         touched.add(cell.target_id)
     return touched, int(decision.retired.sum())
@@ -151,6 +171,7 @@ def follow_evidence(
     cells: list[Cell],
     posterior: npt.ArrayLike,
     credible: npt.ArrayLike,
+    supported: npt.ArrayLike,
 ) -> list[Cell]:
     """Re-decide cells retired on their votes from the evidence as it is now.
 
@@ -159,6 +180,7 @@ def follow_evidence(
     or a coin must not leave behind what their votes decided, so a retired cell is decided again:
 
     - confident now (enough credible votes): retired on confidence, its label the posterior's;
+    - split now (``ml.aggregation.rules.retire``): retired split, label 1;
     - retired on confidence before, and the evidence still backs its label (the posterior on
       the same side, enough credible votes): unchanged, though it is less sure than the bar;
     - out of budget (in credible votes): retired as uncertain, its label the posterior's;
@@ -173,14 +195,14 @@ def follow_evidence(
         return []
     q = np.asarray(posterior, dtype=np.float64)
     n = np.asarray(credible, dtype=np.float64)
-    decision = _decide(project, cells, q, n)
+    decision = _decide(project, cells, q, n, supported)
     backed = n >= _min_votes(project, cells, q)
     changed = []
     for i, cell in enumerate(cells):
         label = bool(decision.label[i])
         still = cell.retire_reason == RetireReason.CONFIDENT and backed[i] and cell.label == label
         if decision.retired[i] and not decision.uncertain[i]:
-            reason = RetireReason.CONFIDENT
+            reason = _reason(decision, i)
         elif still:
             continue
         elif decision.retired[i]:

@@ -48,6 +48,7 @@ from app.services.project import square_cells
 from app.services.target import tag_belief, tag_beliefs
 from ml.aggregation import grid
 from ml.aggregation.acquisition import object_area
+from ml.aggregation.credibility import SUPPORT_RATIO
 from ml.aggregation.rules import (
     INHERIT_CLIP,
     INHERIT_SHRINK,
@@ -176,12 +177,13 @@ def _retire_open(
 ) -> int:
     open_cells = [c for c in cells if c.status == CellStatus.OPEN]
     voted = [i for i, c in enumerate(open_cells) if consensus[c.id].n_votes > 0]
-    credible = np.zeros(len(open_cells))
+    credible, supported = np.zeros(len(open_cells)), np.zeros(len(open_cells))
     if voted:  # a cell nobody answered yet (a new window's) has no credible vote to load
         votes = cell_votes(session, cell_ids=[open_cells[i].id for i in voted])
         credible[voted] = votes.credible(len(voted))
+        supported[voted] = votes.supporting(len(voted))
     posterior = [consensus[c.id].posterior for c in open_cells]
-    return retire_cells(project, open_cells, posterior, credible)[1]
+    return retire_cells(project, open_cells, posterior, credible, supported)[1]
 
 
 def _tag_is_known(session: Session, target: Target) -> bool:
@@ -195,20 +197,15 @@ def _tag_is_known(session: Session, target: Target) -> bool:
     return source in (ImageTagSource.IMPORT, ImageTagSource.CURATOR)
 
 
-# A vote that disputes a negative cell: one that makes the object at least this many times more
-# likely (a newcomer's yes makes it 2x; a proven volunteer's 10-20x; a coin's, 1x).
-DISPUTE_RATIO = 4.0
-
-
 def _disputed(session: Session, retired: list[Cell]) -> list[bool]:
     """Which retired cells are negative on their votes although a credible vote said yes
-    (``DISPUTE_RATIO``); a gold or a curator's answer is not disputed."""
+    (``SUPPORT_RATIO``); a gold or a curator's answer is not disputed."""
     voted = [i for i, c in enumerate(retired) if not c.label and c.retire_reason in VOTED_REASONS]
     disputed = [False] * len(retired)
     if voted:
         votes = cell_votes(session, cell_ids=[retired[i].id for i in voted])
         for i, llr in zip(voted, votes.strongest_yes(len(voted)), strict=True):
-            disputed[i] = bool(llr >= np.log(DISPUTE_RATIO))
+            disputed[i] = bool(llr >= np.log(SUPPORT_RATIO))
     return disputed
 
 
