@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from ml.aggregation.grid import Cell, children, level_cells
 from ml.aggregation.rules import (
@@ -103,12 +104,22 @@ def test_a_disputed_no_square_on_the_border_opens_a_window() -> None:
     assert opened == [Cell(1, 0, 0), Cell(1, 0, 1)]
 
 
-def test_children_inherit_a_shrunk_prior_from_their_parent() -> None:
-    from ml.aggregation.rules import inherited_prior
+def test_children_inherit_their_parents_odds_times_the_share_of_children_that_show_it() -> None:
+    from ml.aggregation.rules import CHILD_RATE, inherited_prior
+    from ml.aggregation.votes import logit, sigmoid
 
-    out = inherited_prior([4.0, -1.0, 0.0, 40.0])
-    assert np.allclose(out, [2.0, -0.5, 0.0, 2.0])  # half, clipped to +-2
-    assert np.all(np.abs(out) <= np.abs([4.0, -1.0, 0.0, 40.0]))  # never more sure than the parent
+    parent = np.array([4.0, -1.0, 0.0, 40.0, -40.0])
+    out = inherited_prior(parent)
+    expected = np.clip(logit(sigmoid(parent) * CHILD_RATE), -2.0, 2.0)
+    assert np.allclose(out, expected)
+    # A sure parent's children are as likely empty as not (half of a border cell's children
+    # show the object); a doubtful parent's, less likely; none is likelier than its parent, and
+    # none is sure (a sure "no" parent's children start at -2).
+    assert abs(out[3]) < 1e-3 and out[2] < out[3] and out[1] < out[2] and out[4] == -2.0
+    assert np.all(sigmoid(out[:4]) <= sigmoid(parent[:4]))
+    # The project's own share, per parent (from its control truth), moves them.
+    rated = inherited_prior(parent[:4], [0.35, 0.35, 0.61, 0.61])
+    assert rated[3] == pytest.approx(logit(0.61), abs=1e-3) and rated[0] < out[0]
     # Never sure enough that one vote would retire a child (the bar is logit 0.95).
     needed = confirmation_votes(out, RetirementConfig(), confirm_votes=1)
     assert np.all(needed == RetirementConfig().min_votes)

@@ -32,7 +32,7 @@ from app.models import (
     Window,
     WindowState,
 )
-from app.services.consensus import cell_votes
+from app.services.consensus import base_rates, cell_votes
 from app.services.crowd.opening import (
     Truth,
     load_truth,
@@ -50,14 +50,14 @@ from ml.aggregation import grid
 from ml.aggregation.acquisition import object_area
 from ml.aggregation.credibility import SUPPORT_RATIO
 from ml.aggregation.rules import (
-    INHERIT_CLIP,
-    INHERIT_SHRINK,
+    CHILD_RATE,
     SEARCH_PRIOR,
     choose_refinements,
     inherited_prior,
     leaf_cells,
     search_small,
 )
+from ml.aggregation.votes import sigmoid
 
 UNCERTAIN_REASON = "cells still uncertain after their vote budget"  # the triage reason
 
@@ -209,9 +209,15 @@ def _disputed(session: Session, retired: list[Cell]) -> list[bool]:
     return disputed
 
 
-def _inherited(session: Session, parents: list[Cell]) -> npt.NDArray[np.float64]:
+# The log-odds a gold or curator answer stands for: sure.
+SURE_LOGODDS = 12.0
+
+
+def _inherited(session: Session, project: Project, parents: list[Cell]) -> npt.NDArray[np.float64]:
     """The prior of each parent's children (``inherited_prior``): from its posterior, or from a
-    gold or curator answer taken as sure."""
+    gold or curator answer taken as sure, and the share of a border cell's children that show
+    the object at the children's level, from the project's control truth (``base_rates``: its
+    control pyramids open along the true border) or ``CHILD_RATE`` where it has none."""
     logodds = dict(
         session.execute(
             select(Consensus.cell_id, Consensus.logodds).where(
@@ -219,13 +225,18 @@ def _inherited(session: Session, parents: list[Cell]) -> npt.NDArray[np.float64]
             )
         ).all()
     )
+    rates = base_rates(session, project=project)
     return inherited_prior(
         [
-            (INHERIT_CLIP / INHERIT_SHRINK) * (1 if p.label else -1)
+            SURE_LOGODDS * (1 if p.label else -1)
             if p.retire_reason in (RetireReason.GOLD, RetireReason.CURATOR)
             else logodds.get(p.id, 0.0)
             for p in parents
-        ]
+        ],
+        [
+            float(sigmoid(rates[p.level + 1])) if p.level + 1 in rates else CHILD_RATE
+            for p in parents
+        ],
     )
 
 
@@ -270,7 +281,7 @@ def _refine(
     if searching:
         inherited = [SEARCH_PRIOR] * len(deeper)
     else:
-        inherited = list(_inherited(session, [by_address[p] for p in deeper]))
+        inherited = list(_inherited(session, project, [by_address[p] for p in deeper]))
     priors = [[float(v)] * 9 for v in inherited]
     open_windows(
         session,
