@@ -159,3 +159,21 @@ def test_agreement_credit_scores_against_a_base_rate_from_outside_the_votes() ->
         cell, worker, nos, np.ones(3, dtype=bool), counts, base_logodds=np.zeros(1)
     )
     np.testing.assert_allclose(zero, flat)
+
+
+def test_agreement_scores_a_vote_against_the_others_answer_where_they_are_sure() -> None:
+    from ml.aggregation.credibility import WorkerCounts, agreement_credit
+
+    counts = WorkerCounts.from_rows(np.zeros((5, 8)))  # five newcomers
+    cell, worker = np.zeros(5, dtype=np.intp), np.arange(5)
+    # Four agree the square is empty: on each vote's others (three newcomers' noes: 0.11) the
+    # square is surely empty, so an agreeing "no" is a correct rejection and nothing of a miss
+    # (on the others' odds it was charged a tenth of a miss, on every empty square).
+    nos = agreement_credit(cell[:4], worker[:4], np.zeros(4), np.ones(4, dtype=bool), counts)
+    np.testing.assert_allclose(nos[:4], [[0.0, 0.0, 1.0, 0.0]] * 4)
+    # Three noes and a yes: the yes is scored as a false alarm in full; a no, whose others
+    # (two noes and the yes: 0.33) are less sure than SURE_OTHERS, on their odds.
+    label = np.array([0, 0, 0, 1])
+    rows = agreement_credit(cell[:4], worker[:4], label, np.ones(4, dtype=bool), counts)
+    np.testing.assert_allclose(rows[3], [0.0, 0.0, 0.0, 1.0])
+    assert rows[0, 1] == pytest.approx(1 / 3) and rows[0, 2] == pytest.approx(2 / 3)
