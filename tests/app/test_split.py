@@ -17,9 +17,10 @@ SLUG = "demo"
 # fills half of it. Neither errs otherwise.
 KEEN = VolunteerProfile("keen", 1.0, 1.0, 1e-9, 2.0)
 COARSE = VolunteerProfile("coarse", 1.0, 1.0, 0.5, 2.0)
-# Known on gold to be right about five times in six: a vote moves a square's odds about 5x,
-# so that two yeses and two noes leave it unsure.
-SEEN = {"pos_yes": 17.0, "pos_no": 3.0, "neg_no": 17.0, "neg_yes": 3.0}
+# Known to be right about five times in six, on many answers: a vote moves a square's odds
+# about 5x, so that two yeses and one or two noes leave it unsure, and what agreement adds in
+# this test hardly moves that.
+SEEN = {"pos_yes": 170.0, "pos_no": 30.0, "neg_no": 170.0, "neg_yes": 30.0}
 
 
 def _crowd(live: Live) -> list[SimulatedVolunteer]:
@@ -48,6 +49,8 @@ def test_a_square_credible_people_split_on_retires_split_and_opens_its_window(
             select(Tag.name)
             .join(Target, Target.tag_id == Tag.id)
             .where(Target.control.is_(False), HAS_PYRAMID)
+            .order_by(Target.id)
+            .limit(1)
         )
     assert tag is not None
     for _ in range(40):  # every window of the tag, by all four
