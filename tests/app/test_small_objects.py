@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import select, update
 
 from app.models import Cell, ImageTag, ImageTagSource, Project, Target, Window
-from app.services.crowd.opening import OUTSIDE_LOGODDS
-from app.services.crowd.settle import settle_target
+from app.services.crowd.opening import OUTSIDE_LOGODDS, window_value
+from app.services.crowd.settle import settle_target, target_areas
 from app.services.curation.triage import set_cell
+from ml.aggregation.acquisition import MIN_OBJECT_AREA
 from ml.aggregation.rules import SEARCH_PRIOR
+from ml.aggregation.votes import sigmoid
 from tests.app.conftest import HAS_PYRAMID, Live
 
 SLUG = "demo"
@@ -49,3 +52,38 @@ def test_a_tag_only_the_tagger_gave_is_not_searched_for(live: Live) -> None:
         session.execute(update(ImageTag).values(source=ImageTagSource.CLASSIFIER))
         session.commit()
     assert _nine_noes(live) == []
+
+
+def test_a_search_is_valued_as_looking_for_a_small_object(live: Live) -> None:
+    """The 81 squares of a search hold only their prior until somebody answers: the object's
+    expected area comes from the nine answered squares (the smallest object the picker
+    expects), not from 81 guesses of 5% each, which made a search worth a quarter of what it
+    is and left it behind every large object's border."""
+    _nine_noes(live)
+    with live.factory() as session:
+        target = session.scalars(
+            select(Target).where(Target.control.is_(False), HAS_PYRAMID).order_by(Target.id)
+        ).first()
+        assert target is not None
+        windows = list(
+            session.scalars(
+                select(Window).where(
+                    Window.target_id == target.id, Window.level == 1, Window.state == "open"
+                )
+            )
+        )
+        assert len(windows) >= 4
+        assert target_areas(session, target_ids={target.id})[target.id] == MIN_OBJECT_AREA
+        for window in windows:
+            open_cells = session.scalars(
+                select(Cell.prior_logodds).where(Cell.window_id == window.id, Cell.status == "open")
+            ).all()
+            expected = window_value(
+                target.priority,
+                [float(sigmoid(p)) for p in open_cells],
+                control=False,
+                level=1,
+                area=MIN_OBJECT_AREA,
+                belief=1.0,
+            )
+            assert window.value == pytest.approx(expected)

@@ -42,7 +42,11 @@ from app.services.crowd.opening import (
     window_value,
 )
 from app.services.crowd.retirement import VOTED_REASONS, retire_cells
-from app.services.masks.composition import record_consensus_mask
+from app.services.masks.composition import (
+    cell_probability,
+    has_evidence,
+    record_consensus_mask,
+)
 from app.services.masks.union import finish_unions
 from app.services.project import square_cells
 from app.services.target import tag_belief, tag_beliefs
@@ -62,14 +66,39 @@ from ml.aggregation.votes import sigmoid
 UNCERTAIN_REASON = "cells still uncertain after their vote budget"  # the triage reason
 
 
-def _object_area(cells: Sequence[Cell], posterior: Mapping[int, float]) -> float:
-    """The object's expected area from the target's finest cells (``acquisition.object_area``)."""
+def _object_area(cells: Sequence[Cell], consensus: Mapping[int, CellConsensus]) -> float:
+    """The object's expected area from the target's finest cells (``_area``)."""
     return _area(
-        [grid.Cell(c.level, c.row, c.col) for c in cells], [posterior[c.id] for c in cells]
+        [_address(c) for c in cells],
+        [cell_probability(c.label, c.retire_reason, consensus[c.id].posterior) for c in cells],
+        [has_evidence(c.level, c.status, consensus[c.id].n_votes, c.retire_reason) for c in cells],
     )
 
 
-def _area(cells: Sequence[grid.Cell], posterior: Sequence[float]) -> float:
+def _area(
+    cells: Sequence[grid.Cell], posterior: Sequence[float], evidence: Sequence[bool]
+) -> float:
+    """The object's expected area (``acquisition.object_area``): the smaller of the areas its
+    finest cells give with and without the cells that nobody has answered yet (``has_evidence``).
+
+    Each is the area of the squares expected to show some of the object, which a partly
+    covered square counts whole, so each overestimates the object, the less the finer its
+    squares. A refined square's unanswered children, at the share of a border square's
+    children that show the object, tighten its parent's whole square; the 81 squares of a
+    small-object search, each a 5% guess of a sliver, would count 4 squares where nine first
+    squares saw none (a search valued at a quarter of its worth, behind every large object's
+    border)."""
+    return min(_leaf_area(cells, posterior), _leaf_area(*_kept(cells, posterior, evidence)))
+
+
+def _kept(
+    cells: Sequence[grid.Cell], posterior: Sequence[float], evidence: Sequence[bool]
+) -> tuple[list[grid.Cell], list[float]]:
+    kept = [i for i, e in enumerate(evidence) if e]
+    return [cells[i] for i in kept], [posterior[i] for i in kept]
+
+
+def _leaf_area(cells: Sequence[grid.Cell], posterior: Sequence[float]) -> float:
     leaf = leaf_cells(cells)
     return object_area(
         [c.level for c, f in zip(cells, leaf, strict=True) if f],
@@ -79,22 +108,35 @@ def _area(cells: Sequence[grid.Cell], posterior: Sequence[float]) -> float:
 
 # Every cell's place and posterior, of some targets: plain rows (there may be thousands).
 CELL_POSTERIORS = (
-    select(Cell.target_id, Cell.level, Cell.row, Cell.col, Consensus.posterior)
+    select(
+        Cell.target_id,
+        Cell.level,
+        Cell.row,
+        Cell.col,
+        Cell.status,
+        Cell.label,
+        Cell.retire_reason,
+        Consensus.n_votes,
+        Consensus.posterior,
+    )
     .join(Consensus, Consensus.cell_id == Cell.id)
     .where(Cell.target_id.in_(bindparam("target_ids", expanding=True)))
 )
 
 
 def target_areas(session: Session, *, target_ids: set[int]) -> dict[int, float]:
-    """Each target's expected object area (fraction of the frame), from its finest cells."""
+    """Each target's expected object area (fraction of the frame), from its finest cells that
+    speak for their pixels in its mask (``_object_area``)."""
     cells: dict[int, list[grid.Cell]] = defaultdict(list)
     posterior: dict[int, list[float]] = defaultdict(list)
-    for target_id, level, row, col, q in session.execute(
+    evidence: dict[int, list[bool]] = defaultdict(list)
+    for target_id, level, row, col, status, label, reason, n_votes, q in session.execute(
         CELL_POSTERIORS, {"target_ids": sorted(target_ids)}
     ):
         cells[target_id].append(grid.Cell(level, row, col))
-        posterior[target_id].append(q)
-    return {t: _area(cells[t], posterior[t]) for t in cells}
+        posterior[target_id].append(cell_probability(label, reason, q))
+        evidence[target_id].append(has_evidence(level, status, n_votes, reason))
+    return {t: _area(cells[t], posterior[t], evidence[t]) for t in cells}
 
 
 OPEN_CELLS_OF_WINDOWS = (
@@ -240,6 +282,10 @@ def _inherited(session: Session, project: Project, parents: list[Cell]) -> npt.N
     )
 
 
+def _address(cell: Cell) -> grid.Cell:
+    return grid.Cell(cell.level, cell.row, cell.col)
+
+
 def _refine(
     session: Session,
     settings: Settings,
@@ -304,7 +350,7 @@ def _update_windows(
         if cell.window_id is not None:
             by_window[cell.window_id].append(cell)
     still_open = 0
-    area = _object_area(cells, {c: q.posterior for c, q in consensus.items()})
+    area = _object_area(cells, consensus)
     belief = tag_belief(session, target=target)
     for window in session.scalars(
         select(Window).where(Window.target_id == target.id, Window.state == WindowState.OPEN)

@@ -35,6 +35,28 @@ from ml.aggregation.rules import leaf_cells
 from ml.composition import Composed, compose_mask
 
 
+def has_evidence(
+    level: int, status: CellStatus | str, n_votes: int, retire_reason: RetireReason | str | None
+) -> bool:
+    """Whether a cell speaks for its pixels in a target's mask (``leaf_posteriors``): a first
+    cell, a retired one, or one somebody answered. A refined cell's unanswered children carry
+    only the prior they inherited and leave their parent's answer standing; a cell wholly
+    outside the image has no pixel and must not hide its parent."""
+    if retire_reason == RetireReason.OUTSIDE:
+        return False
+    return level <= 1 or status != CellStatus.OPEN or n_votes > 0
+
+
+def cell_probability(
+    label: bool | None, retire_reason: RetireReason | str | None, posterior: float
+) -> float:
+    """How likely a cell shows the object: a gold or curator answer as 0/1, else its
+    posterior."""
+    if retire_reason in (RetireReason.GOLD, RetireReason.CURATOR):
+        return float(bool(label))
+    return float(posterior)
+
+
 def leaf_posteriors(session: Session, *, cells: list[Cell]) -> tuple[list[grid.Cell], list[float]]:
     """The finest cells with evidence and their probabilities: gold and curator answers as 0/1,
     every other cell its posterior.
@@ -56,17 +78,11 @@ def leaf_posteriors(session: Session, *, cells: list[Cell]) -> tuple[list[grid.C
     cells = [
         c
         for c in cells
-        if (c.level <= 1 or c.status != CellStatus.OPEN or consensus.get(c.id, (0, 0.5))[0] > 0)
-        and c.retire_reason != RetireReason.OUTSIDE  # no pixel: it must not hide its parent
+        if has_evidence(c.level, c.status, consensus.get(c.id, (0, 0.5))[0], c.retire_reason)
     ]
     addresses = [grid.Cell(c.level, c.row, c.col) for c in cells]
     leaves = [c for c, leaf in zip(cells, leaf_cells(addresses), strict=True) if leaf]
-    probs = [
-        float(bool(c.label))
-        if c.retire_reason in (RetireReason.GOLD, RetireReason.CURATOR)
-        else float(consensus[c.id][1])
-        for c in leaves
-    ]
+    probs = [cell_probability(c.label, c.retire_reason, consensus[c.id][1]) for c in leaves]
     return [grid.Cell(c.level, c.row, c.col) for c in leaves], probs
 
 
