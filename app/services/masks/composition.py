@@ -10,6 +10,9 @@ target whose tag's mask is the union of its children's (``is_union``) is compose
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 from PIL import Image as PILImage
 from sqlalchemy import select
@@ -88,7 +91,12 @@ def leaf_posteriors(session: Session, *, cells: list[Cell]) -> tuple[list[grid.C
 
 def load_pixels(settings: Settings, image: Image) -> np.ndarray:
     """The image's pixels as RGB. Shape: ``(H, W, 3)`` uint8."""
-    with PILImage.open(image_path(settings, image)) as img:
+    return read_pixels(image_path(settings, image))
+
+
+def read_pixels(path: Path) -> np.ndarray:
+    """An image file's pixels as RGB. Shape: ``(H, W, 3)`` uint8."""
+    with PILImage.open(path) as img:
         return np.asarray(img.convert("RGB"))
 
 
@@ -136,8 +144,7 @@ def _compose(
     composed: dict[int, Composed] | None,
 ) -> Composed:
     image = image or session.get(Image, target.image_id)
-    project = session.get(Project, target.project_id)
-    assert image is not None and project is not None
+    assert image is not None
     if is_union(session, target=target):
         return _union(
             session,
@@ -147,18 +154,46 @@ def _compose(
             pixels=pixels,
             composed=composed,
         )
+    inputs = mask_inputs(session, settings=settings, target=target, cells=cells)
+    return inputs.compose(load_pixels(settings, image) if pixels is None else pixels)
+
+
+@dataclass(frozen=True)
+class MaskInputs:
+    """What a target's own mask is composed from besides its image's pixels: its finest cells
+    with evidence and their probabilities (``leaf_posteriors``), the segmenter's latest
+    prediction, the project's method and the pyramid's frame. Plain values: another process
+    can compose them (the campaign benchmark composes in a pool)."""
+
+    cells: list[grid.Cell]
+    probs: list[float]
+    model: np.ndarray | None
+    method: str
+    square: bool
+
+    def compose(self, pixels: np.ndarray) -> Composed:
+        """The mask on the image's ``pixels`` (``ml.composition.compose_mask``)."""
+        model = self.model
+        if model is not None and model.shape != pixels.shape[:2]:
+            model = None  # a prediction of another size (a replaced file): not evidence here
+        return compose_mask(
+            pixels, self.cells, self.probs, model=model, method=self.method, square=self.square
+        )
+
+
+def mask_inputs(
+    session: Session, *, settings: Settings, target: Target, cells: list[Cell] | None = None
+) -> MaskInputs:
+    """The ``MaskInputs`` of a target with cells of its own (not a union); ``cells`` are its
+    cells, loaded when not given."""
+    project = session.get(Project, target.project_id)
+    assert project is not None
     if cells is None:
         cells = list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
     leaves, probs = leaf_posteriors(session, cells=cells)
-    if pixels is None:
-        pixels = load_pixels(settings, image)
     model = model_probability(session, settings, target)
-    if model is not None and model.shape != pixels.shape[:2]:
-        model = None  # a prediction of another size (a replaced file): not evidence here
     method = str(project.setting("composition"))
-    return compose_mask(
-        pixels, leaves, probs, model=model, method=method, square=square_cells(project)
-    )
+    return MaskInputs(leaves, probs, model, method, square_cells(project))
 
 
 def record_consensus_mask(
