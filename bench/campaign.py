@@ -2,7 +2,8 @@
 and without the learning loop, over paired seeds.
 
 Usage: ``python bench/campaign.py [--quick] [--images N] [--seeds S ...] [--arms A ...]
-[--crowd realistic|harsh] [--scenes demo|photo] [--device cpu|cuda|auto] [--keep DIR]``
+[--crowd realistic|harsh] [--scenes demo|photo] [--device cpu|cuda|auto] [--workers N]
+[--keep DIR]``
 
 Per seed a demo project of ``--images`` images (384-1024 px, COCO-like object sizes) is generated
 and imported once; each arm runs on its own copy of it, with the same volunteers answering from
@@ -38,7 +39,10 @@ The mask of a target is the product's composition (``app.services.masks.composit
 finest cells per pixel, the image deciding inside border cells, the model's probability where
 there is one); an empty truth and an empty mask count as IoU 1. ``ceiling`` is the same
 composition fed perfect answers on every window the refinement rules open (``bench/ceiling.py``).
-Intervals are 95% t-intervals over seeds.
+Intervals are 95% t-intervals over seeds. Composing the measured masks (GrabCut) is most of an
+arm's cost: ``--workers`` processes compose them from the answers as they stood at each
+measurement while the crowd goes on (``bench.composer``), and the curve is measured at
+``MEASURE_AT`` only.
 
 Each arm ends with one line for scripts:
 ``campaign: arm=... seeds=... iou@10=... iou@20=... iou@40=... iou@80=... iou@160=... ceiling=...``
@@ -60,7 +64,8 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,14 +102,15 @@ from app.models import (
 )
 from app.security import VOLUNTEER_COOKIE
 from app.services.crowd.opening import load_truth, refinement_config
+from app.services.image import image_path
 from app.services.importer import run_import
-from app.services.masks.composition import compose_target, load_pixels
+from app.services.masks.composition import MaskInputs, mask_inputs
 from app.services.project import create_project
 from app.services.target import child_targets, is_union
 from bench.ceiling import perfect_levels
+from bench.composer import Hard, composer_pool, default_workers, submit
 from ml.aggregation.simulate import PROFILES
 from ml.aggregation.simulate.masks import photo_like_scene
-from ml.composition import compose_mask
 from ml.demo.dataset import encode_mask, write_demo_dataset
 from tests.app.crowd import SimulatedVolunteer, Truths
 
@@ -115,7 +121,9 @@ HARSH = ["diligent"] * 6 + ["sloppy"] * 2 + ["random_clicker", "adversary"]
 CROWDS = {"realistic": REALISTIC, "harsh": HARSH}
 CROWD = HARSH  # bench/adversarial.py builds its own mixes; this is run_arm's default
 BUDGETS = (10.0, 20.0, 40.0, 80.0, 160.0)  # human-seconds per evaluation target
-MEASURE_AT = (0.0, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 80.0, 120.0, 160.0)
+# Where the curve is measured: the budgets, and between them where ``to_reach`` interpolates
+# (each measurement recomposes every target whose answers changed: most of an arm's time).
+MEASURE_AT = (0.0, 5.0, 10.0, 20.0, 30.0, 40.0, 60.0, 80.0, 120.0, 160.0)
 ARMS = ("crowd", "loop-random", "loop-uncertainty")
 
 
@@ -253,17 +261,36 @@ def build(
     engine.dispose()
 
 
+@dataclass
+class Measurement:
+    """One measurement's masks (composed in the pool, ready or not) and their truths."""
+
+    masks: list[tuple[Hard, np.ndarray]]
+    complete: int
+
+    def ready(self) -> bool:
+        return all(hard.ready() for hard, _ in self.masks)
+
+    def result(self) -> tuple[float, int]:
+        """Mean IoU (waiting for the masks) and the targets complete when it was taken."""
+        ious = [iou(hard(), truth) for hard, truth in self.masks]
+        return float(np.mean(ious)) if ious else float("nan"), self.complete
+
+
 class Measurer:
     """Mean IoU of the evaluation targets' composed masks against their frozen truth.
 
     A target's mask is recomposed only when its cells, posteriors or model prediction changed
-    since the last measurement (most do not between two measurements).
+    since the last measurement (most do not between two measurements), in ``pool``'s processes
+    where there is one (``bench.composer``): the inputs are read when the measurement is taken.
     """
 
-    def __init__(self, settings: Settings, factory: sessionmaker[Session]) -> None:
-        self.settings, self.factory = settings, factory
+    def __init__(
+        self, settings: Settings, factory: sessionmaker[Session], pool: Executor | None = None
+    ) -> None:
+        self.settings, self.factory, self.pool = settings, factory, pool
         self.truths: dict[int, np.ndarray] = {}
-        self.masks: dict[int, tuple[tuple[object, ...], np.ndarray]] = {}
+        self.masks: dict[int, tuple[tuple[object, ...], Hard]] = {}
 
     def evaluation_targets(self, session: Session) -> list[Target]:
         return list(
@@ -305,39 +332,34 @@ class Measurer:
     def _cells(session: Session, target: Target) -> list[Cell]:
         return list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
 
-    def _hard(self, session: Session, target: Target) -> np.ndarray:
+    def _hard(self, session: Session, target: Target) -> Hard:
         """The target's composed hard mask, composed again only when its state changed; a
         union's is the union of its children's (composing a union composes every child, and
         a campaign measures the children too)."""
+        image = session.get(Image, target.image_id)
+        assert image is not None
         if is_union(session, target=target):
-            image = session.get(Image, target.image_id)
-            assert image is not None
             parts = [self._hard(session, c) for c in child_targets(session, target=target)]
-            return (
-                np.logical_or.reduce(parts)
-                if parts
-                else np.zeros((image.height, image.width), dtype=bool)
-            )
+            return Hard.union(parts, (image.height, image.width))
         cells = self._cells(session, target)
         state = self._state(session, target, cells)
         if target.id not in self.masks or self.masks[target.id][0] != state:
-            image = session.get(Image, target.image_id)
-            hard = compose_target(
-                session, settings=self.settings, target=target, image=image, cells=cells
-            ).hard
-            self.masks[target.id] = (state, hard)
+            inputs = mask_inputs(session, settings=self.settings, target=target, cells=cells)
+            path = image_path(self.settings, image)
+            self.masks[target.id] = (state, submit(self.pool, path, inputs))
         return self.masks[target.id][1]
 
-    def measure(self) -> tuple[float, int]:
-        ious, complete = [], 0
+    def measure(self) -> Measurement:
+        """The masks as the answers stand now (``Measurement.result`` waits for them)."""
+        masks, complete = [], 0
         with self.factory() as session:
             for target in self.evaluation_targets(session):
                 truth = self._truth(session, target)
                 if truth is None:
                     continue  # added by the tagger: no ground truth to measure against
-                ious.append(iou(self._hard(session, target), truth))
+                masks.append((self._hard(session, target), truth))
                 complete += target.state == "complete"
-        return float(np.mean(ious)) if ious else float("nan"), complete
+        return Measurement(masks, complete)
 
     def by_size(self) -> dict[str, SizeShare]:
         """Where the answers went and what they bought, per object size (``size_class``):
@@ -357,7 +379,7 @@ class Measurer:
                 if truth is None:
                     continue
                 name = size_class(truth)
-                ious[name].append(iou(self._hard(session, target), truth))
+                ious[name].append(iou(self._hard(session, target)(), truth))
                 grids[name][0] += sum(level == 0 for level in levels[target.id])
                 grids[name][1] += sum(level > 0 for level in levels[target.id])
         return {
@@ -417,9 +439,10 @@ class Measurer:
         settled = sum(1 for issued, retired in rows if retired and as_utc(retired) < as_utc(issued))
         return settled, len(rows)
 
-    def ceiling(self) -> float:
-        """Mean IoU of the composition fed perfect answers on every window the rules open."""
-        ious = []
+    def ceiling(self) -> Callable[[], float]:
+        """Mean IoU of the composition fed perfect answers on every window the rules open
+        (composed in the pool: call the result for the number)."""
+        masks: list[tuple[Hard, np.ndarray]] = []
         with self.factory() as session:
             project = session.scalar(select(Project).where(Project.slug == SLUG))
             assert project is not None
@@ -432,10 +455,9 @@ class Measurer:
                     continue
                 _, answered = perfect_levels(truth, config)[-1]
                 cells, labels = [c for c, _ in answered], [float(y) for _, y in answered]
-                pixels = load_pixels(self.settings, image)
-                composed = compose_mask(pixels, cells, labels, method=method, square=config.square)
-                ious.append(iou(composed.hard, truth))
-        return float(np.mean(ious))
+                inputs = MaskInputs(cells, labels, None, method, config.square)
+                masks.append((submit(self.pool, image_path(self.settings, image), inputs), truth))
+        return lambda: Measurement(masks, 0).result()[0]
 
 
 def iou(mask: np.ndarray, truth: np.ndarray) -> float:
@@ -476,15 +498,29 @@ def run_arm(
     """Run one arm on its own copy of ``template``: volunteers of ``kinds`` (one each) answer
     until ``args.answers`` grids are submitted (or the largest of ``args.budgets`` is spent)
     or nobody finds a task. Measured every ``args.measure_every`` answers, or at each of
-    ``args.measure_at`` human-seconds per target; ``args.retrain_at`` (human-seconds per
+    ``args.measure_at`` human-seconds per target, the masks composed by ``args.workers``
+    processes (0: in this one) while the crowd goes on; ``args.retrain_at`` (human-seconds per
     target) says when a loop arm retrains (else every ``args.retrain_every`` answers)."""
+    workers = getattr(args, "workers", None)
+    with composer_pool(default_workers() if workers is None else workers) as pool:
+        return _run_arm(name, template, work, args, kinds, pool)
+
+
+def _run_arm(
+    name: str,
+    template: Path,
+    work: Path,
+    args: argparse.Namespace,
+    kinds: Sequence[str],
+    pool: Executor | None,
+) -> Arm:
     folder = work / name
     shutil.copytree(template, folder)
     settings = _settings(folder)
     engine = make_engine(settings.resolved_database_url)
     factory = make_session_factory(engine)
     loop = name.startswith("loop-")
-    measurer = Measurer(settings, factory)
+    measurer = Measurer(settings, factory, pool)
     with factory() as session:
         project = session.scalar(select(Project).where(Project.slug == SLUG))
         assert project is not None
@@ -492,7 +528,7 @@ def run_arm(
             project.settings = {**project.settings, "acquisition": name.split("-")[1]}
         n_eval = len(measurer.evaluation_targets(session)) or 1
         session.commit()
-    ceiling = measurer.ceiling() if getattr(args, "ceiling", False) else float("nan")
+    ceiling = measurer.ceiling() if getattr(args, "ceiling", False) else lambda: float("nan")
     measure_at = getattr(args, "measure_at", None)
     checkpoints = {answers_for(s, n_eval) for s in measure_at} if measure_at is not None else set()
     cap = args.answers
@@ -517,18 +553,29 @@ def run_arm(
     )
     em_every = em_cadence(len(crowd), getattr(args, "em_every", None))
     points: list[Point] = []
+    pending: list[tuple[int, float, Measurement]] = []  # answers, seconds taken, masks
+    measured_at: list[int] = []
     answers, idle, retrained = 0, 0, -1
     started = time.perf_counter()
 
+    def drain(*, wait: bool) -> None:
+        """Report the measurements whose masks are composed, in order (all of them: ``wait``)."""
+        while pending and (wait or pool is None or pending[0][2].ready() or len(pending) > 2):
+            at, taken, measured = pending.pop(0)
+            mean_iou, complete = measured.result()
+            per_target = at * SECONDS_PER_GRID / n_eval
+            print(
+                f"  {name:24s} answers {at:5d}  {per_target:6.1f} s/target  "
+                f"IoU {mean_iou:.3f}  complete {complete}  (taken at {taken:.0f} s, "
+                f"measured by {time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
+            points.append(Point(per_target, mean_iou, complete, at))
+
     def point() -> None:
-        mean_iou, complete = measurer.measure()
-        per_target = answers * SECONDS_PER_GRID / n_eval
-        print(
-            f"  {name:24s} answers {answers:5d}  {per_target:6.1f} s/target  "
-            f"IoU {mean_iou:.3f}  complete {complete}  ({time.perf_counter() - started:.0f} s)",
-            flush=True,
-        )
-        points.append(Point(per_target, mean_iou, complete, answers))
+        pending.append((answers, time.perf_counter() - started, measurer.measure()))
+        measured_at.append(answers)
+        drain(wait=False)
 
     def due(every: int, at: set[int]) -> bool:
         return answers in at if at else bool(every) and answers % every == 0
@@ -549,8 +596,9 @@ def run_arm(
         if due(getattr(args, "measure_every", 0), checkpoints) or answers == cap:
             point()
     ran_out = answers < cap
-    if answers and points[-1].answers != answers:  # the crowd ran out of work
+    if answers and measured_at[-1] != answers:  # the crowd ran out of work
         point()
+    drain(wait=True)
     sizes, spent, settled = measurer.by_size(), measurer.spent(), measurer.settled_tiles()
     print(f"  {name:24s} {size_line(sizes)}", flush=True)
     print(f"  {name:24s} {spent_line(spent)}; {settled_line(settled)}", flush=True)
@@ -560,7 +608,7 @@ def run_arm(
         (k, signer.read_volunteer_cookie(v.client.cookies.get(VOLUNTEER_COOKIE)) or "")
         for k, v in zip(kinds, crowd, strict=True)
     ]
-    return Arm(points, settings, ids, ceiling, ran_out, sizes, spent, settled)
+    return Arm(points, settings, ids, ceiling(), ran_out, sizes, spent, settled)
 
 
 def em_cadence(volunteers: int, every: int | None) -> int:
@@ -737,6 +785,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[Arm]]:
     parser.add_argument("--steps", type=int, default=None, help="segmenter steps per round")
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="processes that compose the measured masks while the crowd answers (0: none, "
+        "compose in the crowd's process; default: one per core)",
+    )
     parser.add_argument(
         "--em-every", type=int, default=None, help="answers between EM passes (0: never)"
     )
