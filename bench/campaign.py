@@ -65,7 +65,6 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,7 +107,7 @@ from app.services.masks.composition import MaskInputs, mask_inputs
 from app.services.project import create_project
 from app.services.target import child_targets, is_union
 from bench.ceiling import perfect_levels
-from bench.composer import Hard, composer_pool, default_workers, submit
+from bench.composer import Composer, Hard, composer, default_workers
 from ml.aggregation.simulate import PROFILES
 from ml.aggregation.simulate.masks import photo_like_scene
 from ml.demo.dataset import encode_mask, write_demo_dataset
@@ -263,7 +262,7 @@ def build(
 
 @dataclass
 class Measurement:
-    """One measurement's masks (composed in the pool, ready or not) and their truths."""
+    """One measurement's masks (being composed or composed) and their truths."""
 
     masks: list[tuple[Hard, np.ndarray]]
     complete: int
@@ -281,14 +280,16 @@ class Measurer:
     """Mean IoU of the evaluation targets' composed masks against their frozen truth.
 
     A target's mask is recomposed only when its cells, posteriors or model prediction changed
-    since the last measurement (most do not between two measurements), in ``pool``'s processes
-    where there is one (``bench.composer``): the inputs are read when the measurement is taken.
+    since the last measurement (most do not between two measurements), by ``composer``'s
+    processes where it has some (``bench.composer``): the inputs are read when the measurement
+    is taken.
     """
 
     def __init__(
-        self, settings: Settings, factory: sessionmaker[Session], pool: Executor | None = None
+        self, settings: Settings, factory: sessionmaker[Session], composer: Composer | None = None
     ) -> None:
-        self.settings, self.factory, self.pool = settings, factory, pool
+        self.settings, self.factory = settings, factory
+        self.composer = composer or Composer()
         self.truths: dict[int, np.ndarray] = {}
         self.masks: dict[int, tuple[tuple[object, ...], Hard]] = {}
 
@@ -346,7 +347,7 @@ class Measurer:
         if target.id not in self.masks or self.masks[target.id][0] != state:
             inputs = mask_inputs(session, settings=self.settings, target=target, cells=cells)
             path = image_path(self.settings, image)
-            self.masks[target.id] = (state, submit(self.pool, path, inputs))
+            self.masks[target.id] = (state, self.composer.submit(target.id, path, inputs))
         return self.masks[target.id][1]
 
     def measure(self) -> Measurement:
@@ -441,7 +442,7 @@ class Measurer:
 
     def ceiling(self) -> Callable[[], float]:
         """Mean IoU of the composition fed perfect answers on every window the rules open
-        (composed in the pool: call the result for the number)."""
+        (being composed: call the result for the number)."""
         masks: list[tuple[Hard, np.ndarray]] = []
         with self.factory() as session:
             project = session.scalar(select(Project).where(Project.slug == SLUG))
@@ -456,7 +457,8 @@ class Measurer:
                 _, answered = perfect_levels(truth, config)[-1]
                 cells, labels = [c for c, _ in answered], [float(y) for _, y in answered]
                 inputs = MaskInputs(cells, labels, None, method, config.square)
-                masks.append((submit(self.pool, image_path(self.settings, image), inputs), truth))
+                path = image_path(self.settings, image)
+                masks.append((self.composer.submit(target.id, path, inputs), truth))
         return lambda: Measurement(masks, 0).result()[0]
 
 
@@ -502,8 +504,8 @@ def run_arm(
     processes (0: in this one) while the crowd goes on; ``args.retrain_at`` (human-seconds per
     target) says when a loop arm retrains (else every ``args.retrain_every`` answers)."""
     workers = getattr(args, "workers", None)
-    with composer_pool(default_workers() if workers is None else workers) as pool:
-        return _run_arm(name, template, work, args, kinds, pool)
+    with composer(default_workers() if workers is None else workers) as masks:
+        return _run_arm(name, template, work, args, kinds, masks)
 
 
 def _run_arm(
@@ -512,7 +514,7 @@ def _run_arm(
     work: Path,
     args: argparse.Namespace,
     kinds: Sequence[str],
-    pool: Executor | None,
+    masks: Composer,
 ) -> Arm:
     folder = work / name
     shutil.copytree(template, folder)
@@ -520,7 +522,7 @@ def _run_arm(
     engine = make_engine(settings.resolved_database_url)
     factory = make_session_factory(engine)
     loop = name.startswith("loop-")
-    measurer = Measurer(settings, factory, pool)
+    measurer = Measurer(settings, factory, masks)
     with factory() as session:
         project = session.scalar(select(Project).where(Project.slug == SLUG))
         assert project is not None
@@ -560,7 +562,7 @@ def _run_arm(
 
     def drain(*, wait: bool) -> None:
         """Report the measurements whose masks are composed, in order (all of them: ``wait``)."""
-        while pending and (wait or pool is None or pending[0][2].ready() or len(pending) > 2):
+        while pending and (wait or pending[0][2].ready() or len(pending) > 2):
             at, taken, measured = pending.pop(0)
             mean_iou, complete = measured.result()
             per_target = at * SECONDS_PER_GRID / n_eval

@@ -60,12 +60,21 @@ def compose_hard(path: str, inputs: MaskInputs) -> np.ndarray:
     return inputs.compose(_pixels(path)).hard
 
 
-def submit(pool: Executor | None, path: Path, inputs: MaskInputs) -> Hard:
-    """Compose in ``pool``, or here and now without one."""
-    if pool is None:
-        return Hard.of(compose_hard(str(path), inputs))
-    future: Future[np.ndarray] = pool.submit(compose_hard, str(path), inputs)
-    return Hard(future.result, future.done)
+class Composer:
+    """Composes masks in ``pools`` (one process each), a target always in the same one: its
+    GrabCut cuts are kept there (``ml.composition.KEPT_CUTS``), and composing it again after
+    answers that moved nothing across a threshold does not cut again. Without pools, here and
+    now."""
+
+    def __init__(self, pools: Sequence[Executor] = ()) -> None:
+        self.pools = list(pools)
+
+    def submit(self, target_id: int, path: Path, inputs: MaskInputs) -> Hard:
+        if not self.pools:
+            return Hard.of(compose_hard(str(path), inputs))
+        pool = self.pools[target_id % len(self.pools)]
+        future: Future[np.ndarray] = pool.submit(compose_hard, str(path), inputs)
+        return Hard(future.result, future.done)
 
 
 def default_workers() -> int:
@@ -74,11 +83,13 @@ def default_workers() -> int:
 
 
 @contextlib.contextmanager
-def composer_pool(workers: int) -> Iterator[Executor | None]:
-    """A pool of ``workers`` processes (spawned: the caller's threads and open databases are
-    not copied into them), or None for 0: compose in the caller's process."""
-    if workers <= 0:
-        yield None
-        return
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield pool
+def composer(workers: int) -> Iterator[Composer]:
+    """A ``Composer`` of ``workers`` processes (spawned: the caller's threads and open
+    databases are not copied into them); 0: composing in the caller's process."""
+    with contextlib.ExitStack() as stack:
+        context = multiprocessing.get_context("spawn")
+        pools = [
+            stack.enter_context(ProcessPoolExecutor(1, mp_context=context))
+            for _ in range(max(0, workers))
+        ]
+        yield Composer(pools)

@@ -63,6 +63,9 @@ decision inside cells claimed positive and the probable background beside them
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -93,6 +96,7 @@ SMOOTH_BAR = 2.0  # x the median distance of the sure background from its plane:
 CONTRAST_PX = 4  # ``border_contrast`` compares the mean colours this far either side
 AGREEMENT_NATS = 1.0  # a cut this much likelier under the crowd's answers is kept (``_better_cut``)
 GRABCUT_MAX_PIXELS = 120_000  # larger crops run downscaled (GrabCut's cost grows with area)
+GRABCUT_KEPT = 512  # cuts kept by their exact inputs (``_run_grabcut``)
 
 FloatMask = npt.NDArray[np.float32]
 BoolMask = npt.NDArray[np.bool_]
@@ -476,16 +480,66 @@ def _next_to_claim(tm: Trimap) -> BoolMask:
     return np.asarray(d <= side)
 
 
+class _KeptCuts:
+    """The last ``GRABCUT_KEPT`` cuts by a digest of their inputs (the crop's pixels and its
+    initial labels), so that composing a target again after answers that moved no cell across a
+    threshold of the trimap (most of them) does not cut again: GrabCut is deterministic
+    (``cv2.setRNGSeed``) and most of a composition's time."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.lock = size, threading.Lock()
+        self.cuts: OrderedDict[bytes, BoolMask | None] = OrderedDict()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(pixels: np.ndarray, labels: np.ndarray) -> bytes:
+        digest = hashlib.blake2b(repr((pixels.shape, labels.shape)).encode(), digest_size=16)
+        digest.update(np.ascontiguousarray(pixels).data)
+        digest.update(np.ascontiguousarray(labels).data)
+        return digest.digest()
+
+    def get(self, key: bytes) -> tuple[bool, BoolMask | None]:
+        with self.lock:
+            if key not in self.cuts:
+                self.misses += 1
+                return False, None
+            self.hits += 1
+            self.cuts.move_to_end(key)
+            cut = self.cuts[key]
+        return True, None if cut is None else cut.copy()
+
+    def put(self, key: bytes, cut: BoolMask | None) -> None:
+        with self.lock:
+            self.cuts[key] = None if cut is None else cut.copy()
+            while len(self.cuts) > self.size:
+                self.cuts.popitem(last=False)
+
+
+KEPT_CUTS = _KeptCuts(GRABCUT_KEPT)
+
+
 def _run_grabcut(pixels: np.ndarray, labels: np.ndarray) -> BoolMask | None:
     """GrabCut on one crop, downscaled past ``GRABCUT_MAX_PIXELS``. Returns foreground, or None
     where the (downscaled) labels hold no sample of the object or none of the background, which
-    GrabCut cannot start from."""
+    GrabCut cannot start from. The same inputs again are answered from ``KEPT_CUTS``."""
+    key = KEPT_CUTS.key(pixels, labels)
+    kept, cut = KEPT_CUTS.get(key)
+    if not kept:
+        cut = _grabcut(pixels, labels)
+        KEPT_CUTS.put(key, cut)
+    return cut
+
+
+def _grabcut(pixels: np.ndarray, labels: np.ndarray) -> BoolMask | None:
+    """``_run_grabcut`` without the kept cuts."""
     h, w = labels.shape
     scale = min(1.0, float(np.sqrt(GRABCUT_MAX_PIXELS / (h * w))))
     if scale < 1.0:
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
         labels = cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST)
+    else:
+        labels = labels.copy()  # GrabCut writes its cut into them: the caller's stay as given
     fg_like = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
     if fg_like.all() or not fg_like.any():
         return None

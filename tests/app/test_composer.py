@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from app.services.masks.composition import MaskInputs
-from bench.composer import Hard, composer_pool, submit
+from bench.composer import Composer, Hard, composer
 from ml.aggregation import grid
 from ml.composition import compose_mask
 
@@ -31,12 +31,11 @@ def test_a_mask_composed_in_a_worker_process_is_the_one_composed_here(tmp_path: 
     inputs = MaskInputs(cells, probs, None, "grabcut", False)
     expected = compose_mask(image, cells, probs, method="grabcut").hard
     assert expected.any() and not expected.all()
-    with composer_pool(1) as pool:
-        assert pool is not None
-        composed = submit(pool, tmp_path / "disc.png", inputs)
-        assert np.array_equal(composed(), expected)
-        assert composed.ready()
-    here = submit(None, tmp_path / "disc.png", inputs)
+    with composer(2) as masks:
+        assert len(masks.pools) == 2
+        composed = [masks.submit(i, tmp_path / "disc.png", inputs) for i in range(3)]
+        assert all(np.array_equal(c(), expected) and c.ready() for c in composed)
+    here = Composer().submit(0, tmp_path / "disc.png", inputs)
     assert here.ready() and np.array_equal(here(), expected)
 
 

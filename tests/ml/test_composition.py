@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench.ceiling import crowd_levels, perfect_levels, scene_targets
+from ml import composition
 from ml.aggregation import grid
 from ml.aggregation.rules import RefinementConfig
 from ml.aggregation.simulate.masks import photo_like_scene
@@ -345,3 +347,26 @@ def test_the_ceiling_bench_s_crowd_errs_like_a_crowd_and_repeats_per_seed() -> N
     assert ((probs > 0) & (probs < 1)).all()  # posteriors, not answers
     agree = np.mean([(crowd[c] > 0.5) == (y > 0) for c, y in first.items()])
     assert agree >= 5 / 9
+
+
+def test_the_same_cut_again_is_the_kept_one_and_the_callers_labels_stay() -> None:
+    image, truth = _scene(seed=3)
+    cells, probs = _perfect(truth, 2)
+    composition.KEPT_CUTS.cuts.clear()
+    first = compose_mask(image, cells, probs, method="grabcut").hard
+    misses = composition.KEPT_CUTS.misses
+    hits = composition.KEPT_CUTS.hits
+    assert composition.KEPT_CUTS.cuts  # the cuts were kept
+    again = compose_mask(image, cells, probs, method="grabcut").hard
+    assert np.array_equal(first, again)
+    assert composition.KEPT_CUTS.misses == misses and composition.KEPT_CUTS.hits > hits
+    # Kept or not, a cut leaves its labels as they were given.
+    labels = np.full(image.shape[:2], cv2.GC_PR_BGD, np.uint8)
+    labels[truth] = cv2.GC_PR_FGD
+    labels[:5] = cv2.GC_BGD
+    given = labels.copy()
+    composition.KEPT_CUTS.cuts.clear()
+    cut = composition._run_grabcut(image, labels)
+    assert np.array_equal(labels, given)
+    assert cut is not None and np.array_equal(cut, composition._run_grabcut(image, labels))
+    assert _iou(cut, truth) > 0.9
