@@ -584,9 +584,12 @@ def _run_arm(
 
     while answers < cap and idle < len(crowd):
         if loop and retrained != answers and due(getattr(args, "retrain_every", 0), retrain_at):
+            # Training takes every core: the measurements composing beside it slowed it 6x.
+            drain(wait=True)
+            ceiling()
             run_retrain(factory, settings, slug=SLUG, options=options)
             retrained = answers  # not again while volunteers find no task at this count
-        if answers == 0 and not points:
+        if answers == 0 and not measured_at:
             point()
         volunteer = crowd[int(rng.integers(len(crowd)))]
         if volunteer.step(SLUG) is None:
