@@ -21,7 +21,8 @@ Under the project's model-job lock (``app.jobs.lock``), as one recorded job:
    (never of the frozen evaluation set); the Platt slope, capped by the model's mIoU on the
    frozen set (``ml.calibration.weight_cap``), is the weight the model earns as a pseudo-voter.
    The cells' priors are set, the posteriors recomputed, and a cell whose prior is sure retires
-   after a small confirmation sample (``model_confirm_votes``);
+   after a small confirmation sample (``model_confirm_votes``). Its mask of every open target is
+   stored (``app.jobs.predict``): the composition starts GrabCut from it too;
 6. open targets are re-ranked by the project's acquisition function: ``uncertainty`` (each
    window's value is the expected gain of an answer from its open cells' fused posteriors,
    ``app.services.crowd.settle.revalue_windows``; a target where model and crowd disagree
@@ -55,6 +56,7 @@ from torch.nn import functional as F
 
 from app.config import Settings
 from app.jobs.lock import project_lock
+from app.jobs.predict import run_predict
 from app.jobs.seed import run_seed
 from app.jobs.train import (
     NotEnoughDataError,
@@ -128,6 +130,7 @@ class RetrainReport:
     model_slope: float | None = None
     model_miou: float | None = None
     calibration_cells: int = 0
+    masks_predicted: int = 0
     cells_retired: int = 0
     images_retagged: int = 0
     targets_created: int = 0
@@ -187,6 +190,9 @@ def _round(
             _model_priors(session, settings, project, options.device, report)
             if report.model_weight is not None:
                 log_job(job, _weight_line(report))
+            session.commit()
+            step("the segmenter's masks of open targets", 0.8)
+            report.masks_predicted = _predict_open(factory, settings, session, project, options)
             session.commit()
             step("re-ranking targets", 0.9)
             report.reranked = rerank(session, project=project)
@@ -488,6 +494,24 @@ def _retag(
         session, project=project, retagged=set(seeded.image_ids), predicted=predicted
     )
     session.commit()
+
+
+def _predict_open(
+    factory: sessionmaker[Session],
+    settings: Settings,
+    session: Session,
+    project: Project,
+    options: RetrainOptions,
+) -> int:
+    """The active segmenter's mask of every open target (``app.jobs.predict``): its
+    probability is a start of the composition's GrabCut (``ml.composition``). Returns how many
+    masks it drew (0 without an active segmenter)."""
+    if active_model(session, project=project, kind=ModelKind.SEGMENTER) is None:
+        return 0
+    session.commit()  # end this session's read: the prediction job writes from its own session
+    predicted = run_predict(factory, settings, slug=project.slug, device=options.device)
+    session.expire_all()
+    return predicted.masks
 
 
 def triage_unsupported(

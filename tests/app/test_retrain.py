@@ -38,6 +38,8 @@ from app.models import (
     ImageTagSource,
     Job,
     JobStatus,
+    MaskSource,
+    MaskVersion,
     ModelKind,
     ModelVersion,
     QualitySnapshot,
@@ -93,6 +95,19 @@ def test_a_round_trains_promotes_sets_model_priors_retags_and_reranks(world: Wor
         assert informed and informed >= report.priors_set // 2
         states = set(session.scalars(select(Target.state)))
         assert TargetState.COLLECTING in states
+        # The segmenter drew a mask of every open target: the composition starts from it too.
+        assert "the segmenter's masks of open targets" in job.log
+        predicted = session.scalar(
+            select(func.count(func.distinct(MaskVersion.target_id))).where(
+                MaskVersion.source == MaskSource.MODEL
+            )
+        )
+        open_targets = session.scalar(
+            select(func.count())
+            .select_from(Target)
+            .where(Target.state.in_([TargetState.SEEDED, TargetState.COLLECTING]))
+        )
+        assert report.masks_predicted > 0 and predicted == open_targets
 
     # The next round fine-tunes the active tagger and segmenter instead of starting over.
     again = run_retrain(world.factory, world.settings, slug=SLUG, options=TINY)
