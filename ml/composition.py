@@ -491,7 +491,8 @@ class _KeptCuts:
 
     def __init__(self, size: int) -> None:
         self.size, self.lock = size, threading.Lock()
-        self.cuts: OrderedDict[bytes, BoolMask | None] = OrderedDict()
+        # A cut's bits, packed (a server keeps at most size x crop area / 8 bytes), and shape.
+        self.cuts: OrderedDict[bytes, tuple[np.ndarray, tuple[int, int]] | None] = OrderedDict()
         self.hits = self.misses = 0
 
     @staticmethod
@@ -508,12 +509,16 @@ class _KeptCuts:
                 return False, None
             self.hits += 1
             self.cuts.move_to_end(key)
-            cut = self.cuts[key]
-        return True, None if cut is None else cut.copy()
+            kept = self.cuts[key]
+        if kept is None:
+            return True, None
+        bits, (h, w) = kept
+        return True, np.unpackbits(bits, count=h * w).reshape(h, w).astype(bool)
 
     def put(self, key: bytes, cut: BoolMask | None) -> None:
+        kept = None if cut is None else (np.packbits(cut), (cut.shape[0], cut.shape[1]))
         with self.lock:
-            self.cuts[key] = None if cut is None else cut.copy()
+            self.cuts[key] = kept
             while len(self.cuts) > self.size:
                 self.cuts.popitem(last=False)
 
