@@ -52,11 +52,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from sqlalchemy import Row, select
 from sqlalchemy.orm import Session, sessionmaker
-from torch.nn import functional as F
 
 from app.config import Settings
 from app.jobs.lock import project_lock
-from app.jobs.predict import run_predict
+from app.jobs.predict import predicted_targets, store_prediction, target_planes
 from app.jobs.seed import run_seed
 from app.jobs.train import (
     NotEnoughDataError,
@@ -86,8 +85,7 @@ from app.models import (
 from app.services.consensus import refresh_cells
 from app.services.crowd.settle import revalue_windows, settle_targets
 from app.services.curation.quality import MAX_QUALITY_TARGETS, record_quality
-from app.services.files import model_file, read_mask
-from app.services.image import image_path
+from app.services.files import mask_store, model_file, read_mask
 from app.services.job import finish_job, job_run, log_job
 from app.services.model_version import active_model
 from app.services.project import get_project, square_cells
@@ -95,8 +93,7 @@ from ml import distributed
 from ml.aggregation import grid
 from ml.calibration import Calibrator, fit_calibrator, model_weight, with_slope
 from ml.checkpoints import load_checkpoint
-from ml.data import load_images
-from ml.segmenter import Segmenter, predict_masks
+from ml.segmenter import Segmenter
 from ml.train import resolve_device
 
 ACQUISITIONS = ("uncertainty", "disagreement", "random")
@@ -104,7 +101,6 @@ MIN_CELLS_FOR_CALIBRATION = 20
 # The newest control and complete targets the model's prior is calibrated on (each costs one
 # prediction on its image, shared with the image's other targets).
 MAX_CALIBRATION_TARGETS = 400
-BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -186,13 +182,10 @@ def _round(
             # prior, which must not replace the segmenter's (calibrated, per pixel) after it.
             step("re-tagging images with the active tagger", 0.6)
             _retag(factory, settings, session, project, options.device, report)
-            step("model priors on open cells", 0.75)
+            step("the segmenter's priors and masks of open targets", 0.75)
             _model_priors(session, settings, project, options.device, report)
             if report.model_weight is not None:
                 log_job(job, _weight_line(report))
-            session.commit()
-            step("the segmenter's masks of open targets", 0.8)
-            report.masks_predicted = _predict_open(factory, settings, session, project, options)
             session.commit()
             step("re-ranking targets", 0.9)
             report.reranked = rerank(session, project=project)
@@ -378,39 +371,25 @@ def _score_targets(
     model: Segmenter,
     targets: list[tuple[Target, Image, str]],
     *,
-    calibration: bool,
     square: bool,
 ) -> list[_Scored]:
-    """Touch scores of the targets' cells (open cells, or every cell of calibration targets),
-    one prediction per image; targets of tags the model does not know are left out."""
-    column = {name: i for i, name in enumerate(model.config.tags)}
-    by_image: dict[int, tuple[Image, list[tuple[Target, int]]]] = {}
-    for target, image, name in targets:
-        if name in column:
-            by_image.setdefault(image.id, (image, []))[1].append((target, column[name]))
-    groups = list(by_image.values())
+    """Touch scores of every cell of the calibration targets that have a truth (one prediction
+    per image); targets of tags the model does not know are left out."""
     scored: list[_Scored] = []
-    for start in range(0, len(groups), BATCH):
-        batch = groups[start : start + BATCH]
-        pixels = load_images([image_path(settings, i) for i, _ in batch], model.config.input_size)
-        probs = predict_masks(model, pixels)  # (B, T, S, S)
-        for (image, group), planes in zip(batch, probs, strict=True):
-            full = F.interpolate(
-                planes[None].float(), size=(image.height, image.width), mode="bilinear"
-            )[0].clamp(0, 1)  # (T, H, W)
-            for target, k in group:
-                cells = _cells(session, target, open_only=not calibration)
-                truth = _final_mask(session, settings, target) if calibration else None
-                if cells and (truth is not None or not calibration):
-                    scores = touch_scores(full[k].numpy(), _addresses(cells), square=square)
-                    scored.append(_Scored(target, cells, scores, truth))
+    for target, soft in target_planes(settings, model, targets):
+        cells = _cells(session, target, open_only=False)
+        truth = _final_mask(session, settings, target)
+        if cells and truth is not None:
+            scores = touch_scores(soft, _addresses(cells), square=square)
+            scored.append(_Scored(target, cells, scores, truth))
     return scored
 
 
 def _model_priors(
     session: Session, settings: Settings, project: Project, device: str, report: RetrainReport
 ) -> None:
-    """Set the open cells' priors from the active segmenter (see the module docstring)."""
+    """Set the open cells' priors from the active segmenter and store its mask of every open
+    target (``app.jobs.predict``), from one prediction per image (see the module docstring)."""
     version = active_model(session, project=project, kind=ModelKind.SEGMENTER)
     if version is None:
         return
@@ -419,26 +398,32 @@ def _model_priors(
     assert isinstance(model, Segmenter)
     open_targets, calibration_targets = model_prior_targets(session, project)
     square = square_cells(project)
-    references = _score_targets(
-        session, settings, model, calibration_targets, calibration=True, square=square
-    )
+    references = _score_targets(session, settings, model, calibration_targets, square=square)
     calibrator = _fit_model_calibrator(references, square=square)
-    if calibrator is None:
-        return
-    miou = version.metrics.get("miou")
-    report.model_miou = None if miou is None else float(miou)
-    report.model_slope = float(calibrator.x[0])
-    report.model_weight = model_weight(calibrator, report.model_miou)
-    report.calibration_cells = sum(len(r.cells) for r in references)
-    prior = with_slope(calibrator, report.model_weight)
+    prior = None
+    if calibrator is not None:
+        miou = version.metrics.get("miou")
+        report.model_miou = None if miou is None else float(miou)
+        report.model_slope = float(calibrator.x[0])
+        report.model_weight = model_weight(calibrator, report.model_miou)
+        report.calibration_cells = sum(len(r.cells) for r in references)
+        prior = with_slope(calibrator, report.model_weight)
+    given = {target.id for target, _, _ in open_targets}
+    store = mask_store(settings)
     touched: list[Cell] = []
-    for scored in _score_targets(
-        session, settings, model, open_targets, calibration=False, square=square
-    ):
-        for cell, value in zip(scored.cells, prior.log_odds(scored.scores), strict=True):
-            cell.prior_logodds = float(value)
-        touched += scored.cells
+    for target, soft in target_planes(settings, model, predicted_targets(session, project.id)):
+        # The prediction is a start of the composition's GrabCut (``ml.composition``).
+        store_prediction(session, target=target, soft=soft, store=store)
+        report.masks_predicted += 1
+        cells = _cells(session, target, open_only=True) if target.id in given else []
+        if prior is not None and cells:
+            scores = touch_scores(soft, _addresses(cells), square=square)
+            for cell, value in zip(cells, prior.log_odds(scores), strict=True):
+                cell.prior_logodds = float(value)
+            touched += cells
     session.flush()
+    if not touched:
+        return
     refresh_cells(session, cells=touched)
     report.priors_set = len(touched)
     before = _retired_count(session, touched)
@@ -494,24 +479,6 @@ def _retag(
         session, project=project, retagged=set(seeded.image_ids), predicted=predicted
     )
     session.commit()
-
-
-def _predict_open(
-    factory: sessionmaker[Session],
-    settings: Settings,
-    session: Session,
-    project: Project,
-    options: RetrainOptions,
-) -> int:
-    """The active segmenter's mask of every open target (``app.jobs.predict``): its
-    probability is a start of the composition's GrabCut (``ml.composition``). Returns how many
-    masks it drew (0 without an active segmenter)."""
-    if active_model(session, project=project, kind=ModelKind.SEGMENTER) is None:
-        return 0
-    session.commit()  # end this session's read: the prediction job writes from its own session
-    predicted = run_predict(factory, settings, slug=project.slug, device=options.device)
-    session.expire_all()
-    return predicted.masks
 
 
 def triage_unsupported(

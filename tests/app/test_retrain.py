@@ -84,7 +84,7 @@ def test_a_round_trains_promotes_sets_model_priors_retags_and_reranks(world: Wor
         assert {r.mean_iou for r in readings if r.tag_id is None} == {report.mask_iou}
         job = session.get(Job, report.job_id)
         assert job is not None and job.status == JobStatus.SUCCEEDED and job.progress == 1.0
-        assert "model priors on open cells" in job.log
+        assert "the segmenter's priors and masks of open targets" in job.log
         assert f"model prior weight {report.model_weight:.3f}" in job.log
         informed = session.scalar(
             select(func.count())
@@ -96,7 +96,6 @@ def test_a_round_trains_promotes_sets_model_priors_retags_and_reranks(world: Wor
         states = set(session.scalars(select(Target.state)))
         assert TargetState.COLLECTING in states
         # The segmenter drew a mask of every open target: the composition starts from it too.
-        assert "the segmenter's masks of open targets" in job.log
         predicted = session.scalar(
             select(func.count(func.distinct(MaskVersion.target_id))).where(
                 MaskVersion.source == MaskSource.MODEL
