@@ -103,15 +103,33 @@ def fit_isotonic(scores: npt.ArrayLike, labels: npt.ArrayLike) -> Calibrator:
     return Calibrator("isotonic", tuple(knots.tolist()), tuple(fitted.tolist()))
 
 
-def fit_platt(scores: npt.ArrayLike, labels: npt.ArrayLike, *, steps: int = 100) -> Calibrator:
-    """Platt scaling with smoothed targets, by Newton's method on (a, b)."""
+def fit_platt(
+    scores: npt.ArrayLike,
+    labels: npt.ArrayLike,
+    *,
+    offset: npt.ArrayLike | None = None,
+    steps: int = 100,
+) -> Calibrator:
+    """Platt scaling with smoothed targets, by Newton's method on (a, b).
+
+    With ``offset`` (log-odds per score, e.g. each cell's rate before the model speaks) the fit
+    is ``P(y) = sigmoid(offset + a * s + b)``: ``a * s + b`` is then the model's evidence, the
+    log-likelihood ratio it adds to what was known without it, not a probability that already
+    holds the population's rate.
+
+    Shape:
+        scores, labels, offset ``(n,)``.
+    """
     s, y = _check(scores, labels)
+    base = np.zeros_like(s) if offset is None else np.asarray(offset, dtype=np.float64).reshape(-1)
+    if base.shape != s.shape:
+        raise ValueError(f"need an offset per score: got {base.size} for {s.size}")
     n_pos, n_neg = y.sum(), y.size - y.sum()
     t = np.where(y > 0, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
     x = np.stack([s, np.ones_like(s)], axis=1)  # (n, 2)
-    theta = np.array([1.0, float(np.log((n_pos + 1) / (n_neg + 1)))])
+    theta = np.array([1.0, float(np.log((n_pos + 1) / (n_neg + 1)) - base.mean())])
     for _ in range(steps):
-        p = 1.0 / (1.0 + np.exp(-(x @ theta)))
+        p = 1.0 / (1.0 + np.exp(-(x @ theta + base)))
         grad = x.T @ (p - t)
         hess = (x * (p * (1 - p))[:, None]).T @ x + 1e-9 * np.eye(2)
         step = np.linalg.solve(hess, grad)

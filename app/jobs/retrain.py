@@ -12,15 +12,19 @@ Under the project's model-job lock (``app.jobs.lock``), as one recorded job:
 4. the active tagger re-tags the images it has not seen (new tags seed targets with their
    Grad-CAM, ``app.jobs.seed``); a classifier tag the new tagger no longer predicts, and a complete
    target whose mask came out empty, go to triage. Grad-CAM gives the first cells of new and
-   unanswered targets a prior, which the segmenter's replaces next for every tag it knows
-   (measured: the other way round, re-tagging wiped the segmenter's priors of every unanswered
-   target, and the mean IoU before any answer fell from 0.19 to 0.02);
+   unanswered targets their rate, to which the segmenter's evidence is added next for every tag
+   it knows (measured: the other way round, re-tagging wiped the segmenter's priors of every
+   unanswered target, and the mean IoU before any answer fell from 0.19 to 0.02);
 5. the active segmenter looks at every open target: each open cell's score is the model's
    highest pixel probability in it (volunteers are asked whether *any* of the object is in the
-   square), calibrated (Platt) against the touched cells of control truth and of complete masks
-   (never of the frozen evaluation set); the Platt slope, capped by the model's mIoU on the
-   frozen set (``ml.calibration.weight_cap``), is the weight the model earns as a pseudo-voter.
-   The cells' priors are set, the posteriors recomputed, and a cell whose prior is sure retires
+   square), calibrated (Platt, offset by each level's rate) against the touched cells of
+   control truth and of complete masks (never of the frozen evaluation set); the Platt slope,
+   capped by the model's mIoU on the frozen set (``ml.calibration.weight_cap``), is the weight
+   the model earns as a pseudo-voter. Its evidence (a log-likelihood ratio) is added to the rate
+   each cell had without it (its parent's probability times the children's rate, a search's 5%,
+   Grad-CAM), and replaces the round before's: the model's calibrated probability in place of
+   that rate made a weak model flatten sure priors toward one half (a model of weight 0 set
+   every prior to 0). The posteriors are recomputed, and a cell whose prior is sure retires
    after a small confirmation sample (``model_confirm_votes``). Its mask of every open target is
    stored (``app.jobs.predict``): the composition starts GrabCut from it too;
 6. open targets are re-ranked by the project's acquisition function: ``uncertainty`` (each
@@ -82,7 +86,8 @@ from app.models import (
     Window,
     WindowState,
 )
-from app.services.consensus import refresh_cells
+from app.services.consensus import base_rates, refresh_cells
+from app.services.crowd.opening import outside_image
 from app.services.crowd.settle import revalue_windows, settle_targets
 from app.services.curation.quality import MAX_QUALITY_TARGETS, record_quality
 from app.services.files import mask_store, model_file, read_mask
@@ -91,7 +96,7 @@ from app.services.model_version import active_model
 from app.services.project import get_project, square_cells
 from ml import distributed
 from ml.aggregation import grid
-from ml.calibration import Calibrator, fit_calibrator, model_weight, with_slope
+from ml.calibration import Calibrator, fit_platt, model_weight, with_slope
 from ml.checkpoints import load_checkpoint
 from ml.segmenter import Segmenter
 from ml.train import resolve_device
@@ -179,7 +184,7 @@ def _round(
 
             _train_models(factory, settings, session, project, options, report, step)
             # Re-tagging first: seeding gives unanswered first cells the tagger's Grad-CAM
-            # prior, which must not replace the segmenter's (calibrated, per pixel) after it.
+            # rate, to which the segmenter's evidence is added after it.
             step("re-tagging images with the active tagger", 0.6)
             _retag(factory, settings, session, project, options.device, report)
             step("the segmenter's priors and masks of open targets", 0.75)
@@ -377,7 +382,8 @@ def _score_targets(
     per image); targets of tags the model does not know are left out."""
     scored: list[_Scored] = []
     for target, soft in target_planes(settings, model, targets):
-        cells = _cells(session, target, open_only=False)
+        # A square wholly outside the image is nobody's question and scores 0 by construction.
+        cells = [c for c in _cells(session, target, open_only=False) if not outside_image(c)]
         truth = _final_mask(session, settings, target)
         if cells and truth is not None:
             scores = touch_scores(soft, _addresses(cells), square=square)
@@ -399,15 +405,16 @@ def _model_priors(
     open_targets, calibration_targets = model_prior_targets(session, project)
     square = square_cells(project)
     references = _score_targets(session, settings, model, calibration_targets, square=square)
-    calibrator = _fit_model_calibrator(references, square=square)
-    prior = None
+    rates = base_rates(session, project=project)
+    calibrator = _fit_model_calibrator(references, rates, square=square)
+    evidence = None
     if calibrator is not None:
         miou = version.metrics.get("miou")
         report.model_miou = None if miou is None else float(miou)
         report.model_slope = float(calibrator.x[0])
         report.model_weight = model_weight(calibrator, report.model_miou)
         report.calibration_cells = sum(len(r.cells) for r in references)
-        prior = with_slope(calibrator, report.model_weight)
+        evidence = with_slope(calibrator, report.model_weight)
     given = {target.id for target, _, _ in open_targets}
     store = mask_store(settings)
     touched: list[Cell] = []
@@ -416,10 +423,13 @@ def _model_priors(
         store_prediction(session, target=target, soft=soft, store=store)
         report.masks_predicted += 1
         cells = _cells(session, target, open_only=True) if target.id in given else []
-        if prior is not None and cells:
+        if evidence is not None and cells:
             scores = touch_scores(soft, _addresses(cells), square=square)
-            for cell, value in zip(cells, prior.log_odds(scores), strict=True):
-                cell.prior_logodds = float(value)
+            for cell, llr in zip(cells, _evidence(evidence, scores), strict=True):
+                # The model's evidence is added to the rate the cell had without it, and
+                # replaces the evidence of the round before.
+                cell.prior_logodds = float(cell.prior_logodds - cell.model_logodds + llr)
+                cell.model_logodds = float(llr)
             touched += cells
     session.flush()
     if not touched:
@@ -442,21 +452,30 @@ def _retired_count(session: Session, cells: list[Cell]) -> int:
     return sum(c.status == CellStatus.RETIRED for c in cells)
 
 
-def _fit_model_calibrator(references: list[_Scored], *, square: bool) -> Calibrator | None:
+def _fit_model_calibrator(
+    references: list[_Scored], rates: dict[int, float], *, square: bool
+) -> Calibrator | None:
     """Platt scaling of the touch score against whether the truth touches the cell (its
-    coverage > 0), over every cell of the calibration targets; None without enough cells of
-    both answers."""
-    scores, labels = [], []
+    coverage > 0), over every cell of the calibration targets, each offset by its level's rate
+    (``base_rates``): the fit is the model's log-likelihood ratio over what the pyramid knows
+    without it. None without enough cells of both answers."""
+    scores, labels, offsets = [], [], []
     for ref in references:
         assert ref.truth is not None
         scores.append(ref.scores)
         labels.append(grid.cell_coverage(ref.truth, _addresses(ref.cells), square=square) > 0)
+        offsets.append(np.array([rates.get(c.level, 0.0) for c in ref.cells]))
     if not scores:
         return None
     x, y = np.concatenate(scores), np.concatenate(labels)
     if y.size < MIN_CELLS_FOR_CALIBRATION or y.all() or not y.any():
         return None
-    return fit_calibrator(x, y, "platt")
+    return fit_platt(x, y, offset=np.concatenate(offsets))
+
+
+def _evidence(calibrator: Calibrator, scores: np.ndarray) -> np.ndarray:
+    """The model's log-likelihood ratio per cell: ``a * s + b`` of its (weighed) Platt fit."""
+    return calibrator.x[0] * np.asarray(scores, dtype=np.float64) + calibrator.y[0]
 
 
 def _retag(

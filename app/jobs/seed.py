@@ -194,9 +194,11 @@ def _apply(
     ).all()
     if len(cells) != 9 or any(c.n_votes for _, c in cells) or target.control:
         return created, False
-    for (cell, consensus), value in zip(cells, prior, strict=True):
-        cell.prior_logodds = float(value)
-        consensus.logodds, consensus.posterior = float(value), float(1 / (1 + np.exp(-value)))
+    for (cell, consensus), cam in zip(cells, prior, strict=True):
+        # Grad-CAM is the cell's rate; the segmenter's evidence (a loop round's) stays on it.
+        value = float(cam) + cell.model_logodds
+        cell.prior_logodds = value
+        consensus.logodds, consensus.posterior = value, float(1 / (1 + np.exp(-value)))
     return created, True
 
 

@@ -83,8 +83,11 @@ class Cell(Base):
     level: Mapped[int] = mapped_column(SmallInteger)
     row: Mapped[int] = mapped_column(Integer)
     col: Mapped[int] = mapped_column(Integer)
-    # Prior log-odds that the cell shows the tag: flat, then CAM, then the model.
+    # Prior log-odds that the cell shows the tag: its parent's (or the tagger's Grad-CAM) rate,
+    # plus the segmenter's evidence, ``model_logodds`` (its log-likelihood ratio, replaced by
+    # each learning-loop round: ``app.jobs.retrain``).
     prior_logodds: Mapped[float] = mapped_column(Float, default=0.0)
+    model_logodds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     status: Mapped[CellStatus] = mapped_column(str_enum(CellStatus), default=CellStatus.OPEN)
     retire_reason: Mapped[RetireReason | None] = mapped_column(str_enum(RetireReason))
     uncertain: Mapped[bool] = mapped_column(Boolean, default=False)

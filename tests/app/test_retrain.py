@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from app.jobs.lock import JobBusyError
 from app.jobs.retrain import (
     RetrainOptions,
+    RetrainReport,
     model_prior_targets,
     rerank,
     run_retrain,
@@ -169,6 +170,54 @@ def test_the_model_prior_is_calibrated_on_control_and_complete_targets_never_fro
         open_targets, calibration = model_prior_targets(session, project)
         assert {t.id for t, _, _ in calibration} == controls | {complete.id}
         assert {t.id for t, _, _ in open_targets} == {t.id for t in frozen[1:]}
+
+
+def test_the_model_adds_its_evidence_to_a_cells_rate_and_replaces_its_own(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round once set each open cell's prior to the model's calibrated probability, in place
+    of the rate the cell had without it (its parent's times the children's rate, a search's
+    5%): a model of weight 0 set every prior to even odds. Its evidence is added to that rate
+    now, and the next round's replaces it instead of piling on."""
+    import app.jobs.retrain as retrain
+
+    trained = run_train_segmenter(
+        world.factory, world.settings, slug=SLUG, options=replace(SEGMENTER, device="cpu")
+    )
+    assert trained.promoted
+
+    def priors(weight: float) -> dict[int, tuple[float, float]]:
+        monkeypatch.setattr(retrain, "model_weight", lambda *_: weight)
+        with world.factory() as session:
+            project = get_project(session, slug=SLUG)
+            retrain._model_priors(session, world.settings, project, "cpu", RetrainReport())
+            session.commit()
+            rows = session.execute(
+                select(Cell.id, Cell.prior_logodds, Cell.model_logodds)
+                .join(Target, Target.id == Cell.target_id)
+                .where(Target.control.is_(False), Cell.status == CellStatus.OPEN)
+            )
+            return {cell: (prior, model) for cell, prior, model in rows}
+
+    with world.factory() as session:  # rates the crowd's pyramid gave: sure and unsure ones
+        cells = session.scalars(
+            select(Cell)
+            .join(Target, Target.id == Cell.target_id)
+            .where(Target.control.is_(False), Cell.status == CellStatus.OPEN)
+        ).all()
+        rate = {c.id: (-3.0, 0.0, 1.5)[c.id % 3] for c in cells}
+        for cell in cells:
+            cell.prior_logodds = rate[cell.id]
+        session.commit()
+    silent = priors(0.0)
+    assert silent and all(silent[c] == (rate[c], 0.0) for c in silent)  # fails before: 0.0
+    first = priors(1.0)
+    assert any(model != 0.0 for _, model in first.values())
+    for cell, (prior, model) in first.items():
+        assert prior == pytest.approx(rate[cell] + model)
+    again = priors(1.0)  # the same model again: the same priors, not twice its evidence
+    assert again.keys() == first.keys()
+    np.testing.assert_allclose([again[c] for c in first], [first[c] for c in first], atol=1e-9)
 
 
 def test_a_worse_model_is_not_promoted(world: World) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ml.calibration import Calibrator, fit_calibrator, get_calibrator_method
+from ml.calibration import Calibrator, fit_calibrator, fit_platt, get_calibrator_method
 from ml.hierarchy import ancestor_matrix, check_parents, close_hierarchy, close_probabilities
 from ml.metrics import (
     apply_thresholds,
@@ -127,3 +127,17 @@ def test_calibrator_is_monotone_and_fitted(method: str) -> None:
 def test_calibrator_registry_names_the_known_methods() -> None:
     with pytest.raises(KeyError, match="isotonic"):
         get_calibrator_method("magic")
+
+
+def test_platt_with_an_offset_fits_the_evidence_over_the_known_rate() -> None:
+    """Cells whose rate without the model differs by level: fitted with each cell's rate as an
+    offset, (a, b) is the model's own log-likelihood ratio, the same at every level."""
+    rng = np.random.default_rng(0)
+    scores = rng.random(40_000)
+    offset = np.where(rng.random(scores.size) < 0.5, -3.0, 1.0)  # two levels' rates
+    truth_a, truth_b = 3.0, -1.5
+    labels = rng.random(scores.size) < 1 / (1 + np.exp(-(offset + truth_a * scores + truth_b)))
+    fitted = fit_platt(scores, labels, offset=offset)
+    assert abs(fitted.x[0] - truth_a) < 0.15 and abs(fitted.y[0] - truth_b) < 0.1
+    with pytest.raises(ValueError, match="offset per score"):
+        fit_platt(scores, labels, offset=offset[:10])
