@@ -370,32 +370,24 @@ def model_prior_targets(
     return open_targets, calibration[-MAX_CALIBRATION_TARGETS:]
 
 
-def _score_targets(
-    session: Session,
-    settings: Settings,
-    model: Segmenter,
-    targets: list[tuple[Target, Image, str]],
-    *,
-    square: bool,
-) -> list[_Scored]:
-    """Touch scores of every cell of the calibration targets that have a truth (one prediction
-    per image); targets of tags the model does not know are left out."""
-    scored: list[_Scored] = []
-    for target, soft in target_planes(settings, model, targets):
-        # A square wholly outside the image is nobody's question and scores 0 by construction.
-        cells = [c for c in _cells(session, target, open_only=False) if not outside_image(c)]
-        truth = _final_mask(session, settings, target)
-        if cells and truth is not None:
-            scores = touch_scores(soft, _addresses(cells), square=square)
-            scored.append(_Scored(target, cells, scores, truth))
-    return scored
+def _reference(
+    session: Session, settings: Settings, target: Target, soft: np.ndarray, *, square: bool
+) -> _Scored | None:
+    """Touch scores of every cell of a calibration target, with its truth (None without)."""
+    # A square wholly outside the image is nobody's question and scores 0 by construction.
+    cells = [c for c in _cells(session, target, open_only=False) if not outside_image(c)]
+    truth = _final_mask(session, settings, target)
+    if not cells or truth is None:
+        return None
+    return _Scored(target, cells, touch_scores(soft, _addresses(cells), square=square), truth)
 
 
 def _model_priors(
     session: Session, settings: Settings, project: Project, device: str, report: RetrainReport
 ) -> None:
     """Set the open cells' priors from the active segmenter and store its mask of every open
-    target (``app.jobs.predict``), from one prediction per image (see the module docstring)."""
+    target (``app.jobs.predict``), from one prediction per image: calibration targets that are
+    still open (control targets) share it (see the module docstring)."""
     version = active_model(session, project=project, kind=ModelKind.SEGMENTER)
     if version is None:
         return
@@ -404,33 +396,48 @@ def _model_priors(
     assert isinstance(model, Segmenter)
     open_targets, calibration_targets = model_prior_targets(session, project)
     square = square_cells(project)
-    references = _score_targets(session, settings, model, calibration_targets, square=square)
-    rates = base_rates(session, project=project)
-    calibrator = _fit_model_calibrator(references, rates, square=square)
-    evidence = None
-    if calibrator is not None:
-        miou = version.metrics.get("miou")
-        report.model_miou = None if miou is None else float(miou)
-        report.model_slope = float(calibrator.x[0])
-        report.model_weight = model_weight(calibrator, report.model_miou)
-        report.calibration_cells = sum(len(r.cells) for r in references)
-        evidence = with_slope(calibrator, report.model_weight)
+    predicted = predicted_targets(session, project.id)
+    stored = {target.id for target, _, _ in predicted}
+    calibrating = {target.id for target, _, _ in calibration_targets}
     given = {target.id for target, _, _ in open_targets}
+    rows = predicted + [row for row in calibration_targets if row[0].id not in stored]
     store = mask_store(settings)
-    touched: list[Cell] = []
-    for target, soft in target_planes(settings, model, predicted_targets(session, project.id)):
-        # The prediction is a start of the composition's GrabCut (``ml.composition``).
-        store_prediction(session, target=target, soft=soft, store=store)
-        report.masks_predicted += 1
+    references: list[_Scored] = []
+    pending: list[_Scored] = []  # open cells and their touch scores, until the fit
+    for target, soft in target_planes(settings, model, rows):
+        if target.id in calibrating:
+            reference = _reference(session, settings, target, soft, square=square)
+            if reference is not None:
+                references.append(reference)
+        if target.id in stored:
+            # The prediction is a start of the composition's GrabCut (``ml.composition``).
+            store_prediction(session, target=target, soft=soft, store=store)
+            report.masks_predicted += 1
         cells = _cells(session, target, open_only=True) if target.id in given else []
-        if evidence is not None and cells:
-            scores = touch_scores(soft, _addresses(cells), square=square)
-            for cell, llr in zip(cells, _evidence(evidence, scores), strict=True):
-                # The model's evidence is added to the rate the cell had without it, and
-                # replaces the evidence of the round before.
-                cell.prior_logodds = float(cell.prior_logodds - cell.model_logodds + llr)
-                cell.model_logodds = float(llr)
-            touched += cells
+        if cells:
+            pending.append(
+                _Scored(target, cells, touch_scores(soft, _addresses(cells), square=square))
+            )
+    calibrator = _fit_model_calibrator(
+        references, base_rates(session, project=project), square=square
+    )
+    if calibrator is None:
+        session.flush()
+        return
+    miou = version.metrics.get("miou")
+    report.model_miou = None if miou is None else float(miou)
+    report.model_slope = float(calibrator.x[0])
+    report.model_weight = model_weight(calibrator, report.model_miou)
+    report.calibration_cells = sum(len(r.cells) for r in references)
+    evidence = with_slope(calibrator, report.model_weight)
+    touched: list[Cell] = []
+    for scored in pending:
+        for cell, llr in zip(scored.cells, _evidence(evidence, scores=scored.scores), strict=True):
+            # The model's evidence is added to the rate the cell had without it, and
+            # replaces the evidence of the round before.
+            cell.prior_logodds = float(cell.prior_logodds - cell.model_logodds + llr)
+            cell.model_logodds = float(llr)
+        touched += scored.cells
     session.flush()
     if not touched:
         return
