@@ -21,10 +21,13 @@ flat shapes alone.
 
 Crowds (``ml.aggregation.simulate`` profiles): ``realistic`` is 80% diligent, 15% sloppy and 5%
 random clickers (20 volunteers); ``harsh`` (the stress arm) is 60% diligent, 20% sloppy, 10%
-random clickers and 10% adversaries. They answer real tasks through the HTTP API in-process,
-from the demo's ground truth. Every random generator is seeded from the seed: numpy's per
-volunteer, Python's (the picker's choices) per arm; SQLite's ``random()`` (which known window a
-volunteer is shown) cannot be seeded, so a seed's numbers still move a little between runs.
+random clickers and 10% adversaries; ``oracle`` is 20 volunteers who are never wrong and see
+any part of the object: what the protocol itself (votes per square, picker, refinement rules)
+allows at each budget, the ceiling a real crowd's curve sits under. They answer real tasks
+through the HTTP API in-process, from the demo's ground truth. Every random generator is
+seeded from the seed: numpy's per volunteer, Python's (the picker's choices) per arm; SQLite's
+``random()`` (which known window a volunteer is shown) cannot be seeded, so a seed's numbers
+still move a little between runs.
 The full EM pass runs as often as the served product runs it (every ``consensus_interval_s``)
 at the crowd's pace of one grid per volunteer every 10.3 s.
 
@@ -117,7 +120,8 @@ SECONDS_PER_GRID = 10.3
 SLUG = "campaign"
 REALISTIC = ["diligent"] * 16 + ["sloppy"] * 3 + ["random_clicker"]
 HARSH = ["diligent"] * 6 + ["sloppy"] * 2 + ["random_clicker", "adversary"]
-CROWDS = {"realistic": REALISTIC, "harsh": HARSH}
+ORACLE = ["oracle"] * 20  # never wrong: the ceiling of the protocol (votes, picker, rules)
+CROWDS = {"realistic": REALISTIC, "harsh": HARSH, "oracle": ORACLE}
 CROWD = HARSH  # bench/adversarial.py builds its own mixes; this is run_arm's default
 BUDGETS = (10.0, 20.0, 40.0, 80.0, 160.0)  # human-seconds per evaluation target
 # Where the curve is measured: the budgets, and between them where ``to_reach`` interpolates

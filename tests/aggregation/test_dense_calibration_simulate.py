@@ -57,5 +57,8 @@ def test_profiles_behave() -> None:
     sloppy, t = answer(PROFILES["sloppy"], np.full(1000, 0.1), rng)
     assert sloppy.mean() < 0.3  # below their coverage threshold they rarely select
     assert np.median(t) == pytest.approx(1.5, rel=0.2)
+    # The oracle sees any part of the object, and says no to every empty tile.
+    oracle, _ = answer(PROFILES["oracle"], np.r_[np.zeros(500), np.full(500, 1e-4)], rng)
+    assert oracle[:500].sum() == 0 and oracle[500:].all()
     with pytest.raises(KeyError, match="diligent"):
         get_profile("bored")

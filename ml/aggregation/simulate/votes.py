@@ -39,6 +39,9 @@ PROFILES: dict[str, VolunteerProfile] = {
     "random_clicker": VolunteerProfile("random_clicker", 0.5, 0.5, 0.0, 0.6, 0.5),
     "adversary": VolunteerProfile("adversary", 0.15, 0.15, 0.02, 1.8, 0.5),
     "lazy": VolunteerProfile("lazy", 0.0, 1.0, 1.0, 0.4, 0.3),
+    # Never wrong, and sees any part of the object however little of a tile it covers: what the
+    # protocol itself allows at a budget (``bench/campaign.py --crowd oracle``).
+    "oracle": VolunteerProfile("oracle", 1.0, 1.0, 0.0, 2.5, 0.4),
 }
 
 DEFAULT_MIX: dict[str, float] = {
