@@ -415,12 +415,12 @@ class Measurer:
             ):
                 if known or target_id is None:
                     spent["known"] += 1
+                elif sources[image_id, tag_id] == {ImageTagSource.CLASSIFIER}:
+                    spent["tagger"] += 1  # a loop's re-tagging opens them: not measured
                 elif target_id in evaluation:
                     spent["evaluation"] += 1
                 elif control:
                     spent["control"] += 1
-                elif sources[image_id, tag_id] == {ImageTagSource.CLASSIFIER}:
-                    spent["tagger"] += 1
                 else:
                     spent["other"] += 1
         return spent

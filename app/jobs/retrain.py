@@ -94,6 +94,7 @@ from app.services.files import mask_store, model_file, read_mask
 from app.services.job import finish_job, job_run, log_job
 from app.services.model_version import active_model
 from app.services.project import get_project, square_cells
+from app.services.target import stop_collecting
 from ml import distributed
 from ml.aggregation import grid
 from ml.calibration import Calibrator, fit_platt, model_weight, with_slope
@@ -550,8 +551,12 @@ def triage_unsupported(
     for image_tag, target in stale:
         key = (image_tag.image_id, image_tag.tag_id)
         if image_tag.image_id in retagged and key not in predicted and key not in confirmed:
-            target.state = TargetState.TRIAGE
-            target.triage_reason = "the tagger no longer predicts this tag"
+            stop_collecting(
+                session,
+                target=target,
+                state=TargetState.TRIAGE,
+                reason="the tagger no longer predicts this tag",
+            )
             triaged += 1
     empty = session.scalars(
         select(Target).where(
@@ -565,8 +570,12 @@ def triage_unsupported(
         )
     ).all()
     for target in empty:
-        target.state = TargetState.TRIAGE
-        target.triage_reason = "the mask came out empty: is the tag really there?"
+        stop_collecting(
+            session,
+            target=target,
+            state=TargetState.TRIAGE,
+            reason="the mask came out empty: is the tag really there?",
+        )
         triaged += 1
     session.flush()
     return triaged

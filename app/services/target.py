@@ -8,6 +8,7 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.db import utcnow
 from app.models import (
     Cell,
     CellStatus,
@@ -21,6 +22,7 @@ from app.models import (
     Target,
     TargetState,
     Window,
+    WindowState,
 )
 from app.storage import FileStore, encode_mask_png
 from ml.aggregation.acquisition import presence
@@ -85,6 +87,23 @@ def union_parent(session: Session, *, target: Target) -> Target | None:
         .execution_options(populate_existing=True)
     )
     return parent if parent is not None and is_union(session, target=parent) else None
+
+
+def stop_collecting(
+    session: Session, *, target: Target, state: TargetState, reason: str | None = None
+) -> None:
+    """The target leaves the crowd: ``state`` (complete or triage, with its ``reason``), and
+    every open window of it closes, its leases given back. A window left open would still be
+    served: it keeps its value, and no settling closes it once its target stopped collecting
+    (a retraining's triage once left windows that each of 20 volunteers answered once more,
+    16% of a campaign's grids)."""
+    now = utcnow()
+    for window in session.scalars(
+        select(Window).where(Window.target_id == target.id, Window.state == WindowState.OPEN)
+    ):
+        window.state, window.closed_at, window.value = WindowState.CLOSED, now, 0.0
+        window.leased_until, window.leased_by = None, None
+    target.state, target.triage_reason = state, reason
 
 
 def reopen_unions_above(session: Session, *, target: Target) -> None:

@@ -98,3 +98,66 @@ def test_projects_made_before_square_cells_keep_the_image_frame(empty_engine: En
     checks = {c["name"]: c["sqltext"] for c in inspect(empty_engine).get_check_constraints("cells")}
     assert "'outside'" in str(checks["ck_cells_retirereason"])
     assert "'curator'" in str(checks["ck_cells_retirereason"])
+
+
+def test_windows_left_open_on_targets_that_stopped_collecting_are_closed(
+    empty_engine: Engine,
+) -> None:
+    from alembic import command
+
+    from app.migrate import alembic_config
+    from app.models import Image, Tag, Target, TargetState, Window, WindowState
+
+    config = alembic_config(empty_engine.url.render_as_string(hide_password=False))
+    with empty_engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0011")
+    # The tables these rows go in are the same at 0011 as at head.
+    with Session(empty_engine) as session:
+        project = create_project(session, slug="p")
+        image = Image(
+            project_id=project.id,
+            sha256="0" * 64,
+            file_name="a.png",
+            format="png",
+            width=30,
+            height=30,
+            size_bytes=1,
+        )
+        tags = [Tag(project_id=project.id, name=n, display_name=n) for n in ("a", "b", "c")]
+        session.add_all([image, *tags])
+        session.flush()
+        states = [TargetState.TRIAGE, TargetState.COMPLETE, TargetState.COLLECTING]
+        targets = [
+            Target(project_id=project.id, image_id=image.id, tag_id=t.id, state=s)
+            for t, s in zip(tags, states, strict=True)
+        ]
+        session.add_all(targets)
+        session.flush()
+        for target in targets:
+            session.add(
+                Window(
+                    project_id=project.id,
+                    tag_id=target.tag_id,
+                    target_id=target.id,
+                    level=0,
+                    row=0,
+                    col=0,
+                    value=0.7,
+                )
+            )
+        session.commit()
+    upgrade_to_head(empty_engine)
+    with Session(empty_engine) as session:
+        rows = session.execute(
+            select(Target.state, Window.state, Window.value, Window.closed_at)
+            .join(Window, Window.target_id == Target.id)
+            .order_by(Target.id)
+        ).all()
+    assert [(t, w) for t, w, _, _ in rows] == [
+        (TargetState.TRIAGE, WindowState.CLOSED),
+        (TargetState.COMPLETE, WindowState.CLOSED),
+        (TargetState.COLLECTING, WindowState.OPEN),  # still collecting: left as it was
+    ]
+    assert [v for _, _, v, _ in rows] == [0.0, 0.0, 0.7]
+    assert rows[0][3] is not None and rows[2][3] is None

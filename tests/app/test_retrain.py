@@ -48,6 +48,7 @@ from app.models import (
     Target,
     TargetState,
     Window,
+    WindowState,
 )
 from app.services.crowd.opening import open_target, window_value
 from app.services.model_version import active_model
@@ -328,7 +329,16 @@ def test_tags_that_lost_support_and_empty_masks_go_to_triage(world: World) -> No
                 )
             )
         guess, _ = ensure_target(session, image=image, tag=other)
-        guess.state = TargetState.COLLECTING
+        session.flush()
+        open_target(
+            session,
+            settings=world.settings,
+            project=project,
+            target=guess,
+            image=image,
+            root_prior=[0.0] * 9,
+        )
+        assert guess.state == TargetState.COLLECTING
         confirmed = session.scalar(
             select(Target).where(Target.image_id == image.id, Target.tag_id == imported[0].tag_id)
         )
@@ -347,11 +357,17 @@ def test_tags_that_lost_support_and_empty_masks_go_to_triage(world: World) -> No
         assert triage_unsupported(session, project=project, retagged=set(), predicted=set()) == 1
         assert guess.state == TargetState.COLLECTING  # its image was not re-tagged
         assert empty.state == TargetState.TRIAGE
+        window = session.scalars(select(Window).where(Window.target_id == guess.id)).one()
+        assert window.state == WindowState.OPEN and window.value > 0
         triaged = triage_unsupported(
             session, project=project, retagged={image.id}, predicted={(image.id, 999)}
         )
         assert triaged == 1 and guess.state == TargetState.TRIAGE
         assert confirmed.state == TargetState.COLLECTING
+        # The crowd stops on it: its window closed (a window left open kept being served, and
+        # no settling closes it once its target stopped collecting).
+        assert window.state == WindowState.CLOSED and window.value == 0.0
+        assert window.leased_until is None and window.closed_at is not None
 
 
 def test_a_guessed_tag_weighs_its_probability_until_the_crowd_says_whether_it_is_there(

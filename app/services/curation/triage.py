@@ -37,8 +37,6 @@ from app.models import (
     TargetState,
     Volunteer,
     Vote,
-    Window,
-    WindowState,
 )
 from app.services.consensus import credibility_estimates
 from app.services.crowd.opening import uncertainty
@@ -48,7 +46,7 @@ from app.services.masks.composition import compose_target
 from app.services.masks.union import finish_unions
 from app.services.project import square_cells
 from app.services.recompute import recompute_project
-from app.services.target import add_mask_version, child_targets, is_union
+from app.services.target import add_mask_version, child_targets, is_union, stop_collecting
 from app.services.volunteer import display_name
 from ml.aggregation import grid
 from ml.aggregation.rules import leaf_cells
@@ -413,13 +411,6 @@ def set_cell(session: Session, *, target: Target, cell_id: int, label: bool, cur
     return len(changed)
 
 
-def _close(session: Session, target: Target) -> None:
-    for window in session.scalars(
-        select(Window).where(Window.target_id == target.id, Window.state == WindowState.OPEN)
-    ):
-        window.state, window.closed_at, window.leased_until = WindowState.CLOSED, utcnow(), None
-
-
 def _image_tag(session: Session, target: Target) -> ImageTag | None:
     return session.scalar(
         select(ImageTag).where(
@@ -451,8 +442,7 @@ def finish_target(
         written=[],
     )
     version.meta = {**version.meta, **meta}
-    _close(session, target)
-    target.state, target.triage_reason = TargetState.COMPLETE, None
+    stop_collecting(session, target=target, state=TargetState.COMPLETE)
     image_tag = _image_tag(session, target)
     if image_tag is not None:
         image_tag.status = tag_status
