@@ -303,6 +303,22 @@ def test_a_retrain_killed_mid_training_leaves_the_active_model_and_no_partial_fi
     assert [s for k, s, _ in jobs if k == "retrain"] == ["failed", "succeeded"]
 
 
+def _open_guess(session: Session, world: World, image: Image, tag: Tag) -> Target:
+    """A target of a tag the tagger guessed on ``image``, collecting: its first window open."""
+    guess, _ = ensure_target(session, image=image, tag=tag)
+    session.flush()
+    project = get_project(session, slug=SLUG)
+    open_target(
+        session,
+        settings=world.settings,
+        project=project,
+        target=guess,
+        image=image,
+        root_prior=[0.0] * 9,
+    )
+    return guess
+
+
 def test_tags_that_lost_support_and_empty_masks_go_to_triage(world: World) -> None:
     with world.factory() as session:
         project = get_project(session, slug=SLUG)
@@ -328,16 +344,7 @@ def test_tags_that_lost_support_and_empty_masks_go_to_triage(world: World) -> No
                     probability=0.6,
                 )
             )
-        guess, _ = ensure_target(session, image=image, tag=other)
-        session.flush()
-        open_target(
-            session,
-            settings=world.settings,
-            project=project,
-            target=guess,
-            image=image,
-            root_prior=[0.0] * 9,
-        )
+        guess = _open_guess(session, world, image, other)
         assert guess.state == TargetState.COLLECTING
         confirmed = session.scalar(
             select(Target).where(Target.image_id == image.id, Target.tag_id == imported[0].tag_id)
@@ -393,16 +400,7 @@ def test_a_guessed_tag_weighs_its_probability_until_the_crowd_says_whether_it_is
                 probability=0.3,
             )
         )
-        guess, _ = ensure_target(session, image=image, tag=other)
-        session.flush()
-        open_target(
-            session,
-            settings=world.settings,
-            project=project,
-            target=guess,
-            image=image,
-            root_prior=[0.0] * 9,
-        )
+        guess = _open_guess(session, world, image, other)
         given.state = TargetState.COLLECTING
         session.flush()
         assert tag_belief(session, target=given) == 1.0  # people gave it
