@@ -11,7 +11,9 @@ Under the project's model-job lock (``app.jobs.lock``), as one recorded job:
    if it beats it (``app.jobs.train``; promotion is one transaction, old versions stay);
 4. the active tagger re-tags the images it has not seen (new tags seed targets with their
    Grad-CAM, ``app.jobs.seed``); a classifier tag the new tagger no longer predicts, and a complete
-   target whose mask came out empty, go to triage. Grad-CAM gives the first cells of new and
+   target whose mask came out empty, go to triage. Before it, each tag learns from the crowd's
+   verdicts on the tagger's earlier guesses of it how far to trust its new ones
+   (``app.services.target.learn_guess_corrections``). Grad-CAM gives the first cells of new and
    unanswered targets their rate, to which the segmenter's evidence is added next for every tag
    it knows (measured: the other way round, re-tagging wiped the segmenter's priors of every
    unanswered target, and the mean IoU before any answer fell from 0.19 to 0.02);
@@ -94,7 +96,7 @@ from app.services.files import mask_store, model_file, read_mask
 from app.services.job import finish_job, job_run, log_job
 from app.services.model_version import active_model
 from app.services.project import get_project, square_cells
-from app.services.target import stop_collecting
+from app.services.target import learn_guess_corrections, stop_collecting
 from ml import distributed
 from ml.aggregation import grid
 from ml.calibration import Calibrator, fit_platt, model_weight, with_slope
@@ -137,6 +139,9 @@ class RetrainReport:
     images_retagged: int = 0
     targets_created: int = 0
     triaged: int = 0
+    # The crowd's verdicts on the tagger's guesses so far: judged, confirmed (before re-tagging).
+    guesses_judged: int = 0
+    guesses_confirmed: int = 0
     reranked: int = 0
     # Mean IoU of the evaluation targets' masks after the round, and human-seconds per target.
     mask_iou: float | None = None
@@ -497,6 +502,9 @@ def _retag(
     version = active_model(session, project=project, kind=ModelKind.TAGGER)
     if version is None:
         return
+    # New guesses open valued at what the crowd found of the tagger's earlier ones.
+    verdicts = learn_guess_corrections(session, project_id=project.id)
+    report.guesses_judged, report.guesses_confirmed = verdicts.judged, verdicts.confirmed
     session.commit()  # end this session's read: the seeding job writes from its own session
     seeded = run_seed(factory, settings, slug=project.slug, device=device)
     report.images_retagged, report.targets_created = seeded.images, seeded.targets_created

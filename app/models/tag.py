@@ -41,6 +41,9 @@ class Tag(Base):
     exhaustive: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # Campaign priority of the tag (project setting per tag); targets inherit it.
     priority: Mapped[float] = mapped_column(Float, default=1.0)
+    # Log-odds added to the tagger's probability of its guesses of this tag, learned from the
+    # crowd's verdicts on earlier guesses (``app.services.target.learn_guess_corrections``).
+    guess_logodds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     parent: Mapped[Tag | None] = relationship(remote_side="Tag.id")

@@ -6,7 +6,7 @@ from collections.abc import Collection
 
 import numpy as np
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from app.db import utcnow
 from app.models import (
@@ -16,8 +16,10 @@ from app.models import (
     Image,
     ImageTag,
     ImageTagSource,
+    ImageTagStatus,
     MaskSource,
     MaskVersion,
+    RetireReason,
     Tag,
     Target,
     TargetState,
@@ -25,7 +27,8 @@ from app.models import (
     WindowState,
 )
 from app.storage import FileStore, encode_mask_png
-from ml.aggregation.acquisition import presence
+from ml.aggregation.acquisition import Verdicts, guess_correction, presence
+from ml.aggregation.votes import logit, sigmoid
 
 
 def find_latest_mask(session: Session, *, target: Target, source: MaskSource) -> MaskVersion | None:
@@ -184,8 +187,9 @@ def tag_belief(session: Session, *, target: Target) -> float:
 def tag_beliefs(session: Session, *, target_ids: Collection[int]) -> dict[int, float]:
     """How sure we are that each target's tag is on its image at all: 1 for a tag an import or
     a curator gave, or one the crowd has confirmed (a first-level cell retired positive); else
-    the tagger's probability, updated by what the crowd has said of the first-level cells
-    (``ml.aggregation.acquisition.presence``).
+    the tagger's probability, corrected by what the crowd found of its earlier guesses of the tag
+    (``learn_guess_corrections``) and updated by what the crowd has said of the first-level
+    cells (``ml.aggregation.acquisition.presence``).
 
     A window's worth is the gain of an answer *if* there is something to segment, so a guessed
     tag's windows weigh this: a guess must not take the first looks of tags people gave
@@ -199,18 +203,20 @@ def tag_beliefs(session: Session, *, target_ids: Collection[int]) -> dict[int, f
         return {}
     guesses: dict[int, float] = {}
     given: set[int] = set()
-    for target_id, source, probability in session.execute(
-        select(Target.id, ImageTag.source, ImageTag.probability)
+    for target_id, source, probability, correction in session.execute(
+        select(Target.id, ImageTag.source, ImageTag.probability, Tag.guess_logodds)
         .join(
             ImageTag,
             (ImageTag.image_id == Target.image_id) & (ImageTag.tag_id == Target.tag_id),
         )
+        .join(Tag, Tag.id == Target.tag_id)
         .where(Target.id.in_(target_ids))
     ):
         if source != ImageTagSource.CLASSIFIER:
             given.add(target_id)
         else:
-            guesses[target_id] = max(guesses.get(target_id, 0.0), float(probability or 0.0))
+            guess = float(sigmoid(logit(float(probability or 0.0)) + float(correction or 0.0)))
+            guesses[target_id] = max(guesses.get(target_id, 0.0), guess)
     beliefs = {t: 1.0 for t in target_ids}
     guessed = set(guesses) - given
     if not guessed:
@@ -231,3 +237,87 @@ def tag_beliefs(session: Session, *, target_ids: Collection[int]) -> dict[int, f
             guesses[target_id], [c[0] for c in cells], [c[1] for c in cells]
         )
     return beliefs
+
+
+# A first cell's answers that say the tag is on the image: the crowd's confident "yes", or a
+# curator's. A split (credible people disagree) is not a verdict on the tag.
+_SEEN = (RetireReason.CONFIDENT, RetireReason.CURATOR, RetireReason.GOLD)
+
+
+def guess_verdicts(session: Session, *, project_id: int) -> dict[int, list[tuple[float, bool]]]:
+    """The judged guesses of each tag, by tag id: (the tagger's probability, whether the crowd
+    saw the tag on the image).
+
+    A guess is a tag only the tagger gave the image (people's tags are not guesses, whatever the
+    tagger says of them). It is confirmed when one of its first cells retired as showing the
+    tag (``_SEEN``), turned down when a curator rejected the tag or every first cell in the
+    image retired without it; otherwise it is not judged yet.
+    """
+    given = aliased(ImageTag)
+    people = (
+        select(given.id)
+        .where(
+            given.image_id == Target.image_id,
+            given.tag_id == Target.tag_id,
+            given.source != ImageTagSource.CLASSIFIER,
+        )
+        .exists()
+    )
+    guesses = {
+        target_id: (tag_id, float(probability or 0.0), status)
+        for target_id, tag_id, probability, status in session.execute(
+            select(Target.id, Target.tag_id, ImageTag.probability, ImageTag.status)
+            .join(
+                ImageTag,
+                (ImageTag.image_id == Target.image_id) & (ImageTag.tag_id == Target.tag_id),
+            )
+            .where(
+                Target.project_id == project_id,
+                ImageTag.source == ImageTagSource.CLASSIFIER,
+                ~people,
+            )
+        )
+    }
+    first: dict[int, list[tuple[CellStatus, bool | None, RetireReason | None]]] = {
+        t: [] for t in guesses
+    }
+    if guesses:
+        for target_id, status, label, reason in session.execute(
+            select(Cell.target_id, Cell.status, Cell.label, Cell.retire_reason).where(
+                Cell.target_id.in_(list(guesses)), Cell.level == 1
+            )
+        ):
+            if reason != RetireReason.OUTSIDE:
+                first[target_id].append((status, label, reason))
+    verdicts: dict[int, list[tuple[float, bool]]] = {}
+    for target_id, (tag_id, probability, tag_status) in guesses.items():
+        cells = first[target_id]
+        seen = any(label and reason in _SEEN for _, label, reason in cells)
+        turned_down = tag_status == ImageTagStatus.REJECTED or (
+            bool(cells)
+            and all(status == CellStatus.RETIRED and not label for status, label, _ in cells)
+        )
+        if seen or turned_down:
+            verdicts.setdefault(tag_id, []).append((probability, seen))
+    return verdicts
+
+
+def learn_guess_corrections(session: Session, *, project_id: int) -> Verdicts:
+    """Set each tag's ``guess_logodds`` from the crowd's verdicts on the tagger's earlier guesses
+    (``ml.aggregation.acquisition.guess_correction``), so that a tagger that guesses wrong
+    stops drawing the crowd's first looks and one that guesses right draws them sooner. Returns
+    the verdicts over every tag."""
+    verdicts = guess_verdicts(session, project_id=project_id)
+    by_tag = {
+        tag_id: Verdicts(len(v), sum(seen for _, seen in v), sum(p for p, _ in v))
+        for tag_id, v in verdicts.items()
+    }
+    project = Verdicts(
+        sum(v.judged for v in by_tag.values()),
+        sum(v.confirmed for v in by_tag.values()),
+        sum(v.claimed for v in by_tag.values()),
+    )
+    for tag in session.scalars(select(Tag).where(Tag.project_id == project_id)):
+        tag.guess_logodds = guess_correction(by_tag.get(tag.id, Verdicts()), project)
+    session.flush()
+    return project

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ml.aggregation.acquisition import MIN_OBJECT_AREA, object_area, presence, window_gain
+from ml.aggregation.acquisition import (
+    MIN_OBJECT_AREA,
+    Verdicts,
+    guess_correction,
+    object_area,
+    presence,
+    window_gain,
+)
+from ml.aggregation.votes import logit, sigmoid
 
 
 def test_a_first_look_is_worth_more_than_a_fine_border() -> None:
@@ -98,3 +108,49 @@ def test_a_window_with_few_open_squares_shifts_to_the_block_that_holds_more() ->
     corner = np.zeros((9, 9))
     corner[0, 2], corner[0, 3:5] = 1.0, 1.0
     assert best_block(corner, np.ones((9, 9), dtype=bool), windows, (0, 0)) == (0, 2)
+
+
+def _corrected(p: float, tag: Verdicts, project: Verdicts) -> float:
+    return float(sigmoid(logit(p) + guess_correction(tag, project)))
+
+
+def test_a_tagger_the_crowd_keeps_turning_down_stops_drawing_first_looks() -> None:
+    nothing = Verdicts()
+    assert guess_correction(nothing, nothing) == 0.0  # nothing judged: its own word
+    ten_wrong = Verdicts(judged=10, confirmed=0, claimed=7.5)
+    assert _corrected(0.75, ten_wrong, ten_wrong) < 0.1
+    forty_wrong = Verdicts(judged=40, confirmed=0, claimed=30.0)
+    assert _corrected(0.75, forty_wrong, forty_wrong) < 0.01
+    # Surer than it says: right nine times in ten at 0.5.
+    modest = Verdicts(judged=10, confirmed=9, claimed=5.0)
+    assert 0.8 < _corrected(0.5, modest, modest) < 0.95
+    # Right as often as it says: no correction to speak of.
+    honest = Verdicts(judged=40, confirmed=30, claimed=30.0)
+    assert abs(guess_correction(honest, honest)) < 0.05
+
+
+def test_a_tag_with_few_verdicts_borrows_the_projects() -> None:
+    project = Verdicts(judged=60, confirmed=3, claimed=42.0)  # a tagger mostly wrong
+    unjudged = guess_correction(Verdicts(), project)
+    assert unjudged < -2.0  # a tag nobody judged yet is not trusted more than the tagger is
+    # One confirmed guess of a tag moves it up, but not to the tagger's own word.
+    one_right = guess_correction(Verdicts(judged=1, confirmed=1, claimed=0.7), project)
+    assert unjudged < one_right < 0.0
+    # Many verdicts of a tag outweigh the project's: this tag's guesses are right.
+    good_tag = guess_correction(Verdicts(judged=30, confirmed=27, claimed=21.0), project)
+    assert good_tag > 0.5
+
+
+@given(
+    st.integers(0, 50),
+    st.floats(0.05, 0.95),
+    st.integers(0, 50),
+)
+def test_more_confirmed_guesses_never_lower_the_correction(
+    judged: int, claim: float, extra: int
+) -> None:
+    project = Verdicts(judged=judged + extra + 20, confirmed=10, claimed=claim * (judged + 20))
+    corrections = [
+        guess_correction(Verdicts(judged, c, claim * judged), project) for c in range(judged + 1)
+    ]
+    assert all(a <= b + 1e-12 for a, b in pairwise(corrections))

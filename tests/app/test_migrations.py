@@ -112,7 +112,8 @@ def test_windows_left_open_on_targets_that_stopped_collecting_are_closed(
     with empty_engine.begin() as conn:
         config.attributes["connection"] = conn
         command.upgrade(config, "0011")
-    # The tables these rows go in are the same at 0011 as at head.
+    # The tables these rows go in are the same at 0011 as at head, but for the tags' columns
+    # that came later (written as the rows were at 0011).
     with Session(empty_engine) as session:
         project = create_project(session, slug="p")
         image = Image(
@@ -124,12 +125,23 @@ def test_windows_left_open_on_targets_that_stopped_collecting_are_closed(
             height=30,
             size_bytes=1,
         )
-        tags = [Tag(project_id=project.id, name=n, display_name=n) for n in ("a", "b", "c")]
-        session.add_all([image, *tags])
+        session.add(image)
+        for name in ("a", "b", "c"):
+            session.execute(
+                text(
+                    "INSERT INTO tags (project_id, name, display_name, category, description,"
+                    " exhaustive, priority, created_at)"
+                    " VALUES (:p, :n, :n, 'general', '', false, 1.0, CURRENT_TIMESTAMP)"
+                ),
+                {"p": project.id, "n": name},
+            )
+        tags = session.scalars(
+            select(Tag.id).where(Tag.project_id == project.id).order_by(Tag.id)
+        ).all()
         session.flush()
         states = [TargetState.TRIAGE, TargetState.COMPLETE, TargetState.COLLECTING]
         targets = [
-            Target(project_id=project.id, image_id=image.id, tag_id=t.id, state=s)
+            Target(project_id=project.id, image_id=image.id, tag_id=t, state=s)
             for t, s in zip(tags, states, strict=True)
         ]
         session.add_all(targets)

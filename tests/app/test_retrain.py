@@ -37,6 +37,7 @@ from app.models import (
     Image,
     ImageTag,
     ImageTagSource,
+    ImageTagStatus,
     Job,
     JobStatus,
     MaskSource,
@@ -44,6 +45,7 @@ from app.models import (
     ModelKind,
     ModelVersion,
     QualitySnapshot,
+    RetireReason,
     Tag,
     Target,
     TargetState,
@@ -53,7 +55,7 @@ from app.models import (
 from app.services.crowd.opening import open_target, window_value
 from app.services.model_version import active_model
 from app.services.project import get_project
-from app.services.target import ensure_target, tag_belief
+from app.services.target import ensure_target, learn_guess_corrections, tag_belief
 from ml.aggregation import grid
 from ml.aggregation.acquisition import object_area
 from ml.calibration import MAX_MODEL_WEIGHT, Calibrator, model_weight, weight_cap, with_slope
@@ -441,6 +443,86 @@ def test_a_guessed_tag_weighs_its_probability_until_the_crowd_says_whether_it_is
         cells[0].status, cells[0].label = CellStatus.RETIRED, True
         session.flush()
         assert tag_belief(session, target=guess) == 1.0
+
+
+def _first_cells(session: Session, target: Target) -> list[Cell]:
+    return list(
+        session.scalars(
+            select(Cell).where(Cell.target_id == target.id, Cell.level == 1).order_by(Cell.id)
+        )
+    )
+
+
+def _retire(cells: list[Cell], labels: list[bool], reason: RetireReason) -> None:
+    for cell, label in zip(cells, labels, strict=True):
+        cell.status, cell.label, cell.retire_reason = CellStatus.RETIRED, label, reason
+
+
+def test_a_tags_new_guesses_weigh_what_the_crowd_found_of_its_earlier_ones(world: World) -> None:
+    with world.factory() as session:
+        project = get_project(session, slug=SLUG)
+        images = session.scalars(
+            select(Image).where(Image.project_id == project.id).order_by(Image.id)
+        ).all()
+        given_tags = {
+            image.id: set(
+                session.scalars(select(ImageTag.tag_id).where(ImageTag.image_id == image.id))
+            )
+            for image in images
+        }
+        tags = session.scalars(select(Tag).where(Tag.project_id == project.id)).all()
+        # The tag people gave to fewest of the images: the tagger guesses it on the others.
+        tag = min(tags, key=lambda t: sum(t.id in given_tags[i.id] for i in images))
+        lacking = [i for i in images if tag.id not in given_tags[i.id]]
+        assert len(lacking) >= 7
+        guesses = []
+        for image in lacking[:7]:
+            session.add(
+                ImageTag(
+                    image_id=image.id,
+                    tag_id=tag.id,
+                    source=ImageTagSource.CLASSIFIER,
+                    probability=0.7,
+                )
+            )
+            guesses.append(_open_guess(session, world, image, tag))
+        session.flush()
+        assert learn_guess_corrections(session, project_id=project.id).judged == 0
+        assert tag_belief(session, target=guesses[0]) == pytest.approx(0.7)
+
+        # The crowd turns down three guesses (every first cell "no"), a curator a fourth; a
+        # fifth split the crowd on one cell, which is no verdict on the tag.
+        for guess in guesses[1:4]:
+            _retire(_first_cells(session, guess), [False] * 9, RetireReason.CONFIDENT)
+        rejected = session.scalar(
+            select(ImageTag).where(
+                ImageTag.image_id == guesses[4].image_id, ImageTag.tag_id == tag.id
+            )
+        )
+        assert rejected is not None
+        rejected.status = ImageTagStatus.REJECTED
+        split = _first_cells(session, guesses[5])
+        _retire(split[:1], [True], RetireReason.SPLIT)
+        _retire(split[1:], [False] * 8, RetireReason.CONFIDENT)
+        session.flush()
+        verdicts = learn_guess_corrections(session, project_id=project.id)
+        assert (verdicts.judged, verdicts.confirmed) == (4, 0)
+        assert verdicts.claimed == pytest.approx(2.8)
+        wary = tag_belief(session, target=guesses[0])
+        assert wary < 0.25  # the tagger said 0.7 four times, and was wrong four times
+        # A tag people gave is believed whatever the tagger's record.
+        given = session.scalar(
+            select(Target).where(Target.image_id == images[0].id, Target.tag_id != tag.id)
+        )
+        assert given is not None
+        assert tag_belief(session, target=given) == 1.0
+
+        # The crowd sees the tag on the sixth guess's image: its guesses weigh more again.
+        _retire(_first_cells(session, guesses[6])[:1], [True], RetireReason.CONFIDENT)
+        session.flush()
+        verdicts = learn_guess_corrections(session, project_id=project.id)
+        assert (verdicts.judged, verdicts.confirmed) == (5, 1)
+        assert wary < tag_belief(session, target=guesses[0]) < 0.7
 
 
 def test_the_segmenters_priors_are_not_replaced_by_the_taggers_grad_cam(
