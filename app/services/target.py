@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import NamedTuple
 
 import numpy as np
 from sqlalchemy import func, select
@@ -184,6 +185,35 @@ def tag_belief(session: Session, *, target: Target) -> float:
     return tag_beliefs(session, target_ids={target.id}).get(target.id, 1.0)
 
 
+class _FirstCell(NamedTuple):
+    prior: float
+    logodds: float
+    status: CellStatus
+    label: bool | None
+    reason: RetireReason | None
+
+
+def _first_cells(session: Session, *, target_ids: Collection[int]) -> dict[int, list[_FirstCell]]:
+    """The first-level cells of some targets that lie in their image, with their consensus."""
+    first: dict[int, list[_FirstCell]] = {}
+    for target_id, prior, logodds, status, label, reason in session.execute(
+        select(
+            Cell.target_id,
+            Cell.prior_logodds,
+            Consensus.logodds,
+            Cell.status,
+            Cell.label,
+            Cell.retire_reason,
+        )
+        .join(Consensus, Consensus.cell_id == Cell.id)
+        .where(Cell.target_id.in_(list(target_ids)), Cell.level == 1)
+    ):
+        if reason != RetireReason.OUTSIDE:
+            cell = _FirstCell(float(prior), float(logodds), status, label, reason)
+            first.setdefault(target_id, []).append(cell)
+    return first
+
+
 def tag_beliefs(session: Session, *, target_ids: Collection[int]) -> dict[int, float]:
     """How sure we are that each target's tag is on its image at all: 1 for a tag an import or
     a curator gave, or one the crowd has confirmed (a first-level cell retired positive); else
@@ -221,20 +251,13 @@ def tag_beliefs(session: Session, *, target_ids: Collection[int]) -> dict[int, f
     guessed = set(guesses) - given
     if not guessed:
         return beliefs
-    first: dict[int, list[tuple[float, float, bool]]] = {t: [] for t in guessed}
-    for target_id, prior, logodds, status, label in session.execute(
-        select(Cell.target_id, Cell.prior_logodds, Consensus.logodds, Cell.status, Cell.label)
-        .join(Consensus, Consensus.cell_id == Cell.id)
-        .where(Cell.target_id.in_(guessed), Cell.level == 1)
-    ):
-        confirmed = status == CellStatus.RETIRED and label is True
-        first[target_id].append((float(prior), float(logodds), confirmed))
+    first = _first_cells(session, target_ids=guessed)
     for target_id in guessed:
-        cells = first[target_id]
-        if any(confirmed for _, _, confirmed in cells):
+        cells = first.get(target_id, [])
+        if any(c.status == CellStatus.RETIRED and c.label for c in cells):
             continue
         beliefs[target_id] = presence(
-            guesses[target_id], [c[0] for c in cells], [c[1] for c in cells]
+            guesses[target_id], [c.prior for c in cells], [c.logodds for c in cells]
         )
     return beliefs
 
@@ -242,6 +265,12 @@ def tag_beliefs(session: Session, *, target_ids: Collection[int]) -> dict[int, f
 # A first cell's answers that say the tag is on the image: the crowd's confident "yes", or a
 # curator's. A split (credible people disagree) is not a verdict on the tag.
 _SEEN = (RetireReason.CONFIDENT, RetireReason.CURATOR, RetireReason.GOLD)
+# The crowd has turned a guess down once its answers leave the tagger's own probability this
+# low (``presence``: two credible "none of these" grids take a guess of 0.75 to about 0.02),
+# though its squares may stay open: their windows are worth little by then, and a guess whose
+# verdict waited for nine settled squares was judged too late to matter (measured: none of 59
+# guesses by the second round of a demo campaign, 20 of them by the third).
+TURNED_DOWN = 0.05
 
 
 def guess_verdicts(session: Session, *, project_id: int) -> dict[int, list[tuple[float, bool]]]:
@@ -250,8 +279,9 @@ def guess_verdicts(session: Session, *, project_id: int) -> dict[int, list[tuple
 
     A guess is a tag only the tagger gave the image (people's tags are not guesses, whatever the
     tagger says of them). It is confirmed when one of its first cells retired as showing the
-    tag (``_SEEN``), turned down when a curator rejected the tag or every first cell in the
-    image retired without it; otherwise it is not judged yet.
+    tag (``_SEEN``), turned down when a curator rejected the tag, every first cell in the image
+    retired without it, or the crowd's answers on them leave it unlikely (``TURNED_DOWN``);
+    otherwise it is not judged yet.
     """
     given = aliased(ImageTag)
     people = (
@@ -278,24 +308,20 @@ def guess_verdicts(session: Session, *, project_id: int) -> dict[int, list[tuple
             )
         )
     }
-    first: dict[int, list[tuple[CellStatus, bool | None, RetireReason | None]]] = {
-        t: [] for t in guesses
-    }
-    if guesses:
-        for target_id, status, label, reason in session.execute(
-            select(Cell.target_id, Cell.status, Cell.label, Cell.retire_reason).where(
-                Cell.target_id.in_(list(guesses)), Cell.level == 1
-            )
-        ):
-            if reason != RetireReason.OUTSIDE:
-                first[target_id].append((status, label, reason))
+    first = _first_cells(session, target_ids=list(guesses))
     verdicts: dict[int, list[tuple[float, bool]]] = {}
     for target_id, (tag_id, probability, tag_status) in guesses.items():
-        cells = first[target_id]
-        seen = any(label and reason in _SEEN for _, label, reason in cells)
-        turned_down = tag_status == ImageTagStatus.REJECTED or (
-            bool(cells)
-            and all(status == CellStatus.RETIRED and not label for status, label, _ in cells)
+        cells = first.get(target_id, [])
+        seen = any(c.label and c.reason in _SEEN for c in cells)
+        turned_down = (
+            tag_status == ImageTagStatus.REJECTED
+            or (bool(cells) and all(c.status == CellStatus.RETIRED and not c.label for c in cells))
+            or (
+                bool(cells)
+                and not any(c.label for c in cells)
+                and presence(probability, [c.prior for c in cells], [c.logodds for c in cells])
+                < TURNED_DOWN
+            )
         )
         if seen or turned_down:
             verdicts.setdefault(tag_id, []).append((probability, seen))

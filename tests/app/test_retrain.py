@@ -55,6 +55,7 @@ from app.models import (
 from app.services.crowd.opening import open_target, window_value
 from app.services.model_version import active_model
 from app.services.project import get_project
+from app.services.recompute import recompute_project
 from app.services.target import ensure_target, learn_guess_corrections, tag_belief
 from ml.aggregation import grid
 from ml.aggregation.acquisition import object_area
@@ -458,42 +459,54 @@ def _retire(cells: list[Cell], labels: list[bool], reason: RetireReason) -> None
         cell.status, cell.label, cell.retire_reason = CellStatus.RETIRED, label, reason
 
 
+def _guesses(session: Session, world: World) -> tuple[Tag, list[Target]]:
+    """Seven open guesses (probability 0.7) of the tag people gave to fewest of the images."""
+    project = get_project(session, slug=SLUG)
+    images = session.scalars(
+        select(Image).where(Image.project_id == project.id).order_by(Image.id)
+    ).all()
+    given_tags = {
+        image.id: set(session.scalars(select(ImageTag.tag_id).where(ImageTag.image_id == image.id)))
+        for image in images
+    }
+    tags = session.scalars(select(Tag).where(Tag.project_id == project.id)).all()
+    tag = min(tags, key=lambda t: sum(t.id in given_tags[i.id] for i in images))
+    lacking = [i for i in images if tag.id not in given_tags[i.id]]
+    assert len(lacking) >= 7
+    guesses = []
+    for image in lacking[:7]:
+        session.add(
+            ImageTag(
+                image_id=image.id,
+                tag_id=tag.id,
+                source=ImageTagSource.CLASSIFIER,
+                probability=0.7,
+            )
+        )
+        guesses.append(_open_guess(session, world, image, tag))
+    session.flush()
+    return tag, guesses
+
+
 def test_a_tags_new_guesses_weigh_what_the_crowd_found_of_its_earlier_ones(world: World) -> None:
     with world.factory() as session:
         project = get_project(session, slug=SLUG)
         images = session.scalars(
             select(Image).where(Image.project_id == project.id).order_by(Image.id)
         ).all()
-        given_tags = {
-            image.id: set(
-                session.scalars(select(ImageTag.tag_id).where(ImageTag.image_id == image.id))
-            )
-            for image in images
-        }
-        tags = session.scalars(select(Tag).where(Tag.project_id == project.id)).all()
-        # The tag people gave to fewest of the images: the tagger guesses it on the others.
-        tag = min(tags, key=lambda t: sum(t.id in given_tags[i.id] for i in images))
-        lacking = [i for i in images if tag.id not in given_tags[i.id]]
-        assert len(lacking) >= 7
-        guesses = []
-        for image in lacking[:7]:
-            session.add(
-                ImageTag(
-                    image_id=image.id,
-                    tag_id=tag.id,
-                    source=ImageTagSource.CLASSIFIER,
-                    probability=0.7,
-                )
-            )
-            guesses.append(_open_guess(session, world, image, tag))
-        session.flush()
+        tag, guesses = _guesses(session, world)
         assert learn_guess_corrections(session, project_id=project.id).judged == 0
         assert tag_belief(session, target=guesses[0]) == pytest.approx(0.7)
 
-        # The crowd turns down three guesses (every first cell "no"), a curator a fourth; a
+        # The crowd turns down three guesses: two with every first cell settled "no", one by
+        # credible "no"s on every first cell before any settled; a curator rejects a fourth; a
         # fifth split the crowd on one cell, which is no verdict on the tag.
-        for guess in guesses[1:4]:
+        for guess in guesses[1:3]:
             _retire(_first_cells(session, guess), [False] * 9, RetireReason.CONFIDENT)
+        for cell in _first_cells(session, guesses[3]):
+            consensus = session.get(Consensus, cell.id)
+            assert consensus is not None
+            consensus.logodds = cell.prior_logodds - 6.0  # two credible "none" grids
         rejected = session.scalar(
             select(ImageTag).where(
                 ImageTag.image_id == guesses[4].image_id, ImageTag.tag_id == tag.id
@@ -523,6 +536,25 @@ def test_a_tags_new_guesses_weigh_what_the_crowd_found_of_its_earlier_ones(world
         verdicts = learn_guess_corrections(session, project_id=project.id)
         assert (verdicts.judged, verdicts.confirmed) == (5, 1)
         assert wary < tag_belief(session, target=guesses[0]) < 0.7
+
+
+def test_the_em_pass_learns_the_taggers_record_and_values_its_guesses_by_it(
+    world: World,
+) -> None:
+    with world.factory() as session:
+        project = get_project(session, slug=SLUG)
+        tag, guesses = _guesses(session, world)
+        window = session.scalars(select(Window).where(Window.target_id == guesses[0].id)).one()
+        trusted = window.value
+        for guess in guesses[1:5]:
+            _retire(_first_cells(session, guess), [False] * 9, RetireReason.CONFIDENT)
+        session.flush()
+        recompute_project(session, settings=world.settings, project=project)
+        session.refresh(tag)
+        session.refresh(window)
+        assert tag.guess_logodds < -1.0
+        # Four guesses at 0.7 turned down: the fifth's first look is worth a quarter of what it was.
+        assert window.value < 0.3 * trusted
 
 
 def test_the_segmenters_priors_are_not_replaced_by_the_taggers_grad_cam(
