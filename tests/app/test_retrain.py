@@ -306,8 +306,20 @@ def test_a_retrain_killed_mid_training_leaves_the_active_model_and_no_partial_fi
     assert [s for k, s, _ in jobs if k == "retrain"] == ["failed", "succeeded"]
 
 
-def _open_guess(session: Session, world: World, image: Image, tag: Tag) -> Target:
-    """A target of a tag the tagger guessed on ``image``, collecting: its first window open."""
+def _open_guess(
+    session: Session, world: World, image: Image, tag: Tag, probability: float | None = None
+) -> Target:
+    """A target of a tag the tagger guessed on ``image`` (with ``probability``: its image tag
+    is added too), collecting: its first window open."""
+    if probability is not None:
+        session.add(
+            ImageTag(
+                image_id=image.id,
+                tag_id=tag.id,
+                source=ImageTagSource.CLASSIFIER,
+                probability=probability,
+            )
+        )
     guess, _ = ensure_target(session, image=image, tag=tag)
     session.flush()
     project = get_project(session, slug=SLUG)
@@ -395,15 +407,7 @@ def test_a_guessed_tag_weighs_its_probability_until_the_crowd_says_whether_it_is
         ).first()
         given = session.scalar(select(Target).where(Target.image_id == image.id))
         assert other is not None and given is not None
-        session.add(
-            ImageTag(
-                image_id=image.id,
-                tag_id=other.id,
-                source=ImageTagSource.CLASSIFIER,
-                probability=0.3,
-            )
-        )
-        guess = _open_guess(session, world, image, other)
+        guess = _open_guess(session, world, image, other, 0.3)
         given.state = TargetState.COLLECTING
         session.flush()
         assert tag_belief(session, target=given) == 1.0  # people gave it
@@ -473,17 +477,7 @@ def _guesses(session: Session, world: World) -> tuple[Tag, list[Target]]:
     tag = min(tags, key=lambda t: sum(t.id in given_tags[i.id] for i in images))
     lacking = [i for i in images if tag.id not in given_tags[i.id]]
     assert len(lacking) >= 7
-    guesses = []
-    for image in lacking[:7]:
-        session.add(
-            ImageTag(
-                image_id=image.id,
-                tag_id=tag.id,
-                source=ImageTagSource.CLASSIFIER,
-                probability=0.7,
-            )
-        )
-        guesses.append(_open_guess(session, world, image, tag))
+    guesses = [_open_guess(session, world, image, tag, 0.7) for image in lacking[:7]]
     session.flush()
     return tag, guesses
 
