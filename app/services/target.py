@@ -180,6 +180,17 @@ def add_mask_version(
     return version
 
 
+def tag_is_known(session: Session, *, target: Target) -> bool:
+    """Whether the image's tag came from people (an import or a curator), not the tagger: then
+    the object is there, and nine squares that do not show it mean that it is small."""
+    source = session.scalar(
+        select(ImageTag.source).where(
+            ImageTag.image_id == target.image_id, ImageTag.tag_id == target.tag_id
+        )
+    )
+    return source in (ImageTagSource.IMPORT, ImageTagSource.CURATOR)
+
+
 def tag_belief(session: Session, *, target: Target) -> float:
     """How sure we are that the target's tag is on its image at all (``tag_beliefs``)."""
     return tag_beliefs(session, target_ids={target.id}).get(target.id, 1.0)

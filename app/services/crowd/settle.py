@@ -23,8 +23,6 @@ from app.models import (
     CellStatus,
     Consensus,
     Image,
-    ImageTag,
-    ImageTagSource,
     Project,
     RetireReason,
     Target,
@@ -49,7 +47,7 @@ from app.services.masks.composition import (
 )
 from app.services.masks.union import finish_unions
 from app.services.project import square_cells
-from app.services.target import tag_belief, tag_beliefs
+from app.services.target import tag_belief, tag_beliefs, tag_is_known
 from ml.aggregation import grid
 from ml.aggregation.acquisition import object_area
 from ml.aggregation.credibility import SUPPORT_RATIO
@@ -228,17 +226,6 @@ def _retire_open(
     return retire_cells(project, open_cells, posterior, credible, supported)[1]
 
 
-def _tag_is_known(session: Session, target: Target) -> bool:
-    """Whether the image's tag came from people (an import or a curator), not the tagger: then
-    the object is there, and nine squares that do not show it mean that it is small."""
-    source = session.scalar(
-        select(ImageTag.source).where(
-            ImageTag.image_id == target.image_id, ImageTag.tag_id == target.tag_id
-        )
-    )
-    return source in (ImageTagSource.IMPORT, ImageTagSource.CURATOR)
-
-
 def _disputed(session: Session, retired: list[Cell]) -> list[bool]:
     """Which retired cells are negative on their votes although a credible vote said yes
     (``SUPPORT_RATIO``); a gold or a curator's answer is not disputed."""
@@ -309,7 +296,7 @@ def _refine(
         opened=opened,
         config=refinement_config(project),
     )
-    searching = not deeper and _tag_is_known(session, target)
+    searching = not deeper and tag_is_known(session, target=target)
     if searching:
         deeper = search_small(
             [grid.Cell(c.level, c.row, c.col) for c in retired],
