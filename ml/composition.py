@@ -100,6 +100,9 @@ CONTRAST_PX = 4  # ``border_contrast`` compares the mean colours this far either
 AGREEMENT_NATS = 1.0  # a cut this much likelier under the crowd's answers is kept (``_better_cut``)
 GRABCUT_MAX_PIXELS = 120_000  # larger crops run downscaled (GrabCut's cost grows with area)
 GRABCUT_KEPT = 512  # cuts kept by their exact inputs (``_run_grabcut``)
+# A claimed cell's posterior for an object known to be in the image that no cell claims
+# (``claim_known_object``): over even odds, under the sure core's ``POSITIVE``.
+KNOWN_CLAIM = 0.6
 
 FloatMask = npt.NDArray[np.float32]
 BoolMask = npt.NDArray[np.bool_]
@@ -787,6 +790,33 @@ def get_method(name: str) -> Method:
         raise KeyError(
             f"unknown composition method {name!r}; choose one of {', '.join(METHODS)}"
         ) from None
+
+
+def claim_known_object(probs: npt.ArrayLike, evidence: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """The cells' probabilities with an object that is known to be in the image (a tag people
+    gave) placed where the crowd's answers lean, when no cell claims it: the cells whose votes
+    lean towards "yes" (``evidence``: the votes' log-likelihood ratio, the posterior's log-odds
+    less the prior's, > 0), the likeliest of them, rise to ``KNOWN_CLAIM``; the image decides
+    their pixels as in any claimed cell.
+
+    A small object is searched for square by square from a prior of a few percent
+    (``ml.aggregation.rules.SEARCH_PRIOR``), so the square where credible people saw it
+    stays under even odds until several agree (two "yes" and one "no" from a sure prior leave
+    it at 0.1-0.25), and a mask composed on even odds alone is empty while the search goes
+    on, and after it ends on split answers. Unchanged when some cell is over even odds, or no
+    vote leans "yes" (an object nobody saw has no place to put it).
+
+    Shape: probs, evidence and the result ``(n_cells,)``.
+    """
+    p = np.asarray(probs, dtype=np.float64).reshape(-1)
+    e = np.asarray(evidence, dtype=np.float64).reshape(-1)
+    if p.shape != e.shape:
+        raise ValueError(f"got {p.shape[0]} probabilities but {e.shape[0]} evidences")
+    leaning = e > 0
+    if not leaning.any() or (p > 0.5).any():
+        return p
+    likeliest = leaning & (p >= p[leaning].max())
+    return np.where(likeliest, np.maximum(p, KNOWN_CLAIM), p)
 
 
 def compose_mask(

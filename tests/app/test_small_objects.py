@@ -4,26 +4,34 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
-from app.models import Cell, ImageTag, ImageTagSource, Project, Target, Window
+from app.models import Cell, Consensus, Image, ImageTag, ImageTagSource, Project, Target, Window
 from app.services.crowd.opening import OUTSIDE_LOGODDS, window_value
 from app.services.crowd.settle import settle_target, target_areas
 from app.services.curation.triage import set_cell
+from app.services.masks.composition import compose_target
+from ml.aggregation import grid
 from ml.aggregation.acquisition import MIN_OBJECT_AREA
 from ml.aggregation.rules import SEARCH_PRIOR
-from ml.aggregation.votes import sigmoid
+from ml.aggregation.votes import logit, sigmoid
 from tests.app.conftest import HAS_PYRAMID, Live
 
 SLUG = "demo"
+
+
+def _first_target(session: Session) -> Target | None:
+    """The first evaluation target with a pyramid of its own (not a union of children)."""
+    return session.scalars(
+        select(Target).where(Target.control.is_(False), HAS_PYRAMID).order_by(Target.id)
+    ).first()
 
 
 def _nine_noes(live: Live) -> list[float]:
     """Every first square of one evaluation target answered "no"; returns the priors of the
     squares of the windows of level 1 the target has once settled."""
     with live.factory() as session:
-        target = session.scalars(  # one with a pyramid of its own (not a union of children)
-            select(Target).where(Target.control.is_(False), HAS_PYRAMID).order_by(Target.id)
-        ).first()
+        target = _first_target(session)
         project = session.scalar(select(Project).where(Project.slug == SLUG))
         assert target is not None and project is not None
         for cell in session.scalars(
@@ -61,9 +69,7 @@ def test_a_search_is_valued_as_looking_for_a_small_object(live: Live) -> None:
     is and left it behind every large object's border."""
     _nine_noes(live)
     with live.factory() as session:
-        target = session.scalars(
-            select(Target).where(Target.control.is_(False), HAS_PYRAMID).order_by(Target.id)
-        ).first()
+        target = _first_target(session)
         assert target is not None
         windows = list(
             session.scalars(
@@ -87,3 +93,38 @@ def test_a_search_is_valued_as_looking_for_a_small_object(live: Live) -> None:
                 belief=1.0,
             )
             assert window.value == pytest.approx(expected)
+
+
+def test_a_search_square_people_saw_the_object_in_is_in_its_mask_before_it_settles(
+    live: Live,
+) -> None:
+    """Two credible "yes" and a "no" leave a search square under even odds (its prior is
+    ``SEARCH_PRIOR``): the object people tagged is there, so the mask claims that square
+    rather than nothing; a tag only the tagger gave does not."""
+    _nine_noes(live)
+    with live.factory() as session:
+        target = _first_target(session)
+        assert target is not None
+        image = session.get(Image, target.image_id)
+        square = session.scalars(
+            select(Cell).where(
+                Cell.target_id == target.id, Cell.level == 2, Cell.prior_logodds == SEARCH_PRIOR
+            )
+        ).first()
+        assert image is not None and square is not None
+        assert not compose_target(session, settings=live.settings, target=target).hard.any()
+        session.execute(
+            update(Consensus)
+            .where(Consensus.cell_id == square.id)
+            .values(n_votes=3, posterior=0.2, logodds=float(logit(0.2)))
+        )
+        session.flush()
+        rect = grid.cell_rect(
+            grid.Cell(2, square.row, square.col), image.height, image.width, square=True
+        )
+        hard = compose_target(session, settings=live.settings, target=target).hard
+        inside = hard[rect.top : rect.bottom, rect.left : rect.right].sum()
+        assert inside > 0 and inside >= 0.9 * hard.sum()  # there, give or take the margin
+        session.execute(update(ImageTag).values(source=ImageTagSource.CLASSIFIER))
+        session.flush()
+        assert not compose_target(session, settings=live.settings, target=target).hard.any()

@@ -14,8 +14,10 @@ from ml.aggregation import grid
 from ml.aggregation.rules import RefinementConfig
 from ml.aggregation.simulate.masks import photo_like_scene
 from ml.composition import (
+    KNOWN_CLAIM,
     SURE_NEGATIVE,
     answers_agreement,
+    claim_known_object,
     compose_mask,
     cut_score,
     get_method,
@@ -118,6 +120,38 @@ def test_a_small_object_in_big_yes_cells_is_found_from_what_the_no_cells_show() 
     truth = scene.tag_masks["star"]
     cells, probs = _perfect(truth, 1)
     assert _iou(compose_mask(scene.image, cells, probs).hard, truth) >= 0.3
+
+
+def test_an_object_people_tagged_is_placed_where_the_votes_lean_when_nothing_claims_it() -> None:
+    # A search's square where two of three credible people saw a small disc, from a prior of
+    # 5%: 0.2, under even odds; every other square a sure or a voted "no".
+    image, truth = _scene(size=162, radius=9.0)
+    cells = grid.level_cells(2)
+    coverage = grid.cell_coverage(truth, cells)
+    seen = int(np.argmax(coverage))
+    probs = np.where(coverage > 0, 0.2, 0.004)
+    evidence = np.where(np.arange(len(cells)) == seen, 1.6, -2.5)
+    evidence[(coverage > 0) & (np.arange(len(cells)) != seen)] = 0.8
+    assert not compose_mask(image, cells, probs).hard.any()  # on even odds alone: nothing
+    claimed = claim_known_object(probs, evidence)
+    # Every square the votes lean to at the likeliest posterior rises; the others stay as voted.
+    assert set(np.flatnonzero(claimed > 0.5)) == set(np.flatnonzero(coverage > 0))
+    assert np.all(claimed[coverage > 0] == KNOWN_CLAIM)
+    assert np.array_equal(claimed[coverage == 0], probs[coverage == 0])
+    assert _iou(compose_mask(image, cells, claimed).hard, truth) >= 0.6
+
+
+def test_a_known_object_is_not_placed_where_nobody_saw_it_nor_over_a_claim() -> None:
+    probs = np.array([0.3, 0.2, 0.01])
+    # Every vote leans "no" (an object nobody saw has no place): unchanged.
+    assert np.array_equal(claim_known_object(probs, [-0.1, -1.0, -3.0]), probs)
+    # A cell over even odds claims it already: unchanged.
+    over = np.array([0.3, 0.7, 0.01])
+    assert np.array_equal(claim_known_object(over, [1.0, 1.0, -3.0]), over)
+    # Only the likeliest of the cells the votes lean to rises.
+    assert claim_known_object(probs, [0.5, 2.0, -3.0]).tolist() == [KNOWN_CLAIM, 0.2, 0.01]
+    with pytest.raises(ValueError, match="evidences"):
+        claim_known_object(probs, [1.0])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -6,6 +6,8 @@ in progress) and the campaign benchmark. The numbers are ``ml.composition``'s; t
 what they need: the finest cells and their posteriors (gold and curator answers as 0/1), the
 image's pixels, and the segmenter's latest prediction for the target, if there is one. A
 target whose tag's mask is the union of its children's (``is_union``) is composed as that union.
+A target whose tag people gave (``tag_is_known``) holds its object: where no cell claims it
+yet, the cells its votes lean to do (``ml.composition.claim_known_object``).
 """
 
 from __future__ import annotations
@@ -32,10 +34,17 @@ from app.models import (
 from app.services.files import mask_store, read_mask
 from app.services.image import image_path
 from app.services.project import square_cells
-from app.services.target import add_mask_version, child_targets, find_latest_mask, is_union
+from app.services.target import (
+    add_mask_version,
+    child_targets,
+    find_latest_mask,
+    is_union,
+    tag_is_known,
+)
 from ml.aggregation import grid
 from ml.aggregation.rules import leaf_cells
-from ml.composition import Composed, compose_mask
+from ml.aggregation.votes import logit
+from ml.composition import Composed, claim_known_object, compose_mask
 
 
 def has_evidence(
@@ -70,6 +79,15 @@ def leaf_posteriors(session: Session, *, cells: list[Cell]) -> tuple[list[grid.C
     answer, and would otherwise turn their pixels into sure foreground). The first nine cells
     stay in whatever their evidence (their prior is the tagger's or the model's).
     """
+    leaves, probs, _ = _leaves(session, cells=cells)
+    return leaves, probs
+
+
+def _leaves(
+    session: Session, *, cells: list[Cell]
+) -> tuple[list[grid.Cell], list[float], list[float]]:
+    """``leaf_posteriors``, and each leaf's votes' log-likelihood ratio: its posterior's
+    log-odds less its prior's (0 for a gold or curator answer: nobody voted)."""
     consensus = {
         cell_id: (n, q)
         for cell_id, n, q in session.execute(
@@ -86,7 +104,13 @@ def leaf_posteriors(session: Session, *, cells: list[Cell]) -> tuple[list[grid.C
     addresses = [grid.Cell(c.level, c.row, c.col) for c in cells]
     leaves = [c for c, leaf in zip(cells, leaf_cells(addresses), strict=True) if leaf]
     probs = [cell_probability(c.label, c.retire_reason, consensus[c.id][1]) for c in leaves]
-    return [grid.Cell(c.level, c.row, c.col) for c in leaves], probs
+    evidence = [
+        0.0
+        if c.retire_reason in (RetireReason.GOLD, RetireReason.CURATOR)
+        else float(logit(consensus[c.id][1]) - c.prior_logodds)
+        for c in leaves
+    ]
+    return [grid.Cell(c.level, c.row, c.col) for c in leaves], probs, evidence
 
 
 def load_pixels(settings: Settings, image: Image) -> np.ndarray:
@@ -190,7 +214,10 @@ def mask_inputs(
     assert project is not None
     if cells is None:
         cells = list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
-    leaves, probs = leaf_posteriors(session, cells=cells)
+    leaves, probs, evidence = _leaves(session, cells=cells)
+    if leaves and tag_is_known(session, target=target):
+        # People tagged the image: the object is there, if nothing claims it yet.
+        probs = claim_known_object(probs, evidence).tolist()
     model = model_probability(session, settings, target)
     method = str(project.setting("composition"))
     return MaskInputs(leaves, probs, model, method, square_cells(project))
