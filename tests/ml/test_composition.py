@@ -122,6 +122,22 @@ def test_a_small_object_in_big_yes_cells_is_found_from_what_the_no_cells_show() 
     assert _iou(compose_mask(scene.image, cells, probs).hard, truth) >= 0.3
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_doubted_no_on_the_square_the_object_fills_does_not_make_its_colour_background(
+    seed: int,
+) -> None:
+    # A careful volunteer's slip outvoted a yes on the square that holds most of the disc
+    # (posterior 0.1: doubted, not sure); the other squares it touches are claimed. With the
+    # doubted square's colours in the background's sample, the disc's colour looked like the
+    # background's and the cut took none of it (IoU 0.0 on both seeds).
+    image, truth = _scene(size=162, radius=40.0, seed=seed)
+    cells = grid.level_cells(1)
+    coverage = grid.cell_coverage(truth, cells)
+    probs = np.where(coverage > 0, 0.95, 0.001)
+    probs[np.argmax(coverage)] = 0.1
+    assert _iou(compose_mask(image, cells, probs).hard, truth) >= 0.9
+
+
 def test_an_object_people_tagged_is_placed_where_the_votes_lean_when_nothing_claims_it() -> None:
     # A search's square where two of three credible people saw a small disc, from a prior of
     # 5%: 0.2, under even odds; every other square a sure or a voted "no".
