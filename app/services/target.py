@@ -6,7 +6,7 @@ from collections.abc import Collection
 from typing import NamedTuple
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session, aliased
 
 from app.db import utcnow
@@ -181,14 +181,22 @@ def add_mask_version(
 
 
 def tag_is_known(session: Session, *, target: Target) -> bool:
-    """Whether the image's tag came from people (an import or a curator), not the tagger: then
-    the object is there, and nine squares that do not show it mean that it is small."""
-    source = session.scalar(
-        select(ImageTag.source).where(
-            ImageTag.image_id == target.image_id, ImageTag.tag_id == target.tag_id
+    """Whether people (an import or a curator) gave the image the target's tag, and no curator
+    rejected it: then the object is there, and nine squares that do not show it mean that it is
+    small. The tagger's opinion of the same tag is a row of its own beside theirs, and changes
+    nothing (it used to be read instead of theirs when it came first)."""
+    return bool(
+        session.scalar(
+            select(
+                exists().where(
+                    ImageTag.image_id == target.image_id,
+                    ImageTag.tag_id == target.tag_id,
+                    ImageTag.source.in_([ImageTagSource.IMPORT, ImageTagSource.CURATOR]),
+                    ImageTag.status != ImageTagStatus.REJECTED,
+                )
+            )
         )
     )
-    return source in (ImageTagSource.IMPORT, ImageTagSource.CURATOR)
 
 
 def tag_belief(session: Session, *, target: Target) -> float:
