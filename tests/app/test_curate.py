@@ -21,6 +21,7 @@ from app.models import (
     Gold,
     GoldSource,
     ImageTag,
+    ImageTagSource,
     ImageTagStatus,
     MaskSource,
     MaskVersion,
@@ -34,6 +35,7 @@ from app.services.account import authenticate, create_account
 from app.services.curation.volunteer_review import suspicion_flags
 from app.services.errors import ConflictError, InvalidInputError, UnauthorizedError
 from app.services.recompute import recompute_project
+from app.services.target import tag_is_known
 from app.storage import decode_mask_png
 from tests.app.conftest import HAS_PYRAMID, SLUG, Live
 
@@ -241,6 +243,18 @@ def test_triage_fix_accept_makes_gold_and_a_curator_mask(live: Live) -> None:
 
 def test_rejecting_a_tag_stores_an_empty_truth(live: Live) -> None:
     (target_id,) = triage_some(live, 1)
+    with live.factory() as session:  # the tagger gave the tag too: its own row, beside people's
+        target = session.get(Target, target_id)
+        assert target is not None
+        session.add(
+            ImageTag(
+                image_id=target.image_id,
+                tag_id=target.tag_id,
+                source=ImageTagSource.CLASSIFIER,
+                probability=0.7,
+            )
+        )
+        session.commit()
     client = logged_in(live, Role.CURATOR)
     token = csrf_of(client.get(f"/curate/targets/{target_id}").text)
     assert (
@@ -250,12 +264,13 @@ def test_rejecting_a_tag_stores_an_empty_truth(live: Live) -> None:
     with live.factory() as session:
         target = session.get(Target, target_id)
         assert target is not None and target.state == TargetState.COMPLETE
-        tag = session.scalar(
-            select(ImageTag).where(
+        statuses = session.scalars(
+            select(ImageTag.status).where(
                 ImageTag.image_id == target.image_id, ImageTag.tag_id == target.tag_id
             )
-        )
-        assert tag is not None and tag.status == ImageTagStatus.REJECTED
+        ).all()
+        assert statuses == [ImageTagStatus.REJECTED] * 2  # whoever gave it
+        assert not tag_is_known(session, target=target)
         labels = session.scalars(select(Gold.label).join(Cell).where(Cell.target_id == target_id))
         assert set(labels) == {False}
 

@@ -411,10 +411,13 @@ def set_cell(session: Session, *, target: Target, cell_id: int, label: bool, cur
     return len(changed)
 
 
-def _image_tag(session: Session, target: Target) -> ImageTag | None:
-    return session.scalar(
-        select(ImageTag).where(
-            ImageTag.image_id == target.image_id, ImageTag.tag_id == target.tag_id
+def _image_tags(session: Session, target: Target) -> list[ImageTag]:
+    """The image's rows of the target's tag: people's, and the tagger's beside them."""
+    return list(
+        session.scalars(
+            select(ImageTag).where(
+                ImageTag.image_id == target.image_id, ImageTag.tag_id == target.tag_id
+            )
         )
     )
 
@@ -443,8 +446,7 @@ def finish_target(
     )
     version.meta = {**version.meta, **meta}
     stop_collecting(session, target=target, state=TargetState.COMPLETE)
-    image_tag = _image_tag(session, target)
-    if image_tag is not None:
+    for image_tag in _image_tags(session, target):  # a rejection holds for every source
         image_tag.status = tag_status
     session.flush()
     finish_unions(session, settings=settings, target=target)
