@@ -10,7 +10,12 @@ pixel of every positive border cell, and its IoU is capped by the size of the fi
 2. A trimap follows from the answers' meaning:
 
    * **sure background**: pixels of cells decided negative beyond doubt (``q <= SURE_NEGATIVE``:
-     a gold or curator *no*, or credible votes that agree);
+     a gold or curator *no*, or credible votes that agree), and of cells that lean negative
+     (``q <= NEGATIVE``) on votes that all say *no* (``no_only``): what people saw, however
+     few of them, until somebody says *yes* there. One newcomer's *no* leaves a first square at
+     about 0.02, and a *no* taken for doubted lets the method spread the object into it: the
+     demo's first windows with every answer right but given at one vote's confidence composed
+     at IoU 0.63 against 0.72 with the same answers sure;
    * **sure foreground** (the *core*): pixels of decided positive cells (``q >= POSITIVE``)
      farther than ``CORE_CELLS`` cell sides from any pixel not claimed positive (the image's
      edge counts as unclaimed, so an object cut by the edge is not assumed to fill its cells);
@@ -124,6 +129,7 @@ class Trimap:
     positive: tuple[grid.PixelRect, ...]  # the finest cells claimed positive
     side: FloatMask | None = None  # the pixel's finest cell's shorter side in pixels
     doubted: BoolMask | None = None  # not claimed nor sure background, next to the claim
+    said_no: BoolMask | None = None  # in a cell leaning negative whose votes all say *no*
 
     @property
     def reach(self) -> BoolMask:
@@ -139,8 +145,10 @@ class Trimap:
     @property
     def surely_negative(self) -> BoolMask:
         """``negative`` without the doubted *no*s: pixels of cells whose *no* the votes agree
-        on, or that gold or a curator answered (``SURE_NEGATIVE``), margins included."""
-        return np.asarray(self.posterior <= SURE_NEGATIVE)
+        on, or that gold or a curator answered (``SURE_NEGATIVE``), or that nobody said *yes*
+        to (``said_no``), margins included."""
+        sure = np.asarray(self.posterior <= SURE_NEGATIVE)
+        return sure if self.said_no is None else sure | self.said_no
 
     @property
     def probable_bg(self) -> BoolMask:
@@ -162,15 +170,23 @@ def trimap(
     width: int,
     *,
     square: bool = False,
+    no_only: npt.ArrayLike | None = None,
 ) -> Trimap:
     """The trimap of the module docstring from the finest cells and their posteriors
-    (``square``: the pyramid's frame, ``ml.aggregation.grid``).
+    (``square``: the pyramid's frame, ``ml.aggregation.grid``); ``no_only``: per cell, whether
+    it has votes and every one of them says *no* (None: nothing is known of the votes, only the
+    posteriors decide).
 
     Shape:
-        probs ``(n_cells,)``; every field of the result ``(height, width)``.
+        probs, no_only ``(n_cells,)``; every field of the result ``(height, width)``.
     """
     p = np.asarray(probs, dtype=np.float64).reshape(-1)
     posterior, _ = grid.compose(cells, p, height, width, fill=0.5, square=square)
+    said_no = None
+    if no_only is not None:
+        flags = np.asarray(no_only, dtype=np.float64).reshape(-1)
+        plane, _ = grid.compose(cells, flags, height, width, fill=0.0, square=square)
+        said_no = (plane > 0.5) & (posterior <= NEGATIVE)
     # A cell's side: of its whole view (a square the image's edge cuts keeps its side).
     views = (grid.cell_view(c, height, width, square=square) for c in cells)
     sides = np.asarray([min(r.height, r.width) for r in views], dtype=np.float32)
@@ -181,6 +197,8 @@ def trimap(
     inside = cv2.distanceTransform(padded, cv2.DIST_L2, 3)[1:-1, 1:-1]  # (H, W)
     sure_fg = claimed & (posterior >= POSITIVE) & (inside > CORE_CELLS * side)
     sure_bg = posterior <= SURE_NEGATIVE
+    if said_no is not None:
+        sure_bg |= said_no
     positive = tuple(
         grid.cell_rect(c, height, width, square=square)
         for c, q, leaf in zip(cells, p, leaf_cells(cells), strict=True)
@@ -193,7 +211,7 @@ def trimap(
         sure_bg &= ~((outside <= MARGIN * side) & (posterior > 0.0))
         doubted = ~claimed & ~sure_bg & (outside <= side)
     band = claimed & ~sure_fg
-    return Trimap(posterior, sure_fg, sure_bg, band, claimed, positive, side, doubted)
+    return Trimap(posterior, sure_fg, sure_bg, band, claimed, positive, side, doubted, said_no)
 
 
 def _distance_to(claimed: BoolMask) -> FloatMask:
@@ -783,6 +801,7 @@ def _cropped(tm: Trimap, window: tuple[slice, slice]) -> Trimap:
         (),
         None if tm.side is None else tm.side[window],
         None if tm.doubted is None else tm.doubted[window],
+        None if tm.said_no is None else tm.said_no[window],
     )
 
 
@@ -852,6 +871,7 @@ def compose_mask(
     model: npt.ArrayLike | None = None,
     method: str = DEFAULT_METHOD,
     square: bool = False,
+    no_only: npt.ArrayLike | None = None,
 ) -> Composed:
     """A target's soft and hard mask from its finest cells and the image (module docstring).
 
@@ -862,12 +882,15 @@ def compose_mask(
         model: the segmenter's per-pixel probability, if there is one.
         method: a name of ``METHODS``.
         square: the pyramid's frame (``ml.aggregation.grid``): square cells, or the image's.
+        no_only: each cell's votes all say *no* (``trimap``); None when not known.
 
     Shape:
-        image ``(H, W)`` or ``(H, W, C)``; probs ``(n_cells,)``; model and the result ``(H, W)``.
+        image ``(H, W)`` or ``(H, W, C)``; probs, no_only ``(n_cells,)``; model and the result
+        ``(H, W)``.
     """
     h, w = int(image.shape[0]), int(image.shape[1])
     prob = None if model is None else np.asarray(model, dtype=np.float32)
     if prob is not None and prob.shape != (h, w):
         raise ValueError(f"model probability has shape {prob.shape}, the image ({h}, {w})")
-    return get_method(method)(trimap(cells, probs, h, w, square=square), image, prob)
+    tm = trimap(cells, probs, h, w, square=square, no_only=no_only)
+    return get_method(method)(tm, image, prob)

@@ -138,6 +138,47 @@ def test_a_doubted_no_on_the_square_the_object_fills_does_not_make_its_colour_ba
     assert _iou(compose_mask(image, cells, probs).hard, truth) >= 0.9
 
 
+@pytest.mark.parametrize(("name", "tag"), [("demo_0005", "triangle"), ("demo_0009", "circle")])
+def test_a_no_nobody_contradicted_is_background_however_few_said_it(name: str, tag: str) -> None:
+    # A first window answered once, every answer right, by a newcomer: a "yes" leaves its
+    # square at 0.73, a "no" at 0.022. Taken for a doubted "no" (a 2-1 split leaves about that
+    # too), the squares beside the claim were the cut's to take and it spread into them, over
+    # the shapes there (IoU 0.02-0.03); a "no" that no vote contradicts is what people saw.
+    scene = next(s for s in generate_scenes(seed=0, n_images=10) if s.name == name)
+    truth = scene.tag_masks[tag]
+    cells = grid.level_cells(1)
+    said_yes = grid.cell_coverage(truth, cells) > 0
+    probs = np.where(said_yes, 0.73, 0.022)
+    assert _iou(compose_mask(scene.image, cells, probs).hard, truth) < 0.1  # votes unknown
+    assert _iou(compose_mask(scene.image, cells, probs, no_only=~said_yes).hard, truth) >= 0.95
+    # The same squares as sure as votes make them: the one answer now composes as they do.
+    sure = np.where(said_yes, 0.999, 1e-4)
+    assert _iou(compose_mask(scene.image, cells, sure).hard, truth) >= 0.95
+
+
+def test_a_no_somebody_contradicted_stays_doubted_and_a_voted_no_keeps_its_margin() -> None:
+    # The split square of the test below carries a "yes" among its votes: its "no" is still
+    # doubted when the votes are known, and the image decides it.
+    image, truth = _scene(seed=2)
+    cells = grid.level_cells(2)
+    coverage = grid.cell_coverage(truth, cells)
+    probs = np.where(coverage > 0, 0.9999, 0.02)
+    split = int(np.argmax(np.where(coverage < 0.6, coverage, 0)))
+    probs[split] = 0.02
+    no_only = probs <= 0.02
+    no_only[split] = False
+    tm = trimap(cells, probs, *truth.shape, no_only=no_only)
+    r = grid.cell_rect(cells[split], *truth.shape)
+    assert not tm.sure_bg[r.top : r.bottom, r.left : r.right].any()
+    assert tm.doubted is not None and tm.doubted[r.top : r.bottom, r.left : r.right].all()
+    assert _iou(compose_mask(image, cells, probs, no_only=no_only).hard, truth) >= 0.9
+    # Every other "no" is sure beyond its margin, and people's margin beside the claim stays.
+    beside = tm.doubted & ~tm.sure_bg
+    beside[r.top : r.bottom, r.left : r.right] = False
+    assert beside.any() and not (beside & (tm.posterior > 0.5)).any()
+    assert tm.surely_negative[~tm.claimed & (tm.posterior <= 0.02)].mean() > 0.5
+
+
 def test_an_object_people_tagged_is_placed_where_the_votes_lean_when_nothing_claims_it() -> None:
     # A search's square where two of three credible people saw a small disc, from a prior of
     # 5%: 0.2, under even odds; every other square a sure or a voted "no".

@@ -79,27 +79,35 @@ def leaf_posteriors(session: Session, *, cells: list[Cell]) -> tuple[list[grid.C
     answer, and would otherwise turn their pixels into sure foreground). The first nine cells
     stay in whatever their evidence (their prior is the tagger's or the model's).
     """
-    leaves, probs, _ = _leaves(session, cells=cells)
-    return leaves, probs
+    leaves = _leaves(session, cells=cells)
+    return leaves.cells, leaves.probs
 
 
-def _leaves(
-    session: Session, *, cells: list[Cell]
-) -> tuple[list[grid.Cell], list[float], list[float]]:
-    """``leaf_posteriors``, and each leaf's votes' log-likelihood ratio: its posterior's
-    log-odds less its prior's (0 for a gold or curator answer: nobody voted)."""
+@dataclass(frozen=True)
+class _Leaves:
+    """``leaf_posteriors``, each leaf's votes' log-likelihood ratio (its posterior's log-odds
+    less its prior's; 0 for a gold or curator answer: nobody voted), and whether its votes all
+    say *no* (``ml.composition.trimap``'s ``no_only``)."""
+
+    cells: list[grid.Cell]
+    probs: list[float]
+    evidence: list[float]
+    no_only: list[bool]
+
+
+def _leaves(session: Session, *, cells: list[Cell]) -> _Leaves:
     consensus = {
-        cell_id: (n, q)
-        for cell_id, n, q in session.execute(
-            select(Consensus.cell_id, Consensus.n_votes, Consensus.posterior).where(
-                Consensus.cell_id.in_([c.id for c in cells])
-            )
+        cell_id: (n, q, n_yes)
+        for cell_id, n, q, n_yes in session.execute(
+            select(
+                Consensus.cell_id, Consensus.n_votes, Consensus.posterior, Consensus.n_yes
+            ).where(Consensus.cell_id.in_([c.id for c in cells]))
         )
     }
     cells = [
         c
         for c in cells
-        if has_evidence(c.level, c.status, consensus.get(c.id, (0, 0.5))[0], c.retire_reason)
+        if has_evidence(c.level, c.status, consensus.get(c.id, (0, 0.5, 0))[0], c.retire_reason)
     ]
     addresses = [grid.Cell(c.level, c.row, c.col) for c in cells]
     leaves = [c for c, leaf in zip(cells, leaf_cells(addresses), strict=True) if leaf]
@@ -110,7 +118,8 @@ def _leaves(
         else float(logit(consensus[c.id][1]) - c.prior_logodds)
         for c in leaves
     ]
-    return [grid.Cell(c.level, c.row, c.col) for c in leaves], probs, evidence
+    no_only = [consensus[c.id][0] > 0 and consensus[c.id][2] == 0 for c in leaves]
+    return _Leaves([grid.Cell(c.level, c.row, c.col) for c in leaves], probs, evidence, no_only)
 
 
 def load_pixels(settings: Settings, image: Image) -> np.ndarray:
@@ -186,14 +195,16 @@ def _compose(
 class MaskInputs:
     """What a target's own mask is composed from besides its image's pixels: its finest cells
     with evidence and their probabilities (``leaf_posteriors``), the segmenter's latest
-    prediction, the project's method and the pyramid's frame. Plain values: another process
-    can compose them (the campaign benchmark composes in a pool)."""
+    prediction, the project's method and the pyramid's frame, and which cells' votes all say
+    *no* (None: not known). Plain values: another process can compose them (the campaign
+    benchmark composes in a pool)."""
 
     cells: list[grid.Cell]
     probs: list[float]
     model: np.ndarray | None
     method: str
     square: bool
+    no_only: list[bool] | None = None
 
     def compose(self, pixels: np.ndarray) -> Composed:
         """The mask on the image's ``pixels`` (``ml.composition.compose_mask``)."""
@@ -201,7 +212,13 @@ class MaskInputs:
         if model is not None and model.shape != pixels.shape[:2]:
             model = None  # a prediction of another size (a replaced file): not evidence here
         return compose_mask(
-            pixels, self.cells, self.probs, model=model, method=self.method, square=self.square
+            pixels,
+            self.cells,
+            self.probs,
+            model=model,
+            method=self.method,
+            square=self.square,
+            no_only=self.no_only,
         )
 
 
@@ -214,13 +231,16 @@ def mask_inputs(
     assert project is not None
     if cells is None:
         cells = list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
-    leaves, probs, evidence = _leaves(session, cells=cells)
-    if leaves and tag_is_known(session, target=target):
+    leaves = _leaves(session, cells=cells)
+    probs = leaves.probs
+    if leaves.cells and tag_is_known(session, target=target):
         # People tagged the image: the object is there, if nothing claims it yet.
-        probs = claim_known_object(probs, evidence).tolist()
+        probs = claim_known_object(probs, leaves.evidence).tolist()
     model = model_probability(session, settings, target)
     method = str(project.setting("composition"))
-    return MaskInputs(leaves, probs, model, method, square_cells(project))
+    return MaskInputs(
+        leaves.cells, probs, model, method, square_cells(project), no_only=leaves.no_only
+    )
 
 
 def record_consensus_mask(
