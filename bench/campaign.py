@@ -74,7 +74,7 @@ from pathlib import Path
 import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image as PILImage
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the simulated crowd of the tests
@@ -89,6 +89,7 @@ from app.models import (
     DEFAULT_PROJECT_SETTINGS,
     Cell,
     Consensus,
+    Gold,
     Image,
     ImageTag,
     ImageTagSource,
@@ -107,7 +108,7 @@ from app.services.crowd.opening import load_truth, refinement_config
 from app.services.image import image_path
 from app.services.importer import run_import
 from app.services.masks.composition import MaskInputs, mask_inputs
-from app.services.project import create_project
+from app.services.project import create_project, square_cells
 from app.services.target import child_targets, is_union
 from bench.ceiling import perfect_levels
 from bench.composer import Composer, Hard, composer, default_workers
@@ -129,6 +130,10 @@ BUDGETS = (10.0, 20.0, 40.0, 80.0, 160.0)  # human-seconds per evaluation target
 MEASURE_AT = (0.0, 5.0, 10.0, 20.0, 30.0, 40.0, 60.0, 80.0, 120.0, 160.0)
 ARMS = ("crowd", "loop-random", "loop-uncertainty")
 QUALITY_SAMPLE = 8  # evaluation targets a loop round's own quality reading composes
+# Of the images without control truth, the share whose truth the product holds: its frozen
+# evaluation set (``hide_truth``). The rest is the benchmark's alone.
+FROZEN_SHARE = 0.3
+HIDDEN_TRUTH = "hidden-truth.npz"  # in an arm's folder: the truth the product does not hold
 
 
 # Where grids go (``Measurer.spent``).
@@ -263,6 +268,58 @@ def build(
         project.settings = {**project.settings, **DEMO_SETTINGS, **(overrides or {})}
         run_import(session, settings=settings, project_slug=SLUG, path=source, tag_file=None)
     engine.dispose()
+
+
+def frozen_images(image_ids: Sequence[int], share: float) -> set[int]:
+    """``share`` of ``image_ids`` (at least one while there are any), chosen by a hash of the
+    id, well spread and the same in every arm and run."""
+    ranked = sorted(image_ids, key=lambda i: ((i * 2246822519) % 2**32, i))
+    return set(ranked[: max(1, round(share * len(ranked)))] if ranked else [])
+
+
+def hide_truth(folder: Path, share: float) -> int:
+    """Leave the project the ground truth a real one holds: its control images' and a frozen
+    evaluation set's (``share`` of the other images, ``frozen_images``). The truth of every
+    other target moves into the benchmark's own file (``HIDDEN_TRUTH``), which the simulated
+    volunteers answer from and the measurement scores against. With every measured image
+    frozen, the loop's segmenter could only ever learn from the control images (7 of 24: an
+    image with frozen truth is never trained on), whatever the crowd did on the others.
+    Returns how many targets' truth moved."""
+    settings = _settings(folder)
+    engine = make_engine(settings.resolved_database_url)
+    hidden: dict[int, np.ndarray] = {}
+    with make_session_factory(engine)() as session:
+        targets = Measurer(settings, make_session_factory(engine)).evaluation_targets(session)
+        frozen = frozen_images(sorted({t.image_id for t in targets}), share)
+        for target in targets:
+            truth = None if target.image_id in frozen else load_truth(session, settings, target)
+            if truth is None:
+                continue
+            hidden[target.id] = truth
+            session.execute(
+                delete(MaskVersion).where(
+                    MaskVersion.target_id == target.id,
+                    MaskVersion.source == MaskSource.GROUND_TRUTH,
+                )
+            )
+            cells = select(Cell.id).where(Cell.target_id == target.id)
+            session.execute(delete(Gold).where(Gold.cell_id.in_(cells)))
+        session.commit()
+    engine.dispose()
+    # Positional arrays: the target ids first, then each one's truth in that order.
+    ids = np.asarray(sorted(hidden), dtype=np.int64)
+    np.savez_compressed(folder / HIDDEN_TRUTH, ids, *(hidden[int(i)] for i in ids))
+    return len(hidden)
+
+
+def hidden_truth(folder: Path) -> dict[int, np.ndarray]:
+    """The truth ``hide_truth`` took out of the project in ``folder``, by target id."""
+    path = folder / HIDDEN_TRUTH
+    if not path.exists():
+        return {}
+    with np.load(path) as held:
+        arrays = [held[f"arr_{k}"] for k in range(len(held.files))]
+    return {int(i): truth for i, truth in zip(arrays[0], arrays[1:], strict=True)}
 
 
 @dataclass
@@ -528,9 +585,12 @@ def _run_arm(
     factory = make_session_factory(engine)
     loop = name.startswith("loop-")
     measurer = Measurer(settings, factory, masks)
+    hidden = hidden_truth(folder)
+    measurer.truths.update(hidden)
     with factory() as session:
         project = session.scalar(select(Project).where(Project.slug == SLUG))
         assert project is not None
+        square = square_cells(project)
         if loop:
             project.settings = {**project.settings, "acquisition": name.split("-")[1]}
         n_eval = len(measurer.evaluation_targets(session)) or 1
@@ -544,6 +604,8 @@ def _run_arm(
     retrain_at = {answers_for(s, n_eval) for s in getattr(args, "retrain_at", None) or []}
     app = create_app(settings)
     truths = Truths(settings, factory, absent_is_empty=True)
+    truths.masks.update(hidden)
+    truths.square.update(dict.fromkeys(hidden, square))
     rng = np.random.default_rng(args.seed)
     random.seed(f"{args.seed}-{name.split('-seed')[0]}")  # the picker's choices, per arm
     crowd = [
@@ -817,6 +879,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[Arm]]:
         metavar="KEY=VALUE",
         help="a project setting for every arm (e.g. min_votes=2); may be repeated",
     )
+    parser.add_argument(
+        "--frozen-share",
+        type=float,
+        default=FROZEN_SHARE,
+        help="of the images without control truth, the share whose truth the project holds as "
+        "its frozen evaluation set (never trained on); the others' is the benchmark's alone "
+        "(1: the project holds all of it)",
+    )
     parser.add_argument("--plot", type=Path, default=Path("artifacts/campaign.png"))
     parser.add_argument(
         "--keep",
@@ -826,6 +896,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[Arm]]:
         "its votes afterwards (default: a temporary folder, removed at the end)",
     )
     args = parser.parse_args(argv)
+    if not 0.0 <= args.frozen_share <= 1.0:
+        parser.error(f"--frozen-share {args.frozen_share}: want a share between 0 and 1")
     if args.keep is not None and args.keep.exists():
         parser.error(f"--keep {args.keep}: the folder exists; name a new one")
     q = args.quick
@@ -850,6 +922,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[Arm]]:
         for seed in seeds:
             template = Path(tmp) / f"seed-{seed}" / "template"
             build(template, args.images, seed, dict(args.overrides), scenes=args.scenes)
+            hidden = hide_truth(template, args.frozen_share)
+            print(f"  seed {seed}: the truth of {hidden} targets is the benchmark's", flush=True)
             for arm in arms:
                 arm_args = argparse.Namespace(**{**vars(args), "seed": seed})
                 results[arm].append(

@@ -20,7 +20,17 @@ from sqlalchemy import select
 from app.db import make_engine, make_session_factory
 from app.models import Image, Project, Tag, Target
 from app.services.crowd.opening import load_truth
-from bench.campaign import PHOTO_TAG, SLUG, _settings, build, size_class
+from bench.campaign import (
+    PHOTO_TAG,
+    SLUG,
+    Measurer,
+    _settings,
+    build,
+    frozen_images,
+    hidden_truth,
+    hide_truth,
+    size_class,
+)
 from ml.aggregation.simulate.masks import photo_like_scene
 from tests.conftest import run_script
 
@@ -130,4 +140,34 @@ def test_photograph_like_scenes_import_as_a_project_with_their_truth(tmp_path: P
             loaded = load_truth(session, settings, target)
             assert loaded is not None and np.array_equal(loaded, truth)
         assert session.scalar(select(Project.slug)) == SLUG
+    engine.dispose()
+
+
+def test_the_project_holds_the_truth_a_real_one_does_and_the_bench_the_rest(
+    tmp_path: Path,
+) -> None:
+    """Control images and a frozen share of the others keep their truth in the project; the
+    others' moves to the benchmark's file, whole, so the loop's models may learn from the
+    crowd's masks there and the measurement still scores every target."""
+    folder = tmp_path / "seed-0" / "template"
+    build(folder, 6, 0)
+    settings = _settings(folder)
+    engine = make_engine(settings.resolved_database_url)
+    factory = make_session_factory(engine)
+    with factory() as session:
+        targets = Measurer(settings, factory).evaluation_targets(session)
+        before = {t.id: load_truth(session, settings, t) for t in targets}
+    moved = hide_truth(folder, 0.3)
+    hidden = hidden_truth(folder)
+    images = sorted({t.image_id for t in targets})
+    frozen = frozen_images(images, 0.3)
+    assert len(frozen) == round(0.3 * len(images)) >= 1 and frozen == frozen_images(images, 0.3)
+    with factory() as session:
+        for target in targets:
+            now, then = load_truth(session, settings, target), before[target.id]
+            if target.image_id in frozen or then is None:
+                assert target.id not in hidden and (now is None) == (then is None)
+            else:
+                assert now is None and np.array_equal(hidden[target.id], then)
+    assert moved == len(hidden) > 0
     engine.dispose()
