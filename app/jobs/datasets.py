@@ -1,9 +1,12 @@
 """What the models learn from, read out of the database.
 
 The tagger learns the tags that imports and curators confirmed. The segmenter learns complete
-masks (consensus and curator masks, soft masks weighting their pixels by confidence) and the
-ground truth of control targets. The ground truth of evaluation targets is the frozen gold set:
-every image holding one is kept for evaluation and never trained on.
+masks (consensus and curator masks, soft masks weighting their pixels by confidence), the
+ground truth of control targets and, with the project's ``train_on_progress``, the current mask
+of each target still collecting that somebody answered (composed as the curator sees it: its
+confidence is 0 where nothing is known, so an unanswered square teaches nothing). The ground
+truth of evaluation targets is the frozen gold set: every image holding one is kept for
+evaluation and never trained on.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.models import (
+    Cell,
+    Consensus,
     Image,
     ImageTag,
     ImageTagSource,
@@ -31,6 +36,9 @@ from app.models import (
 )
 from app.services.files import mask_file
 from app.services.image import image_path
+from app.services.masks.composition import Composed, compose_target
+from app.services.target import child_targets, is_union
+from app.storage import atomic_write_bytes, encode_mask_png
 from ml.data import SegmenterItem, TaggerItem
 
 VALIDATION_SHARE = 0.2
@@ -105,14 +113,51 @@ def _mask_rows(session: Session, project: Project) -> list[tuple[Target, MaskVer
     return list(newest.values())
 
 
+def _in_progress(session: Session, project: Project, done: set[int]) -> list[Target]:
+    """Targets still collecting, none of ``done``, that somebody has answered: a vote on one of
+    their cells, or one of their children's (a union's mask is its children's)."""
+    answered = (
+        select(Cell.target_id)
+        .join(Consensus, Consensus.cell_id == Cell.id)
+        .where(Consensus.n_votes > 0)
+        .distinct()
+    )
+    voted = set(session.scalars(answered))
+    targets = session.scalars(
+        select(Target)
+        .where(Target.project_id == project.id, Target.state == TargetState.COLLECTING)
+        .order_by(Target.id)
+    ).all()
+    return [
+        t
+        for t in targets
+        if t.id not in done
+        and (
+            t.id in voted
+            or (
+                is_union(session, target=t)
+                and any(c.id in voted for c in child_targets(session, target=t))
+            )
+        )
+    ]
+
+
 def segmenter_items(
-    session: Session, *, settings: Settings, project: Project, vocab: Vocabulary
+    session: Session,
+    *,
+    settings: Settings,
+    project: Project,
+    vocab: Vocabulary,
+    progress_dir: Path | None = None,
 ) -> tuple[list[SegmenterItem], list[SegmenterItem], dict[str, int]]:
-    """Train items (complete masks, control truth) and the frozen evaluation items."""
+    """Train items (complete masks, control truth) and the frozen evaluation items. With a
+    ``progress_dir`` and the project's ``train_on_progress``, the current masks of targets
+    still collecting are composed into it (soft PNGs) and trained on too."""
     column = {tag_id: i for i, tag_id in enumerate(vocab.ids)}
     train_planes: dict[int, list[Path | None]] = {}
     eval_planes: dict[int, list[Path | None]] = {}
-    for target, version in _mask_rows(session, project):
+    rows = _mask_rows(session, project)
+    for target, version in rows:
         frozen = version.source == MaskSource.GROUND_TRUTH and not target.control
         if version.source == MaskSource.GROUND_TRUTH and target.state == TargetState.SEEDED:
             frozen = True  # never opened, so never shown: keep it for evaluation
@@ -130,6 +175,25 @@ def segmenter_items(
         ]
 
     held_out = set(eval_planes)
+    in_progress = 0
+    if progress_dir is not None and project.setting("train_on_progress"):
+        done = {target.id for target, _ in rows}
+        composed: dict[int, Composed] = {}
+        for target in _in_progress(session, project, done):
+            if target.image_id in held_out:
+                continue
+            image = images[target.image_id]
+            soft = compose_target(
+                session, settings=settings, target=target, image=image, composed=composed
+            ).soft
+            written = progress_dir / f"target-{target.id}.png"
+            atomic_write_bytes(written, encode_mask_png(soft))
+            tag_planes = train_planes.setdefault(target.image_id, [None] * len(vocab.tags))
+            tag_planes[column[target.tag_id]] = written
+            in_progress += 1
     train = items({i: p for i, p in train_planes.items() if i not in held_out})
     evaluation = items(eval_planes)
-    return train, evaluation, {"train_images": len(train), "eval_images": len(evaluation)}
+    snapshot = {"train_images": len(train), "eval_images": len(evaluation)}
+    if in_progress:
+        snapshot["in_progress_masks"] = in_progress
+    return train, evaluation, snapshot

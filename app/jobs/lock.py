@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -120,3 +121,5 @@ def _clean_up(session: Session, settings: Settings, project: Project) -> None:
     session.commit()
     for partial in models_dir(settings, project).glob(".*.partial"):
         partial.unlink(missing_ok=True)
+    for progress in models_dir(settings, project).glob("progress-*"):  # a killed training's
+        shutil.rmtree(progress, ignore_errors=True)

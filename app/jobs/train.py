@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -453,9 +454,16 @@ def run_train_segmenter(
     on_progress: Callable[[Progress], None] | None = None,
 ) -> TrainOutcome:
     def body(session: Session, project: Project, job: Job) -> TrainOutcome:
+        # The current masks of unfinished targets, composed for this training only.
+        folder = models_dir(settings, project)
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="progress-", dir=folder) as progress:
+            return trained(session, project, job, Path(progress))
+
+    def trained(session: Session, project: Project, job: Job, progress: Path) -> TrainOutcome:
         vocab = vocabulary(session, project=project)
         train, evaluation, snapshot = segmenter_items(
-            session, settings=settings, project=project, vocab=vocab
+            session, settings=settings, project=project, vocab=vocab, progress_dir=progress
         )
         if not train:
             raise NotEnoughDataError(
