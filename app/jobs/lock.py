@@ -44,6 +44,12 @@ def models_dir(settings: Settings, project: Project) -> Path:
     return settings.data_dir / "models" / project.slug
 
 
+def work_dir(settings: Settings, project: Project) -> Path:
+    """Files a model job writes for itself and removes when it ends (a killed job's are
+    removed by the next one, ``project_lock``)."""
+    return settings.data_dir / "work" / project.slug
+
+
 @contextmanager
 def project_lock(session: Session, settings: Settings, project: Project) -> Iterator[None]:
     """Hold the project's model-job lock; clean up after killed jobs when first taken.
@@ -121,5 +127,5 @@ def _clean_up(session: Session, settings: Settings, project: Project) -> None:
     session.commit()
     for partial in models_dir(settings, project).glob(".*.partial"):
         partial.unlink(missing_ok=True)
-    for progress in models_dir(settings, project).glob("progress-*"):  # a killed training's
-        shutil.rmtree(progress, ignore_errors=True)
+    for leftover in work_dir(settings, project).glob("*"):  # a killed job's
+        shutil.rmtree(leftover, ignore_errors=True)

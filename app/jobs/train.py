@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.jobs.datasets import segmenter_items, tagger_items, vocabulary
-from app.jobs.lock import models_dir, project_lock
+from app.jobs.lock import models_dir, project_lock, work_dir
 from app.models import Job, ModelKind, ModelVersion, Project
 from app.services.files import held_files, key_of_local, model_file, store_checkpoint
 from app.services.job import finish_job, job_run, log_job
@@ -455,7 +455,7 @@ def run_train_segmenter(
 ) -> TrainOutcome:
     def body(session: Session, project: Project, job: Job) -> TrainOutcome:
         # The current masks of unfinished targets, composed for this training only.
-        folder = models_dir(settings, project)
+        folder = work_dir(settings, project)
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="progress-", dir=folder) as progress:
             return trained(session, project, job, Path(progress))

@@ -304,6 +304,7 @@ def test_a_retrain_killed_mid_training_leaves_the_active_model_and_no_partial_fi
     killed = [j for j in jobs if j[0] in ("retrain", "train-segmenter") and j[1] == "failed"]
     assert len(killed) == 2 and all("killed?" in log for _, _, log in killed)
     assert [s for k, s, _ in jobs if k == "retrain"] == ["failed", "succeeded"]
+    assert not list((data / "work" / SLUG).iterdir())  # the killed job's own files too
 
 
 def _open_guess(
