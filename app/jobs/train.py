@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -462,9 +463,16 @@ def run_train_segmenter(
 
     def trained(session: Session, project: Project, job: Job, progress: Path) -> TrainOutcome:
         vocab = vocabulary(session, project=project)
+        started = time.perf_counter()
         train, evaluation, snapshot = segmenter_items(
             session, settings=settings, project=project, vocab=vocab, progress_dir=progress
         )
+        if snapshot.get("in_progress_masks"):
+            log_job(
+                job,
+                f"composed the current masks of {snapshot['in_progress_masks']} targets still "
+                f"collecting in {time.perf_counter() - started:.1f} s",
+            )
         if not train:
             raise NotEnoughDataError(
                 "the segmenter needs complete masks or control ground truth to learn from"
