@@ -3,8 +3,8 @@
 The tagger learns the tags that imports and curators confirmed. The segmenter learns complete
 masks (consensus and curator masks, soft masks weighting their pixels by confidence), the
 ground truth of control targets and, with the project's ``train_on_progress``, the current mask
-of each target still collecting that somebody answered (composed as the curator sees it: its
-confidence is 0 where nothing is known, so an unanswered square teaches nothing). The ground
+of each target still collecting where its squares are settled (``settled_soft``: an open
+square's pixels weigh nothing, so that its votes do not come back as the model's prior). The ground
 truth of evaluation targets is the frozen gold set: every image holding one is kept for
 evaluation and never trained on.
 """
@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.models import (
     Cell,
-    Consensus,
+    CellStatus,
     Image,
     ImageTag,
     ImageTagSource,
@@ -36,8 +36,7 @@ from app.models import (
 )
 from app.services.files import mask_file
 from app.services.image import image_path
-from app.services.masks.composition import Composed, compose_target
-from app.services.target import child_targets, is_union
+from app.services.masks.composition import SETTLED_BY, settled_soft
 from app.storage import atomic_write_bytes, encode_mask_png
 from ml.data import SegmenterItem, TaggerItem
 
@@ -114,32 +113,22 @@ def _mask_rows(session: Session, project: Project) -> list[tuple[Target, MaskVer
 
 
 def _in_progress(session: Session, project: Project, done: set[int]) -> list[Target]:
-    """Targets still collecting, none of ``done``, that somebody has answered: a vote on one of
-    their cells, or one of their children's (a union's mask is its children's)."""
-    answered = (
+    """Targets still collecting, none of ``done``, with a cell settled (``SETTLED_BY``)."""
+    settled = (
         select(Cell.target_id)
-        .join(Consensus, Consensus.cell_id == Cell.id)
-        .where(Consensus.n_votes > 0)
+        .where(Cell.status == CellStatus.RETIRED, Cell.retire_reason.in_(SETTLED_BY))
         .distinct()
     )
-    voted = set(session.scalars(answered))
     targets = session.scalars(
         select(Target)
-        .where(Target.project_id == project.id, Target.state == TargetState.COLLECTING)
-        .order_by(Target.id)
-    ).all()
-    return [
-        t
-        for t in targets
-        if t.id not in done
-        and (
-            t.id in voted
-            or (
-                is_union(session, target=t)
-                and any(c.id in voted for c in child_targets(session, target=t))
-            )
+        .where(
+            Target.project_id == project.id,
+            Target.state == TargetState.COLLECTING,
+            Target.id.in_(settled),
         )
-    ]
+        .order_by(Target.id)
+    )
+    return [t for t in targets if t.id not in done]
 
 
 def segmenter_items(
@@ -178,14 +167,13 @@ def segmenter_items(
     in_progress = 0
     if progress_dir is not None and project.setting("train_on_progress"):
         done = {target.id for target, _ in rows}
-        composed: dict[int, Composed] = {}
         for target in _in_progress(session, project, done):
             if target.image_id in held_out:
                 continue
             image = images[target.image_id]
-            soft = compose_target(
-                session, settings=settings, target=target, image=image, composed=composed
-            ).soft
+            soft = settled_soft(session, settings=settings, target=target, image=image)
+            if soft is None:
+                continue
             written = progress_dir / f"target-{target.id}.png"
             atomic_write_bytes(written, encode_mask_png(soft))
             tag_planes = train_planes.setdefault(target.image_id, [None] * len(vocab.tags))

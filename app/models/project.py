@@ -37,9 +37,9 @@ DEFAULT_PROJECT_SETTINGS: dict[str, Any] = {
     "split_votes": 2,
     # Votes that confirm a cell whose model prior is already sure (instead of min_votes).
     "model_confirm_votes": 1,
-    # The segmenter also learns the current masks of targets still collecting, each pixel
-    # weighted by its confidence (an unanswered square weighs nothing): early in a project
-    # nothing is complete, and a model of the control images alone learns from a handful.
+    # The segmenter also learns the current masks of targets still collecting where their
+    # squares are settled, each pixel weighted by its confidence (an open square weighs
+    # nothing): early in a project nothing is complete, and the control images are a handful.
     "train_on_progress": True,
     # How the learning loop ranks targets: uncertainty, disagreement or random (the baseline).
     "acquisition": "uncertainty",

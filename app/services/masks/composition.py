@@ -93,6 +93,18 @@ class _Leaves:
     probs: list[float]
     evidence: list[float]
     no_only: list[bool]
+    settled: list[bool]  # retired by people's votes, gold or a curator
+
+
+# What a cell may be retired by for its pixels to be learned from (``settled_soft``): people's
+# votes, gold, a curator; not the model's own confirmation, nor the frame's margin.
+SETTLED_BY = (
+    RetireReason.CONFIDENT,
+    RetireReason.SPLIT,
+    RetireReason.BUDGET,
+    RetireReason.GOLD,
+    RetireReason.CURATOR,
+)
 
 
 def _leaves(session: Session, *, cells: list[Cell]) -> _Leaves:
@@ -119,7 +131,9 @@ def _leaves(session: Session, *, cells: list[Cell]) -> _Leaves:
         for c in leaves
     ]
     no_only = [consensus[c.id][0] > 0 and consensus[c.id][2] == 0 for c in leaves]
-    return _Leaves([grid.Cell(c.level, c.row, c.col) for c in leaves], probs, evidence, no_only)
+    settled = [c.status == CellStatus.RETIRED and c.retire_reason in SETTLED_BY for c in leaves]
+    addresses = [grid.Cell(c.level, c.row, c.col) for c in leaves]
+    return _Leaves(addresses, probs, evidence, no_only, settled)
 
 
 def load_pixels(settings: Settings, image: Image) -> np.ndarray:
@@ -241,6 +255,35 @@ def mask_inputs(
     return MaskInputs(
         leaves.cells, probs, model, method, square_cells(project), no_only=leaves.no_only
     )
+
+
+def settled_soft(
+    session: Session, *, settings: Settings, target: Target, image: Image
+) -> np.ndarray | None:
+    """The target's current soft mask where its finest cells are settled (``SETTLED_BY``), and
+    0.5 (no confidence: nothing to learn) where they are still open: work in progress a model
+    may learn from without hearing an open cell's votes twice, once as its prior and once as
+    votes (one careless or hostile vote on an open square would come back as the model's
+    opinion of it). None for a union (its children are learned) or with nothing settled.
+    Shape: ``(H, W)`` float32."""
+    if is_union(session, target=target):
+        return None
+    cells = list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
+    leaves = _leaves(session, cells=cells)
+    if not any(leaves.settled):
+        return None
+    project = session.get(Project, target.project_id)
+    assert project is not None
+    plane, _ = grid.compose(
+        leaves.cells,
+        np.asarray(leaves.settled, dtype=np.float64),
+        image.height,
+        image.width,
+        fill=0.0,
+        square=square_cells(project),
+    )
+    soft = compose_target(session, settings=settings, target=target, image=image, cells=cells).soft
+    return np.where(plane > 0.5, soft, np.float32(0.5)).astype(np.float32)
 
 
 def record_consensus_mask(
