@@ -4,8 +4,8 @@ The tagger learns the tags that imports and curators confirmed. The segmenter le
 masks (consensus and curator masks, soft masks weighting their pixels by confidence), the
 ground truth of control targets and, with the project's ``train_on_progress``, the current mask
 of each target still collecting where its squares are settled (``settled_soft``: an open
-square's pixels weigh nothing, so that its votes do not come back as the model's prior). The ground
-truth of evaluation targets is the frozen gold set: every image holding one is kept for
+square's pixels weigh nothing, so that its votes do not come back as the model's prior). The
+ground truth of evaluation targets is the frozen gold set: every image holding one is kept for
 evaluation and never trained on.
 """
 
