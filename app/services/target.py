@@ -6,7 +6,7 @@ from collections.abc import Collection
 from typing import NamedTuple
 
 import numpy as np
-from sqlalchemy import exists, func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session, aliased
 
 from app.db import utcnow
@@ -185,18 +185,30 @@ def tag_is_known(session: Session, *, target: Target) -> bool:
     rejected it: then the object is there, and nine squares that do not show it mean that it is
     small. The tagger's opinion of the same tag is a row of its own beside theirs, and changes
     nothing (it used to be read instead of theirs when it came first)."""
-    return bool(
-        session.scalar(
-            select(
-                exists().where(
-                    ImageTag.image_id == target.image_id,
-                    ImageTag.tag_id == target.tag_id,
-                    ImageTag.source.in_([ImageTagSource.IMPORT, ImageTagSource.CURATOR]),
-                    ImageTag.status != ImageTagStatus.REJECTED,
-                )
-            )
-        )
+    return target.id in known_tags(session, target_ids=[target.id])
+
+
+# The targets of some whose tag people gave (``tag_is_known``), in one statement.
+KNOWN_TAGS = (
+    select(Target.id)
+    .join(
+        ImageTag,
+        (ImageTag.image_id == Target.image_id) & (ImageTag.tag_id == Target.tag_id),
     )
+    .where(
+        Target.id.in_(bindparam("target_ids", expanding=True)),
+        ImageTag.source.in_([ImageTagSource.IMPORT, ImageTagSource.CURATOR]),
+        ImageTag.status != ImageTagStatus.REJECTED,
+    )
+    .distinct()
+)
+
+
+def known_tags(session: Session, *, target_ids: Collection[int]) -> set[int]:
+    """Those of ``target_ids`` whose tag people gave (``tag_is_known``)."""
+    if not target_ids:
+        return set()
+    return set(session.scalars(KNOWN_TAGS, {"target_ids": sorted(target_ids)}))
 
 
 def tag_belief(session: Session, *, target: Target) -> float:

@@ -147,6 +147,7 @@ def open_windows(
     image: Image,
     square: bool,
     prior_logodds: Sequence[Sequence[float]] | None = None,
+    belief: float | None = None,
 ) -> list[int]:
     """Open the windows showing each parent's nine children, with their cells and consensus.
 
@@ -154,7 +155,8 @@ def open_windows(
     (``OUTSIDE_LOGODDS``) and are never asked. With a truth, its unambiguous cells become gold
     (``_gold``), and a served truth's gold cells open retired. Four statements however many
     windows open at once (rows inserted, not ORM objects: the session does not track them).
-    Returns the new windows' ids, in the parents' order.
+    ``belief``: the target's ``tag_belief``, when the caller has it. Returns the new windows'
+    ids, in the parents' order.
     """
     if not parents:
         return []
@@ -172,7 +174,8 @@ def open_windows(
     )
     served = np.array([g is not None and not g.frozen for g in gold])
     known = np.asarray((served | outside.reshape(-1)).reshape(-1, 9).all(axis=1), dtype=bool)
-    belief = tag_belief(session, target=target)
+    if belief is None:
+        belief = tag_belief(session, target=target)
     window_ids = session.scalars(
         insert(Window).returning(Window.id, sort_by_parameter_order=True),
         [

@@ -7,7 +7,7 @@ One writer per target: callers hold the targets' rows (``lock_targets``) while t
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -47,7 +47,7 @@ from app.services.masks.composition import (
 )
 from app.services.masks.union import finish_unions
 from app.services.project import square_cells
-from app.services.target import tag_belief, tag_beliefs, tag_is_known
+from app.services.target import known_tags, tag_beliefs
 from ml.aggregation import grid
 from ml.aggregation.acquisition import object_area
 from ml.aggregation.credibility import SUPPORT_RATIO
@@ -200,22 +200,38 @@ class CellConsensus(NamedTuple):
 TARGET_STATE = (
     select(Cell, Consensus.posterior, Consensus.n_votes)
     .join(Consensus, Consensus.cell_id == Cell.id)
-    .where(Cell.target_id == bindparam("target_id"))
+    .where(Cell.target_id.in_(bindparam("target_ids", expanding=True)))
+    .order_by(Cell.target_id, Cell.id)
     .execution_options(populate_existing=True)
 )
 
 
-def _target_state(session: Session, target: Target) -> tuple[list[Cell], dict[int, CellConsensus]]:
-    """The target's cells and their consensus as committed now (a concurrent settler's too),
-    in one statement."""
-    rows = session.execute(TARGET_STATE, {"target_id": target.id}).all()
-    return [c for c, _, _ in rows], {c.id: CellConsensus(q, n) for c, q, n in rows}
+class _State(NamedTuple):
+    """A target's cells and their consensus."""
+
+    cells: list[Cell]
+    consensus: dict[int, CellConsensus]
 
 
-def _retire_open(
-    session: Session, project: Project, cells: list[Cell], consensus: dict[int, CellConsensus]
-) -> int:
-    open_cells = [c for c in cells if c.status == CellStatus.OPEN]
+def _target_states(session: Session, target_ids: Collection[int]) -> dict[int, _State]:
+    """The targets' cells and their consensus as committed now (a concurrent settler's too),
+    in one statement, by target id."""
+    states = {t: _State([], {}) for t in target_ids}
+    if not states:
+        return states
+    for cell, q, n in session.execute(TARGET_STATE, {"target_ids": sorted(states)}):
+        state = states[cell.target_id]
+        state.cells.append(cell)
+        state.consensus[cell.id] = CellConsensus(q, n)
+    return states
+
+
+def _retire_open(session: Session, project: Project, states: Sequence[_State]) -> list[int]:
+    """Retire the open cells of these targets that may retire now. Returns how many retired,
+    per target."""
+    owner = [k for k, s in enumerate(states) for c in s.cells if c.status == CellStatus.OPEN]
+    open_cells = [c for s in states for c in s.cells if c.status == CellStatus.OPEN]
+    consensus = {i: q for s in states for i, q in s.consensus.items()}
     voted = [i for i, c in enumerate(open_cells) if consensus[c.id].n_votes > 0]
     credible, supported = np.zeros(len(open_cells)), np.zeros(len(open_cells))
     if voted:  # a cell nobody answered yet (a new window's) has no credible vote to load
@@ -223,7 +239,11 @@ def _retire_open(
         credible[voted] = votes.credible(len(voted))
         supported[voted] = votes.supporting(len(voted))
     posterior = [consensus[c.id].posterior for c in open_cells]
-    return retire_cells(project, open_cells, posterior, credible, supported)[1]
+    retire_cells(project, open_cells, posterior, credible, supported)
+    retired = [0] * len(states)
+    for k, cell in zip(owner, open_cells, strict=True):
+        retired[k] += cell.status == CellStatus.RETIRED
+    return retired
 
 
 def _disputed(session: Session, retired: list[Cell]) -> list[bool]:
@@ -273,75 +293,122 @@ def _address(cell: Cell) -> grid.Cell:
     return grid.Cell(cell.level, cell.row, cell.col)
 
 
+WINDOW_PLACES = select(Window.target_id, Window.level, Window.row, Window.col).where(
+    Window.target_id.in_(bindparam("target_ids", expanding=True))
+)
+
+
+class _Refining(NamedTuple):
+    """What refining a target needs: its image, its cells and how sure its tag is."""
+
+    target: Target
+    image: Image
+    cells: list[Cell]
+    belief: float
+
+
 def _refine(
-    session: Session,
-    settings: Settings,
-    project: Project,
-    target: Target,
-    image: Image,
-    cells: list[Cell],
-) -> int:
+    session: Session, settings: Settings, project: Project, targets: Sequence[_Refining]
+) -> list[int]:
+    """Open the finer windows these targets' retired cells call for (``choose_refinements``,
+    or a small object's search, ``search_small``). Returns how many opened, per target."""
     # A square wholly outside the image is no evidence of a border: the image's edge is not.
-    retired = [c for c in cells if c.status == CellStatus.RETIRED and not outside_image(c)]
-    windows = session.scalars(select(Window).where(Window.target_id == target.id))
-    opened = {grid.Cell(w.level, w.row, w.col) for w in windows}
-    deeper = choose_refinements(
-        [grid.Cell(c.level, c.row, c.col) for c in retired],
-        [int(bool(c.label)) for c in retired],
-        image.height,
-        image.width,
-        prior_logodds=[c.prior_logodds for c in retired],
-        uncertain=[c.uncertain for c in retired],
-        disputed=_disputed(session, retired),
-        opened=opened,
-        config=refinement_config(project),
-    )
-    searching = not deeper and tag_is_known(session, target=target)
-    if searching:
-        deeper = search_small(
-            [grid.Cell(c.level, c.row, c.col) for c in retired],
-            [int(bool(c.label)) for c in retired],
-            image.height,
-            image.width,
-            opened=opened,
-            config=refinement_config(project),
+    retired = [
+        [c for c in t.cells if c.status == CellStatus.RETIRED and not outside_image(c)]
+        for t in targets
+    ]
+    opened: dict[int, set[grid.Cell]] = defaultdict(set)
+    if targets:
+        places = {"target_ids": sorted({t.target.id for t in targets})}
+        for target_id, level, row, col in session.execute(WINDOW_PLACES, places):
+            opened[target_id].add(grid.Cell(level, row, col))
+    every = [c for cells in retired for c in cells]
+    disputed = iter(_disputed(session, every))
+    config = refinement_config(project)
+    deeper: list[list[grid.Cell]] = []
+    for t, cells in zip(targets, retired, strict=True):
+        deeper.append(
+            choose_refinements(
+                [_address(c) for c in cells],
+                [int(bool(c.label)) for c in cells],
+                t.image.height,
+                t.image.width,
+                prior_logodds=[c.prior_logodds for c in cells],
+                uncertain=[c.uncertain for c in cells],
+                disputed=[next(disputed) for _ in cells],
+                opened=opened[t.target.id],
+                config=config,
+            )
         )
-    if not deeper:
-        return 0
-    mask = load_truth(session, settings, target)
-    truth = Truth(mask=mask, frozen=True) if mask is not None else None
-    by_address = {grid.Cell(c.level, c.row, c.col): c for c in retired}
-    if searching:
-        inherited = [SEARCH_PRIOR] * len(deeper)
-    else:
-        inherited = list(_inherited(session, project, [by_address[p] for p in deeper]))
-    priors = [[float(v)] * 9 for v in inherited]
-    open_windows(
-        session,
-        target=target,
-        parents=deeper,
-        truth=truth,
-        image=image,
-        square=square_cells(project),
-        prior_logodds=priors,
+    unrefined = [t.target.id for t, d in zip(targets, deeper, strict=True) if not d]
+    known = known_tags(session, target_ids=unrefined)
+    counts = [0] * len(targets)
+    for k, (t, cells) in enumerate(zip(targets, retired, strict=True)):
+        searching = not deeper[k] and t.target.id in known
+        if searching:
+            deeper[k] = search_small(
+                [_address(c) for c in cells],
+                [int(bool(c.label)) for c in cells],
+                t.image.height,
+                t.image.width,
+                opened=opened[t.target.id],
+                config=config,
+            )
+        if not deeper[k]:
+            continue
+        mask = load_truth(session, settings, t.target)
+        truth = Truth(mask=mask, frozen=True) if mask is not None else None
+        if searching:
+            inherited = [SEARCH_PRIOR] * len(deeper[k])
+        else:
+            by_address = {_address(c): c for c in cells}
+            inherited = list(_inherited(session, project, [by_address[p] for p in deeper[k]]))
+        open_windows(
+            session,
+            target=t.target,
+            parents=deeper[k],
+            truth=truth,
+            image=t.image,
+            square=square_cells(project),
+            prior_logodds=[[float(v)] * 9 for v in inherited],
+            belief=t.belief,
+        )
+        counts[k] = len(deeper[k])
+    return counts
+
+
+OPEN_WINDOWS = (
+    select(Window)
+    .where(
+        Window.target_id.in_(bindparam("target_ids", expanding=True)),
+        Window.state == WindowState.OPEN,
     )
-    return len(deeper)
+    .order_by(Window.id)
+)
 
 
 def _update_windows(
-    session: Session, target: Target, cells: list[Cell], consensus: dict[int, CellConsensus]
-) -> int:
-    """Close answered windows, re-value the others. Returns how many stay open."""
+    session: Session,
+    targets: Sequence[Target],
+    states: Mapping[int, _State],
+    beliefs: Mapping[int, float],
+) -> dict[int, int]:
+    """Close answered windows, re-value the others. Returns how many stay open, per target."""
     by_window: dict[int, list[Cell]] = defaultdict(list)
-    for cell in cells:
-        if cell.window_id is not None:
-            by_window[cell.window_id].append(cell)
-    still_open = 0
-    area = _object_area(cells, consensus)
-    belief = tag_belief(session, target=target)
-    for window in session.scalars(
-        select(Window).where(Window.target_id == target.id, Window.state == WindowState.OPEN)
-    ):
+    area: dict[int, float] = {}
+    for target in targets:
+        cells, consensus = states[target.id]
+        for cell in cells:
+            if cell.window_id is not None:
+                by_window[cell.window_id].append(cell)
+        area[target.id] = _object_area(cells, consensus)
+    by_id = {t.id: t for t in targets}
+    still_open = dict.fromkeys(by_id, 0)
+    if not targets:
+        return still_open
+    for window in session.scalars(OPEN_WINDOWS, {"target_ids": sorted(by_id)}):
+        target = by_id[window.target_id]
+        consensus = states[target.id].consensus
         pending = [c for c in by_window[window.id] if c.status == CellStatus.OPEN]
         if window.known:
             continue
@@ -353,10 +420,10 @@ def _update_windows(
             [consensus[c.id].posterior for c in pending],
             control=target.control,
             level=window.level,
-            area=area,
-            belief=belief,
+            area=area[target.id],
+            belief=beliefs.get(target.id, 1.0),
         )
-        still_open += 1
+        still_open[target.id] += 1
     return still_open
 
 
@@ -369,41 +436,70 @@ def _complete(
     return any(c.uncertain for c, leaf in zip(cells, is_leaf, strict=True) if leaf)
 
 
+IMAGES = select(Image).where(Image.id.in_(bindparam("image_ids", expanding=True)))
+
+
 def settle_target(
     session: Session, *, settings: Settings, project: Project, target: Target
 ) -> Settled:
-    """Retire, refine, close windows and complete one target after new votes.
+    """Retire, refine, close windows and complete one target after new votes
+    (``settle_many``)."""
+    return settle_many(session, settings=settings, project=project, targets=[target])[0]
+
+
+def settle_many(
+    session: Session, *, settings: Settings, project: Project, targets: Sequence[Target]
+) -> list[Settled]:
+    """Retire, refine, close windows and complete these targets after new votes, each step
+    for all of them at once (a few statements a step, not a few a target). Returns what
+    happened to each, in their order.
 
     A control target's pyramid was opened from its truth: its ambiguous cells retire like any
     other, but it neither refines nor completes (its mask is its truth).
     """
-    result = Settled()
-    if target.state != TargetState.COLLECTING:
-        return result
-    image = session.get(Image, target.image_id)
-    assert image is not None
-    cells, consensus = _target_state(session, target)
-    result.retired = _retire_open(session, project, cells, consensus)
-    if not target.control:
-        result.windows_opened = _refine(session, settings, project, target, image, cells)
-    if result.windows_opened:
+    results = [Settled() for _ in targets]
+    live = [t for t in targets if t.state == TargetState.COLLECTING]
+    if not live:
+        return results
+    result = {t.id: r for t, r in zip(targets, results, strict=True)}
+    images = {
+        i.id: i for i in session.scalars(IMAGES, {"image_ids": sorted({t.image_id for t in live})})
+    }
+    states = _target_states(session, [t.id for t in live])
+    retired = _retire_open(session, project, [states[t.id] for t in live])
+    for target, n in zip(live, retired, strict=True):
+        result[target.id].retired = n
+    beliefs = tag_beliefs(session, target_ids={t.id for t in live})
+    refining = [
+        _Refining(t, images[t.image_id], states[t.id].cells, beliefs.get(t.id, 1.0))
+        for t in live
+        if not t.control
+    ]
+    for r, opened in zip(refining, _refine(session, settings, project, refining), strict=True):
+        result[r.target.id].windows_opened = opened
+    grown = [r.target.id for r in refining if result[r.target.id].windows_opened]
+    if grown:
         session.flush()
-        cells, consensus = _target_state(session, target)
-    if _update_windows(session, target, cells, consensus) > 0 or target.control:
-        return result
-    uncertain = _complete(session, settings, target, image, cells)
-    target.state = TargetState.TRIAGE if uncertain else TargetState.COMPLETE
-    target.triage_reason = UNCERTAIN_REASON if uncertain else None
-    result.completed, result.triaged = not uncertain, uncertain
-    finish_unions(session, settings=settings, target=target)
-    return result
+        states.update(_target_states(session, grown))
+    still_open = _update_windows(session, live, states, beliefs)
+    for target in live:
+        if still_open[target.id] > 0 or target.control:
+            continue
+        cells = states[target.id].cells
+        uncertain = _complete(session, settings, target, images[target.image_id], cells)
+        target.state = TargetState.TRIAGE if uncertain else TargetState.COMPLETE
+        target.triage_reason = UNCERTAIN_REASON if uncertain else None
+        done = result[target.id]
+        done.completed, done.triaged = not uncertain, uncertain
+        finish_unions(session, settings=settings, target=target)
+    return results
 
 
 def settle_targets(
     session: Session, *, settings: Settings, project: Project, target_ids: Iterable[int]
 ) -> list[Settled]:
     targets = lock_targets(session, target_ids=target_ids)
-    return [settle_target(session, settings=settings, project=project, target=t) for t in targets]
+    return settle_many(session, settings=settings, project=project, targets=targets)
 
 
 def lock_targets(session: Session, *, target_ids: Iterable[int]) -> list[Target]:
