@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.models import (
+    SETTLED_BY,
     Cell,
     CellStatus,
     Image,
@@ -36,7 +37,7 @@ from app.models import (
 )
 from app.services.files import mask_file
 from app.services.image import image_path
-from app.services.masks.composition import SETTLED_BY, settled_soft
+from app.services.masks.composition import settled_soft
 from app.storage import atomic_write_bytes, encode_mask_png
 from ml.data import SegmenterItem, TaggerItem
 

@@ -7,6 +7,8 @@ from app.models.model_version import Job, JobStatus, ModelKind, ModelVersion
 from app.models.project import DEFAULT_PROJECT_SETTINGS, Project
 from app.models.tag import Tag, TagAlias, TagCategory
 from app.models.target import (
+    SETTLED_BY,
+    VOTED_REASONS,
     Cell,
     CellStatus,
     RetireReason,
@@ -20,6 +22,8 @@ from app.models.volunteer import Credibility, Volunteer
 
 __all__ = [
     "DEFAULT_PROJECT_SETTINGS",
+    "SETTLED_BY",
+    "VOTED_REASONS",
     "Account",
     "Cell",
     "CellStatus",

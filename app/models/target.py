@@ -71,6 +71,13 @@ class RetireReason(enum.StrEnum):
     OUTSIDE = "outside"  # wholly outside its image (the square frame's margin): no pixel to ask
 
 
+# Cells retired on their votes: they follow their votes; gold, curator and model answers stand.
+VOTED_REASONS = (RetireReason.CONFIDENT, RetireReason.SPLIT, RetireReason.BUDGET)
+# What a cell may be retired by for its pixels to be learned from: people's votes, gold, a
+# curator; not the model's own confirmation, nor the frame's margin.
+SETTLED_BY = (*VOTED_REASONS, RetireReason.GOLD, RetireReason.CURATOR)
+
+
 class Cell(Base):
     __tablename__ = "cells"
     __table_args__ = (

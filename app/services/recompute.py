@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.models import (
+    VOTED_REASONS,
     Cell,
     CellStatus,
     Consensus,
@@ -33,7 +34,7 @@ from app.models import (
     WindowState,
 )
 from app.services.consensus import COUNT_COLUMNS, write_consensus
-from app.services.crowd.retirement import VOTED_REASONS, follow_evidence, following
+from app.services.crowd.retirement import follow_evidence, following
 from app.services.crowd.settle import lock_targets, revalue_windows, settle_targets
 from app.services.target import learn_guess_corrections
 from app.services.volunteer import credibility_of

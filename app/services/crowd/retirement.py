@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from app.db import utcnow
 from app.models import (
+    VOTED_REASONS,
     Cell,
     CellStatus,
     MaskSource,
@@ -41,10 +42,6 @@ def retirement_config(project: Project) -> RetirementConfig:
         max_votes=int(project.setting("vote_budget")),
         split_votes=float(project.setting("split_votes")),
     )
-
-
-# Cells retired on their votes follow them; gold, curator and model answers stand.
-VOTED_REASONS = (RetireReason.CONFIDENT, RetireReason.SPLIT, RetireReason.BUDGET)
 
 
 def retire_fresh(

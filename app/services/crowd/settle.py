@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import utcnow
 from app.models import (
+    VOTED_REASONS,
     Cell,
     CellStatus,
     Consensus,
@@ -39,7 +40,7 @@ from app.services.crowd.opening import (
     refinement_config,
     window_value,
 )
-from app.services.crowd.retirement import VOTED_REASONS, retire_cells
+from app.services.crowd.retirement import retire_cells
 from app.services.masks.composition import (
     cell_probability,
     has_evidence,

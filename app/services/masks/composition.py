@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.models import (
+    SETTLED_BY,
     Cell,
     CellStatus,
     Consensus,
@@ -94,17 +95,6 @@ class _Leaves:
     evidence: list[float]
     no_only: list[bool]
     settled: list[bool]  # retired by people's votes, gold or a curator
-
-
-# What a cell may be retired by for its pixels to be learned from (``settled_soft``): people's
-# votes, gold, a curator; not the model's own confirmation, nor the frame's margin.
-SETTLED_BY = (
-    RetireReason.CONFIDENT,
-    RetireReason.SPLIT,
-    RetireReason.BUDGET,
-    RetireReason.GOLD,
-    RetireReason.CURATOR,
-)
 
 
 def _leaves(session: Session, *, cells: list[Cell]) -> _Leaves:
@@ -237,15 +227,21 @@ class MaskInputs:
 
 
 def mask_inputs(
-    session: Session, *, settings: Settings, target: Target, cells: list[Cell] | None = None
+    session: Session,
+    *,
+    settings: Settings,
+    target: Target,
+    cells: list[Cell] | None = None,
+    leaves: _Leaves | None = None,
 ) -> MaskInputs:
     """The ``MaskInputs`` of a target with cells of its own (not a union); ``cells`` are its
-    cells, loaded when not given."""
+    cells, loaded when not given, and ``leaves`` their ``_leaves``, read when not given."""
     project = session.get(Project, target.project_id)
     assert project is not None
-    if cells is None:
-        cells = list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
-    leaves = _leaves(session, cells=cells)
+    if leaves is None:
+        if cells is None:
+            cells = list(session.scalars(select(Cell).where(Cell.target_id == target.id)))
+        leaves = _leaves(session, cells=cells)
     probs = leaves.probs
     if leaves.cells and tag_is_known(session, target=target):
         # People tagged the image: the object is there, if nothing claims it yet.
@@ -282,7 +278,8 @@ def settled_soft(
         fill=0.0,
         square=square_cells(project),
     )
-    soft = compose_target(session, settings=settings, target=target, image=image, cells=cells).soft
+    inputs = mask_inputs(session, settings=settings, target=target, leaves=leaves)
+    soft = inputs.compose(load_pixels(settings, image)).soft
     return np.where(plane > 0.5, soft, np.float32(0.5)).astype(np.float32)
 
 
