@@ -288,8 +288,9 @@ def hide_truth(folder: Path, share: float) -> int:
     settings = _settings(folder)
     engine = make_engine(settings.resolved_database_url)
     hidden: dict[int, np.ndarray] = {}
-    with make_session_factory(engine)() as session:
-        targets = Measurer(settings, make_session_factory(engine)).evaluation_targets(session)
+    factory = make_session_factory(engine)
+    with factory() as session:
+        targets = Measurer(settings, factory).evaluation_targets(session)
         frozen = frozen_images(sorted({t.image_id for t in targets}), share)
         for target in targets:
             truth = None if target.image_id in frozen else load_truth(session, settings, target)
