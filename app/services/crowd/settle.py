@@ -230,8 +230,8 @@ def _target_states(session: Session, target_ids: Collection[int]) -> dict[int, _
 def _retire_open(session: Session, project: Project, states: Sequence[_State]) -> list[int]:
     """Retire the open cells of these targets that may retire now. Returns how many retired,
     per target."""
-    owner = [k for k, s in enumerate(states) for c in s.cells if c.status == CellStatus.OPEN]
-    open_cells = [c for s in states for c in s.cells if c.status == CellStatus.OPEN]
+    owned = [(k, c) for k, s in enumerate(states) for c in s.cells if c.status == CellStatus.OPEN]
+    open_cells = [c for _, c in owned]
     consensus = {i: q for s in states for i, q in s.consensus.items()}
     voted = [i for i, c in enumerate(open_cells) if consensus[c.id].n_votes > 0]
     credible, supported = np.zeros(len(open_cells)), np.zeros(len(open_cells))
@@ -242,7 +242,7 @@ def _retire_open(session: Session, project: Project, states: Sequence[_State]) -
     posterior = [consensus[c.id].posterior for c in open_cells]
     retire_cells(project, open_cells, posterior, credible, supported)
     retired = [0] * len(states)
-    for k, cell in zip(owner, open_cells, strict=True):
+    for k, cell in owned:
         retired[k] += cell.status == CellStatus.RETIRED
     return retired
 
