@@ -33,7 +33,8 @@ Under the project's model-job lock (``app.jobs.lock``), as one recorded job:
    window's value is the expected gain of an answer from its open cells' fused posteriors,
    ``app.services.crowd.settle.revalue_windows``; a target where model and crowd disagree
    weighs more),
-   ``disagreement`` or ``random`` (targets in a random order); a tag the tagger added weighs
+   ``disagreement`` or ``random`` (the baseline: the picker draws any open window uniformly,
+   ``app.services.crowd.picker``); a tag the tagger added weighs
    its probability, updated by the crowd's first answers, in its windows' values
    (``app.services.target.tag_beliefs``);
 7. the evaluation targets' masks are composed and scored against their truth, per tag, against
@@ -51,7 +52,6 @@ the rows, the files and steps 4-7 are rank 0's alone.
 from __future__ import annotations
 
 import dataclasses
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -589,12 +589,11 @@ def triage_unsupported(
     return triaged
 
 
-def rerank(session: Session, *, project: Project, seed: int = 0) -> int:
+def rerank(session: Session, *, project: Project) -> int:
     """Set every open target's priority by the project's acquisition function."""
     acquisition = str(project.setting("acquisition"))
     if acquisition not in ACQUISITIONS:
         raise ValueError(f"unknown acquisition {acquisition!r}; known: {', '.join(ACQUISITIONS)}")
-    rng = random.Random(seed)
     targets = session.execute(
         select(Target, Tag.priority)
         .join(Tag, Tag.id == Target.tag_id)
@@ -609,7 +608,10 @@ def rerank(session: Session, *, project: Project, seed: int = 0) -> int:
         ).all()
         tag_priority = float(priority)
         if acquisition == "random":
-            target.priority = tag_priority * rng.random()
+            # The picker draws windows uniformly (``picker._random_candidate``): the value is
+            # not used to choose. (Until stop 53 "random" only drew the targets' priorities,
+            # while the windows' values still held the expected gain of an answer.)
+            target.priority = tag_priority
             continue
         disagreement = _disagreement(rows)
         if acquisition == "disagreement":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import random
 import threading
 
 import numpy as np
@@ -27,6 +28,7 @@ from app.models import (
     Window,
 )
 from app.services.crowd.opening import load_truth
+from app.services.crowd.picker import next_task
 from app.services.recompute import recompute_project
 from app.services.volunteer import ban_volunteer
 from app.storage import decode_mask_png
@@ -320,3 +322,44 @@ def test_volunteer_stats_are_coarse(live: Live) -> None:
     stats = volunteer.client.get("/api/volunteers/me").json()
     assert stats["answers"] == 27 and stats["tasks"] == 3
     assert stats["quality"] in {"new", "learning", "fair", "good", "excellent"}
+
+
+def _first_windows(live: Live, draws: int) -> list[int]:
+    """The window each of ``draws`` new volunteers is first leased (every lease given back
+    before the next draw), with one window worth far more than the rest."""
+    with live.factory() as session:
+        project = session.scalars(select(Project).where(Project.slug == SLUG)).one()
+        open_ids = session.scalars(
+            select(Window.id).where(Window.known.is_(False), Window.state == "open")
+        ).all()
+        assert len(open_ids) >= 4
+        for window in session.scalars(select(Window).where(Window.id.in_(open_ids))):
+            window.value = 100.0 if window.id == open_ids[-1] else 0.01
+        session.commit()
+        first = []
+        for k in range(draws):
+            volunteer = Volunteer(public_id=f"acquisition-{k}")
+            session.add(volunteer)
+            session.flush()
+            offer = next_task(session, project=project, volunteer=volunteer, kind="window")
+            assert offer is not None
+            assert offer.window is not None
+            first.append(offer.window.id)
+            session.rollback()  # the lease and the task are given back
+    return first
+
+
+@pytest.mark.parametrize("live", [{"gold_rate": 0.0}], indirect=True)
+def test_the_picker_serves_the_window_worth_most(live: Live) -> None:
+    draws = _first_windows(live, 6)
+    assert len(set(draws)) == 1
+
+
+@pytest.mark.parametrize("live", [{"gold_rate": 0.0, "acquisition": "random"}], indirect=True)
+def test_random_acquisition_draws_any_open_window_whatever_its_value(live: Live) -> None:
+    """The baseline that measures what choosing the questions is worth: its draws ignore the
+    windows' values (their expected gain), not only the targets' priorities."""
+    random.seed(0)
+    draws = _first_windows(live, 30)
+    assert len(set(draws)) >= 5
+    assert max(draws.count(w) for w in set(draws)) < 15

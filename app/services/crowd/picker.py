@@ -207,10 +207,29 @@ def _unknown_candidate(*, with_tag: bool) -> Select[Any]:
     )
 
 
+def _random_candidate(*, with_tag: bool) -> Select[Any]:
+    """Any open window, drawn uniformly (``acquisition`` ``random``: the baseline that tells
+    what choosing the questions is worth). Not cached: each call draws its own shuffle. A scan
+    of the open windows, not the index walk: a baseline for experiments, not for a crowd."""
+    return (
+        _window_candidates(known=False, with_tag=with_tag)
+        .with_only_columns(Window)
+        .order_by(shuffled(Window.id))
+        .limit(1)
+        .with_for_update(skip_locked=True, of=Window)
+        .execution_options(populate_existing=True)
+    )
+
+
 def _lease_unknown_window(
     session: Session, project: Project, volunteer: Volunteer, tag: Tag | None, now: datetime
 ) -> Window | None:
-    query = _unknown_candidate(with_tag=tag is not None)
+    """The open window worth most (``Window.value``), or a random one where the project's
+    acquisition is ``random``, leased to ``volunteer``."""
+    if project.setting("acquisition") == "random":
+        query = _random_candidate(with_tag=tag is not None)
+    else:
+        query = _unknown_candidate(with_tag=tag is not None)
     values = _candidate_values(project, volunteer, tag, now)
     for _ in range(CANDIDATE_TRIES):
         window = session.scalar(query, values)
