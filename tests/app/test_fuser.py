@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -239,3 +239,30 @@ def test_held_requests_share_one_reading_of_the_lag(
     assert probe.fresh() is None  # stale once the step is over: the next read queries again
     probe.read()
     assert len(readings) == 2
+
+
+def test_one_fuser_fuses_a_project_at_a_time(live: Live) -> None:
+    """On PostgreSQL a second fuser leaves a project alone while another fuses it (its batches
+    stay whole, and the two do not wait on each other's target locks); SQLite has one writer."""
+    settings = live.settings.model_copy(update={"fusion": "background", "fusion_max_lag_s": 3600.0})
+    app = create_app(settings)  # no lifespan: no fuser of its own
+    volunteer = SimulatedVolunteer(
+        TestClient(app), PROFILES["diligent"], np.random.default_rng(0), live.truths
+    )
+    for _ in range(4):
+        volunteer.step(SLUG)
+    write = app.state.write_session_factory
+    postgres = app.state.engine.dialect.name == "postgresql"
+    if postgres:
+        with live.factory() as other:  # another fuser, in the middle of the project's batch
+            project_id = other.scalar(select(Task.project_id).limit(1))
+            assert project_id is not None
+            key = fuser_module.fusing_key(project_id)
+            assert other.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": key})
+            assert fuse_pending(write, settings) == 0
+            assert _waiting(live) == 4
+        # Its transaction over, the turn is free again.
+    assert fuse_pending(write, settings) == 4
+    assert _waiting(live) == 0
+    _counted_equals_stored(live)
+    app.state.engine.dispose()

@@ -18,6 +18,7 @@ down, the consensus does not fall behind.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 import time
@@ -25,7 +26,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
@@ -237,12 +238,38 @@ def pending(session: Session, *, project_id: int, limit: int = BATCH) -> list[Ta
     )
 
 
+def fusing_key(project_id: int) -> int:
+    """A project's fuser lock in PostgreSQL's one 64-bit space of advisory locks."""
+    digest = hashlib.sha256(f"tessera fuser {project_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _take_turn(session: Session, project_id: int) -> bool:
+    """Whether this transaction may fuse the project now: on PostgreSQL, one fuser per project
+    at a time (an advisory lock to the end of the transaction; another fuser takes another
+    project, or waits for its next wake). Two fusers on one project split its answers between
+    their batches, settle its targets twice as often and wait on each other's target locks
+    (measured, 2 workers: each waited on the other about half the time). SQLite has one writer
+    anyway."""
+    if session.get_bind().dialect.name != "postgresql":
+        return True
+    key = fusing_key(project_id)
+    return bool(session.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": key}))
+
+
 def fuse_pending(factory: sessionmaker[Session], settings: Settings, *, limit: int = BATCH) -> int:
-    """Fuse one batch of waiting tasks, of the project whose answer has waited longest, in one
-    transaction (one project at a time: each batch locks its targets in id order, so two
-    fusers never deadlock). Returns how many tasks were fused (0: nothing waits)."""
+    """Fuse one batch of waiting tasks, of the project whose answer has waited longest and no
+    other fuser is fusing (``_take_turn``), in one transaction (one project at a time: each
+    batch locks its targets in id order, so two fusers never deadlock). Returns how many tasks
+    were fused (0: nothing waits, or other fusers have every project that waits)."""
     with factory() as session:
-        project_id = session.scalar(select(Task.project_id).where(*WAITING).order_by(Task.id))
+        waiting = session.scalars(
+            select(Task.project_id)
+            .where(*WAITING)
+            .group_by(Task.project_id)
+            .order_by(func.min(Task.id))
+        ).all()
+        project_id = next((p for p in waiting if _take_turn(session, p)), None)
         if project_id is None:
             return 0
         tasks = pending(session, project_id=project_id, limit=limit)
