@@ -363,3 +363,13 @@ def test_random_acquisition_draws_any_open_window_whatever_its_value(live: Live)
     draws = _first_windows(live, 30)
     assert len(set(draws)) >= 5
     assert max(draws.count(w) for w in set(draws)) < 15
+    # A control target's squares (their truth is known) only once no other target has any.
+    with live.factory() as session:
+        control = set(
+            session.scalars(
+                select(Window.id)
+                .join(Target, Target.id == Window.target_id)
+                .where(Target.control.is_(True), Window.known.is_(False), Window.state == "open")
+            )
+        )
+    assert control and not control & set(draws)

@@ -50,6 +50,7 @@ from app.models import (
     Gold,
     Project,
     Tag,
+    Target,
     Task,
     TaskKind,
     TaskState,
@@ -208,13 +209,17 @@ def _unknown_candidate(*, with_tag: bool) -> Select[Any]:
 
 
 def _random_candidate(*, with_tag: bool) -> Select[Any]:
-    """Any open window, drawn uniformly (``acquisition`` ``random``: the baseline that tells
-    what choosing the questions is worth). Not cached: each call draws its own shuffle. A scan
-    of the open windows, not the index walk: a baseline for experiments, not for a crowd."""
+    """Any open window of a target being collected, drawn uniformly (``acquisition``
+    ``random``: the baseline that tells what choosing the questions is worth), a control
+    target's only when none is left, as by value (``opening.CONTROL_WINDOW_WEIGHT``: drawn
+    among them, 72% of a campaign's grids went to control squares whose truth is known). Not
+    cached: each call draws its own shuffle. A scan of the open windows, not the index walk: a
+    baseline for experiments, not for a crowd."""
     return (
         _window_candidates(known=False, with_tag=with_tag)
         .with_only_columns(Window)
-        .order_by(shuffled(Window.id))
+        .join(Target, Target.id == Window.target_id)
+        .order_by(Target.control, shuffled(Window.id))
         .limit(1)
         .with_for_update(skip_locked=True, of=Window)
         .execution_options(populate_existing=True)
