@@ -8,6 +8,7 @@ plain pooled engine. Route handlers and job steps commit once; services only flu
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import threading
@@ -228,3 +229,9 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def lock_key(name: str) -> int:
+    """``name``'s key in PostgreSQL's one 64-bit space of advisory locks."""
+    digest = hashlib.sha256(name.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)

@@ -18,7 +18,6 @@ server drops it when the holder's connection dies.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.db import lock_key
 from app.models import Job, JobStatus, Project
 from app.services.job import fail_job
 
@@ -87,8 +87,7 @@ def project_lock(session: Session, settings: Settings, project: Project) -> Iter
 
 def advisory_key(project: Project) -> int:
     """The project's model-job lock in PostgreSQL's one 64-bit space of advisory locks."""
-    digest = hashlib.sha256(f"tessera model job {project.slug}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+    return lock_key(f"tessera model job {project.slug}")
 
 
 @contextmanager

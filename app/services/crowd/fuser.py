@@ -18,7 +18,6 @@ down, the consensus does not fall behind.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import threading
 import time
@@ -30,7 +29,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.db import as_utc, utcnow
+from app.db import as_utc, lock_key, utcnow
 from app.models import Cell, Project, Task, TaskState, TaskTile, Vote
 from app.services.consensus import (
     COUNT_COLUMNS,
@@ -240,8 +239,7 @@ def pending(session: Session, *, project_id: int, limit: int = BATCH) -> list[Ta
 
 def fusing_key(project_id: int) -> int:
     """A project's fuser lock in PostgreSQL's one 64-bit space of advisory locks."""
-    digest = hashlib.sha256(f"tessera fuser {project_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+    return lock_key(f"tessera fuser {project_id}")
 
 
 def _take_turn(session: Session, project_id: int) -> bool:
