@@ -1,0 +1,133 @@
+"""A grid with few squares still open is filled up with other windows' last open squares of the
+same tag: a whole grid is not spent on the one or two squares a first window has left."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from app.models import (
+    DEFAULT_PROJECT_SETTINGS,
+    Cell,
+    CellStatus,
+    Consensus,
+    RetireReason,
+    Tag,
+    Target,
+    Task,
+    TaskTile,
+    Window,
+)
+from app.services.crowd.picker import TILES
+from tests.app.conftest import Live
+
+SLUG = "demo"
+NO_GOLD = {"gold_rate": 0.0, "mosaic_share": 0.0}
+PACK_BELOW = int(DEFAULT_PROJECT_SETTINGS["pack_below"])
+
+
+def _first_windows(live: Live, tag_id: int) -> list[Window]:
+    with live.factory() as session:
+        return list(
+            session.scalars(
+                select(Window)
+                .join(Target, Target.id == Window.target_id)
+                .where(
+                    Window.tag_id == tag_id,
+                    Window.level == 0,
+                    Window.known.is_(False),
+                    Target.control.is_(False),
+                )
+                .order_by(Window.id)
+            )
+        )
+
+
+def _settle_all_but(live: Live, window: Window, keep: int) -> set[int]:
+    """Retire all but ``keep`` of the window's squares (as a crowd's *no*). Returns the ids of
+    those left open."""
+    with live.factory() as session:
+        cells = list(
+            session.scalars(select(Cell).where(Cell.window_id == window.id).order_by(Cell.id))
+        )
+        for cell in cells[keep:]:
+            cell.status, cell.label = CellStatus.RETIRED, False
+            cell.retire_reason = RetireReason.CONFIDENT
+        session.commit()
+        return {c.id for c in cells[:keep]}
+
+
+def _tag_with_two_first_windows(live: Live) -> tuple[str, list[Window]]:
+    with live.factory() as session:
+        tags = list(session.scalars(select(Tag).order_by(Tag.id)))
+    for tag in tags:
+        windows = _first_windows(live, tag.id)
+        if len(windows) >= 2:
+            return tag.name, windows
+    raise AssertionError("the demo has no tag with two first windows")
+
+
+@pytest.mark.parametrize("live", [NO_GOLD], indirect=True)
+def test_a_grid_with_few_open_squares_takes_other_windows_last_ones(live: Live) -> None:
+    tag, (first, second, *_) = _tag_with_two_first_windows(live)
+    mine = _settle_all_but(live, first, 2)
+    theirs = _settle_all_but(live, second, 3)
+    with live.factory() as session:  # the first is the one the picker serves
+        session.get(Window, first.id).value = 100.0  # type: ignore[union-attr]
+        session.commit()
+    volunteer = live.volunteer(kind="oracle")
+    task = volunteer.next_task(SLUG, tag=tag)
+    assert task is not None
+    assert task["kind"] == "mosaic" and len(task["tiles"]) == TILES
+    with live.factory() as session:
+        shown = set(session.scalars(select(TaskTile.cell_id).where(TaskTile.task_id == task["id"])))
+    # Both windows' open squares are in it; the rest of the nine are the first window's own.
+    assert mine | theirs <= shown
+    assert len(mine) + len(theirs) < PACK_BELOW * 2
+    volunteer.answer(SLUG, task)
+    with live.factory() as session:
+        voted = dict(
+            session.execute(
+                select(Consensus.cell_id, Consensus.n_votes).where(
+                    Consensus.cell_id.in_(mine | theirs)
+                )
+            ).all()
+        )
+        assert all(voted[c] == 1 for c in mine | theirs)
+        assert session.get(Task, task["id"]).window_id == first.id  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("live", [NO_GOLD], indirect=True)
+def test_a_grid_with_enough_open_squares_stays_a_window(live: Live) -> None:
+    tag, (first, second, *_) = _tag_with_two_first_windows(live)
+    _settle_all_but(live, first, PACK_BELOW)
+    _settle_all_but(live, second, 3)
+    with live.factory() as session:
+        session.get(Window, first.id).value = 100.0  # type: ignore[union-attr]
+        session.commit()
+    task = live.volunteer(kind="oracle").next_task(SLUG, tag=tag)
+    assert task is not None and task["kind"] == "window"
+
+
+@pytest.mark.parametrize("live", [NO_GOLD], indirect=True)
+def test_a_client_that_asks_for_a_window_gets_one(live: Live) -> None:
+    tag, (first, second, *_) = _tag_with_two_first_windows(live)
+    _settle_all_but(live, first, 2)
+    _settle_all_but(live, second, 3)
+    with live.factory() as session:
+        session.get(Window, first.id).value = 100.0  # type: ignore[union-attr]
+        session.commit()
+    task = live.volunteer(kind="oracle").next_task(SLUG, kind="window", tag=tag)
+    assert task is not None and task["kind"] == "window"
+
+
+@pytest.mark.parametrize("live", [{**NO_GOLD, "pack_below": 0}], indirect=True)
+def test_a_project_can_turn_packing_off(live: Live) -> None:
+    tag, (first, second, *_) = _tag_with_two_first_windows(live)
+    _settle_all_but(live, first, 1)
+    _settle_all_but(live, second, 1)
+    with live.factory() as session:
+        session.get(Window, first.id).value = 100.0  # type: ignore[union-attr]
+        session.commit()
+    task = live.volunteer(kind="oracle").next_task(SLUG, tag=tag)
+    assert task is not None and task["kind"] == "window"
