@@ -447,6 +447,8 @@ def _packed(
     volunteer: Volunteer,
     now: datetime,
     below: int,
+    *,
+    by_value: bool = True,
 ) -> list[Cell] | None:
     """The open squares of this grid and the last open squares of other windows of its tag, as
     one grid of nine (a mosaic), when the grid has fewer than ``below`` open squares (the
@@ -464,7 +466,7 @@ def _packed(
     if not pending or len(pending) >= below:
         return None
     values = {**_straggler_values(window, volunteer, now, cells), "below": below}
-    extra = list(session.scalars(_STRAGGLERS, values))
+    extra = list(session.scalars(_stragglers(by_value=by_value), values))
     if not extra:
         return None
     packed = pending + extra[: TILES - len(pending)]
@@ -487,7 +489,16 @@ def _straggler_values(
     }
 
 
-def _stragglers() -> Select[Any]:
+def _stragglers(*, by_value: bool) -> Select[Any]:
+    """Other windows' last open squares (``_packed``): worth most first, or ``by_value``
+    False in a random order (the ``random`` acquisition baseline chooses nothing by value).
+    The first is built once; the random order draws a fresh shuffle per call."""
+    if by_value:
+        return _STRAGGLERS_BY_VALUE
+    return _straggler_query().order_by(shuffled(Cell.id)).limit(bindparam("limit"))
+
+
+def _straggler_query() -> Select[Any]:
     sibling = aliased(Cell)
     open_count = (
         select(func.count(sibling.id))
@@ -516,12 +527,12 @@ def _stragglers() -> Select[Any]:
             ~voted.exists(),
             open_count < bindparam("below"),
         )
-        .order_by(Window.value.desc(), Cell.id)
-        .limit(bindparam("limit"))
     )
 
 
-_STRAGGLERS = _stragglers()
+_STRAGGLERS_BY_VALUE = (
+    _straggler_query().order_by(Window.value.desc(), Cell.id).limit(bindparam("limit"))
+)
 
 
 MOSAIC_SAMPLE = 8  # gold cells drawn per tile wanted, to find enough distinct targets
