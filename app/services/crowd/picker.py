@@ -457,7 +457,7 @@ def _packed(
 
     A window is served until its last square settles, and a first window (the whole image)
     cannot shift over its neighbours as a finer one does (``_shifted_block``): on a demo crowd
-    campaign a third of the votes on first squares came after the square had settled, a whole
+    campaign 18% of the votes on first squares came after the square had settled, a whole
     grid of ten seconds bought for the one or two squares still split. Other windows' stragglers
     are squares of windows nearly done (fewer than ``below`` open), not leased to someone
     else, that this volunteer has not answered, worth most first; where there are too few, the
