@@ -32,8 +32,9 @@ DEFAULT_PROJECT_SETTINGS: dict[str, Any] = {
     "control_share": 0.3,
     "mosaic_share": 0.25,
     # A grid with fewer open squares than this is filled up with other windows' last open
-    # squares of its tag, served as a mosaic (``picker._packed``; 0: never).
-    "pack_below": 5,
+    # squares of its tag, served as a mosaic (``picker._packed``; 0: never). Off by default:
+    # measured, it helped the crowd alone and the random baseline, not the learning loop.
+    "pack_below": 0,
     "min_votes": 3,
     # Credible votes for the object that retire a cell still unsure after min_votes as split:
     # a sliver of the object, left to its finer window (ml.aggregation.rules; 0: never).

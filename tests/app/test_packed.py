@@ -23,8 +23,9 @@ from app.services.crowd.picker import TILES
 from tests.app.conftest import Live
 
 SLUG = "demo"
-NO_GOLD = {"gold_rate": 0.0, "mosaic_share": 0.0}
-PACK_BELOW = int(DEFAULT_PROJECT_SETTINGS["pack_below"])
+PACK_BELOW = 5
+# No known tiles (a newcomer would be served them first), grids of five open squares or more.
+PACKING = {"gold_rate": 0.0, "mosaic_share": 0.0, "pack_below": PACK_BELOW}
 
 
 def _first_windows(live: Live, tag_id: int) -> list[Window]:
@@ -71,7 +72,7 @@ def _tag_with_two_first_windows(live: Live) -> tuple[str, list[Window]]:
 @pytest.mark.parametrize(
     "live",
     # The random baseline packs too, drawing the other squares at random.
-    [NO_GOLD, {**NO_GOLD, "acquisition": "random"}],
+    [PACKING, {**PACKING, "acquisition": "random"}],
     indirect=True,
     ids=["by-value", "random"],
 )
@@ -124,16 +125,17 @@ def _kind_served(live: Live, open_first: int, open_second: int, **params: str) -
     return str(task["kind"])
 
 
-@pytest.mark.parametrize("live", [NO_GOLD], indirect=True)
+@pytest.mark.parametrize("live", [PACKING], indirect=True)
 def test_a_grid_with_enough_open_squares_stays_a_window(live: Live) -> None:
     assert _kind_served(live, PACK_BELOW, 3) == "window"
 
 
-@pytest.mark.parametrize("live", [NO_GOLD], indirect=True)
+@pytest.mark.parametrize("live", [PACKING], indirect=True)
 def test_a_client_that_asks_for_a_window_gets_one(live: Live) -> None:
     assert _kind_served(live, 2, 3, kind="window") == "window"
 
 
-@pytest.mark.parametrize("live", [{**NO_GOLD, "pack_below": 0}], indirect=True)
+@pytest.mark.parametrize("live", [{**PACKING, "pack_below": 0}], indirect=True)
 def test_a_project_can_turn_packing_off(live: Live) -> None:
+    assert DEFAULT_PROJECT_SETTINGS["pack_below"] == 0  # off unless a project turns it on
     assert _kind_served(live, 1, 1) == "window"
