@@ -3,6 +3,8 @@ same tag: a whole grid is not spent on the one or two squares a first window has
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from sqlalchemy import select
 
@@ -11,6 +13,7 @@ from app.models import (
     Cell,
     CellStatus,
     Consensus,
+    Project,
     RetireReason,
     Tag,
     Target,
@@ -19,6 +22,7 @@ from app.models import (
     Window,
     WindowState,
 )
+from app.services.crowd import picker
 from app.services.crowd.picker import TILES
 from tests.app.conftest import Live
 
@@ -139,3 +143,28 @@ def test_a_client_that_asks_for_a_window_gets_one(live: Live) -> None:
 def test_a_project_can_turn_packing_off(live: Live) -> None:
     assert DEFAULT_PROJECT_SETTINGS["pack_below"] == 0  # off unless a project turns it on
     assert _kind_served(live, 1, 1) == "window"
+
+
+@pytest.mark.parametrize(
+    "live",
+    [PACKING, {**PACKING, "acquisition": "random"}],
+    indirect=True,
+    ids=["by-value", "random"],
+)
+def test_the_random_baseline_packs_other_squares_at_random(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[bool] = []
+    packed = picker._packed
+
+    def spy(*args: Any, by_value: bool = True) -> list[Cell] | None:
+        seen.append(by_value)
+        return packed(*args, by_value=by_value)
+
+    monkeypatch.setattr(picker, "_packed", spy)
+    _kind_served(live, 2, 3)
+    with live.factory() as session:
+        project = session.scalar(select(Project).where(Project.slug == SLUG))
+        assert project is not None
+        random_baseline = project.setting("acquisition") == "random"
+    assert seen == [not random_baseline]

@@ -368,7 +368,15 @@ def _window_offer(
     if not window.known and window.level > 0:
         cells = _shifted_block(session, window, cells, volunteer, now)
     if pack and not window.known:
-        packed = _packed(session, window, cells, volunteer, now, int(project.setting("pack_below")))
+        packed = _packed(
+            session,
+            window,
+            cells,
+            volunteer,
+            now,
+            int(project.setting("pack_below")),
+            by_value=project.setting("acquisition") != "random",
+        )
         if packed is not None:
             cells, kind = packed, TaskKind.MOSAIC
     gold = _gold_ids(session, window_cells=[c.id for c in cells])
