@@ -473,7 +473,15 @@ def _packed(
     pending = [c for c in cells if c.status == CellStatus.OPEN and not outside_image(c)]
     if not pending or len(pending) >= below:
         return None
-    values = {**_straggler_values(window, volunteer, now, cells), "below": below}
+    values = {
+        "tag_id": window.tag_id,
+        "project_id": window.project_id,
+        "volunteer_id": volunteer.id,
+        "now": now,
+        "shown": [c.id for c in cells],
+        "below": below,
+        "limit": TILES,
+    }
     extra = list(session.scalars(_stragglers(by_value=by_value), values))
     if not extra:
         return None
@@ -482,19 +490,6 @@ def _packed(
     packed += [c for c in cells if c not in pending][: TILES - len(packed)]
     random.shuffle(packed)
     return packed
-
-
-def _straggler_values(
-    window: Window, volunteer: Volunteer, now: datetime, cells: list[Cell]
-) -> dict[str, Any]:
-    return {
-        "tag_id": window.tag_id,
-        "project_id": window.project_id,
-        "volunteer_id": volunteer.id,
-        "now": now,
-        "shown": [c.id for c in cells],
-        "limit": TILES,
-    }
 
 
 def _stragglers(*, by_value: bool) -> Select[Any]:
