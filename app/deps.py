@@ -162,9 +162,12 @@ class TaskCaller:
         return Client(self.signer.client_key(address), self.settings.open_tasks_per_address)
 
     def volunteer(self, session: Session) -> Volunteer:
-        """The caller's volunteer; a first visit gets a new anonymous identity (and its cookie,
-        and its first count against the volunteer limit)."""
-        volunteer, created = get_or_create_volunteer(session, public_id=self.public_id)
+        """The caller's volunteer, a copy of its row (the task path writes with statements); a
+        first visit gets a new anonymous identity (and its cookie, and its first count against
+        the volunteer limit)."""
+        volunteer, created = get_or_create_volunteer(
+            session, public_id=self.public_id, read_only=True
+        )
         if created:
             _set_volunteer_cookie(self.request, self.response, self.signer, volunteer)
             self.request.app.state.volunteer_limiter.hit(volunteer.public_id)

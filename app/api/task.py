@@ -10,6 +10,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from app.dbapi import Copies
 from app.deps import (
     VOLUNTEER_COOKIE,
     KnownVolunteerDep,
@@ -62,23 +63,26 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-IMAGES = (
-    select(Target.id, Image)
-    .join(Image, Image.id == Target.image_id)
-    .where(Target.id.in_(bindparam("target_ids", expanding=True)))
+# Each target's image, as copies of their rows (``app.dbapi``), each with its target's id.
+IMAGES = Copies(
+    Image,
+    select(*Image.__table__.c, Target.id)
+    .join(Target, Target.image_id == Image.id)
+    .where(Target.id.in_(bindparam("target_ids", expanding=True))),
 )
 
 
 def _images(session: SessionDep, cells: list[Cell]) -> dict[int, Image]:
     """Each cell's image, by target id, in one query (a statement built once)."""
-    rows = session.execute(IMAGES, {"target_ids": sorted({c.target_id for c in cells})})
-    return {target_id: image for target_id, image in rows}
+    rows = IMAGES.with_extras(session, {"target_ids": sorted({c.target_id for c in cells})})
+    return {target_id: image for image, (target_id,) in rows}
 
 
-def _task_read(session: SessionDep, signer: SignerDep, offer: Offer, public_id: str) -> TaskRead:
+def _task_read(
+    session: SessionDep, signer: SignerDep, offer: Offer, public_id: str, *, square: bool
+) -> TaskRead:
     task = offer.task
     images = _images(session, offer.cells)
-    square = _square(session, task)
     tiles = []
     for position, cell in enumerate(offer.cells):
         width, height = tile_size(images[cell.target_id], cell, square=square)
@@ -153,7 +157,7 @@ async def get_next_task(
     def lease() -> TaskOffer:
         with caller.unit() as session:
             volunteer = caller.volunteer(session)
-            project = get_project(session, slug=slug)
+            project = get_project(session, slug=slug, read_only=True)
             offer = _lease_next(session, caller, project, volunteer, tag, kind)
             session.commit()
             return offer
@@ -191,7 +195,10 @@ def _lease_next(
     )
     if offer is None:
         return TaskOffer(task=None, message=NOTHING_LEFT)
-    return TaskOffer(task=_task_read(session, caller.signer, offer, volunteer.public_id))
+    read = _task_read(
+        session, caller.signer, offer, volunteer.public_id, square=square_cells(project)
+    )
+    return TaskOffer(task=read)
 
 
 @router.post(
@@ -208,7 +215,7 @@ async def post_answer(slug: str, body: AnswerCreate, caller: TaskCallerDep) -> A
     def answer() -> AnswerRead:
         with caller.unit() as session:
             volunteer = caller.volunteer(session)
-            project = get_project(session, slug=slug)
+            project = get_project(session, slug=slug, read_only=True)
             read = AnswerRead()
             if body.submit is not None:
                 read.submission = _submit(session, caller, project, volunteer, body.submit)

@@ -20,6 +20,7 @@ from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
+from app.dbapi import Prepared
 from app.models import (
     Cell,
     Consensus,
@@ -320,12 +321,14 @@ def base_rates(session: Session, *, project: Project) -> dict[int, float]:
 
 # Statements of the answer path built once (building one and keying it for SQLAlchemy's cache
 # cost more than running it): their values are bound per call.
-GOLD_LABELS = select(Gold.cell_id, Gold.label).where(
-    Gold.cell_id.in_(bindparam("cell_ids", expanding=True)), Gold.frozen.is_(False)
+GOLD_LABELS = Prepared(
+    select(Gold.cell_id, Gold.label).where(
+        Gold.cell_id.in_(bindparam("cell_ids", expanding=True)), Gold.frozen.is_(False)
+    )
 )
 
 
 def gold_labels(session: Session, *, cell_ids: Iterable[int]) -> dict[int, bool]:
     """Known answers of the served (non-frozen) gold among ``cell_ids``."""
     ids = list(cell_ids)
-    return dict(session.execute(GOLD_LABELS, {"cell_ids": ids}).all()) if ids else {}
+    return dict(GOLD_LABELS.run(session, {"cell_ids": ids}).rows) if ids else {}

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
+from app.dbapi import Copies
 from app.models import Image, Project, Tag, Target
 from app.models.project import DEFAULT_PROJECT_SETTINGS
 from app.services.errors import ConflictError, InvalidInputError, NotFoundError
@@ -28,8 +29,16 @@ def find_project(session: Session, *, slug: str) -> Project | None:
     return session.scalar(FIND_PROJECT, {"slug": slug})
 
 
-def get_project(session: Session, *, slug: str) -> Project:
-    project = find_project(session, slug=slug)
+# The task path's lookup, on every request: a copy of the row (``app.dbapi``).
+PROJECT_COPY = Copies(Project).where(Project.slug == bindparam("slug"))
+
+
+def get_project(session: Session, *, slug: str, read_only: bool = False) -> Project:
+    """The project of a slug (``read_only``: a copy of its row, outside the session)."""
+    if read_only:
+        project = PROJECT_COPY.first(session, {"slug": slug})
+    else:
+        project = find_project(session, slug=slug)
     if project is None:
         raise NotFoundError(f"no project {slug!r}; `tessera project list` shows the projects")
     return project

@@ -13,6 +13,7 @@ from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
+from app.dbapi import Copies
 from app.models import Credibility, Task, TaskState, Volunteer, Vote
 from app.services.errors import InvalidInputError, NotFoundError
 from ml.aggregation.credibility import COUNT_FIELDS, WorkerCounts, sensitivity_specificity
@@ -39,10 +40,21 @@ def create_volunteer(session: Session) -> Volunteer:
     return volunteer
 
 
-def get_or_create_volunteer(session: Session, *, public_id: str | None) -> tuple[Volunteer, bool]:
-    """The volunteer of a cookie, or a new anonymous one. Returns it and whether it is new."""
+# The task path's lookup, on every request: a copy of the row (``app.dbapi``), for callers that
+# read the volunteer and write with statements.
+VOLUNTEER_COPY = Copies(Volunteer).where(Volunteer.public_id == bindparam("public_id"))
+
+
+def get_or_create_volunteer(
+    session: Session, *, public_id: str | None, read_only: bool = False
+) -> tuple[Volunteer, bool]:
+    """The volunteer of a cookie, or a new anonymous one. Returns it and whether it is new.
+    ``read_only``: an existing volunteer comes back as a copy of its row, outside the session."""
     if public_id is not None:
-        volunteer = find_volunteer(session, public_id=public_id)
+        if read_only:
+            volunteer = VOLUNTEER_COPY.first(session, {"public_id": public_id})
+        else:
+            volunteer = find_volunteer(session, public_id=public_id)
         if volunteer is not None:
             return volunteer, False
     return create_volunteer(session), True

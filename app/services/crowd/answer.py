@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, insert, select, update
@@ -21,9 +22,10 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from app.config import Settings
 from app.db import as_utc, utcnow
+from app.dbapi import Copies, Prepared
 from app.models import Project, Task, TaskState, TaskTile, Volunteer, Vote, Window
 from app.security import Signer, TaskClaims
-from app.services.crowd.fuser import feedback_on, fuse_tasks, known_answers
+from app.services.crowd.fuser import Fused, feedback_on, fuse_tasks, known_answers
 from app.services.errors import ConflictError, ForbiddenError, InvalidInputError, NotFoundError
 
 TOKEN_GRACE_S = 30
@@ -44,13 +46,19 @@ class SubmissionResult:
     completed_targets: int | None
 
 
+# The task a token names, read as a copy (``app.dbapi``): the answer path writes with statements.
+TASK = Copies(Task).where(Task.id == bindparam("task_id"))
+TASK_FOR_UPDATE = Copies(Task, TASK.prepared.statement.with_for_update())
+
+
 def claims_for(
     session: Session, *, signer: Signer, project: Project, volunteer: Volunteer, token: str
 ) -> tuple[Task, TaskClaims]:
-    """The task a token names, checked against its signature, its owner and its state."""
+    """The task a token names (a read-only copy, locked on PostgreSQL against a concurrent
+    replay), checked against its signature, its owner and its state."""
     max_age = int(project.setting("lease_seconds")) + TOKEN_GRACE_S
     claims = signer.read_task_token(token, max_age_s=max_age)
-    task = session.get(Task, claims.task_id, with_for_update=True)
+    task = TASK_FOR_UPDATE.first(session, {"task_id": claims.task_id})
     if task is None or task.nonce != claims.nonce or task.project_id != project.id:
         raise NotFoundError("the token does not name a task of this project")
     if claims.volunteer != volunteer.public_id or task.volunteer_id != volunteer.id:
@@ -67,24 +75,37 @@ def _check_open(task: Task) -> None:
         raise GoneError("this task has expired; fetch a new one")
 
 
-# The answer path's statements, built once (building and keying one for SQLAlchemy's cache
-# cost more than running it on SQLite); values are bound per call.
-TILES = select(TaskTile.position, TaskTile.cell_id, TaskTile.known).where(
-    TaskTile.task_id == bindparam("task_id")
+# The answer path's statements, built once and run on the DBAPI cursor (``app.dbapi``: the
+# framework around a statement cost more than SQLite's running it); values are bound per call.
+TILES = Prepared(
+    select(TaskTile.position, TaskTile.cell_id, TaskTile.known).where(
+        TaskTile.task_id == bindparam("task_id")
+    )
 )
-# The table, not the entity: no ORM bulk-insert bookkeeping per row.
-INSERT_VOTES = insert(Vote.metadata.tables[Vote.__tablename__])
-RELEASE = (
+VOTE_COLUMNS = [
+    "task_id",
+    "volunteer_id",
+    "cell_id",
+    "position",
+    "label",
+    "elapsed_ms",
+    "created_at",
+]
+INSERT_VOTES = Prepared(insert(Vote.metadata.tables[Vote.__tablename__]), columns=VOTE_COLUMNS)
+RELEASE = Prepared(
     update(Window)
     .where(Window.id == bindparam("window_id"), Window.leased_by == bindparam("volunteer_id"))
     .values(leased_until=None, leased_by=None)
-    .execution_options(synchronize_session=False)
 )
-MARK_SUBMITTED = (
+MARK_SUBMITTED = Prepared(
     update(Task)
     .where(Task.id == bindparam("task_id"))
     .values(state=TaskState.SUBMITTED, submitted_at=bindparam("at"), result=bindparam("result"))
-    .execution_options(synchronize_session=False)
+)
+MARK_SKIPPED = Prepared(
+    update(Task)
+    .where(Task.id == bindparam("task_id"), Task.state == TaskState.LEASED)
+    .values(state=TaskState.SKIPPED)
 )
 
 
@@ -92,11 +113,11 @@ def _store_votes(
     session: Session, task: Task, volunteer: Volunteer, selected: set[int], elapsed_ms: int
 ) -> list[tuple[int, int, bool]]:
     """Append one vote per tile; returns the tiles as ``(position, cell_id, known)``."""
-    tiles = [(p, c, bool(k)) for p, c, k in session.execute(TILES, {"task_id": task.id})]
+    tiles = [(p, c, bool(k)) for p, c, k in TILES.run(session, {"task_id": task.id}).rows]
     now = utcnow()
-    # One multi-row INSERT; the (task, position) key refuses a second copy of any vote.
-    session.execute(
-        INSERT_VOTES,
+    # The (task, position) key refuses a second copy of any vote.
+    INSERT_VOTES.run(
+        session,
         [
             {
                 "task_id": task.id,
@@ -116,7 +137,7 @@ def _store_votes(
 def _release(session: Session, task: Task, volunteer: Volunteer) -> None:
     """Give the task's window lease back, if the volunteer still holds it (one statement)."""
     if task.window_id is not None:
-        session.execute(RELEASE, {"window_id": task.window_id, "volunteer_id": volunteer.id})
+        RELEASE.run(session, {"window_id": task.window_id, "volunteer_id": volunteer.id})
 
 
 def submit(
@@ -146,12 +167,10 @@ def submit(
     tiles = _store_votes(session, task, volunteer, picked, elapsed_ms)
     answers = known_answers(session, tiles, picked)
     _release(session, task, volunteer)
-    # Written with the result below, in one statement; the session's copy says so already.
-    set_committed_value(task, "state", TaskState.SUBMITTED)
-    set_committed_value(task, "submitted_at", utcnow())
+    submitted_at = utcnow()
     fused = None
     if settings.fusion == "inline":
-        fused = fuse_tasks(session, settings=settings, project=project, tasks=[task])
+        fused = _fuse_now(session, settings, project, task.id, submitted_at)
     result = SubmissionResult(
         task_id=task.id,
         votes=len(tiles),
@@ -161,9 +180,20 @@ def submit(
         completed_targets=fused.completed_targets if fused else None,
     )
     stored = asdict(result)
-    session.execute(MARK_SUBMITTED, {"task_id": task.id, "at": task.submitted_at, "result": stored})
-    set_committed_value(task, "result", stored)
+    MARK_SUBMITTED.run(session, {"task_id": task.id, "at": submitted_at, "result": stored})
     return dict(stored)
+
+
+def _fuse_now(
+    session: Session, settings: Settings, project: Project, task_id: int, submitted_at: datetime
+) -> Fused:
+    """Fuse one task in the request's transaction (``fusion = "inline"``): the fuser takes the
+    session's entity, told it is submitted (it is marked so with its result, after fusing)."""
+    task = session.get(Task, task_id)
+    assert task is not None
+    set_committed_value(task, "state", TaskState.SUBMITTED)
+    set_committed_value(task, "submitted_at", submitted_at)
+    return fuse_tasks(session, settings=settings, project=project, tasks=[task])
 
 
 def skip(
@@ -174,5 +204,5 @@ def skip(
     if task.state == TaskState.SUBMITTED:
         raise ConflictError("this task was already submitted")
     if task.state == TaskState.LEASED:
-        task.state = TaskState.SKIPPED
+        MARK_SKIPPED.run(session, {"task_id": task.id})
         _release(session, task, volunteer)

@@ -42,6 +42,7 @@ from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.attributes import set_committed_value
 
 from app.db import as_utc, utcnow
+from app.dbapi import Copies, Prepared
 from app.models import (
     Cell,
     CellStatus,
@@ -68,6 +69,10 @@ TILES = 9
 CANDIDATE_TRIES = 5
 
 
+# The task's tag, as a copy of its row (``app.dbapi``): shown, never changed here.
+TAG = Copies(Tag).where(Tag.id == bindparam("tag_id"))
+
+
 @dataclass
 class Offer:
     task: Task
@@ -90,14 +95,16 @@ PROVEN_GOLD, PROVEN_J, PROVEN_SHARE = 30, 0.8, 0.25
 DOUBTFUL_GOLD, DOUBTFUL_J, DOUBTFUL_SHARE = 10, 0.5, 2.0
 
 
-GOLD_COUNTS = select(
-    Credibility.gold_tp, Credibility.gold_fn, Credibility.gold_tn, Credibility.gold_fp
-).where(Credibility.volunteer_id == bindparam("volunteer_id"), Credibility.category == "")
+GOLD_COUNTS = Prepared(
+    select(
+        Credibility.gold_tp, Credibility.gold_fn, Credibility.gold_tn, Credibility.gold_fp
+    ).where(Credibility.volunteer_id == bindparam("volunteer_id"), Credibility.category == "")
+)
 
 
 def gold_rate_for(session: Session, volunteer: Volunteer, gold_rate: float) -> float:
     """The share of known tiles this volunteer should see now (see ``PROVEN_GOLD``)."""
-    row = session.execute(GOLD_COUNTS, {"volunteer_id": volunteer.id}).first()
+    row = GOLD_COUNTS.run(session, {"volunteer_id": volunteer.id}).first()
     if row is None:
         return gold_rate
     tp, fn, tn, fp = row
@@ -111,13 +118,19 @@ def gold_rate_for(session: Session, volunteer: Volunteer, gold_rate: float) -> f
     return gold_rate
 
 
-def shuffled(column: Any) -> Any:
+SHUFFLE_MODULUS = 1_000_003
+
+
+def shuffled(column: Any, salt: Any = None) -> Any:
     """An ORDER BY key that shuffles rows by their integer ``column``: a multiplicative hash
     salted from Python's ``random``, where the database's ``random()`` cannot be seeded (a
-    simulated campaign with a seed runs the same twice)."""
-    salt = random.randrange(1_000_003)
+    simulated campaign with a seed runs the same twice). ``salt``: a bound parameter for a
+    statement built once (its caller binds ``random.randrange(SHUFFLE_MODULUS)``); by default
+    a salt drawn now."""
+    if salt is None:
+        salt = literal(random.randrange(SHUFFLE_MODULUS), BigInteger)
     # 64-bit arithmetic: PostgreSQL would overflow an integer column times the multiplier.
-    return (cast(column, BigInteger) * literal(2654435761, BigInteger) + salt) % 1_000_003
+    return (cast(column, BigInteger) * literal(2654435761, BigInteger) + salt) % SHUFFLE_MODULUS
 
 
 def needs_known(volunteer: Volunteer, gold_rate: float) -> bool:
@@ -162,7 +175,7 @@ def _candidate_values(
     return values
 
 
-LEASE = (
+LEASE = Prepared(
     update(Window)
     .where(
         Window.id == bindparam("window_id"),
@@ -170,7 +183,6 @@ LEASE = (
         or_(Window.leased_until.is_(None), Window.leased_until < bindparam("now")),
     )
     .values(leased_until=bindparam("until"), leased_by=bindparam("volunteer_id"))
-    .execution_options(synchronize_session=False)
 )
 
 
@@ -178,10 +190,10 @@ def _lease(
     session: Session, window: Window, volunteer: Volunteer, now: datetime, until: datetime
 ) -> Window | None:
     """Lease one open window to ``volunteer`` by a compare-and-set on its lease."""
-    leased = session.execute(
-        LEASE, {"window_id": window.id, "now": now, "until": until, "volunteer_id": volunteer.id}
+    leased = LEASE.run(
+        session, {"window_id": window.id, "now": now, "until": until, "volunteer_id": volunteer.id}
     )
-    if leased.rowcount != 1:  # type: ignore[attr-defined]
+    if leased.rowcount != 1:
         return None
     # The row as this statement left it, without reading it again.
     set_committed_value(window, "leased_until", until)
@@ -194,17 +206,19 @@ def _lease_until(project: Project, now: datetime) -> datetime:
 
 
 @functools.cache
-def _unknown_candidate(*, with_tag: bool) -> Select[Any]:
-    return (
+def _unknown_candidate(*, with_tag: bool) -> Copies[Window]:
+    """The most valuable free window, as a copy of its row (its lease is set after the CAS,
+    unread)."""
+    return Copies(
+        Window,
         _window_candidates(known=False, with_tag=with_tag)
-        .with_only_columns(Window)  # the whole row: its lease is set after the CAS, unread
+        .with_only_columns(*Window.__table__.c)
         # Both descending: the picker index hands windows over in this order (SQLite keeps the
         # rowid last in an index), so the walk stops at the first free window instead of
         # testing every open one and sorting them (8.6 -> 0.9 ms on a 20-image demo).
         .order_by(Window.value.desc(), Window.id.desc())
         .limit(1)
-        .with_for_update(skip_locked=True, of=Window)
-        .execution_options(populate_existing=True)
+        .with_for_update(skip_locked=True, of=Window),
     )
 
 
@@ -231,13 +245,13 @@ def _lease_unknown_window(
 ) -> Window | None:
     """The open window worth most (``Window.value``), or a random one where the project's
     acquisition is ``random``, leased to ``volunteer``."""
-    if project.setting("acquisition") == "random":
-        query = _random_candidate(with_tag=tag is not None)
-    else:
-        query = _unknown_candidate(with_tag=tag is not None)
+    random_order = project.setting("acquisition") == "random"
     values = _candidate_values(project, volunteer, tag, now)
     for _ in range(CANDIDATE_TRIES):
-        window = session.scalar(query, values)
+        if random_order:
+            window = session.scalar(_random_candidate(with_tag=tag is not None), values)
+        else:
+            window = _unknown_candidate(with_tag=tag is not None).first(session, values)
         if window is None:
             return None
         if _lease(session, window, volunteer, now, _lease_until(project, now)) is not None:
@@ -253,6 +267,15 @@ def _known_window(
     window says nothing of a volunteer's specificity, an all-background one nothing of their
     sensitivity; measured, a volunteer's first known task was often a window of nine known-true
     cells, and their specificity stayed at the prior.)"""
+    values = _candidate_values(project, volunteer, tag, now)
+    values.pop("now")
+    values["salt"] = random.randrange(SHUFFLE_MODULUS)
+    return _known_candidate(with_tag=tag is not None).first(session, values)
+
+
+@functools.cache
+def _known_candidate(*, with_tag: bool) -> Copies[Window]:
+    """The statement of ``_known_window``, built once (its shuffle's salt bound per call)."""
 
     def holds(label: bool) -> Any:
         return (
@@ -263,40 +286,61 @@ def _known_window(
         )
 
     mixed = case((holds(True) & holds(False), 0), else_=1)
-    query = _window_candidates(known=True, with_tag=tag is not None)
-    values = _candidate_values(project, volunteer, tag, now)
-    values.pop("now")
-    window_id = session.scalar(query.order_by(mixed, shuffled(Window.id)).limit(1), values)
-    return session.get(Window, window_id) if window_id is not None else None
+    return Copies(
+        Window,
+        _window_candidates(known=True, with_tag=with_tag)
+        .with_only_columns(*Window.__table__.c)
+        .order_by(mixed, shuffled(Window.id, salt=bindparam("salt")))
+        .limit(1),
+    )
 
 
-WINDOW_CELLS = (
-    select(Cell).where(Cell.window_id == bindparam("window_id")).order_by(Cell.row, Cell.col)
+# A window's cells as copies of their rows (``app.dbapi``): the picker only reads them.
+WINDOW_CELLS = Copies(
+    Cell,
+    select(*Cell.__table__.c)
+    .where(Cell.window_id == bindparam("window_id"))
+    .order_by(Cell.row, Cell.col),
 )
-GOLD_IDS = select(Gold.cell_id).where(
-    Gold.cell_id.in_(bindparam("cell_ids", expanding=True)), Gold.frozen.is_(False)
+GOLD_IDS = Prepared(
+    select(Gold.cell_id).where(
+        Gold.cell_id.in_(bindparam("cell_ids", expanding=True)), Gold.frozen.is_(False)
+    )
 )
 
 
 def _window_cells(session: Session, window: Window) -> list[Cell]:
-    return list(session.scalars(WINDOW_CELLS, {"window_id": window.id}))
+    return WINDOW_CELLS.run(session, {"window_id": window.id})
 
 
 def _gold_ids(session: Session, *, window_cells: list[int]) -> set[int]:
-    return set(session.scalars(GOLD_IDS, {"cell_ids": window_cells}))
+    return set(GOLD_IDS.run(session, {"cell_ids": window_cells}).scalars())
 
 
-INSERT_TASK = insert(Task).returning(Task.id)
-# The table, not the entity: no ORM bulk-insert bookkeeping per row.
-INSERT_TILES = insert(TaskTile.metadata.tables[TaskTile.__tablename__])
-COUNT_SERVED = (
+TASK_COLUMNS = (
+    "project_id",
+    "volunteer_id",
+    "tag_id",
+    "kind",
+    "window_id",
+    "nonce",
+    "state",
+    "issued_at",
+    "expires_at",
+    "client",
+)
+INSERT_TASK = Prepared(insert(Task).returning(Task.id), columns=TASK_COLUMNS)
+INSERT_TILES = Prepared(
+    insert(TaskTile.metadata.tables[TaskTile.__tablename__]),
+    columns=("task_id", "position", "cell_id", "known"),
+)
+COUNT_SERVED = Prepared(
     update(Volunteer)
     .where(Volunteer.id == bindparam("volunteer_id"))
     .values(
         tiles_served=Volunteer.tiles_served + bindparam("tiles"),
         known_served=Volunteer.known_served + bindparam("known"),
     )
-    .execution_options(synchronize_session=False)
 )
 
 
@@ -326,18 +370,17 @@ def _new_task(
         "client": client,
     }
     # Rows written as rows (no unit of work to flush); the task handed back is a plain copy.
-    task_id = session.execute(INSERT_TASK, values).scalar_one()
-    session.execute(
-        INSERT_TILES,
+    task_id = INSERT_TASK.run(session, values).scalar()
+    INSERT_TILES.run(
+        session,
         [
             {"task_id": task_id, "position": i, "cell_id": c.id, "known": k}
             for i, (c, k) in enumerate(zip(cells, known, strict=True))
         ],
     )
     served, known_served = volunteer.tiles_served + len(cells), volunteer.known_served + sum(known)
-    session.execute(
-        COUNT_SERVED,
-        {"volunteer_id": volunteer.id, "tiles": len(cells), "known": sum(known)},
+    COUNT_SERVED.run(
+        session, {"volunteer_id": volunteer.id, "tiles": len(cells), "known": sum(known)}
     )
     set_committed_value(volunteer, "tiles_served", served)
     set_committed_value(volunteer, "known_served", known_served)
@@ -393,9 +436,34 @@ def _window_offer(
         now=now,
         client=client,
     )
-    tag_row = session.get(Tag, window.tag_id)
+    tag_row = TAG.first(session, {"tag_id": window.tag_id})
     assert tag_row is not None
     return Offer(task=task, tag=tag_row, cells=cells, known=known, window=window)
+
+
+# The cells of a window and the eight around it (``_shifted_block``): each with whether the
+# volunteer answered it, its posterior, and its window's kind and lease.
+NEIGHBOURHOOD = Copies(
+    Cell,
+    select(
+        *Cell.__table__.c,
+        select(Vote.id)
+        .where(Vote.volunteer_id == bindparam("volunteer_id"), Vote.cell_id == Cell.id)
+        .exists(),
+        Consensus.posterior,
+        Window.known,
+        Window.leased_by,
+        Window.leased_until,
+    )
+    .join(Window, Window.id == Cell.window_id)
+    .outerjoin(Consensus, Consensus.cell_id == Cell.id)
+    .where(
+        Cell.target_id == bindparam("target_id"),
+        Cell.level == bindparam("level"),
+        Cell.row.between(bindparam("top"), bindparam("bottom")),
+        Cell.col.between(bindparam("left"), bindparam("right")),
+    ),
+)
 
 
 def _shifted_block(
@@ -411,29 +479,21 @@ def _shifted_block(
         return cells  # nothing settled yet: the window is the best grid there
     # The window and the eight around it, on their own 9x9 lattice (the window at 3..5).
     level, top, left = window.level + 1, window.row * 3 - 3, window.col * 3 - 3
-    voted = select(Vote.id).where(Vote.volunteer_id == volunteer.id, Vote.cell_id == Cell.id)
-    rows = session.execute(
-        select(
-            Cell,
-            voted.exists(),
-            Consensus.posterior,
-            Window.known,
-            Window.leased_by,
-            Window.leased_until,
-        )
-        .join(Window, Window.id == Cell.window_id)
-        .outerjoin(Consensus, Consensus.cell_id == Cell.id)
-        .where(
-            Cell.target_id == window.target_id,
-            Cell.level == level,
-            Cell.row.between(top, top + 8),
-            Cell.col.between(left, left + 8),
-        )
-    ).all()
+    values = {
+        "target_id": window.target_id,
+        "level": level,
+        "top": top,
+        "bottom": top + 8,
+        "left": left,
+        "right": left + 8,
+        "volunteer_id": volunteer.id,
+    }
     gain, usable = np.zeros((9, 9)), np.zeros((9, 9), dtype=bool)
     owner = np.full((9, 9), -1, dtype=np.int64)
     by_place: dict[tuple[int, int], Cell] = {}
-    for cell, answered, posterior, known, leased_by, leased_until in rows:
+    for cell, (answered, posterior, known, leased_by, leased_until) in NEIGHBOURHOOD.with_extras(
+        session, values
+    ):
         r, c = cell.row - top, cell.col - left
         by_place[(r, c)], owner[r, c] = cell, cell.window_id or -1
         if cell.status == CellStatus.OPEN:
@@ -592,7 +652,7 @@ def _mosaic_offer(
     window = _lease_unknown_window(session, project, volunteer, tag, now)
     if window is None:
         return None, "no open unknown cell to mix into a mosaic"
-    tag_row = session.get(Tag, window.tag_id)
+    tag_row = TAG.first(session, {"tag_id": window.tag_id})
     assert tag_row is not None
     used = {window.target_id}  # tiles from different targets, none from the unknown's
     true_cells = _gold_cells(
@@ -605,7 +665,7 @@ def _mosaic_offer(
     unknown = [c for c in _window_cells(session, window) if c.status == CellStatus.OPEN]
     unknown = unknown[: max(1, TILES - len(true_cells) - len(false_cells))]
     if len(true_cells) < int(mix["known_true"]) or len(false_cells) < int(mix["known_false"]):
-        window.leased_until, window.leased_by = None, None
+        RELEASE_WINDOWS.run(session, {"window_ids": [window.id], "volunteer_id": volunteer.id})
         return None, (
             f"not enough gold for {tag_row.name!r} yet: {len(true_cells)} known-true and "
             f"{len(false_cells)} known-false cells left for you, a mosaic needs "
@@ -629,7 +689,7 @@ def _mosaic_offer(
     return Offer(task=task, tag=tag_row, cells=cells, known=known, window=window), None
 
 
-OPEN_LEASES = (
+OPEN_LEASES = Prepared(
     select(Task.window_id)
     .where(
         Task.volunteer_id == bindparam("volunteer_id"),
@@ -639,14 +699,13 @@ OPEN_LEASES = (
     )
     .order_by(Task.issued_at.desc(), Task.id.desc())
 )
-RELEASE_WINDOWS = (
+RELEASE_WINDOWS = Prepared(
     update(Window)
     .where(
         Window.id.in_(bindparam("window_ids", expanding=True)),
         Window.leased_by == bindparam("volunteer_id"),
     )
     .values(leased_until=None, leased_by=None)
-    .execution_options(synchronize_session=False)
 )
 
 
@@ -657,19 +716,21 @@ def release_older_leases(
     others may be served those windows now. The tasks themselves stay answerable until they
     expire: a page that kept answers while offline sends them later, and they must count.
     Returns the windows given back (those still held)."""
-    rows = session.scalars(OPEN_LEASES, {"volunteer_id": volunteer.id, "now": now})
+    rows = OPEN_LEASES.run(session, {"volunteer_id": volunteer.id, "now": now}).scalars()
     windows = [w for w in rows if w is not None]
     older = [w for w in windows[max(keep, 0) :] if w not in windows[: max(keep, 0)]]
     if not older:
         return []
-    session.execute(RELEASE_WINDOWS, {"window_ids": older, "volunteer_id": volunteer.id})
+    RELEASE_WINDOWS.run(session, {"window_ids": older, "volunteer_id": volunteer.id})
     return older
 
 
-OPEN_FROM_CLIENT = select(func.count(Task.id)).where(
-    Task.client == bindparam("client"),
-    Task.state == TaskState.LEASED,
-    Task.expires_at > bindparam("now"),
+OPEN_FROM_CLIENT = Prepared(
+    select(func.count(Task.id)).where(
+        Task.client == bindparam("client"),
+        Task.state == TaskState.LEASED,
+        Task.expires_at > bindparam("now"),
+    )
 )
 
 
@@ -707,7 +768,7 @@ def next_task(
     cap = int(project.setting("open_tasks_per_volunteer"))
     release_older_leases(session, volunteer=volunteer, keep=cap - 1, now=now)
     if client is not None and client.open_tasks > 0:
-        held = session.scalar(OPEN_FROM_CLIENT, {"client": client.key, "now": now}) or 0
+        held = OPEN_FROM_CLIENT.run(session, {"client": client.key, "now": now}).scalar() or 0
         if held >= client.open_tasks:
             raise TooManyOpenTasks(
                 f"this address holds {held} tasks nobody has answered yet, the most it may: "
