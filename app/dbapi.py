@@ -8,7 +8,8 @@ the framework around them was most of a request's CPU (measured per thread, issu
 processors looked up once (the types' own: datetimes, enums, booleans and JSON come back as
 SQLAlchemy would hand them back); a call binds the values in order, runs the string on the
 session's own DBAPI connection, inside the session's transaction (the writer's turn on SQLite,
-the commit and the rollback stay the session's), and returns plain tuples.
+the commit and the rollback stay the session's; the session's pending changes are flushed first,
+as its own execute would), and returns plain tuples.
 
 What it leaves to SQLAlchemy's own path (``Session.execute``, the same statement): an expanding
 ``IN`` with an empty list (SQLAlchemy renders an empty set there). DBAPI errors are raised as
@@ -163,6 +164,8 @@ class Prepared:
         return compiled
 
     def run(self, session: Session, params: Params | None = None) -> Result:
+        if session.autoflush:  # as the session's own execute would: its changes first
+            session.flush()
         connection = session.connection()  # the session's transaction (and writer's turn)
         dialect = connection.dialect
         compiled = self._compiled(dialect)

@@ -52,9 +52,9 @@ def worker_counts(session: Session, volunteer_ids: list[int]) -> WorkerCounts:
     """The stored credibility counts of these volunteers, in their order (zeros if none)."""
     rows = {
         volunteer_id: list(counts)
-        for volunteer_id, *counts in session.execute(
-            WORKER_COUNTS, {"volunteer_ids": list(volunteer_ids)}
-        )
+        for volunteer_id, *counts in WORKER_COUNTS.run(
+            session, {"volunteer_ids": list(volunteer_ids)}
+        ).rows
     }
     return WorkerCounts.from_rows([rows.get(v, [0.0] * len(COUNT_FIELDS)) for v in volunteer_ids])
 
@@ -109,19 +109,23 @@ class CellVotes:
 
 
 # The fuser's statements, built once; values are bound per call.
-COUNTED_VOTES = (
+# On the DBAPI cursor (``app.dbapi``): some of them hand back hundreds of rows per batch.
+_COUNTED_VOTES = (
     select(Vote.cell_id, Vote.volunteer_id, Vote.label, Vote.task_id)
     .join(Volunteer, Volunteer.id == Vote.volunteer_id)
     .where(Vote.cell_id.in_(bindparam("cell_ids", expanding=True)), Volunteer.banned.is_(False))
 )
-FUSED_VOTES = COUNTED_VOTES.join(Task, Task.id == Vote.task_id).where(
-    or_(Task.fused_at.is_not(None), Task.id.in_(bindparam("task_ids", expanding=True)))
+COUNTED_VOTES = Prepared(_COUNTED_VOTES)
+FUSED_VOTES = Prepared(
+    _COUNTED_VOTES.join(Task, Task.id == Vote.task_id).where(
+        or_(Task.fused_at.is_not(None), Task.id.in_(bindparam("task_ids", expanding=True)))
+    )
 )
-WORKER_COUNTS = select(
-    Credibility.volunteer_id, *(getattr(Credibility, k) for k in COUNT_COLUMNS)
-).where(
-    Credibility.volunteer_id.in_(bindparam("volunteer_ids", expanding=True)),
-    Credibility.category == "",
+WORKER_COUNTS = Prepared(
+    select(Credibility.volunteer_id, *(getattr(Credibility, k) for k in COUNT_COLUMNS)).where(
+        Credibility.volunteer_id.in_(bindparam("volunteer_ids", expanding=True)),
+        Credibility.category == "",
+    )
 )
 
 
@@ -132,11 +136,11 @@ def cell_votes(
     and of these tasks (the state as of fusing them, for scoring votes once)."""
     index = {c: i for i, c in enumerate(cell_ids)}
     if fused_and is None:
-        votes = session.execute(COUNTED_VOTES, {"cell_ids": list(index)}).all()
+        votes = COUNTED_VOTES.run(session, {"cell_ids": list(index)}).rows
     else:
-        votes = session.execute(
-            FUSED_VOTES, {"cell_ids": list(index), "task_ids": list(fused_and)}
-        ).all()
+        votes = FUSED_VOTES.run(
+            session, {"cell_ids": list(index), "task_ids": list(fused_and)}
+        ).rows
     volunteers = sorted({v for _, v, _, _ in votes})
     worker = {v: i for i, v in enumerate(volunteers)}
     return CellVotes(
@@ -173,7 +177,7 @@ def refresh_cells(session: Session, *, cells: list[Cell]) -> Fresh:
 
 
 _CONSENSUS = Consensus.metadata.tables[Consensus.__tablename__]
-WRITE_CONSENSUS = (
+WRITE_CONSENSUS = Prepared(
     update(_CONSENSUS)
     .where(_CONSENSUS.c.cell_id == bindparam("cell"))
     .values(
@@ -203,8 +207,8 @@ def write_consensus(
     if not len(cell_ids):
         return
     now = utcnow()
-    session.execute(
-        WRITE_CONSENSUS,
+    WRITE_CONSENSUS.run(
+        session,
         [
             {
                 "cell": cell_id,

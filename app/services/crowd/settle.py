@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import utcnow
+from app.dbapi import Prepared
 from app.models import (
     VOTED_REASONS,
     Cell,
@@ -106,7 +107,7 @@ def _leaf_area(cells: Sequence[grid.Cell], posterior: Sequence[float]) -> float:
 
 
 # Every cell's place and posterior, of some targets: plain rows (there may be thousands).
-CELL_POSTERIORS = (
+CELL_POSTERIORS = Prepared(
     select(
         Cell.target_id,
         Cell.level,
@@ -129,16 +130,16 @@ def target_areas(session: Session, *, target_ids: set[int]) -> dict[int, float]:
     cells: dict[int, list[grid.Cell]] = defaultdict(list)
     posterior: dict[int, list[float]] = defaultdict(list)
     evidence: dict[int, list[bool]] = defaultdict(list)
-    for target_id, level, row, col, status, label, reason, n_votes, q in session.execute(
-        CELL_POSTERIORS, {"target_ids": sorted(target_ids)}
-    ):
+    for target_id, level, row, col, status, label, reason, n_votes, q in CELL_POSTERIORS.run(
+        session, {"target_ids": sorted(target_ids)}
+    ).rows:
         cells[target_id].append(grid.Cell(level, row, col))
         posterior[target_id].append(cell_probability(label, reason, q))
         evidence[target_id].append(has_evidence(level, status, n_votes, reason))
     return {t: _area(cells[t], posterior[t], evidence[t]) for t in cells}
 
 
-OPEN_CELLS_OF_WINDOWS = (
+OPEN_CELLS_OF_WINDOWS = Prepared(
     select(Window.id, Window.level, Window.target_id, Target.priority, Target.control)
     .add_columns(Consensus.posterior)
     .join(Target, Target.id == Window.target_id)
@@ -147,7 +148,7 @@ OPEN_CELLS_OF_WINDOWS = (
     .where(Window.id.in_(bindparam("window_ids", expanding=True)), Cell.status == CellStatus.OPEN)
 )
 _WINDOWS = Window.metadata.tables[Window.__tablename__]
-WRITE_VALUES = (
+WRITE_VALUES = Prepared(
     update(_WINDOWS).where(_WINDOWS.c.id == bindparam("window")).values(value=bindparam("value"))
 )
 
@@ -157,7 +158,7 @@ def revalue_windows(session: Session, *, window_ids: set[int]) -> None:
     target's expected object area."""
     if not window_ids:
         return
-    rows = session.execute(OPEN_CELLS_OF_WINDOWS, {"window_ids": sorted(window_ids)}).all()
+    rows = OPEN_CELLS_OF_WINDOWS.run(session, {"window_ids": sorted(window_ids)}).rows
     pending: dict[int, list[float]] = defaultdict(list)
     target_of: dict[int, tuple[int, int, float, bool]] = {}
     for window_id, level, target_id, prio, control, q in rows:
@@ -182,7 +183,7 @@ def revalue_windows(session: Session, *, window_ids: set[int]) -> None:
         for level, target_id, prio, control in [target_of[w]]
     ]
     if values:  # one executemany through the table
-        session.execute(WRITE_VALUES, values)
+        WRITE_VALUES.run(session, values)
 
 
 @dataclass
