@@ -68,9 +68,13 @@ class _Compiled:
         self.result_processors: list[Processor | None] | None = None
         self.processed = True
 
-    def _value(self, name: str, params: Mapping[str, Any]) -> Any:
+    def given(self, name: str, params: Mapping[str, Any]) -> Any:
+        """The value of bind ``name``: the caller's, or the one written in the statement."""
         key = self.keys[name]
-        value = params[key] if key in params else self.fixed[name]
+        return params[key] if key in params else self.fixed[name]
+
+    def _value(self, name: str, params: Mapping[str, Any]) -> Any:
+        value = self.given(name, params)
         processor = self.bind_processors.get(name)
         return processor(value) if processor is not None else value
 
@@ -81,7 +85,7 @@ class _Compiled:
             values: list[Any] = []
             for name in self.names:
                 if name in self.expanding:
-                    items = [self._item(name, v) for v in params[self.keys[name]]]
+                    items = [self._item(name, v) for v in self.given(name, params)]
                     marks = ", ".join([self._mark()] * len(items))
                     sql = sql.replace(f"__[POSTCOMPILE_{name}]", marks, 1)
                     values.extend(items)
@@ -91,7 +95,7 @@ class _Compiled:
         named: dict[str, Any] = {}
         for name in self.names:
             if name in self.expanding:
-                items = [self._item(name, v) for v in params[self.keys[name]]]
+                items = [self._item(name, v) for v in self.given(name, params)]
                 keys = [f"{name}__{i}" for i in range(len(items))]
                 marks = ", ".join(f"%({k})s" for k in keys)
                 sql = sql.replace(f"__[POSTCOMPILE_{name}]", marks)
@@ -172,7 +176,7 @@ class Prepared:
         many = params is not None and not isinstance(params, Mapping)
         single: Mapping[str, Any] = params if isinstance(params, Mapping) else {}
         if (many and compiled.expanding) or any(
-            not single[compiled.keys[name]] for name in compiled.expanding
+            not compiled.given(name, single) for name in compiled.expanding
         ):
             # An empty IN list: SQLAlchemy's own path renders the empty set.
             result = session.execute(self.statement, params)

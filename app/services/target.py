@@ -10,6 +10,7 @@ from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session, aliased
 
 from app.db import utcnow
+from app.dbapi import Prepared
 from app.models import (
     Cell,
     CellStatus,
@@ -189,7 +190,7 @@ def tag_is_known(session: Session, *, target: Target) -> bool:
 
 
 # The targets of some whose tag people gave (``tag_is_known``), in one statement.
-KNOWN_TAGS = (
+KNOWN_TAGS = Prepared(
     select(Target.id)
     .join(
         ImageTag,
@@ -208,7 +209,7 @@ def known_tags(session: Session, *, target_ids: Collection[int]) -> set[int]:
     """Those of ``target_ids`` whose tag people gave (``tag_is_known``)."""
     if not target_ids:
         return set()
-    return set(session.scalars(KNOWN_TAGS, {"target_ids": sorted(target_ids)}))
+    return set(KNOWN_TAGS.run(session, {"target_ids": sorted(target_ids)}).scalars())
 
 
 def tag_belief(session: Session, *, target: Target) -> float:
@@ -224,21 +225,36 @@ class _FirstCell(NamedTuple):
     reason: RetireReason | None
 
 
+FIRST_CELLS = Prepared(
+    select(
+        Cell.target_id,
+        Cell.prior_logodds,
+        Consensus.logodds,
+        Cell.status,
+        Cell.label,
+        Cell.retire_reason,
+    )
+    .join(Consensus, Consensus.cell_id == Cell.id)
+    .where(Cell.target_id.in_(bindparam("target_ids", expanding=True)), Cell.level == 1)
+)
+# Each target's tag on its image: who gave it, and the tagger's probability and correction.
+TARGET_TAGS = Prepared(
+    select(Target.id, ImageTag.source, ImageTag.probability, Tag.guess_logodds)
+    .join(
+        ImageTag,
+        (ImageTag.image_id == Target.image_id) & (ImageTag.tag_id == Target.tag_id),
+    )
+    .join(Tag, Tag.id == Target.tag_id)
+    .where(Target.id.in_(bindparam("target_ids", expanding=True)))
+)
+
+
 def _first_cells(session: Session, *, target_ids: Collection[int]) -> dict[int, list[_FirstCell]]:
     """The first-level cells of some targets that lie in their image, with their consensus."""
     first: dict[int, list[_FirstCell]] = {}
-    for target_id, prior, logodds, status, label, reason in session.execute(
-        select(
-            Cell.target_id,
-            Cell.prior_logodds,
-            Consensus.logodds,
-            Cell.status,
-            Cell.label,
-            Cell.retire_reason,
-        )
-        .join(Consensus, Consensus.cell_id == Cell.id)
-        .where(Cell.target_id.in_(list(target_ids)), Cell.level == 1)
-    ):
+    for target_id, prior, logodds, status, label, reason in FIRST_CELLS.run(
+        session, {"target_ids": sorted(target_ids)}
+    ).rows:
         if reason != RetireReason.OUTSIDE:
             cell = _FirstCell(float(prior), float(logodds), status, label, reason)
             first.setdefault(target_id, []).append(cell)
@@ -264,15 +280,9 @@ def tag_beliefs(session: Session, *, target_ids: Collection[int]) -> dict[int, f
         return {}
     guesses: dict[int, float] = {}
     given: set[int] = set()
-    for target_id, source, probability, correction in session.execute(
-        select(Target.id, ImageTag.source, ImageTag.probability, Tag.guess_logodds)
-        .join(
-            ImageTag,
-            (ImageTag.image_id == Target.image_id) & (ImageTag.tag_id == Target.tag_id),
-        )
-        .join(Tag, Tag.id == Target.tag_id)
-        .where(Target.id.in_(target_ids))
-    ):
+    for target_id, source, probability, correction in TARGET_TAGS.run(
+        session, {"target_ids": sorted(target_ids)}
+    ).rows:
         if source != ImageTagSource.CLASSIFIER:
             given.add(target_id)
         else:

@@ -63,10 +63,12 @@ def test_an_in_list_is_spelled_out_and_an_empty_one_matches_nothing(session: Ses
     prepared = Prepared(some)
     for ids in ([tasks[0].id], [t.id for t in tasks[1:4]], []):
         assert prepared.run(session, {"ids": ids}).scalars() == sorted(ids)
-    # Values written in the statement itself (here a state) are bound with the caller's.
+    # Values written in the statement itself (a state, a list) are bound with the caller's.
     leased = Prepared(some.where(Task.state == TaskState.LEASED))
     expected = [t.id for t in tasks if t.state == TaskState.LEASED]
     assert leased.run(session, {"ids": [t.id for t in tasks]}).scalars() == expected
+    listed = Prepared(some.where(Task.state.in_([TaskState.LEASED, TaskState.SKIPPED])))
+    assert listed.run(session, {"ids": [t.id for t in tasks]}).scalars() == expected
 
 
 def test_writes_count_their_rows_and_a_duplicate_key_raises_sqlalchemys_error(

@@ -25,11 +25,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import func, select, text
+from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.db import as_utc, lock_key, utcnow
+from app.dbapi import Prepared
 from app.models import Cell, Project, Task, TaskState, TaskTile, Vote
 from app.services.consensus import (
     COUNT_COLUMNS,
@@ -105,6 +106,23 @@ def _apply_credits(session: Session, credits: dict[int, np.ndarray]) -> None:
                 setattr(row, name, old + (float(value) if isinstance(old, float) else int(value)))
 
 
+# A batch's tiles with their votes, the targets of its cells, and the cells themselves (entities:
+# the fuser retires them).
+TASK_VOTES = Prepared(
+    select(TaskTile.task_id, TaskTile.position, TaskTile.cell_id, TaskTile.known, Vote.label)
+    .join(Vote, (Vote.task_id == TaskTile.task_id) & (Vote.position == TaskTile.position))
+    .where(TaskTile.task_id.in_(bindparam("task_ids", expanding=True)))
+)
+TARGETS_OF_CELLS = Prepared(
+    select(Cell.target_id).where(Cell.id.in_(bindparam("cell_ids", expanding=True)))
+)
+CELLS = (
+    select(Cell)
+    .where(Cell.id.in_(bindparam("cell_ids", expanding=True)))
+    .execution_options(populate_existing=True)
+)
+
+
 def fuse_tasks(
     session: Session, *, settings: Settings, project: Project, tasks: list[Task]
 ) -> Fused:
@@ -113,25 +131,21 @@ def fuse_tasks(
     tasks = [t for t in tasks if t.state == TaskState.SUBMITTED and t.fused_at is None]
     if not tasks:
         return Fused()
-    ids = [t.id for t in tasks]
-    rows = session.execute(
-        select(TaskTile.task_id, TaskTile.position, TaskTile.cell_id, TaskTile.known, Vote.label)
-        .join(Vote, (Vote.task_id == TaskTile.task_id) & (Vote.position == TaskTile.position))
-        .where(TaskTile.task_id.in_(ids))
-    ).all()
+    rows = TASK_VOTES.run(session, {"task_ids": [t.id for t in tasks]}).rows
     tiles: dict[int, list[tuple[int, int, bool]]] = defaultdict(list)
     selected: dict[int, set[int]] = defaultdict(set)
     for task_id, position, cell_id, known, label in rows:
         tiles[task_id].append((position, cell_id, known))
         if label:
             selected[task_id].add(position)
-    unknown_ids = sorted({cell for ts in tiles.values() for _, cell, known in ts if not known})
-    of_cells = select(Cell).where(Cell.id.in_(unknown_ids))
+    unknown_ids = {
+        "cell_ids": sorted({c for ts in tiles.values() for _, c, known in ts if not known})
+    }
     # Targets first, then credibility, then consensus: the full EM pass takes them in the same
     # order, so the two never deadlock.
-    lock_targets(session, target_ids=session.scalars(of_cells.with_only_columns(Cell.target_id)))
+    lock_targets(session, target_ids=TARGETS_OF_CELLS.run(session, unknown_ids).scalars())
     # Read once the targets are held: a concurrent writer's retirements are seen, not undone.
-    cells = {c.id: c for c in session.scalars(of_cells.execution_options(populate_existing=True))}
+    cells = {c.id: c for c in session.scalars(CELLS, unknown_ids)}
     credits: dict[int, np.ndarray] = defaultdict(lambda: np.zeros(len(COUNT_COLUMNS)))
     # In task order: the agreement of each counts the votes fused before it.
     fusing = [
@@ -171,9 +185,12 @@ def fuse_tasks(
     )
 
 
+OLDEST_WAITING = Prepared(select(func.min(Task.submitted_at)).where(*WAITING))
+
+
 def lag_s(session: Session) -> float:
     """How long the oldest answer still waiting for a fuser has waited (0 if none)."""
-    oldest = session.scalar(select(func.min(Task.submitted_at)).where(*WAITING))
+    oldest = OLDEST_WAITING.run(session).scalar()
     return 0.0 if oldest is None else (utcnow() - as_utc(oldest)).total_seconds()
 
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
+from app.dbapi import Prepared
 from app.models import (
     VOTED_REASONS,
     Cell,
@@ -73,6 +74,16 @@ def retire_fresh(
     return touched | {c.target_id for c in followed}, retired
 
 
+TARGET_STATES = Prepared(
+    select(Target.id, Target.state).where(Target.id.in_(bindparam("target_ids", expanding=True)))
+)
+MASK_SOURCES = Prepared(
+    select(MaskVersion.target_id, MaskVersion.source)
+    .where(MaskVersion.target_id.in_(bindparam("target_ids", expanding=True)))
+    .order_by(MaskVersion.id)
+)
+
+
 def following(session: Session, cells: list[Cell]) -> list[int]:
     """Indices of the ``cells`` that follow their votes (``follow_evidence``): retired on their
     votes, in a target still collecting or finished by the consensus (a curator's mask stands).
@@ -83,16 +94,10 @@ def following(session: Session, cells: list[Cell]) -> list[int]:
         if c.status == CellStatus.RETIRED and c.retire_reason in VOTED_REASONS
     ]
     target_ids = {cells[i].target_id for i in voted}
-    states = dict(
-        session.execute(select(Target.id, Target.state).where(Target.id.in_(target_ids))).all()
-    )
+    states = dict(TARGET_STATES.run(session, {"target_ids": sorted(target_ids)}).rows)
     finished = [t for t, s in states.items() if s in (TargetState.COMPLETE, TargetState.TRIAGE)]
     latest: dict[int, MaskSource] = {}
-    for target_id, source in session.execute(
-        select(MaskVersion.target_id, MaskVersion.source)
-        .where(MaskVersion.target_id.in_(finished))
-        .order_by(MaskVersion.id)
-    ):
+    for target_id, source in MASK_SOURCES.run(session, {"target_ids": finished}).rows:
         latest[target_id] = source
     open_to_votes = {
         t

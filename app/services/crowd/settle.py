@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import utcnow
-from app.dbapi import Prepared
+from app.dbapi import Copies, Prepared
 from app.models import (
     VOTED_REASONS,
     Cell,
@@ -264,18 +264,19 @@ def _disputed(session: Session, retired: list[Cell]) -> list[bool]:
 SURE_LOGODDS = 12.0
 
 
+LOGODDS = Prepared(
+    select(Consensus.cell_id, Consensus.logodds).where(
+        Consensus.cell_id.in_(bindparam("cell_ids", expanding=True))
+    )
+)
+
+
 def _inherited(session: Session, project: Project, parents: list[Cell]) -> npt.NDArray[np.float64]:
     """The prior of each parent's children (``inherited_prior``): from its posterior, or from a
     gold or curator answer taken as sure, and the share of a border cell's children that show
     the object at the children's level, from the project's control truth (``base_rates``: its
     control pyramids open along the true border) or ``CHILD_RATE`` where it has none."""
-    logodds = dict(
-        session.execute(
-            select(Consensus.cell_id, Consensus.logodds).where(
-                Consensus.cell_id.in_([p.id for p in parents])
-            )
-        ).all()
-    )
+    logodds = dict(LOGODDS.run(session, {"cell_ids": [p.id for p in parents]}).rows)
     rates = base_rates(session, project=project)
     return inherited_prior(
         [
@@ -295,8 +296,10 @@ def _address(cell: Cell) -> grid.Cell:
     return grid.Cell(cell.level, cell.row, cell.col)
 
 
-WINDOW_PLACES = select(Window.target_id, Window.level, Window.row, Window.col).where(
-    Window.target_id.in_(bindparam("target_ids", expanding=True))
+WINDOW_PLACES = Prepared(
+    select(Window.target_id, Window.level, Window.row, Window.col).where(
+        Window.target_id.in_(bindparam("target_ids", expanding=True))
+    )
 )
 
 
@@ -322,7 +325,7 @@ def _refine(
     opened: dict[int, set[grid.Cell]] = defaultdict(set)
     if targets:
         places = {"target_ids": sorted({t.target.id for t in targets})}
-        for target_id, level, row, col in session.execute(WINDOW_PLACES, places):
+        for target_id, level, row, col in WINDOW_PLACES.run(session, places).rows:
             opened[target_id].add(grid.Cell(level, row, col))
     every = [c for cells in retired for c in cells]
     disputed = iter(_disputed(session, every))
@@ -438,7 +441,7 @@ def _complete(
     return any(c.uncertain for c, leaf in zip(cells, is_leaf, strict=True) if leaf)
 
 
-IMAGES = select(Image).where(Image.id.in_(bindparam("image_ids", expanding=True)))
+IMAGES = Copies(Image).where(Image.id.in_(bindparam("image_ids", expanding=True)))
 
 
 def settle_target(
@@ -465,7 +468,7 @@ def settle_many(
         return results
     result = {t.id: r for t, r in zip(targets, results, strict=True)}
     images = {
-        i.id: i for i in session.scalars(IMAGES, {"image_ids": sorted({t.image_id for t in live})})
+        i.id: i for i in IMAGES.run(session, {"image_ids": sorted({t.image_id for t in live})})
     }
     states = _target_states(session, [t.id for t in live])
     retired = _retire_open(session, project, [states[t.id] for t in live])
@@ -514,12 +517,13 @@ def lock_targets(session: Session, *, target_ids: Iterable[int]) -> list[Target]
     target (a window's lease) takes the key-share lock of its foreign-key check, and must not
     wait for the fuser while the fuser waits for that row (a deadlock, measured under load).
     """
-    return list(
-        session.scalars(
-            select(Target)
-            .where(Target.id.in_(sorted(set(target_ids))))
-            .order_by(Target.id)
-            .with_for_update(key_share=True)
-            .execution_options(populate_existing=True)
-        )
-    )
+    return list(session.scalars(LOCK_TARGETS, {"target_ids": sorted(set(target_ids))}))
+
+
+LOCK_TARGETS = (
+    select(Target)
+    .where(Target.id.in_(bindparam("target_ids", expanding=True)))
+    .order_by(Target.id)
+    .with_for_update(key_share=True)
+    .execution_options(populate_existing=True)
+)
