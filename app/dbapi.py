@@ -65,8 +65,7 @@ class _Compiled:
             returned = statement.exported_columns
         self.returned = [column.type.dialect_impl(dialect) for column in returned]
         # Looked up at the first run: some drivers' processors depend on the column's type code.
-        self.result_processors: list[Processor | None] | None = None
-        self.processed = True
+        self.processing: list[tuple[int, Processor]] | None = None  # (column, its processor)
 
     def given(self, name: str, params: Mapping[str, Any]) -> Any:
         """The value of bind ``name``: the caller's, or the one written in the statement."""
@@ -80,18 +79,23 @@ class _Compiled:
 
     def bound(self, params: Mapping[str, Any]) -> tuple[str, Sequence[Any] | dict[str, Any]]:
         """The SQL string and its parameters for these values (expanding binds spelled out)."""
+        if not self.expanding:  # the common case, on every row of an executemany
+            values = [self._value(name, params) for name in self.names]
+            return self.sql, values if self.positional else dict(
+                zip(self.names, values, strict=True)
+            )
         sql = self.sql
         if self.positional:
-            values: list[Any] = []
+            positional: list[Any] = []
             for name in self.names:
                 if name in self.expanding:
                     items = [self._item(name, v) for v in self.given(name, params)]
                     marks = ", ".join([self._mark()] * len(items))
                     sql = sql.replace(f"__[POSTCOMPILE_{name}]", marks, 1)
-                    values.extend(items)
+                    positional.extend(items)
                 else:
-                    values.append(self._value(name, params))
-            return sql, values
+                    positional.append(self._value(name, params))
+            return sql, positional
         named: dict[str, Any] = {}
         for name in self.names:
             if name in self.expanding:
@@ -106,7 +110,9 @@ class _Compiled:
 
     def _item(self, name: str, value: Any) -> Any:
         processor = self.bind_processors.get(name)
-        return processor(value) if processor is not None else value
+        if processor is None:
+            return value
+        return processor(value)
 
     def _mark(self) -> str:
         return "?" if self.dialect.paramstyle == "qmark" else "%s"
@@ -114,20 +120,22 @@ class _Compiled:
     def rows(self, cursor: Any) -> list[tuple[Any, ...]]:
         """The cursor's rows, each value as the column's type hands it back."""
         raw = cursor.fetchall()
-        if self.result_processors is None:
+        if self.processing is None:
             codes = [column[1] for column in cursor.description]
-            self.result_processors = [
+            processors = [
                 impl.result_processor(self.dialect, code)
                 for impl, code in zip(self.returned, codes, strict=True)
             ]
-            self.processed = any(p is not None for p in self.result_processors)
-        if not self.processed:
-            return [tuple(r) for r in raw]
-        processors = self.result_processors
-        return [
-            tuple(p(v) if p is not None else v for p, v in zip(processors, r, strict=True))
-            for r in raw
-        ]
+            self.processing = [(i, p) for i, p in enumerate(processors) if p is not None]
+        if not raw:
+            return []
+        if not self.processing:  # the drivers' rows are tuples already
+            return raw if type(raw[0]) is tuple else [tuple(r) for r in raw]
+        # Column by column, only the columns whose type turns the driver's value into its own.
+        columns = [list(c) for c in zip(*raw, strict=True)]
+        for i, processor in self.processing:
+            columns[i] = [processor(v) for v in columns[i]]
+        return list(zip(*columns, strict=True))
 
 
 class Result:
