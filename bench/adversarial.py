@@ -66,7 +66,7 @@ from app.models import (
     Volunteer,
     Vote,
 )
-from app.services.consensus import credibility_estimates
+from app.services.crowd.consensus import credibility_estimates
 from app.services.crowd.opening import load_truth
 from app.services.curation.volunteer_review import review_volunteers
 from app.services.project import square_cells

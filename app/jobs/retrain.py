@@ -88,7 +88,7 @@ from app.models import (
     Window,
     WindowState,
 )
-from app.services.consensus import base_rates, refresh_cells
+from app.services.crowd.consensus import base_rates, refresh_cells
 from app.services.crowd.opening import outside_image
 from app.services.crowd.settle import revalue_windows, settle_targets
 from app.services.curation.quality import MAX_QUALITY_TARGETS, record_quality

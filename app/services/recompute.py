@@ -33,7 +33,7 @@ from app.models import (
     Window,
     WindowState,
 )
-from app.services.consensus import COUNT_COLUMNS, write_consensus
+from app.services.crowd.consensus import COUNT_COLUMNS, write_consensus
 from app.services.crowd.retirement import follow_evidence, following
 from app.services.crowd.settle import lock_targets, revalue_windows, settle_targets
 from app.services.target import learn_guess_corrections

@@ -175,7 +175,7 @@ class RefinementConfig:
 # children, never sure enough for a single vote to confirm (``confirmation_votes``).
 INHERIT_CLIP = 2.0
 # The share of a positive border cell's children that show some of the object, where the
-# project's control truth does not say (``app.services.consensus.base_rates`` measures it per
+# project's control truth does not say (``app.services.crowd.consensus.base_rates`` measures it per
 # level: 0.35/0.49 at levels 2/3 of the demo, 0.41/0.61 of photograph-like scenes).
 CHILD_RATE = 0.5
 

@@ -21,7 +21,7 @@ from app.db import as_utc, make_engine, utcnow
 from app.main import create_app
 from app.models import Image, Role, Tag, Task, TaskState, Volunteer, Window
 from app.services import account as account_service
-from app.services.consensus import COUNT_COLUMNS
+from app.services.crowd.consensus import COUNT_COLUMNS
 from app.services.import_formats import ImportFormatError, read_coco, read_vocabulary
 from app.services.masks.export import _entry_name
 from app.services.volunteer import credibility_of, leaderboard

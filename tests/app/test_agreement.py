@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from app.models import Cell, Project, RetireReason, Target, Volunteer
-from app.services.consensus import base_rates, credibility_estimates
+from app.services.crowd.consensus import base_rates, credibility_estimates
 from app.services.crowd.opening import load_truth, outside_image
 from app.services.project import square_cells
 from ml.aggregation import grid

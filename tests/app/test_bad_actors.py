@@ -22,7 +22,7 @@ from app.models import (
     WindowState,
 )
 from app.models.project import DEFAULT_PROJECT_SETTINGS
-from app.services.consensus import COUNT_COLUMNS
+from app.services.crowd.consensus import COUNT_COLUMNS
 from app.services.curation.triage import set_cell
 from app.services.recompute import recompute_project
 from app.services.volunteer import ban_volunteer, credibility_of

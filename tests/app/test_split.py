@@ -6,7 +6,7 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from app.models import Cell, CellStatus, Consensus, RetireReason, Tag, Target, Volunteer, Window
-from app.services.consensus import COUNT_COLUMNS
+from app.services.crowd.consensus import COUNT_COLUMNS
 from app.services.volunteer import credibility_of
 from ml.aggregation.simulate import VolunteerProfile
 from tests.app.conftest import HAS_PYRAMID, Live

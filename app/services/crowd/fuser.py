@@ -32,7 +32,7 @@ from app.config import Settings
 from app.db import as_utc, lock_key, utcnow
 from app.dbapi import Prepared
 from app.models import Cell, Project, Task, TaskState, TaskTile, Vote
-from app.services.consensus import (
+from app.services.crowd.consensus import (
     COUNT_COLUMNS,
     Fusing,
     agreement_increments,

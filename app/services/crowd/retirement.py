@@ -31,7 +31,7 @@ from app.models import (
     Window,
     WindowState,
 )
-from app.services.consensus import Fresh
+from app.services.crowd.consensus import Fresh
 from app.services.target import reopen_unions_above
 from ml.aggregation.rules import Retirement, RetirementConfig, confirmation_votes, retire
 

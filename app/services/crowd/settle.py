@@ -32,7 +32,7 @@ from app.models import (
     Window,
     WindowState,
 )
-from app.services.consensus import base_rates, cell_votes
+from app.services.crowd.consensus import base_rates, cell_votes
 from app.services.crowd.opening import (
     Truth,
     load_truth,

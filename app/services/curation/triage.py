@@ -38,7 +38,7 @@ from app.models import (
     Volunteer,
     Vote,
 )
-from app.services.consensus import credibility_estimates
+from app.services.crowd.consensus import credibility_estimates
 from app.services.crowd.opening import uncertainty
 from app.services.errors import InvalidInputError, NotFoundError
 from app.services.files import mask_store

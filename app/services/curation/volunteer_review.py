@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.models import Credibility, Project, Task, TaskState, Volunteer, Vote
-from app.services.consensus import credibility_estimates
+from app.services.crowd.consensus import credibility_estimates
 from app.services.errors import NotFoundError
 from app.services.volunteer import display_name
 
