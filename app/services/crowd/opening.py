@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sqlalchemy import insert, select
@@ -21,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import utcnow
+from app.dbapi import Prepared
 from app.models import (
     Cell,
     CellStatus,
@@ -34,6 +36,7 @@ from app.models import (
     Target,
     TargetState,
     Window,
+    WindowState,
 )
 from app.services.files import read_mask
 from app.services.masks.composition import load_pixels
@@ -176,8 +179,9 @@ def open_windows(
     known = np.asarray((served | outside.reshape(-1)).reshape(-1, 9).all(axis=1), dtype=bool)
     if belief is None:
         belief = tag_belief(session, target=target)
-    window_ids = session.scalars(
-        insert(Window).returning(Window.id, sort_by_parameter_order=True),
+    window_ids = _inserted(
+        session,
+        INSERT_WINDOW,
         [
             {
                 "project_id": target.project_id,
@@ -198,10 +202,13 @@ def open_windows(
                     area=object_area([parent.level + 1] * 9, list(q)),
                     belief=belief,
                 ),
+                "state": WindowState.OPEN,
+                "leased_until": None,
+                "closed_at": None,
             }
             for k, (parent, q) in enumerate(zip(parents, posteriors, strict=True))
         ],
-    ).all()
+    )
     cell_rows = []
     for k, (child, prior, empty) in enumerate(
         zip(addresses, priors.reshape(-1), outside.reshape(-1), strict=True)
@@ -212,6 +219,7 @@ def open_windows(
             "row": child.row,
             "col": child.col,
             "prior_logodds": float(prior),
+            "model_logodds": 0.0,
             "window_id": window_ids[k // 9],
             "status": CellStatus.OPEN,
             "label": None,
@@ -226,13 +234,19 @@ def open_windows(
             label = gold[k].label  # type: ignore[union-attr]
             row.update(status=CellStatus.RETIRED, label=label, retire_reason=RetireReason.GOLD)
         cell_rows.append(row)
-    cell_ids = session.scalars(
-        insert(Cell).returning(Cell.id, sort_by_parameter_order=True), cell_rows
-    ).all()
-    session.execute(
-        insert(Consensus),
+    cell_ids = _inserted(session, INSERT_CELL, cell_rows)
+    INSERT_CONSENSUS.run(
+        session,
         [
-            {"cell_id": cell_id, "logodds": float(prior), "posterior": float(q)}
+            {
+                "cell_id": cell_id,
+                "logodds": float(prior),
+                "posterior": float(q),
+                "n_votes": 0,
+                "n_yes": 0,
+                "method": "online",
+                "updated_at": now,
+            }
             for cell_id, prior, q in zip(
                 cell_ids, priors.reshape(-1), posteriors.reshape(-1), strict=True
             )
@@ -247,13 +261,49 @@ def open_windows(
             "frozen": g.frozen,
             "tag_id": target.tag_id,
             "project_id": target.project_id,
+            "created_by": None,
+            "created_at": now,
         }
         for cell_id, g in zip(cell_ids, gold, strict=True)
         if g is not None
     ]
     if gold_rows:
-        session.execute(insert(Gold), gold_rows)
-    return list(window_ids)
+        INSERT_GOLD.run(session, gold_rows)
+    return window_ids
+
+
+# The rows a new window brings, written on the driver's cursor (``app.dbapi``), every value
+# bound: a window, its nine cells (each insert hands its id back), their consensus and gold.
+INSERT_WINDOW = Prepared(
+    insert(Window).returning(Window.id),
+    columns=(
+        *("project_id", "tag_id", "target_id", "level", "row", "col", "known", "opened_at"),
+        *("value", "state", "leased_until", "closed_at"),
+    ),
+)
+INSERT_CELL = Prepared(
+    insert(Cell).returning(Cell.id),
+    columns=(
+        *("target_id", "level", "row", "col", "prior_logodds", "model_logodds", "window_id"),
+        *("status", "label", "retire_reason", "retired_at", "uncertain"),
+    ),
+)
+INSERT_CONSENSUS = Prepared(
+    insert(Consensus),
+    columns=("cell_id", "logodds", "posterior", "n_votes", "n_yes", "method", "updated_at"),
+)
+INSERT_GOLD = Prepared(
+    insert(Gold),
+    columns=(
+        *("cell_id", "label", "coverage", "source", "frozen", "tag_id", "project_id"),
+        *("created_by", "created_at"),
+    ),
+)
+
+
+def _inserted(session: Session, statement: Prepared, rows: list[dict[str, Any]]) -> list[int]:
+    """Insert these rows one statement each, in order; their new ids, in the same order."""
+    return [statement.run(session, row).scalar() for row in rows]
 
 
 @dataclass(frozen=True)
