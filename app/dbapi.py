@@ -12,7 +12,8 @@ the commit and the rollback stay the session's; the session's pending changes ar
 as its own execute would), and returns plain tuples.
 
 What it leaves to SQLAlchemy's own path (``Session.execute``, the same statement): an expanding
-``IN`` with an empty list (SQLAlchemy renders an empty set there). DBAPI errors are raised as
+``IN`` with an empty list (SQLAlchemy renders an empty set there), and ``IN`` lists in an
+``executemany``. DBAPI errors are raised as
 SQLAlchemy's (``IntegrityError`` and the rest), as callers expect them.
 """
 
@@ -186,7 +187,7 @@ class Prepared:
         if (many and compiled.expanding) or any(
             not compiled.given(name, single) for name in compiled.expanding
         ):
-            # An empty IN list: SQLAlchemy's own path renders the empty set.
+            # An empty IN list (SQLAlchemy renders the empty set), or IN lists in an executemany.
             result = session.execute(self.statement, params)
             rows = [tuple(r) for r in result] if getattr(result, "returns_rows", True) else []
             return Result(rows, getattr(result, "rowcount", -1))
