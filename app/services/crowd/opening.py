@@ -12,12 +12,14 @@ level the crowd will see.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import insert, select
+from sqlalchemy import bindparam, insert, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -31,6 +33,7 @@ from app.models import (
     GoldSource,
     Image,
     MaskSource,
+    MaskVersion,
     Project,
     RetireReason,
     Target,
@@ -41,7 +44,7 @@ from app.models import (
 from app.services.files import read_mask
 from app.services.masks.composition import load_pixels
 from app.services.project import square_cells
-from app.services.target import can_be_union, find_latest_mask, tag_belief
+from app.services.target import can_be_union, tag_belief
 from ml.aggregation import grid
 from ml.aggregation.acquisition import object_area, window_gain
 from ml.aggregation.acquisition import uncertainty as cell_uncertainty
@@ -125,12 +128,42 @@ class Truth:
     pixels: np.ndarray | None = None  # (H, W, 3) uint8
 
 
+TRUTH_KEY = Prepared(
+    select(MaskVersion.hard_path)
+    .where(
+        MaskVersion.target_id == bindparam("target_id"),
+        MaskVersion.source == MaskSource.GROUND_TRUTH,
+    )
+    .order_by(MaskVersion.version.desc())
+    .limit(1)
+)
+# Decoded truth masks by their file: the settler reads a target's truth each time it opens a
+# finer window (a PNG decode, 1-3 ms). Mask files are named by their content's hash, so a file
+# read once reads the same ever after. Bounded: a demo truth is a few hundred kB as booleans.
+TRUTHS_KEPT = 64
+_truths: OrderedDict[tuple[str, str, str], np.ndarray] = OrderedDict()
+_truths_lock = threading.Lock()
+
+
 def load_truth(session: Session, settings: Settings, target: Target) -> np.ndarray | None:
-    version = find_latest_mask(session, target=target, source=MaskSource.GROUND_TRUTH)
-    if version is None:
+    """The target's ground truth (newest version) as a read-only boolean mask, or None."""
+    key = TRUTH_KEY.run(session, {"target_id": target.id}).scalar()
+    if key is None:
         return None
-    mask = read_mask(settings, version.hard_path)
-    return np.asarray(mask > 0.5) if mask.dtype != bool else mask
+    kept = (settings.storage_url, str(settings.data_dir), key)  # the storage, as open_storage
+    with _truths_lock:
+        mask = _truths.get(kept)
+        if mask is not None:
+            _truths.move_to_end(kept)
+            return mask
+    decoded = read_mask(settings, key)
+    mask = np.asarray(decoded > 0.5) if decoded.dtype != bool else decoded
+    mask.flags.writeable = False  # shared by every caller that reads this truth
+    with _truths_lock:
+        _truths[kept] = mask
+        while len(_truths) > TRUTHS_KEPT:
+            _truths.popitem(last=False)
+    return mask
 
 
 def _gold_label(coverage: float) -> bool | None:
