@@ -60,6 +60,17 @@ class _Compiled:
             if processor is not None:
                 self.bind_processors[name] = processor
         self.expanding = {name for name, bind in binds.items() if bind.expanding}
+        # Per bind in order: the caller's key, whether the statement holds a value, that value
+        # and the processor, looked up once (``bound`` runs on every row of an executemany).
+        self.plan: list[tuple[str, bool, Any, Processor | None]] = [
+            (
+                self.keys[name],
+                name in self.fixed,
+                self.fixed.get(name),
+                self.bind_processors.get(name),
+            )
+            for name in self.names
+        ]
         # A SELECT's columns, or what an INSERT, UPDATE or DELETE returns (none without RETURNING).
         returned = getattr(statement, "selected_columns", None)
         if returned is None:
@@ -81,7 +92,11 @@ class _Compiled:
     def bound(self, params: Mapping[str, Any]) -> tuple[str, Sequence[Any] | dict[str, Any]]:
         """The SQL string and its parameters for these values (expanding binds spelled out)."""
         if not self.expanding:  # the common case, on every row of an executemany
-            values = [self._value(name, params) for name in self.names]
+            values = []
+            for key, written, value, processor in self.plan:
+                if key in params or not written:
+                    value = params[key]
+                values.append(value if processor is None else processor(value))
             return self.sql, values if self.positional else dict(
                 zip(self.names, values, strict=True)
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Cookie, Path, Query, Request
@@ -35,7 +36,7 @@ from app.schemas.task import (
     TaskRead,
     TileView,
 )
-from app.security import TaskClaims
+from app.security import Signer, TaskClaims
 from app.services.crowd.answer import skip, submit
 from app.services.crowd.picker import Offer, TaskKindRequest, TooManyOpenTasks, next_task
 from app.services.errors import ForbiddenError, NotFoundError
@@ -78,11 +79,35 @@ def _images(session: SessionDep, cells: list[Cell]) -> dict[int, Image]:
     return {target_id: image for image, (target_id,) in rows}
 
 
-def _task_read(
-    session: SessionDep, signer: SignerDep, offer: Offer, public_id: str, *, square: bool
-) -> TaskRead:
+@dataclass(frozen=True)
+class _Leased:
+    """A leased task and the rows its response shows, read in the request's transaction; the
+    response itself (tile geometry, the signed token, the models) is built after the commit, so
+    that on SQLite the writer's turn is not held for work that needs no database."""
+
+    offer: Offer
+    images: dict[int, Image]  # by target id
+    window: Window | None  # the context picture's window (``_context_window``)
+    public_id: str
+    square: bool
+
+    def read(self, signer: Signer) -> TaskRead:
+        return _task_read(signer, self)
+
+
+def _leased(session: SessionDep, offer: Offer, public_id: str, *, square: bool) -> _Leased:
+    return _Leased(
+        offer=offer,
+        images=_images(session, offer.cells),
+        window=_context_window(session, offer.task, offer.window),
+        public_id=public_id,
+        square=square,
+    )
+
+
+def _task_read(signer: Signer, leased: _Leased) -> TaskRead:
+    offer, images, window, square = leased.offer, leased.images, leased.window, leased.square
     task = offer.task
-    images = _images(session, offer.cells)
     tiles = []
     for position, cell in enumerate(offer.cells):
         width, height = tile_size(images[cell.target_id], cell, square=square)
@@ -98,11 +123,12 @@ def _task_read(
                 source_height=source_height,
             )
         )
-    window = _context_window(session, task, offer.window)
     return TaskRead(
         id=task.id,
         kind=task.kind.value,
-        token=signer.task_token(TaskClaims(task.id, task.nonce, public_id, len(offer.cells))),
+        token=signer.task_token(
+            TaskClaims(task.id, task.nonce, leased.public_id, len(offer.cells))
+        ),
         expires_at=task.expires_at,
         tag=TagView(
             name=offer.tag.name,
@@ -158,9 +184,9 @@ async def get_next_task(
         with caller.unit() as session:
             volunteer = caller.volunteer(session)
             project = get_project(session, slug=slug, read_only=True)
-            offer = _lease_next(session, caller, project, volunteer, tag, kind)
+            leased = _lease_next(session, caller, project, volunteer, tag, kind)
             session.commit()
-            return offer
+        return _offered(caller.signer, leased)
 
     return await run_in_threadpool(lease)
 
@@ -175,9 +201,9 @@ def _lease_next(
     volunteer: Volunteer,
     tag: str | None,
     kind: TaskKindRequest,
-) -> TaskOffer:
-    """Lease the most valuable task for ``volunteer`` (flushed, not committed). Raises
-    ``TooManyOpenTasks`` when the caller's address holds its cap of open tasks."""
+) -> _Leased | None:
+    """Lease the most valuable task for ``volunteer`` (flushed, not committed; None: nothing
+    left). Raises ``TooManyOpenTasks`` when the caller's address holds its cap of open tasks."""
     if volunteer.banned:
         raise ForbiddenError("this volunteer can no longer take part")
     tag_row = None
@@ -194,11 +220,15 @@ def _lease_next(
         client=caller.client(),
     )
     if offer is None:
+        return None
+    return _leased(session, offer, volunteer.public_id, square=square_cells(project))
+
+
+def _offered(signer: Signer, leased: _Leased | None) -> TaskOffer:
+    """The response to a lease, built outside the transaction."""
+    if leased is None:
         return TaskOffer(task=None, message=NOTHING_LEFT)
-    read = _task_read(
-        session, caller.signer, offer, volunteer.public_id, square=square_cells(project)
-    )
-    return TaskOffer(task=read)
+    return TaskOffer(task=leased.read(signer))
 
 
 @router.post(
@@ -227,14 +257,18 @@ async def post_answer(slug: str, body: AnswerCreate, caller: TaskCallerDep) -> A
                     volunteer=volunteer,
                     token=body.skip.token,
                 )
+            leased: _Leased | None = None
             if body.next:
                 try:
-                    offer = _lease_next(session, caller, project, volunteer, body.tag, body.kind)
-                    read.task, read.message = offer.task, offer.message
+                    leased = _lease_next(session, caller, project, volunteer, body.tag, body.kind)
+                    if leased is None:
+                        read.message = NOTHING_LEFT
                 except TooManyOpenTasks as exc:  # the answer stands; the next lease waits
                     read.message = str(exc)
             session.commit()
-            return read
+        if leased is not None:  # the response, once the transaction is over
+            read.task = leased.read(caller.signer)
+        return read
 
     read = await run_in_threadpool(answer)
     if read.submission is not None:
