@@ -198,7 +198,13 @@ def test_requests_are_held_while_the_fuser_is_behind(
     app.state.engine.dispose()
 
 
-def test_a_server_stopped_gracefully_leaves_no_answer_waiting(live: Live) -> None:
+def test_a_server_stopped_gracefully_leaves_no_answer_waiting(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A woken fuser gathers answers for GATHER_S before it fuses: long here, so that answers
+    # surely wait when the server stops, however slow the machine (with the default 0.2 s, a
+    # CI run beside other work had fused all three before the check).
+    monkeypatch.setattr(fuser_module, "GATHER_S", 30.0)
     settings = live.settings.model_copy(update={"fusion": "background"})
     app = create_app(settings)
     with TestClient(app):
@@ -207,7 +213,7 @@ def test_a_server_stopped_gracefully_leaves_no_answer_waiting(live: Live) -> Non
         )
         for _ in range(3):
             volunteer.step(SLUG)
-        # The fuser gathers answers for a moment once woken: these still wait as it stops ...
+        # The fuser gathers answers once woken: these still wait as it stops ...
         assert _waiting(live) > 0
     # ... and the shutdown fused them.
     assert _waiting(live) == 0
