@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -33,7 +33,6 @@ from app.models import (
     GoldSource,
     Image,
     MaskSource,
-    MaskVersion,
     Project,
     RetireReason,
     Target,
@@ -44,7 +43,7 @@ from app.models import (
 from app.services.files import read_mask
 from app.services.masks.composition import load_pixels
 from app.services.project import square_cells
-from app.services.target import can_be_union, tag_belief
+from app.services.target import can_be_union, find_latest_mask, tag_belief
 from ml.aggregation import grid
 from ml.aggregation.acquisition import object_area, window_gain
 from ml.aggregation.acquisition import uncertainty as cell_uncertainty
@@ -128,15 +127,6 @@ class Truth:
     pixels: np.ndarray | None = None  # (H, W, 3) uint8
 
 
-TRUTH_KEY = Prepared(
-    select(MaskVersion.hard_path)
-    .where(
-        MaskVersion.target_id == bindparam("target_id"),
-        MaskVersion.source == MaskSource.GROUND_TRUTH,
-    )
-    .order_by(MaskVersion.version.desc())
-    .limit(1)
-)
 # Decoded truth masks by their file: the settler reads a target's truth each time it opens a
 # finer window (a PNG decode, 1-3 ms). Mask files are named by their content's hash, so a file
 # read once reads the same ever after. Bounded: a demo truth is a few hundred kB as booleans.
@@ -147,9 +137,10 @@ _truths_lock = threading.Lock()
 
 def load_truth(session: Session, settings: Settings, target: Target) -> np.ndarray | None:
     """The target's ground truth (newest version) as a read-only boolean mask, or None."""
-    key = TRUTH_KEY.run(session, {"target_id": target.id}).scalar()
-    if key is None:
+    version = find_latest_mask(session, target=target, source=MaskSource.GROUND_TRUTH)
+    if version is None:
         return None
+    key = version.hard_path
     kept = (settings.storage_url, str(settings.data_dir), key)  # the storage, as open_storage
     with _truths_lock:
         mask = _truths.get(kept)
