@@ -37,8 +37,10 @@ if TYPE_CHECKING:  # torch-side: imported inside the commands
 
 train_app = typer.Typer(help="Train the project's models (CPU works; a GPU is used when present).")
 model_app = typer.Typer(help="Model versions.")
+objects_app = typer.Typer(help="Objects cut from the masks, for search at the object level.")
 app.add_typer(train_app, name="train")
 app.add_typer(model_app, name="model")
+app.add_typer(objects_app, name="objects")
 
 T = TypeVar("T")
 
@@ -210,6 +212,34 @@ def seed(project: ProjectOption = DEMO_PROJECT, device: Device = "auto") -> None
     from app.jobs.seed import run_seed
 
     _batch_job("tagging and Grad-CAM", run_seed, project, device)
+
+
+@objects_app.command("index")
+def index_objects(
+    project: ProjectOption = DEMO_PROJECT,
+    steps: Annotated[int, typer.Option(min=1, help="optimizer steps of the attribute model")] = 400,
+    device: Device = "auto",
+    seed: Seed = 0,
+) -> None:
+    """Cut every image's masks into objects, learn their attributes and store the index that
+    "find similar, with one attribute changed" searches (the curator's object search)."""
+    from app.jobs.objects import run_index_objects
+    from app.services.errors import InvalidInputError, NotFoundError
+    from ml.objects.attributes import AttributeOptions
+
+    settings = load_settings()
+    factory = sessions(settings)
+    options = AttributeOptions(steps=steps, seed=seed)
+    try:
+        report = _batches(
+            "cutting objects",
+            lambda cb: run_index_objects(
+                factory, settings, slug=project, device=device, options=options, on_batch=cb
+            ),
+        )
+    except (NotFoundError, InvalidInputError) as exc:
+        raise fail(str(exc)) from exc
+    console.print(report)
 
 
 @app.command("predict")
