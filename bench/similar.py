@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image as PILImage
 
@@ -226,7 +227,9 @@ def vary(
     reach = 0.03 * max(x1 - x0, y1 - y0)
     dx, dy = (round(float(v)) for v in rng.uniform(-reach, reach, 2))
     h, w = pixels.shape[:2]
-    moved = np.roll(pixels, (dy, dx), axis=(0, 1)).astype(np.float32)
+    shift = np.float32([[1, 0, dx], [0, 1, dy]])
+    moved = cv2.warpAffine(pixels, shift, (w, h), borderMode=cv2.BORDER_REPLICATE)
+    moved = moved.astype(np.float32)
     factors = rng.uniform(0.94, 1.06, 3)
     moved *= factors[0]
     grey = moved @ np.asarray([0.299, 0.587, 0.114], np.float32)
@@ -241,7 +244,7 @@ def vary(
         buffer, "JPEG", quality=quality
     )
     varied = np.asarray(PILImage.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
-    full = np.roll(obj.full_mask(h, w), (dy, dx), axis=(0, 1))
+    full = cv2.warpAffine(obj.full_mask(h, w).astype(np.uint8), shift, (w, h)) > 0
     ys, xs = np.nonzero(full)
     box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
     return varied, Instance(box, full[box[1] : box[3], box[0] : box[2]])

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ml.objects.index import AttributeWeights
+from ml.objects.index import AttributeWeights, standardise
 from ml.objects.instances import (
     DESCRIPTION_DIM,
     SURROUNDINGS_DIM,
@@ -232,12 +232,18 @@ def train_attributes(
     generator = torch.Generator().manual_seed(options.seed)
     mean = features.mean(axis=0)
     std = np.maximum(features.std(axis=0), 1e-3).astype(np.float32)
-    standard = ((features - mean) / std).astype(np.float32)
-    general = general_projection(standard, blocks or [standard.shape[1]], options.block_dim)
+    standard = standardise(features, mean, std)
+    blocks = list(blocks or [standard.shape[1]])
+    general = general_projection(standard, blocks, options.block_dim)
     width = standard.shape[1] if attribute_dim is None else attribute_dim
-    x_all = torch.from_numpy(standard[:, :width])
+    # The embeddings read the object's own blocks the same way, so that a few hundred objects
+    # do not teach them a thousand deep features' accidents.
+    own = list(np.cumsum(blocks))
+    own_blocks = blocks[: own.index(width) + 1] if width in own else [width]
+    reduce = general_projection(standard[:, :width], own_blocks, options.block_dim)
+    x_all = torch.from_numpy(standard[:, :width] @ reduce)
     y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    heads = [_Group(width, len(g.values), options) for g in groups]
+    heads = [_Group(reduce.shape[1], len(g.values), options) for g in groups]
     makers = [p for h in heads for m in (h.embed, h.manipulate) for p in m.parameters()]
     makers += [h.prototypes for h in heads]
     judges = [p for h in heads for p in h.discriminator.parameters()]
@@ -293,6 +299,7 @@ def train_attributes(
         general=general,
         groups=[_export(head) for head in heads],
         attribute_dim=width,
+        reduce=reduce,
     )
     return weights, _report(weights, features, labels, groups, options, started, generator)
 

@@ -32,6 +32,7 @@ from ml.objects.instances import Group
 FloatArray = npt.NDArray[np.float32]
 FORMAT = 1
 GENERAL_WEIGHT = 0.5
+CLIP = 5.0
 # A plain search ("more like this object") weighs the general part as 8 groups: it looks for
 # this object, or one just like it, and the attribute parts only break ties (chosen on the demo's
 # held-out objects, bench/similar.py: the same object under variation found first 0.60 of the
@@ -44,6 +45,13 @@ def normalise(x: FloatArray) -> FloatArray:
     out: FloatArray = (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(
         np.float32
     )
+    return out
+
+
+def standardise(features: FloatArray, mean: FloatArray, std: FloatArray) -> FloatArray:
+    """``(features - mean) / std``, clipped to +-``CLIP``: a number that barely varied among the
+    objects learned from (a plain object's texture) must not outweigh the rest when it moves."""
+    out: FloatArray = np.clip((features - mean) / std, -CLIP, CLIP).astype(np.float32)
     return out
 
 
@@ -69,15 +77,21 @@ class AttributeWeights:
     general: FloatArray  # (F, general_dim)
     groups: list[dict[str, FloatArray]] = field(default_factory=list)
     attribute_dim: int | None = None  # the embeddings read this many leading features (None: all)
+    reduce: FloatArray | None = None  # (attribute_dim, k): what the embeddings read of them
 
     def standardise(self, features: FloatArray) -> FloatArray:
-        out: FloatArray = ((features - self.mean) / self.std).astype(np.float32)
-        return out
+        return standardise(features, self.mean, self.std)
 
     def embed(self, g: int, x: FloatArray, *, standardised: bool = False) -> FloatArray:
         """Group ``g``'s unit embedding of objects. Shape: x ``(N, F)``; returns ``(N, d)``."""
         x = x if standardised else self.standardise(x)
-        return normalise(_mlp(x[:, : self.attribute_dim], self.groups[g], "embed"))
+        return normalise(_mlp(self.reduced(x), self.groups[g], "embed"))
+
+    def reduced(self, standard: FloatArray) -> FloatArray:
+        """What the embeddings read of standardised features."""
+        x = standard[:, : self.attribute_dim]
+        out: FloatArray = x if self.reduce is None else (x @ self.reduce).astype(np.float32)
+        return out
 
     def change(self, g: int, e: FloatArray, old: npt.ArrayLike, new: npt.ArrayLike) -> FloatArray:
         """Group ``g``'s embeddings ``e`` ``(N, d)`` changed from value ``old`` to ``new``."""
@@ -117,6 +131,8 @@ class AttributeWeights:
         width = self.mean.shape[0] if self.attribute_dim is None else self.attribute_dim
         out = {"mean": self.mean, "std": self.std, "general": self.general}
         out["attribute_dim"] = np.asarray([width], np.float32)
+        if self.reduce is not None:
+            out["reduce"] = self.reduce
         for g, arrays in enumerate(self.groups):
             out.update({f"group{g}.{name}": a for name, a in arrays.items()})
         return out
@@ -128,7 +144,8 @@ class AttributeWeights:
             prefix = f"group{g}."
             groups.append({k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)})
         width = int(arrays["attribute_dim"][0]) if "attribute_dim" in arrays else None
-        return cls(arrays["mean"], arrays["std"], arrays["general"], groups, width)
+        reduce = arrays.get("reduce")
+        return cls(arrays["mean"], arrays["std"], arrays["general"], groups, width, reduce)
 
 
 @dataclass(frozen=True)
