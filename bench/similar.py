@@ -180,10 +180,11 @@ def _value_tags(index: ObjectIndex, row: int, g: int, new: int) -> tuple[str, st
 
 def evaluate(built: Built, rng: np.random.Generator) -> dict[str, np.ndarray]:
     objects, images = built.objects, built.images
-    tags_of = {
-        image_id: {name for name, rows in images.tags.items() if r in rows}
-        for r, image_id in enumerate(images.image_ids)
-    }
+    # The filter's tag sets are the images' true tags (every tag of every object in its
+    # masks), not what the tagger added since: the strongest a tag filter can be.
+    tags_of: dict[int, set[str]] = {image_id: set() for image_id in images.image_ids}
+    for row, image_id in enumerate(objects.image_ids):
+        tags_of.setdefault(int(image_id), set()).update(objects.tags[row])
     all_images = list(images.image_ids)
     results: dict[str, list[tuple[float, float, float, int]]] = {}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -54,6 +54,13 @@ from app.services.curation.mask_edit import (
     add_curator_tag,
     decode_painted_mask,
     save_painted_mask,
+)
+from app.services.curation.objects import (
+    METHODS,
+    choices,
+    load_object_index,
+    objects_of_image,
+    search_objects,
 )
 from app.services.curation.quality import quality_series
 from app.services.curation.triage import (
@@ -294,6 +301,52 @@ def image_file(
     return FileResponse(
         image_path(settings, image), headers={"Cache-Control": "private, max-age=3600"}
     )
+
+
+@router.get("/curate/objects/{image_id}", response_class=HTMLResponse)
+def objects_page(
+    request: Request,
+    image_id: RowId,
+    session: SessionDep,
+    settings: SettingsDep,
+    curator: CuratorDep,
+    csrf: CsrfTokenDep,
+    row: Annotated[int | None, Query(ge=0, alias="object")] = None,
+    to: str | None = None,
+    method: str = "learned",
+) -> HTMLResponse:
+    """Search at the object level: click an object of the image, then find images with an
+    object like it, optionally with one attribute changed ("this star, but in blue")."""
+    image = session.get(Image, image_id)
+    if image is None:
+        raise NotFoundError(f"no image {image_id}")
+    project = session.get(Project, image.project_id)
+    assert project is not None
+    context: dict[str, Any] = {
+        "account": curator,
+        "csrf": csrf,
+        "image": image,
+        "chosen": None,
+        "hits": [],
+        "choices": [],
+        "to": to or "",
+        "method": method,
+        "methods": METHODS,
+        "objects": [],
+        "missing": None,
+    }
+    try:
+        index = load_object_index(settings, project=project)
+    except NotFoundError as exc:
+        context["missing"] = str(exc)
+        return _page(request, "curate_objects.html", context, status_code=404)
+    context["objects"] = objects_of_image(index, image_id=image_id)
+    if row is not None:
+        chosen, hits = search_objects(
+            session, settings, project=project, image_id=image_id, row=row, to=to, method=method
+        )
+        context.update(chosen=chosen, hits=hits, choices=choices(index, row=row))
+    return _page(request, "curate_objects.html", context)
 
 
 @router.get("/curate/similar/{image_id}", response_class=HTMLResponse)

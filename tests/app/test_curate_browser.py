@@ -257,3 +257,47 @@ def test_a_curator_reaches_a_collecting_target_from_the_dashboard_in_two_clicks(
     assert "unknown state" in page.inner_text("main")  # type: ignore[attr-defined]
     page.get_by_role("link", name="Back to the curator's workspace").click()  # type: ignore[attr-defined]
     page.wait_for_url(f"{server.url}/curate")  # type: ignore[attr-defined]
+
+
+def test_a_curator_clicks_an_object_and_searches_it_with_a_colour_changed(
+    browser: object, server: Server
+) -> None:
+    add_curator(server, "lovelace")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
+    env |= {"TESSERA_DATA_DIR": str(server.data_dir), "TESSERA_DATABASE_URL": server.database_url}
+    indexed = subprocess.run(
+        [sys.executable, "-m", "app.cli", "objects", "index", "--steps", "40", "--device", "cpu"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert indexed.returncode == 0, indexed.stderr
+    engine: Engine = make_engine(server.database_url)
+    with engine.connect() as conn:
+        image_id = conn.scalar(select(Target.image_id).order_by(Target.image_id).limit(1))
+    engine.dispose()
+    page = new_page(browser, server, viewport={"width": 1200, "height": 900})
+    page.goto(f"{server.url}/login?next=/curate/objects/{image_id}")  # type: ignore[attr-defined]
+    page.get_by_label("Name").fill("lovelace")  # type: ignore[attr-defined]
+    page.get_by_label("Password").fill(PASSWORD)  # type: ignore[attr-defined]
+    page.get_by_role("button", name="Log in").click()  # type: ignore[attr-defined]
+    page.wait_for_url(f"{server.url}/curate/objects/{image_id}")  # type: ignore[attr-defined]
+    outline = page.locator("figure.object-picker polygon.object").first  # type: ignore[attr-defined]
+    row = outline.get_attribute("data-object")
+    box = outline.bounding_box()
+    assert box and box["width"] > 0, "the object's outline is drawn over the image"
+    outline.click()  # on the object itself, as a curator would
+    page.wait_for_url(f"{server.url}/curate/objects/{image_id}?object={row}")  # type: ignore[attr-defined]
+    assert page.locator("polygon.object.chosen").count() == 1  # type: ignore[attr-defined]
+    changes = page.locator("select[name=to] option")  # type: ignore[attr-defined]
+    assert changes.count() > 1
+    wanted = changes.nth(1).get_attribute("value")
+    page.locator("select[name=to]").select_option(wanted)  # type: ignore[attr-defined]
+    page.get_by_role("button", name="Search").click()  # type: ignore[attr-defined]
+    page.wait_for_load_state()  # type: ignore[attr-defined]
+    assert f"to={wanted}".replace(" ", "+") in page.url or "to=" in page.url  # type: ignore[attr-defined]
+    results = page.locator("ol.objects li[data-image]")  # type: ignore[attr-defined]
+    assert results.count() > 0
+    assert page.locator("ol.objects polygon.object.matched").count() == results.count()  # type: ignore[attr-defined]
+    screenshot(page, "curate-objects.png")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Literal
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -21,6 +20,7 @@ from app.models import Image, Project
 from app.services.errors import InvalidInputError, NotFoundError
 from app.storage import open_storage
 from ml.objects.index import Method, ObjectIndex
+from ml.objects.instances import NONE
 
 METHODS: tuple[Method, ...] = ("learned", "prototype")
 _cache: dict[str, tuple[float | None, ObjectIndex]] = {}
@@ -61,6 +61,12 @@ class ObjectView:
     tags: list[str]
     outline: list[list[int]]
     box: tuple[int, int, int, int]
+    values: list[str]  # its value in each attribute group (none left out)
+
+    @property
+    def label(self) -> str:
+        """What it is, by its attribute values ("star · blue · dotted"), else by its tags."""
+        return " · ".join(self.values) or ", ".join(self.tags)
 
     @property
     def points(self) -> str:
@@ -77,8 +83,18 @@ class ObjectHit:
 
 def _view(index: ObjectIndex, row: int) -> ObjectView:
     x0, y0, x1, y1 = (int(v) for v in index.boxes[row])
+    values = [
+        g.values[v]
+        for g, v in zip(index.groups, index.labels[row], strict=True)
+        if v >= 0 and g.values[v] != NONE
+    ]
     return ObjectView(
-        row, int(index.image_ids[row]), index.tags[row], index.outlines[row], (x0, y0, x1, y1)
+        row,
+        int(index.image_ids[row]),
+        index.tags[row],
+        index.outlines[row],
+        (x0, y0, x1, y1),
+        values,
     )
 
 
@@ -87,9 +103,29 @@ def objects_of_image(index: ObjectIndex, *, image_id: int) -> list[ObjectView]:
 
 
 @dataclass(frozen=True)
-class Change:
+class Choice:
+    """The values one attribute of an object may be changed to, for a form."""
+
+    group: str  # the group's name
     old: str
-    new: str
+    new: list[str]
+
+    @property
+    def label(self) -> str:
+        """The group's name, or its values when its name is only a list of them."""
+        return self.group if "/" not in self.group else " / ".join([self.old, *self.new])
+
+
+def choices(index: ObjectIndex, *, row: int) -> list[Choice]:
+    """Every change one query of object ``row`` may ask for: per attribute group, from the
+    object's value to each other value (a group whose value is unknown offers none)."""
+    out = []
+    for g, group in enumerate(index.groups):
+        old = int(index.labels[row, g])
+        if old >= 0:
+            others = [v for v in group.values if v != group.values[old]]
+            out.append(Choice(group.name, group.values[old], others))
+    return out
 
 
 def search_objects(
@@ -99,23 +135,28 @@ def search_objects(
     project: Project,
     image_id: int,
     row: int,
-    change: Change | None = None,
-    method: Literal["learned", "prototype"] = "learned",
+    to: str | None = None,
+    method: str = "learned",
     k: int = 12,
 ) -> tuple[ObjectView, list[ObjectHit]]:
-    """The query object and the ``k`` best other images, each with its best-matching object."""
+    """The query object and the ``k`` best other images, each with its best-matching object.
+    ``to``: a value of one of the object's attribute groups (its own value: a plain search)."""
     index = load_object_index(settings, project=project)
     if row < 0 or row >= len(index) or int(index.image_ids[row]) != image_id:
         raise NotFoundError(f"image {image_id} has no object {row} in the index")
     if method not in METHODS:
         raise InvalidInputError(f"method must be one of {list(METHODS)}, not {method!r}")
-    wanted = None
-    if change is not None:
-        try:
-            wanted = index.find_change(change.old, change.new)
-        except KeyError as exc:
-            raise InvalidInputError(str(exc.args[0])) from None
-    hits = index.search(index.query(row, wanted, method=method), k=k, exclude_images=[image_id])
+    change = None
+    own = {g.values[v] for g, v in zip(index.groups, index.labels[row], strict=True) if v >= 0}
+    if to and to not in own:
+        offered = [c for c in choices(index, row=row) if to in c.new]
+        if not offered:
+            names = sorted({v for c in choices(index, row=row) for v in c.new})
+            raise InvalidInputError(f"{to!r} is not a value this object can be changed to: {names}")
+        group = index.group_index(offered[0].group)
+        change = (group, index.groups[group].values.index(to))
+    query = index.query(row, change, method=method)
+    hits = index.search(query, k=k, exclude_images=[image_id])
     images = {
         i.id: i
         for i in session.scalars(
