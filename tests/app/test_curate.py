@@ -117,6 +117,7 @@ ROUTES = [
     ("GET", "/curate/volunteers", Role.CURATOR),
     ("GET", "/curate/dashboard", Role.CURATOR),
     ("GET", "/curate/similar/{image}", Role.CURATOR),
+    ("GET", "/curate/objects/{image}", Role.CURATOR),
     ("GET", "/curate/files/{image}", Role.CURATOR),
     ("POST", "/curate/volunteers/{volunteer}/ban", Role.CURATOR),
     ("POST", "/curate/volunteers/{volunteer}/unban", Role.CURATOR),

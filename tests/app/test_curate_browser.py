@@ -55,6 +55,19 @@ def add_curator(server: Server, name: str) -> None:
     assert again.returncode == 2 and "exists already" in again.stderr
 
 
+def logged_in_at(
+    browser: object, server: Server, name: str, path: str, *, width: int = 1200, height: int = 900
+) -> object:
+    """A page of a curator who logged in on the way to ``path``, there."""
+    page = new_page(browser, server, viewport={"width": width, "height": height})
+    page.goto(f"{server.url}/login?next={path}")  # type: ignore[attr-defined]
+    page.get_by_label("Name").fill(name)  # type: ignore[attr-defined]
+    page.get_by_label("Password").fill(PASSWORD)  # type: ignore[attr-defined]
+    page.get_by_role("button", name="Log in").click()  # type: ignore[attr-defined]
+    page.wait_for_url(f"{server.url}{path}")  # type: ignore[attr-defined]
+    return page
+
+
 def test_a_curator_logs_in_fixes_cells_and_accepts_a_triage_item(
     browser: object, server: Server
 ) -> None:
@@ -134,12 +147,7 @@ def test_a_curator_paints_a_pixel_fix(browser: object, server: Server) -> None:
             .order_by(Target.id)
             .limit(1)
         )
-    page = new_page(browser, server, viewport={"width": 1200, "height": 900})
-    page.goto(f"{server.url}/login?next=/curate/targets/{target_id}")  # type: ignore[attr-defined]
-    page.get_by_label("Name").fill("hopper")  # type: ignore[attr-defined]
-    page.get_by_label("Password").fill(PASSWORD)  # type: ignore[attr-defined]
-    page.get_by_role("button", name="Log in").click()  # type: ignore[attr-defined]
-    page.wait_for_url(f"{server.url}/curate/targets/{target_id}")  # type: ignore[attr-defined]
+    page = logged_in_at(browser, server, "hopper", f"/curate/targets/{target_id}")
     page.get_by_role("button", name="Paint", exact=True).click()  # type: ignore[attr-defined]
     # Painting starts once the current mask is loaded into the brush's canvas.
     page.wait_for_function("() => !document.getElementById('paint-save').disabled")  # type: ignore[attr-defined]
@@ -209,12 +217,7 @@ def test_a_union_page_names_its_parts_and_shows_its_current_mask(
         )
     engine.dispose()
     assert union_id is not None, "the demo marks shape, polygon and patterned exhaustive"
-    page = new_page(browser, server, viewport={"width": 1200, "height": 900})
-    page.goto(f"{server.url}/login?next=/curate/targets/{union_id}")  # type: ignore[attr-defined]
-    page.get_by_label("Name").fill("noether")  # type: ignore[attr-defined]
-    page.get_by_label("Password").fill(PASSWORD)  # type: ignore[attr-defined]
-    page.get_by_role("button", name="Log in").click()  # type: ignore[attr-defined]
-    page.wait_for_url(f"{server.url}/curate/targets/{union_id}")  # type: ignore[attr-defined]
+    page = logged_in_at(browser, server, "noether", f"/curate/targets/{union_id}")
     parts = page.locator(".union-parts a")  # type: ignore[attr-defined]
     assert parts.count() >= 1
     page.get_by_label("current mask (composed now)").check()  # type: ignore[attr-defined]
@@ -233,12 +236,7 @@ def test_a_curator_reaches_a_collecting_target_from_the_dashboard_in_two_clicks(
     browser: object, server: Server
 ) -> None:
     add_curator(server, "ada")
-    page = new_page(browser, server, viewport={"width": 1280, "height": 800})
-    page.goto(f"{server.url}/login?next=/curate/dashboard")  # type: ignore[attr-defined]
-    page.get_by_label("Name").fill("ada")  # type: ignore[attr-defined]
-    page.get_by_label("Password").fill(PASSWORD)  # type: ignore[attr-defined]
-    page.get_by_role("button", name="Log in").click()  # type: ignore[attr-defined]
-    page.wait_for_url(f"{server.url}/curate/dashboard")  # type: ignore[attr-defined]
+    page = logged_in_at(browser, server, "ada", "/curate/dashboard", width=1280, height=800)
     page.locator("a:has([data-state=collecting])").click()  # type: ignore[attr-defined]  # 1
     page.wait_for_url("**/curate/targets?*state=collecting*")  # type: ignore[attr-defined]
     screenshot(page, "curate-targets.png")
@@ -277,12 +275,7 @@ def test_a_curator_clicks_an_object_and_searches_it_with_a_colour_changed(
     with engine.connect() as conn:
         image_id = conn.scalar(select(Target.image_id).order_by(Target.image_id).limit(1))
     engine.dispose()
-    page = new_page(browser, server, viewport={"width": 1200, "height": 900})
-    page.goto(f"{server.url}/login?next=/curate/objects/{image_id}")  # type: ignore[attr-defined]
-    page.get_by_label("Name").fill("lovelace")  # type: ignore[attr-defined]
-    page.get_by_label("Password").fill(PASSWORD)  # type: ignore[attr-defined]
-    page.get_by_role("button", name="Log in").click()  # type: ignore[attr-defined]
-    page.wait_for_url(f"{server.url}/curate/objects/{image_id}")  # type: ignore[attr-defined]
+    page = logged_in_at(browser, server, "lovelace", f"/curate/objects/{image_id}")
     outline = page.locator("figure.object-picker polygon.object").first  # type: ignore[attr-defined]
     row = outline.get_attribute("data-object")
     box = outline.bounding_box()
