@@ -294,7 +294,7 @@ def speed(index: ObjectIndex, n_objects: int, rng: np.random.Generator) -> float
     return float(np.median(times) * 1000)
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=120)
     parser.add_argument("--epochs", type=int, default=15)
@@ -303,7 +303,7 @@ def main() -> None:
     parser.add_argument("--holdout", type=float, default=0.3)
     parser.add_argument("--speed-objects", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory(prefix="tessera-similar-") as tmp:
         built = build(Path(tmp), args)
