@@ -22,7 +22,18 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.models import Image, MaskSource, MaskVersion, ModelKind, Project, Tag, Target
+from app.models import (
+    Image,
+    ImageTag,
+    ImageTagSource,
+    ImageTagStatus,
+    MaskSource,
+    MaskVersion,
+    ModelKind,
+    Project,
+    Tag,
+    Target,
+)
 from app.services.curation.objects import index_key
 from app.services.errors import InvalidInputError
 from app.services.files import model_file, read_mask
@@ -40,7 +51,7 @@ from ml.objects.attributes import (
     train_attributes,
 )
 from ml.objects.index import build_index
-from ml.objects.instances import Instance, attribute_groups, find_instances
+from ml.objects.instances import NONE, Group, Instance, attribute_groups, find_instances
 from ml.tagger import Tagger
 from ml.train import resolve_device
 
@@ -103,6 +114,24 @@ class Cut:
     objects: list[Instance]
     from_model: int  # objects cut only from a segmenter's prediction
     of: int  # images with masks, all told
+    unmasked: set[str]  # tags people gave the image that have no mask yet
+
+
+def labels_of(
+    groups: list[Group], obj: Instance, unmasked: set[str], categories: dict[str, str]
+) -> list[int]:
+    """An object's value index in each group; -1 (unknown) where it shows none of the group's
+    tags but the image carries a tag of the group's category without a mask: that tag may be
+    on this object (and be a value the group does not know yet)."""
+    tags = obj.tags | obj.attributes
+    pending = {categories.get(t) for t in unmasked}
+    out = []
+    for group in groups:
+        value = group.value_of(tags)
+        own = value >= 0 and group.values[value] in tags
+        doubt = categories.get(next(v for v in group.values if v != NONE)) in pending
+        out.append(value if own or not doubt else -1)
+    return out
 
 
 def cut_objects(
@@ -117,6 +146,18 @@ def cut_objects(
     categories, parents = _vocabulary(session, project)
     masks = _masks(session, project)
     wanted = sorted(masks if image_ids is None else set(masks) & image_ids)
+    carried: dict[int, set[str]] = {}
+    for image_id, name in session.execute(
+        select(ImageTag.image_id, Tag.name)
+        .join(Tag, Tag.id == ImageTag.tag_id)
+        .where(
+            Tag.project_id == project.id,
+            ImageTag.status == ImageTagStatus.ACTIVE,
+            # people's tags: a tagger's guess does not make a value unknown
+            ImageTag.source != ImageTagSource.CLASSIFIER,
+        )
+    ):
+        carried.setdefault(image_id, set()).add(name)
     for done, image_id in enumerate(wanted, start=1):
         image = session.get_one(Image, image_id)
         decoded = {name: read_mask(settings, key) for name, (key, _) in masks[image_id].items()}
@@ -124,7 +165,9 @@ def cut_objects(
         objects = find_instances(hard, categories=categories, parents=parents)
         if objects:
             from_model = sum(all(masks[image_id][t][1] for t in obj.tags) for obj in objects)
-            yield Cut(image, load_pixels(settings, image), objects, from_model, len(wanted))
+            unmasked = carried.get(image_id, set()) - set(masks[image_id])
+            pixels = load_pixels(settings, image)
+            yield Cut(image, pixels, objects, from_model, len(wanted), unmasked)
         if on_image is not None:
             on_image(done, len(wanted))
 
@@ -174,10 +217,12 @@ def _index(
         assert isinstance(model, Tagger)
         tagger, report.tagger_version = model, version.version
     found: list[tuple[int, Instance]] = []
+    unmasked: list[set[str]] = []  # per object, its image's tags without a mask
     features: list[np.ndarray] = []
     for cut in cut_objects(session, settings, project, on_image=on_batch):
         features.append(object_features(cut.pixels, cut.objects, tagger, torch_device))
         found += [(cut.image.id, obj) for obj in cut.objects]
+        unmasked += [cut.unmasked] * len(cut.objects)
         report.from_model += cut.from_model
         report.images = cut.of
     report.objects = len(found)
@@ -192,7 +237,13 @@ def _index(
         raise InvalidInputError(
             "no attribute group: no two tags of one category name different objects' values"
         )
-    labels = np.asarray([[g.value_of(tags) for g in groups] for tags in tag_sets], np.int64)
+    labels = np.asarray(
+        [
+            labels_of(groups, obj, u, categories)
+            for (_, obj), u in zip(found, unmasked, strict=True)
+        ],
+        np.int64,
+    )
     x = np.concatenate(features).astype(np.float32)
     held = held_out_images(sorted({image_id for image_id, _ in found}), holdout)
     learn = np.asarray([image_id not in held for image_id, _ in found])

@@ -5,11 +5,22 @@ from __future__ import annotations
 import re
 import subprocess
 
+import numpy as np
 import pytest
 from sqlalchemy import select
 
-from app.jobs.objects import cut_objects, held_out_images, run_index_objects
-from app.models import Image, Job, MaskSource, MaskVersion, Project, Role
+from app.jobs.objects import cut_objects, held_out_images, labels_of, run_index_objects
+from app.models import (
+    Image,
+    ImageTag,
+    Job,
+    MaskSource,
+    MaskVersion,
+    Project,
+    Role,
+    Tag,
+    Target,
+)
 from app.services.curation.objects import (
     choices,
     index_key,
@@ -19,6 +30,7 @@ from app.services.curation.objects import (
 from app.services.errors import InvalidInputError, NotFoundError
 from app.storage import open_storage
 from ml.objects.attributes import AttributeOptions
+from ml.objects.instances import NONE, Group, Instance
 from tests.app.conftest import SLUG, Live
 from tests.app.test_cli import TESSERA, _env
 from tests.app.test_curate import logged_in
@@ -181,3 +193,45 @@ def test_the_command_indexes_and_refuses_a_project_without_masks(live: Live) -> 
         session.commit()
     empty = tessera("objects", "index", "--project", SLUG, "--steps", "20")
     assert empty.returncode == 2 and "object" in empty.stderr, empty.stderr
+
+
+def test_a_value_is_unknown_where_the_image_has_a_tag_of_its_kind_without_a_mask() -> None:
+    colour = Group("colour", ("red", "green"))
+    texture = Group("patterned", ("striped", NONE))
+    shape = Group("shape", ("circle", "star"))
+    categories = {"red": "attribute", "green": "attribute", "striped": "attribute"}
+    categories |= {"blue": "attribute", "circle": "general", "star": "general"}
+    groups = [colour, texture, shape]
+    circle = Instance((0, 0, 2, 2), np.ones((2, 2), bool), {"circle"}, set())
+    red = Instance((0, 0, 2, 2), np.ones((2, 2), bool), {"circle"}, {"red"})
+    assert labels_of(groups, circle, set(), categories) == [-1, 1, 0]  # no colour: none known
+    assert labels_of(groups, red, set(), categories) == [0, 1, 0]
+    # a tag of the attributes' category without a mask: any attribute may be it
+    assert labels_of(groups, circle, {"striped"}, categories) == [-1, -1, 0]
+    assert labels_of(groups, red, {"blue"}, categories) == [0, -1, 0]
+
+
+def test_objects_of_images_with_unmasked_attribute_tags_learn_nothing_of_them(live: Live) -> None:
+    with live.factory() as session:
+        red = session.scalar(select(Tag.id).where(Tag.name == "red"))
+        reddish = set(session.scalars(select(ImageTag.image_id).where(ImageTag.tag_id == red)))
+        for version in session.scalars(
+            select(MaskVersion).join(Target).where(Target.tag_id == red)
+        ):
+            session.delete(version)  # the image still carries "red", its mask is gone
+        session.commit()
+    assert reddish
+    run_index_objects(live.factory, live.settings, slug=SLUG, options=FAST, device="cpu")
+    index = load_object_index(live.settings, project=_project(live))
+    g = next(i for i, group in enumerate(index.groups) if "blue" in group.values)
+    colours = set(index.groups[g].values)
+    assert "red" not in colours
+    unknown = [
+        r
+        for r in range(len(index))
+        if int(index.image_ids[r]) in reddish and not colours & set(index.tags[r])
+    ]
+    assert unknown, "a red object, whose colour has no mask now"
+    assert all(index.labels[r, g] == -1 for r in unknown)
+    known = [r for r in range(len(index)) if colours & set(index.tags[r])]
+    assert all(index.labels[r, g] >= 0 for r in known)
