@@ -51,7 +51,15 @@ from ml.objects.attributes import (
     train_attributes,
 )
 from ml.objects.index import build_index
-from ml.objects.instances import NONE, Group, Instance, attribute_groups, find_instances
+from ml.objects.instances import (
+    NONE,
+    Group,
+    Instance,
+    attribute_groups,
+    clean_prediction,
+    find_instances,
+    largest,
+)
 from ml.tagger import Tagger
 from ml.train import resolve_device
 
@@ -160,9 +168,12 @@ def cut_objects(
         carried.setdefault(image_id, set()).add(name)
     for done, image_id in enumerate(wanted, start=1):
         image = session.get_one(Image, image_id)
-        decoded = {name: read_mask(settings, key) for name, (key, _) in masks[image_id].items()}
-        hard = {n: (m if m.dtype == bool else m > 0.5) for n, m in decoded.items()}
-        objects = find_instances(hard, categories=categories, parents=parents)
+        hard = {}
+        for name, (key, predicted) in masks[image_id].items():
+            mask = read_mask(settings, key)
+            mask = mask if mask.dtype == bool else mask > 0.5
+            hard[name] = clean_prediction(mask) if predicted else mask
+        objects = largest(find_instances(hard, categories=categories, parents=parents))
         if objects:
             from_model = sum(all(masks[image_id][t][1] for t in obj.tags) for obj in objects)
             unmasked = carried.get(image_id, set()) - set(masks[image_id])

@@ -61,6 +61,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.jobs.lock import project_lock
+from app.jobs.objects import run_index_objects
 from app.jobs.predict import predicted_targets, store_prediction, target_planes
 from app.jobs.seed import run_seed
 from app.jobs.train import (
@@ -91,12 +92,14 @@ from app.models import (
 from app.services.crowd.consensus import base_rates, refresh_cells
 from app.services.crowd.opening import outside_image
 from app.services.crowd.settle import revalue_windows, settle_targets
+from app.services.curation.objects import index_key
 from app.services.curation.quality import MAX_QUALITY_TARGETS, record_quality
 from app.services.files import mask_store, model_file, read_mask
 from app.services.job import finish_job, job_run, log_job
 from app.services.model_version import active_model
 from app.services.project import get_project, square_cells
 from app.services.target import learn_guess_corrections, stop_collecting
+from app.storage import open_storage
 from ml import distributed
 from ml.aggregation import grid
 from ml.calibration import Calibrator, fit_platt, model_weight, with_slope
@@ -146,6 +149,7 @@ class RetrainReport:
     # Mean IoU of the evaluation targets' masks after the round, and human-seconds per target.
     mask_iou: float | None = None
     human_seconds: float | None = None
+    objects_indexed: int | None = None  # when the project has an object index: its new size
 
 
 def run_retrain(
@@ -206,6 +210,13 @@ def _round(
             )
             if reading is not None:
                 report.mask_iou, report.human_seconds = reading.mean_iou, reading.human_seconds
+            session.commit()
+            if open_storage(settings).exists(index_key(project.slug)):
+                # A project that searches by object keeps its index as fresh as its masks and
+                # its tagger (the index job writes its own job row).
+                step("re-indexing objects", 0.97)
+                indexed = run_index_objects(factory, settings, slug=slug, device=options.device)
+                report.objects_indexed = indexed.objects
             finish_job(job, result=_summary(report))
             session.commit()
     return report

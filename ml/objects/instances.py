@@ -33,6 +33,8 @@ MIN_PIXELS = 64  # a component smaller than an 8 x 8 patch is a crumb, not an ob
 SAME_OBJECT_IOU = 0.7
 MADE_OF_OTHERS = 0.85  # a component this much covered by found objects is their union
 ATTRIBUTE_COVER = 0.5
+MAX_OBJECTS_PER_IMAGE = 48  # the largest; a crowd scene's smallest things are seldom searched
+PREDICTION_MIN_SHARE = 0.002  # of the image: a segmenter's smaller blobs are mostly speckle
 EXCLUSIVE_SHARE = 0.02  # two tags "never" meet when they share at most this share of the rarer
 SEAM = np.ones((5, 5), np.uint8)  # an opening with this removes seams between masks
 HUE_BINS = 12
@@ -183,6 +185,25 @@ def find_instances(
             if (mask[y0:y1, x0:x1] & obj.mask).sum() >= ATTRIBUTE_COVER * obj.area:
                 obj.attributes.add(tag)
     return found
+
+
+def clean_prediction(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """A segmenter's mask without its speckle: opened (5 x 5), blobs under
+    ``PREDICTION_MIN_SHARE`` of the image dropped. An early model's prediction scatters
+    hundreds of crumbs, each of which would be an object."""
+    opened = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, SEAM)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
+    areas = np.asarray(stats)[:, cv2.CC_STAT_AREA]
+    keep = np.flatnonzero(areas >= PREDICTION_MIN_SHARE * mask.size)
+    return np.isin(np.asarray(labels), keep[keep > 0])
+
+
+def largest(objects: list[Instance], most: int = MAX_OBJECTS_PER_IMAGE) -> list[Instance]:
+    """The ``most`` largest objects, in their order."""
+    if len(objects) <= most:
+        return objects
+    kept = set(sorted(range(len(objects)), key=lambda i: -objects[i].area)[:most])
+    return [obj for i, obj in enumerate(objects) if i in kept]
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.jobs.lock import JobBusyError
+from app.jobs.objects import run_index_objects
 from app.jobs.retrain import (
     RetrainOptions,
     RetrainReport,
@@ -61,6 +62,7 @@ from ml.aggregation import grid
 from ml.aggregation.acquisition import object_area
 from ml.calibration import MAX_MODEL_WEIGHT, Calibrator, model_weight, weight_cap, with_slope
 from ml.demo.dataset import write_demo_dataset
+from ml.objects.attributes import AttributeOptions
 from tests.app.conftest import SLUG, World
 
 pytestmark = pytest.mark.slow
@@ -113,12 +115,21 @@ def test_a_round_trains_promotes_sets_model_priors_retags_and_reranks(world: Wor
         )
         assert report.masks_predicted > 0 and predicted == open_targets
 
-    # The next round fine-tunes the active tagger and segmenter instead of starting over.
+    assert report.objects_indexed is None  # the project had no object index
+    first = run_index_objects(
+        world.factory, world.settings, slug=SLUG, options=AttributeOptions(steps=10), device="cpu"
+    )
+    # The next round fine-tunes the active tagger and segmenter instead of starting over, and
+    # re-indexes the objects (their descriptions come from the new tagger).
     again = run_retrain(world.factory, world.settings, slug=SLUG, options=TINY)
     assert again.segmenter is not None and again.segmenter.start == "active v1"
+    assert again.objects_indexed is not None and again.objects_indexed >= first.objects
     with world.factory() as session:
         job = session.get(Job, again.job_id)
         assert job is not None and "fine-tuning the tagger" in job.log
+        assert "re-indexing objects" in job.log
+        indexed = session.scalars(select(Job).where(Job.kind == "index-objects")).all()
+        assert len(indexed) == 2 and indexed[-1].result["tagger_version"] == 2
         assert "segmenter v2 (6 steps from active v1" in job.log
         train_jobs = session.scalars(
             select(Job).where(Job.kind == "train-tagger").order_by(Job.id)

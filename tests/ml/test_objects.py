@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -26,8 +27,10 @@ from ml.objects.instances import (
     Group,
     Instance,
     attribute_groups,
+    clean_prediction,
     describe,
     find_instances,
+    largest,
     object_crop,
 )
 
@@ -232,3 +235,15 @@ def test_object_features_have_the_blocks_the_model_reads() -> None:
     assert attribute_dim(deep.shape[1]) == width // 2 + DESCRIPTION_DIM
     with pytest.raises(ValueError, match="not what object_features gives"):
         feature_blocks(DESCRIPTION_DIM + SURROUNDINGS_DIM + 3)
+
+
+def test_a_prediction_loses_its_speckle_and_an_image_keeps_its_largest_objects() -> None:
+    rng = np.random.default_rng(0)
+    mask = _disc(200, 200, 100, 100, 40) | (rng.random((200, 200)) < 0.02)
+    clean = clean_prediction(mask)
+    count, _ = cv2.connectedComponents(clean.astype(np.uint8))
+    assert count - 1 == 1  # the disc alone
+    assert clean.sum() == pytest.approx(_disc(200, 200, 100, 100, 40).sum(), rel=0.05)
+    objects = [Instance((0, 0, s, s), np.ones((s, s), bool)) for s in (3, 9, 5, 7)]
+    assert [o.box[2] for o in largest(objects, 2)] == [9, 7]  # their order kept
+    assert largest(objects, 10) == objects
