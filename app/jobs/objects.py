@@ -2,7 +2,8 @@
 index that "find this object, but in blue" searches (``app.services.curation.objects``).
 
 A target's mask is its newest result (a curator's, the crowd's, or imported ground truth) or,
-where there is none yet, the segmenter's newest prediction. The objects' descriptions use the
+where there is none yet, the segmenter's newest prediction when the active segmenter scores at
+least ``MIN_MODEL_MIOU`` on the frozen set (its speckle removed). The objects' descriptions use the
 active tagger's feature map when there is one (hand-made descriptions alone otherwise); the
 attribute embeddings and the manipulation network are trained on the project's own tags and
 masks (``ml.objects.attributes``). The index is one file in the project's storage, written
@@ -64,6 +65,7 @@ from ml.tagger import Tagger
 from ml.train import resolve_device
 
 RESULTS = (MaskSource.CURATOR, MaskSource.CONSENSUS, MaskSource.GROUND_TRUTH)
+MIN_MODEL_MIOU = 0.5
 
 
 @dataclass
@@ -86,7 +88,18 @@ def held_out_images(image_ids: list[int], share: float) -> set[int]:
     return {i for i in image_ids if (i * 2654435761) % 2**32 < share * 2**32}
 
 
-def _masks(session: Session, project: Project) -> dict[int, dict[str, tuple[str, bool]]]:
+def trusts_segmenter(session: Session, project: Project) -> bool:
+    """Whether the active segmenter's masks may stand in where no result mask is: its
+    frozen-set mIoU is at least ``MIN_MODEL_MIOU`` (an early model's masks are mostly wrong,
+    and every blob of them would be an object)."""
+    version = active_model(session, project=project, kind=ModelKind.SEGMENTER)
+    miou = version.metrics.get("miou") if version is not None else None
+    return isinstance(miou, int | float) and miou >= MIN_MODEL_MIOU
+
+
+def _masks(
+    session: Session, project: Project, *, with_model: bool
+) -> dict[int, dict[str, tuple[str, bool]]]:
     """image id -> tag name -> (the mask file's key, whether it is a segmenter's)."""
     rows = session.execute(
         select(Target.image_id, Tag.name, MaskVersion.source, MaskVersion.hard_path)
@@ -100,7 +113,7 @@ def _masks(session: Session, project: Project) -> dict[int, dict[str, tuple[str,
         mine = out.setdefault(image_id, {})
         if source in RESULTS:
             mine[name] = (key, False)
-        elif source == MaskSource.MODEL and (name not in mine or mine[name][1]):
+        elif with_model and source == MaskSource.MODEL and (name not in mine or mine[name][1]):
             mine[name] = (key, True)
     return out
 
@@ -152,7 +165,7 @@ def cut_objects(
 ) -> Iterator[Cut]:
     """Every image's objects (only those of ``image_ids`` when given), image by image."""
     categories, parents = _vocabulary(session, project)
-    masks = _masks(session, project)
+    masks = _masks(session, project, with_model=trusts_segmenter(session, project))
     wanted = sorted(masks if image_ids is None else set(masks) & image_ids)
     carried: dict[int, set[str]] = {}
     for image_id, name in session.execute(

@@ -16,6 +16,8 @@ from app.models import (
     Job,
     MaskSource,
     MaskVersion,
+    ModelKind,
+    ModelVersion,
     Project,
     Role,
     Tag,
@@ -70,11 +72,28 @@ def test_the_index_holds_every_object_of_the_masks(live: Live) -> None:
     assert load_object_index(live.settings, project=_project(live)) is not index
 
 
-def test_a_segmenter_prediction_stands_in_where_no_result_mask_is(live: Live) -> None:
+def test_a_good_segmenter_s_prediction_stands_in_where_no_result_mask_is(live: Live) -> None:
     with live.factory() as session:
-        # Every target's ground truth becomes a model's prediction: still objects, from the model.
+        # Every target's ground truth becomes a model's prediction.
         for version in session.scalars(select(MaskVersion)):
             version.source = MaskSource.MODEL
+        project = session.scalar(select(Project).where(Project.slug == SLUG))
+        assert project is not None
+        segmenter = ModelVersion(
+            project_id=project.id,
+            kind=ModelKind.SEGMENTER,
+            version=1,
+            path="segmenter-v1.pt",
+            metrics={"miou": 0.3},
+            active=True,
+        )
+        session.add(segmenter)
+        session.commit()
+    # An early segmenter's masks are not taken for objects.
+    with pytest.raises(InvalidInputError, match="object"):
+        run_index_objects(live.factory, live.settings, slug=SLUG, options=FAST, device="cpu")
+    with live.factory() as session:
+        session.get_one(ModelVersion, segmenter.id).metrics = {"miou": 0.7}
         session.commit()
     report = run_index_objects(live.factory, live.settings, slug=SLUG, options=FAST, device="cpu")
     assert report.objects >= 8 and report.from_model == report.objects
