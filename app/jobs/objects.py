@@ -138,13 +138,22 @@ class Cut:
     unmasked: set[str]  # tags people gave the image that have no mask yet
 
 
+@dataclass(frozen=True)
+class _Found:
+    image_id: int
+    tags: set[str]  # the tags that name it and the attributes that cover it
+    box: tuple[int, int, int, int]
+    outline: list[list[int]]
+    unmasked: set[str]  # its image's tags people gave that have no mask yet
+
+
 def labels_of(
-    groups: list[Group], obj: Instance, unmasked: set[str], categories: dict[str, str]
+    groups: list[Group], tags: set[str], unmasked: set[str], categories: dict[str, str]
 ) -> list[int]:
     """An object's value index in each group; -1 (unknown) where it shows none of the group's
     tags but the image carries a tag of the group's category without a mask: that tag may be
-    on this object (and be a value the group does not know yet)."""
-    tags = obj.tags | obj.attributes
+    on this object (and be a value the group does not know yet). ``tags``: the object's tags
+    and attributes."""
     pending = {categories.get(t) for t in unmasked}
     out = []
     for group in groups:
@@ -240,13 +249,14 @@ def _index(
         ).model
         assert isinstance(model, Tagger)
         tagger, report.tagger_version = model, version.version
-    found: list[tuple[int, Instance]] = []
-    unmasked: list[set[str]] = []  # per object, its image's tags without a mask
+    found: list[_Found] = []  # what the index keeps of each object, not its mask
     features: list[np.ndarray] = []
     for cut in cut_objects(session, settings, project, on_image=on_batch):
         features.append(object_features(cut.pixels, cut.objects, tagger, torch_device))
-        found += [(cut.image.id, obj) for obj in cut.objects]
-        unmasked += [cut.unmasked] * len(cut.objects)
+        found += [
+            _Found(cut.image.id, obj.tags | obj.attributes, obj.box, obj.outline(), cut.unmasked)
+            for obj in cut.objects
+        ]
         report.from_model += cut.from_model
         report.images = cut.of
     report.objects = len(found)
@@ -255,22 +265,16 @@ def _index(
             f"project {project.slug!r} has {len(found)} object(s) in its masks: index objects "
             "once targets have masks (imported, finished by the crowd, or predicted)"
         )
-    tag_sets = [obj.tags | obj.attributes for _, obj in found]
+    tag_sets = [f.tags for f in found]
     groups = attribute_groups(tag_sets, categories=categories, parents=parents)
     if not groups:
         raise InvalidInputError(
             "no attribute group: no two tags of one category name different objects' values"
         )
-    labels = np.asarray(
-        [
-            labels_of(groups, obj, u, categories)
-            for (_, obj), u in zip(found, unmasked, strict=True)
-        ],
-        np.int64,
-    )
+    labels = np.asarray([labels_of(groups, f.tags, f.unmasked, categories) for f in found])
     x = np.concatenate(features).astype(np.float32)
-    held = held_out_images(sorted({image_id for image_id, _ in found}), holdout)
-    learn = np.asarray([image_id not in held for image_id, _ in found])
+    held = held_out_images(sorted({f.image_id for f in found}), holdout)
+    learn = np.asarray([f.image_id not in held for f in found])
     if learn.sum() < 2:
         raise InvalidInputError("too few objects outside the held-out images to learn from")
     weights, trained = train_attributes(
@@ -290,11 +294,11 @@ def _index(
         weights,
         groups,
         x,
-        image_ids=[image_id for image_id, _ in found],
+        image_ids=[f.image_id for f in found],
         labels=labels,
-        boxes=[obj.box for _, obj in found],
+        boxes=[f.box for f in found],
         tags=[sorted(t) for t in tag_sets],
-        outlines=[obj.outline() for _, obj in found],
+        outlines=[f.outline for f in found],
         meta={
             "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "tagger_version": report.tagger_version,
