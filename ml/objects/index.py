@@ -194,13 +194,6 @@ class ObjectIndex:
             f"no attribute group {name!r}; the groups are {[g.name for g in self.groups]}"
         )
 
-    def find_change(self, old: str, new: str) -> tuple[int, int]:
-        """(group, new value index) for changing value ``old`` to ``new`` of one group."""
-        for g, group in enumerate(self.groups):
-            if old in group.values and new in group.values:
-                return g, group.values.index(new)
-        raise KeyError(f"{old!r} and {new!r} are not values of one attribute group")
-
     def query(
         self, row: int, change: tuple[int, int] | None = None, *, method: Method = "learned"
     ) -> FloatArray:
@@ -214,7 +207,7 @@ class ObjectIndex:
         part = self.part(g)
         e = q[part][None]
         if old == new:
-            return q
+            return self.plain(q)
         if method == "learned" and old >= 0:
             q[part] = self.weights.change(g, e, [old], [new])[0]
         else:

@@ -209,9 +209,9 @@ def test_the_index_round_trips_and_keeps_one_object_per_image() -> None:
     images = [int(again.image_ids[h.row]) for h in hits]
     assert len(images) == 19 and len(set(images)) == 19 and 0 not in images
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
-    assert again.find_change("red", "blue") == (0, 2)
-    with pytest.raises(KeyError, match="not values of one"):
-        again.find_change("red", "star")
+    assert again.group_index("shape") == 1
+    with pytest.raises(KeyError, match="no attribute group"):
+        again.group_index("size")
 
 
 def test_object_features_have_the_blocks_the_model_reads() -> None:
