@@ -71,7 +71,6 @@ K = 10
 
 @dataclass
 class Built:
-    settings: Settings
     objects: ObjectIndex
     images: EmbeddingIndex
     held: set[int]
@@ -132,7 +131,7 @@ def build(work: Path, args: argparse.Namespace) -> Built:
         ids = sorted({int(i) for i in objects.image_ids})
         held = held_out_images(ids, args.holdout)
         cuts = {c.image.id: c for c in cut_objects(session, settings, project, image_ids=held)}
-    return Built(settings, objects, images, held, tagger, cuts)
+    return Built(objects, images, held, tagger, cuts)
 
 
 def fmt(values: dict[str, float]) -> str:
