@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from httpx import Response
@@ -22,7 +23,12 @@ from app.main import create_app
 from app.models import Image, Role, Tag, Task, TaskState, Volunteer, Window
 from app.services import account as account_service
 from app.services.crowd.consensus import COUNT_COLUMNS
-from app.services.import_formats import ImportFormatError, read_coco, read_vocabulary
+from app.services.import_formats import (
+    ImportFormatError,
+    coco_masks,
+    read_coco,
+    read_vocabulary,
+)
 from app.services.masks.export import _entry_name
 from app.services.volunteer import credibility_of, leaderboard
 from tests.app.conftest import Live
@@ -188,6 +194,76 @@ def test_coco_of_the_wrong_types_is_refused_with_where(
         )
     )
     assert read_coco(path).annotations  # the same file with the right types reads
+
+
+@pytest.mark.parametrize(
+    ("segmentation", "message"),
+    [
+        # pycocotools rasterises a polygon edge by edge: a vertex at 1e8 took 16 s and 7.8 GB,
+        # at 1e9 it takes the server's memory. Clipped to the image, it is a triangle here.
+        ([[1.0, 1.0, 30.0, 1.0, 1e9, 1e9]], None),
+        ([[1.0, 1.0, 30.0, 1.0, float("nan"), 5.0]], "not finite"),
+        ([[1.0, 1.0, 30.0, 1.0, 5.0]], "odd count"),
+        ([[1.0, 1.0, "x", 1.0, 5.0, 5.0]], "not a list of numbers"),
+        # An RLE whose runs do not cover the image decoded the rest from uninitialised memory.
+        ({"size": [20, 30], "counts": []}, "cover 0 pixels"),
+        ({"size": [20, 30], "counts": "0"}, "cover 0 pixels"),
+        ({"size": [20, 30], "counts": [100, -5, 505]}, "none negative"),
+        ({"size": [20, 30], "counts": "!!!!"}, "out of range"),
+        ({"size": [20, 30], "counts": "P"}, "middle of a run"),
+    ],
+)
+def test_hostile_segmentations_are_refused_or_clipped_quickly(
+    tmp_path: Path, segmentation: object, message: str | None
+) -> None:
+    image = {**COCO_IMAGE, "width": 30, "height": 20}
+    path = tmp_path / "instances.json"
+    annotation = {**COCO_ANNOTATION, "segmentation": segmentation}
+    path.write_text(
+        json.dumps({"images": [image], "categories": [COCO_CATEGORY], "annotations": [annotation]})
+    )
+    coco = read_coco(path)
+    if message is None:
+        (mask,) = coco_masks(coco, coco.images[1]).values()
+        assert mask.shape == (20, 30) and mask[2:4, 5:25].all() and not mask[15:, :10].any()
+        return
+    with pytest.raises(ImportFormatError, match=message):
+        coco_masks(coco, coco.images[1])
+
+
+def _pixel_centres_inside(points: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Exact even-odd rule at each pixel's centre: the rasterisation both are compared with."""
+    ys, xs = np.mgrid[0:h, 0:w] + 0.5
+    inside = np.zeros((h, w), dtype=bool)
+    for (x0, y0), (x1, y1) in zip(points, np.roll(points, -1, axis=0), strict=True):
+        if y0 == y1:
+            continue
+        crosses = (ys >= min(y0, y1)) & (ys < max(y0, y1))
+        inside ^= crosses & (xs < x0 + (ys - y0) * (x1 - x0) / (y1 - y0))
+    return inside
+
+
+def test_a_crowds_polygons_past_the_edge_and_degenerate_ones_read_as_drawn() -> None:
+    """Real annotators' vertices fall a little outside the image, and some polygons have one or
+    two points: a clipped polygon rasterises as the whole one does (both within pycocotools'
+    own rounding of the exact pixel-centre rule), and a polygon with no area adds nothing."""
+    from pycocotools import mask as mask_utils
+
+    from app.services.import_formats import _segmentation_mask
+
+    rng = np.random.default_rng(0)
+    h, w = 40, 60
+    ours_off = whole_off = 0
+    for _ in range(50):
+        points = rng.uniform(-30, 90, (int(rng.integers(3, 9)), 2))
+        polygon = points.reshape(-1).tolist()
+        exact = _pixel_centres_inside(points, h, w)
+        whole = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([polygon], h, w)))
+        ours = _segmentation_mask([polygon, [5.0, 5.0, 9.0, 9.0], [3.0, 3.0]], h, w, "a")
+        ours_off += int(np.count_nonzero(ours != exact))
+        whole_off += int(np.count_nonzero(whole.astype(bool) != exact))
+    assert ours_off <= 1.1 * whole_off + 10
+    assert not _segmentation_mask([[5.0, 5.0, 9.0, 9.0]], h, w, "a").any()
 
 
 def _login(client: TestClient, name: str, password: str) -> Response:
