@@ -122,7 +122,10 @@ SLUG = "campaign"
 REALISTIC = ["diligent"] * 16 + ["sloppy"] * 3 + ["random_clicker"]
 HARSH = ["diligent"] * 6 + ["sloppy"] * 2 + ["random_clicker", "adversary"]
 ORACLE = ["oracle"] * 20  # never wrong: the ceiling of the protocol (votes, picker, rules)
-CROWDS = {"realistic": REALISTIC, "harsh": HARSH, "oracle": ORACLE}
+# People's boundary errors: no sharp threshold for what they see, and "yes" to empty tiles
+# beside the object (``ml.aggregation.simulate`` profiles ``careful`` and ``hasty``).
+HUMAN = ["careful"] * 14 + ["hasty"] * 5 + ["random_clicker"]
+CROWDS = {"realistic": REALISTIC, "harsh": HARSH, "oracle": ORACLE, "human": HUMAN}
 CROWD = HARSH  # bench/adversarial.py builds its own mixes; this is run_arm's default
 BUDGETS = (10.0, 20.0, 40.0, 80.0, 160.0)  # human-seconds per evaluation target
 # Where the curve is measured: the budgets, and between them where ``to_reach`` interpolates

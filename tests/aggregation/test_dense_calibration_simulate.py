@@ -62,3 +62,21 @@ def test_profiles_behave() -> None:
     assert oracle[:500].sum() == 0 and oracle[500:].all()
     with pytest.raises(KeyError, match="diligent"):
         get_profile("bored")
+
+
+def test_people_see_small_parts_by_degrees_and_take_tiles_beside_the_object() -> None:
+    rng = np.random.default_rng(2)
+    careful = PROFILES["careful"]
+    seen = [answer(careful, np.full(4000, c), rng)[0].mean() for c in (0.005, 0.03, 0.2)]
+    # No sharp threshold: seen more the more the tile shows, half-way (x sensitivity) at 3%.
+    assert seen[0] < 0.2 < seen[1] < seen[2]
+    assert seen[1] == pytest.approx(0.5 * careful.sensitivity, abs=0.05)
+    empty = np.zeros(4000)
+    beside = np.r_[np.ones(2000, dtype=bool), np.zeros(2000, dtype=bool)]
+    said, _ = answer(PROFILES["hasty"], empty, rng, beside)
+    assert said[:2000].mean() == pytest.approx(0.25, abs=0.03)  # beside the object
+    assert said[2000:].mean() == pytest.approx(0.07, abs=0.02)  # elsewhere: 1 - specificity
+    # Profiles without boundary errors ignore ``near`` and draw the same stream as before.
+    a, _ = answer(PROFILES["diligent"], empty, np.random.default_rng(3), beside)
+    b, _ = answer(PROFILES["diligent"], empty, np.random.default_rng(3))
+    assert np.array_equal(a, b)

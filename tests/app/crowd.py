@@ -18,6 +18,10 @@ from app.services.project import square_cells
 from ml.aggregation import grid
 from ml.aggregation.simulate import VolunteerProfile, answer
 
+# How close to a tile the object must come for a person to take the tile for part of it
+# (``VolunteerProfile.near_yes``), as a share of the tile's side.
+NEAR_MARGIN = 0.15
+
 
 @dataclass
 class Truths:
@@ -50,6 +54,28 @@ class Truths:
                 self.masks[target_id], [a for _, a in tiles], square=self.square[target_id]
             )
             out[[p for p, _ in tiles]] = coverage
+        return out
+
+    def near(self, task_id: int, margin: float = NEAR_MARGIN) -> np.ndarray:
+        """Per tile of a task: whether the object comes within ``margin`` of the tile's side
+        of it (the tile itself included). Read after ``coverage``, which loads the truths."""
+        with self.factory() as session:
+            rows = session.execute(
+                select(TaskTile.position, Cell.level, Cell.row, Cell.col, Cell.target_id)
+                .join(Cell, Cell.id == TaskTile.cell_id)
+                .where(TaskTile.task_id == task_id)
+                .order_by(TaskTile.position)
+            ).all()
+        out = np.zeros(len(rows), dtype=bool)
+        for position, level, row, col, target_id in rows:
+            mask = self.masks[target_id]
+            h, w = mask.shape
+            r = grid.cell_rect(grid.Cell(level, row, col), h, w, square=self.square[target_id])
+            pad = int(np.ceil(margin * max(r.bottom - r.top, r.right - r.left, 1)))
+            top, left = max(r.top - pad, 0), max(r.left - pad, 0)
+            out[position] = bool(
+                mask[top : max(r.bottom + pad, 0), left : max(r.right + pad, 0)].any()
+            )
         return out
 
     def cell_coverage(self, session: Session, target: Target, cell: Cell) -> float:
@@ -89,7 +115,9 @@ class SimulatedVolunteer:
         return task
 
     def answer(self, slug: str, task: dict[str, Any]) -> dict[str, Any]:
-        labels, seconds = answer(self.profile, self.truths.coverage(task["id"]), self.rng)
+        coverage = self.truths.coverage(task["id"])
+        near = self.truths.near(task["id"]) if self.profile.near_yes > 0 else None
+        labels, seconds = answer(self.profile, coverage, self.rng, near)
         selected = [int(p) for p in np.flatnonzero(labels)]
         response = self.client.post(
             f"/api/projects/{slug}/tasks/submit",

@@ -31,6 +31,12 @@ class VolunteerProfile:
     coverage_threshold: float
     time_median_s: float
     time_sigma: float = 0.5
+    # People do not see a part of the object at a sharp threshold: with ``spread`` > 0 the
+    # chance of seeing it rises as a logistic in log(coverage), even at ``coverage_threshold``
+    # (0: a sharp threshold). ``near_yes``: the chance of a "yes" on an empty tile that borders
+    # the object (its shadow, its outline a few pixels away), where people err most.
+    spread: float = 0.0
+    near_yes: float = 0.0
 
 
 PROFILES: dict[str, VolunteerProfile] = {
@@ -39,6 +45,11 @@ PROFILES: dict[str, VolunteerProfile] = {
     "random_clicker": VolunteerProfile("random_clicker", 0.5, 0.5, 0.0, 0.6, 0.5),
     "adversary": VolunteerProfile("adversary", 0.15, 0.15, 0.02, 1.8, 0.5),
     "lazy": VolunteerProfile("lazy", 0.0, 1.0, 1.0, 0.4, 0.3),
+    # Boundary errors as people make them (``spread``, ``near_yes``): a careful person sees
+    # half the time a part covering 3% of a tile, and says yes to a tenth of the empty tiles
+    # beside the object; a hasty one needs 12% and takes a quarter of those tiles.
+    "careful": VolunteerProfile("careful", 0.95, 0.97, 0.03, 2.5, 0.4, 0.6, 0.10),
+    "hasty": VolunteerProfile("hasty", 0.85, 0.93, 0.12, 1.5, 0.6, 0.8, 0.25),
     # Never wrong, and sees any part of the object however little of a tile it covers: what the
     # protocol itself allows at a budget (``bench/campaign.py --crowd oracle``).
     "oracle": VolunteerProfile("oracle", 1.0, 1.0, 0.0, 2.5, 0.4),
@@ -61,19 +72,33 @@ def get_profile(name: str) -> VolunteerProfile:
 
 
 def answer(
-    profile: VolunteerProfile, coverage: npt.ArrayLike, rng: np.random.Generator
+    profile: VolunteerProfile,
+    coverage: npt.ArrayLike,
+    rng: np.random.Generator,
+    near: npt.ArrayLike | None = None,
 ) -> tuple[Int8Array, FloatArray]:
     """One volunteer's labels and response times on tiles.
 
     Shape:
-        coverage: ``(n,)`` true coverage fractions in [0, 1]; returns two ``(n,)`` arrays.
+        coverage: ``(n,)`` true coverage fractions in [0, 1]; ``near`` ``(n,)``: which tiles
+        border the object (for ``profile.near_yes``); returns two ``(n,)`` arrays.
 
     Returns:
         ``(labels int8 in {0, 1}, seconds float64)``.
     """
     cov = np.asarray(coverage, dtype=np.float64)
-    sees = cov >= max(profile.coverage_threshold, 1e-12)
-    p_yes = np.where(sees, profile.sensitivity, 1.0 - profile.specificity)
+    threshold = max(profile.coverage_threshold, 1e-12)
+    if profile.spread > 0:  # drawn only for such profiles: the others' streams stay as they were
+        with np.errstate(divide="ignore"):
+            z = (np.log(np.maximum(cov, 1e-12)) - np.log(threshold)) / profile.spread
+        sees = (cov > 0) & (rng.random(cov.shape) < 1.0 / (1.0 + np.exp(-z)))
+    else:
+        sees = cov >= threshold
+    false_yes = np.full(cov.shape, 1.0 - profile.specificity)
+    if near is not None and profile.near_yes > 0:
+        beside = np.asarray(near, dtype=bool) & (cov == 0)
+        false_yes = np.where(beside, max(profile.near_yes, 1.0 - profile.specificity), false_yes)
+    p_yes = np.where(sees, profile.sensitivity, false_yes)
     labels = (rng.random(cov.shape) < p_yes).astype(np.int8)
     seconds = rng.lognormal(np.log(profile.time_median_s), profile.time_sigma, cov.shape)
     return labels, seconds
