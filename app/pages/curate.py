@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 
 from app.deps import (
     AccountDep,
@@ -432,19 +433,23 @@ async def save_mask(
     curator: CuratorDep,
     mask: Annotated[UploadFile, File(description="the painted mask, a PNG the image's size")],
 ) -> RedirectResponse:
-    target = get_target(session, target_id=target_id)
-    image, project = _image_and_project(session, target)
     data = await mask.read(MAX_MASK_BYTES + 1)
-    pixels = decode_painted_mask(data, height=image.height, width=image.width)
-    save_painted_mask(
-        session,
-        settings=settings,
-        project=project,
-        target=target,
-        mask=pixels,
-        curator=curator.name,
-    )
-    session.commit()
+
+    def save() -> None:  # decoding, composing and writing: off the event loop
+        target = get_target(session, target_id=target_id)
+        image, project = _image_and_project(session, target)
+        pixels = decode_painted_mask(data, height=image.height, width=image.width)
+        save_painted_mask(
+            session,
+            settings=settings,
+            project=project,
+            target=target,
+            mask=pixels,
+            curator=curator.name,
+        )
+        session.commit()
+
+    await run_in_threadpool(save)
     return _back(f"/curate/targets/{target_id}")
 
 

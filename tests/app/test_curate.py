@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import re
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -416,8 +418,23 @@ def test_a_painted_mask_must_fit_the_image(live: Live) -> None:
         PILImage.new("L", (w, h), 255).save(buf, format="PNG")
         return buf.getvalue()
 
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    def raw_png(w: int, h: int, rows: bytes, extra: bytes = b"") -> bytes:
+        header = chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+        data = chunk(b"IDAT", zlib.compress(rows))
+        return b"\x89PNG\r\n\x1a\n" + header + extra + data + chunk(b"IEND", b"")
+
     assert post(b"not a png") == 422
     assert post(png(size[0] + 1, size[1])) == 422
+    # A header that claims a vast image (Pillow's DecompressionBombError), and a text chunk that
+    # unpacks to 50 MB (ValueError): both were server errors.
+    assert post(raw_png(100_000, 100_000, b"\0" * 10)) == 422
+    bomb = chunk(b"zTXt", b"k\0\0" + zlib.compress(b"a" * (50 * 1024 * 1024), 9))
+    rows = (b"\0" + b"\xff" * size[0]) * size[1]
+    assert post(raw_png(*size, rows, extra=bomb)) == 422
     with live.factory() as session:
         assert session.get(Target, target_id).state == TargetState.TRIAGE  # type: ignore[union-attr]
     assert post(png(*size)) == 303

@@ -43,7 +43,10 @@ def decode_painted_mask(data: bytes, *, height: int, width: int) -> np.ndarray:
                     f"the mask is {img.size[0]}x{img.size[1]}, the image {width}x{height}"
                 )
             pixels = np.asarray(img.convert("L"))
-    except (UnidentifiedImageError, OSError) as exc:
+    except PILImage.DecompressionBombError as exc:  # a header that claims a vast image
+        raise InvalidInputError(f"the mask is not a PNG the image's size: {exc}") from exc
+    except (UnidentifiedImageError, OSError, ValueError) as exc:  # ValueError: an oversized
+        # text chunk (PngImagePlugin.MAX_TEXT_CHUNK) and the like
         raise InvalidInputError(f"the mask is not a readable PNG: {exc}") from exc
     return pixels > 127
 
