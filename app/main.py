@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -71,6 +73,21 @@ ERROR_TITLES = {
 }
 
 
+def _json_safe(value: Any) -> Any:
+    """FastAPI's list of what was wrong, echoing the input, made fit for JSON: a NaN, an
+    infinity or a lone surrogate in a request's body was echoed back as given, and the response
+    itself then failed (a 500 instead of the 422)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+    return value
+
+
 def _error_response(request: Request, status: int, message: str) -> Response:
     """The API's ``{"detail": ...}``, or for a page a page that says what went wrong and where
     to go on from (a curator's form must not end on raw JSON)."""
@@ -111,7 +128,7 @@ def _error_handlers(app: FastAPI) -> None:
         """Malformed parameters: FastAPI's list for the API, a page saying which for a page."""
         assert isinstance(exc, RequestValidationError)
         if not _wants_page(request):
-            return await request_validation_exception_handler(request, exc)
+            return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, 422)
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}"
             for e in exc.errors()

@@ -112,6 +112,32 @@ def test_a_tag_no_tag_could_have_is_not_found(live: Live, tag: str) -> None:
     assert response.status_code == 404 and "no tag" in response.json()["detail"]
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "tasks/submit", b'{"token": "x", "selected": [1], "elapsed_ms": NaN}'),
+        ("POST", "tasks/submit", b'{"token": "x", "selected": [1], "elapsed_ms": 1e400}'),
+        ("POST", "tasks/submit", b'{"token": "x", "selected": [1], "elapsed_ms": -Infinity}'),
+        ("POST", "tasks/answer", b'{"next": true, "tag": "\\ud800"}'),
+        ("POST", "tasks/answer", b'{"submit": {"token": "\\ud800\\udfff", "selected": []}}'),
+        ("PATCH", "me", b'{"display_name": NaN}'),
+        ("PATCH", "me", b'{"display_name": "ab\\ud800cd"}'),
+    ],
+)
+def test_json_no_encoder_could_write_back_is_a_client_error(
+    live: Live, method: str, path: str, body: bytes
+) -> None:
+    """Python's JSON reader takes NaN, infinities and lone surrogates; FastAPI's list of what was
+    wrong echoed them back, and writing the response then failed: a 500 for any JSON endpoint."""
+    client = TestClient(live.app, raise_server_exceptions=False)
+    url = "/api/volunteers/me" if path == "me" else f"/api/projects/{SLUG}/{path}"
+    response = client.request(
+        method, url, content=body, headers={"content-type": "application/json"}
+    )
+    assert 400 <= response.status_code < 500, response.text
+    response.json()  # and the error itself is valid JSON
+
+
 def test_secrets_with_non_ascii_characters_are_refused_not_crashed_on(live: Live) -> None:
     client = TestClient(live.app, raise_server_exceptions=False)
     client.get("/login")  # the CSRF cookie

@@ -114,6 +114,10 @@ def browse_targets(
         "open": (func.coalesce(stats.c.open_cells, 0).desc(), Target.id),
         "id": (Target.id,),
     }[sort]
+    pages = max(1, math.ceil(total / PAGE_SIZE))
+    page = min(
+        page, pages
+    )  # past the last page (a huge number overflowed SQL's integers): the last
     rows = session.execute(
         query.order_by(*order).limit(PAGE_SIZE).offset((page - 1) * PAGE_SIZE)
     ).all()
@@ -132,5 +136,5 @@ def browse_targets(
         ],
         total=total,
         page=page,
-        pages=max(1, math.ceil(total / PAGE_SIZE)),
+        pages=pages,
     )
