@@ -55,6 +55,16 @@ def write_tar(path: Path, members: Members, extra: list[tarfile.TarInfo] = ()) -
     return path
 
 
+def tar_with_long_name(path: Path, fmt: int) -> Path:
+    """A member named with 100,000 characters: a GNU long-name or a pax header that size."""
+    with tarfile.open(path, "w:gz", format=fmt) as t:
+        data = image_bytes(16, 16, fmt="PNG", seed=3)
+        info = tarfile.TarInfo("pets/" + "a" * 100_000 + ".png")
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+    return path
+
+
 def zip_with_link(folder: Path) -> Path:
     path = folder / "x.zip"
     with zipfile.ZipFile(path, "w") as z:
@@ -121,6 +131,19 @@ HOSTILE: dict[str, tuple[Callable[[Path], Path], str]] = {
     "too many members": (
         lambda d: write_zip(d / "x.zip", [(f"pets/{i}.txt", b"") for i in range(101)]),
         "more than 100",
+    ),
+    "too many members in a tar": (
+        lambda d: write_tar(d / "x.tar.gz", [(f"pets/{i}.txt", b"") for i in range(101)]),
+        "more than 100",
+    ),
+    # tarfile reads such a header whole before anything else is seen (one of 500 MB took 2.8 GB).
+    "a long name past the header limit": (
+        lambda d: tar_with_long_name(d / "x.tar.gz", tarfile.GNU_FORMAT),
+        "extended header of 100,",
+    ),
+    "a pax header past the limit": (
+        lambda d: tar_with_long_name(d / "x.tar.gz", tarfile.PAX_FORMAT),
+        "extended header of 100,",
     ),
     "same name twice": (
         lambda d: write_zip(d / "x.zip", [*good_members(), ("pets/a.png", b"x")]),
