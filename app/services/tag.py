@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -70,12 +72,15 @@ class TagResolver:
             self.session.add(TagAlias(project_id=self.project.id, alias=alias, tag=tag))
             self.alias_to_name[alias] = tag.name
 
-    def with_ancestors(self, tag: Tag) -> list[Tag]:
-        """The tag and every parent above it: a child tag implies its parent."""
+    def with_ancestors(self, tag: Tag, *, limit: int | None = None) -> list[Tag]:
+        """The tag and every parent above it: a child tag implies its parent. With ``limit``,
+        a chain longer than that is refused (``InvalidInputError``) instead of walked."""
         chain, seen = [], set()
         current: Tag | None = tag
         while current is not None and id(current) not in seen:
             chain.append(current)
+            if limit is not None and len(chain) > limit:
+                raise _too_deep(tag)
             seen.add(id(current))
             current = current.parent
         return chain
@@ -104,10 +109,43 @@ def apply_vocabulary(resolver: TagResolver, entries: list[VocabularyEntry]) -> N
         tag = tags[entry.name]
         if entry.parent:
             parent = resolver.ensure(entry.parent)
-            if parent is tag or tag in resolver.with_ancestors(parent):
+            chain = resolver.with_ancestors(parent, limit=MAX_TAG_DEPTH)
+            if parent is tag or tag in chain:
                 raise InvalidInputError(
                     f"vocabulary: {entry.name!r} -> {entry.parent!r} is a cycle"
                 )
             tag.parent = parent
         for alias in entry.aliases:
             resolver.add_alias(alias, tag)
+    _check_depth(tags.values())
+
+
+# Deeper than any real hierarchy (Danbooru's go five or six deep): a chain of 20,000 parents in
+# a 92 kB vocabulary took 316 s to import, every tag walking its ancestors.
+MAX_TAG_DEPTH = 32
+
+
+def _too_deep(tag: Tag) -> InvalidInputError:
+    return InvalidInputError(
+        f"vocabulary: {tag.name!r} is more than {MAX_TAG_DEPTH} levels deep (itself and the "
+        "tags above it); a hierarchy goes at most that deep"
+    )
+
+
+def _check_depth(tags: Iterable[Tag]) -> None:
+    """Every tag with its parents makes a chain of at most ``MAX_TAG_DEPTH`` (each tag's depth found
+    once, from its parent's)."""
+    depth: dict[int, int] = {}
+    for tag in tags:
+        path: list[Tag] = []
+        current: Tag | None = tag
+        while current is not None and id(current) not in depth:
+            path.append(current)
+            if len(path) > MAX_TAG_DEPTH:
+                raise _too_deep(tag)
+            current = current.parent
+        base = depth[id(current)] if current is not None else 0
+        for k, t in enumerate(reversed(path), start=1):
+            depth[id(t)] = base + k
+            if base + k > MAX_TAG_DEPTH:
+                raise _too_deep(t)

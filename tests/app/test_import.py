@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.models import Image, ImageTag, MaskSource, MaskVersion, Project, Tag, TagAlias, Target
+from app.services.errors import InvalidInputError
 from app.services.import_formats import ImportFormatError
 from app.services.importer import ImportReport, run_import
 from app.storage import decode_mask_png
@@ -225,6 +227,43 @@ def test_unknown_tag_format_is_refused_before_anything_is_written(
     with pytest.raises(ImportFormatError, match=r"tags.xml: unknown tag file format"):
         _import(session, settings, folder, tag_file=folder / "tags.xml")
     assert files_under(settings.data_dir / "images") == []
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_vocabulary_too_deep_or_circular_is_refused_quickly(
+    session: Session, settings: Settings, folder: Path, reverse: bool
+) -> None:
+    """A chain of 20,000 parents (92 kB) took 316 s to import; any order of its entries now
+    stops at the depth limit, and a cycle is still a cycle."""
+    from app.services.tag import MAX_TAG_DEPTH
+
+    chain = [{"name": f"t{i}", "parent": f"t{i - 1}" if i else None} for i in range(20_000)]
+    (folder / "vocabulary.json").write_text(json.dumps({"tags": chain[::-1] if reverse else chain}))
+    started = time.perf_counter()
+    with pytest.raises(InvalidInputError, match=f"more than {MAX_TAG_DEPTH} levels deep"):
+        _import(session, settings, folder)
+    assert time.perf_counter() - started < 30
+    assert _count(session, Image) == 0
+    # As deep as allowed imports; one more is refused.
+    ok = chain[:MAX_TAG_DEPTH]
+    (folder / "vocabulary.json").write_text(json.dumps({"tags": ok}))
+    (folder / "tags.txt").write_text(f"a.png t{MAX_TAG_DEPTH - 1}\n")
+    report = _import(session, settings, folder)
+    assert report.images_added >= 1
+    assert {"t0", f"t{MAX_TAG_DEPTH - 1}"} <= _tags_of(session, "a.png")
+
+
+def test_a_circular_vocabulary_is_refused(
+    session: Session, settings: Settings, folder: Path
+) -> None:
+    loop = [
+        {"name": "a", "parent": "c"},
+        {"name": "b", "parent": "a"},
+        {"name": "c", "parent": "b"},
+    ]
+    (folder / "vocabulary.json").write_text(json.dumps({"tags": loop}))
+    with pytest.raises(InvalidInputError, match="is a cycle"):
+        _import(session, settings, folder)
 
 
 def test_bad_csv_header_names_the_file(session: Session, settings: Settings, folder: Path) -> None:
