@@ -148,7 +148,19 @@ def _read_json(path: Path) -> list[TagRecord]:
 TAG_FILE_READERS = {".txt": _read_txt, ".csv": _read_csv, ".json": _read_json}
 
 
-def read_tag_file(path: Path) -> list[TagRecord]:
+def check_text_size(path: Path, max_bytes: int | None) -> None:
+    """Refuse a description file (tags, vocabulary, COCO) over ``max_bytes`` before reading it:
+    read whole, JSON takes up to twenty times its size in memory (120 MB of ``[{},{},...]``
+    took 2.7 GB), and an archive may hold gigabytes of it."""
+    if max_bytes is not None and (size := path.stat().st_size) > max_bytes:
+        raise ImportFormatError(
+            f"{path.name}: {size:,} bytes, over the limit of {max_bytes:,} for a tag, "
+            "vocabulary or COCO file (TESSERA_MAX_DESCRIPTION_BYTES)"
+        )
+
+
+def read_tag_file(path: Path, *, max_bytes: int | None = None) -> list[TagRecord]:
+    check_text_size(path, max_bytes)
     reader = TAG_FILE_READERS.get(path.suffix.lower())
     if reader is None:
         raise ImportFormatError(
@@ -172,10 +184,11 @@ def _load_json(path: Path) -> Any:
         raise ImportFormatError(f"{path.name}: not UTF-8 text ({exc.reason})") from exc
 
 
-def read_vocabulary(path: Path) -> list[VocabularyEntry]:
+def read_vocabulary(path: Path, *, max_bytes: int | None = None) -> list[VocabularyEntry]:
     """``{"tags": [{"name", "display_name", "category", "parent", "aliases", "description",
     "exhaustive"}]}``; ``exhaustive`` (true/false, default false) says that every instance of
     the tag is one of its children's."""
+    check_text_size(path, max_bytes)
     data = _load_json(path)
     items = data.get("tags") if isinstance(data, dict) else None
     if not isinstance(items, list):
@@ -211,9 +224,10 @@ def read_vocabulary(path: Path) -> list[VocabularyEntry]:
     return entries
 
 
-def is_coco(path: Path) -> bool:
+def is_coco(path: Path, *, max_bytes: int | None = None) -> bool:
     if path.suffix.lower() != ".json":
         return False
+    check_text_size(path, max_bytes)
     try:
         data = _load_json(path)
     except ImportFormatError:
@@ -240,7 +254,8 @@ def _coco_image(item: Any, where: str) -> CocoImage:
     return CocoImage(item["id"], item["file_name"], item["width"], item["height"])
 
 
-def read_coco(path: Path) -> CocoData:
+def read_coco(path: Path, *, max_bytes: int | None = None) -> CocoData:
+    check_text_size(path, max_bytes)
     data = _load_json(path)
     if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= data.keys():
         raise ImportFormatError(

@@ -60,6 +60,7 @@ class ImportSources:
     tag_file: Path | None = None
     coco_file: Path | None = None
     vocabulary_file: Path | None = None
+    max_text_bytes: int | None = None  # each of them (``check_text_size``)
 
 
 @dataclass
@@ -77,14 +78,21 @@ class ImportReport:
     files_written: list[str] = field(default_factory=list)  # keys
 
 
-def find_sources(path: Path, *, tag_file: Path | None = None) -> ImportSources:
-    """Work out what to read from PATH (a folder, a tag file or a COCO JSON)."""
+def find_sources(
+    path: Path, *, tag_file: Path | None = None, max_text_bytes: int | None = None
+) -> ImportSources:
+    """Work out what to read from PATH (a folder, a tag file or a COCO JSON); a description
+    file over ``max_text_bytes`` is refused (``check_text_size``)."""
     if not path.exists():
         raise InvalidInputError(f"{path} does not exist")
     if path.is_file():
         root = path.parent
-        sources = ImportSources(root=root, vocabulary_file=find_first(root, [VOCABULARY_FILE_NAME]))
-        if is_coco(path):
+        sources = ImportSources(
+            root=root,
+            vocabulary_file=find_first(root, [VOCABULARY_FILE_NAME]),
+            max_text_bytes=max_text_bytes,
+        )
+        if is_coco(path, max_bytes=max_text_bytes):
             sources.coco_file = path
         else:
             sources.tag_file = path
@@ -94,8 +102,11 @@ def find_sources(path: Path, *, tag_file: Path | None = None) -> ImportSources:
         sources = ImportSources(
             root=root,
             tag_file=find_first(root, TAG_FILE_NAMES),
-            coco_file=coco if coco is not None and is_coco(coco) else None,
+            coco_file=coco
+            if coco is not None and is_coco(coco, max_bytes=max_text_bytes)
+            else None,
             vocabulary_file=find_first(root, [VOCABULARY_FILE_NAME]),
+            max_text_bytes=max_text_bytes,
         )
     if tag_file is not None:
         sources.tag_file = tag_file
@@ -147,10 +158,14 @@ def _read_plan(sources: ImportSources) -> _Plan:
     if sources.tag_file is not None:
         if not sources.tag_file.is_file():
             raise ImportFormatError(f"{sources.tag_file}: tag file not found")
-        for record in read_tag_file(sources.tag_file):
+        for record in read_tag_file(sources.tag_file, max_bytes=sources.max_text_bytes):
             tags[record.image].extend(record.tags)
             where.setdefault(record.image, record.where)
-    coco = read_coco(sources.coco_file) if sources.coco_file is not None else None
+    coco = (
+        read_coco(sources.coco_file, max_bytes=sources.max_text_bytes)
+        if sources.coco_file is not None
+        else None
+    )
     if coco is not None:
         for image in coco.images.values():
             tags.setdefault(image.file_name, [])
@@ -174,7 +189,8 @@ class _Importer:
 
     def run(self, sources: ImportSources, plan: _Plan) -> ImportReport:
         if sources.vocabulary_file is not None:
-            apply_vocabulary(self.resolver, read_vocabulary(sources.vocabulary_file))
+            entries = read_vocabulary(sources.vocabulary_file, max_bytes=sources.max_text_bytes)
+            apply_vocabulary(self.resolver, entries)
         self.session.flush()
         coco_by_name = {i.file_name: i for i in plan.coco.images.values()} if plan.coco else {}
         for name in sorted(plan.tags):
@@ -307,7 +323,7 @@ def import_path(
             return import_path(
                 session, settings=settings, project=project, path=root, tag_file=tag_file
             )
-    sources = find_sources(path, tag_file=tag_file)
+    sources = find_sources(path, tag_file=tag_file, max_text_bytes=settings.max_description_bytes)
     plan = _read_plan(sources)  # every description file is read before anything is written
     importer = _Importer(session, settings, project)
     try:

@@ -249,6 +249,20 @@ def test_a_jpeg_of_very_many_scans_is_refused_before_decoding(
     assert "scans" in dict(report.skipped)["bomb.jpg"]
 
 
+@pytest.mark.parametrize("name", ["vocabulary.json", "tags.txt"])
+def test_a_description_file_over_its_limit_is_refused_unread(
+    session: Session, settings: Settings, folder: Path, name: str
+) -> None:
+    """Read whole, JSON takes up to twenty times its size in memory: 120 MB of ``[{},{},...]``
+    in an upload took 2.7 GB."""
+    small = settings.model_copy(update={"max_description_bytes": 1000})
+    (folder / name).write_text((folder / name).read_text() + " " * 1000)  # the others are under
+    with pytest.raises(ImportFormatError, match=f"{name}: .* over the limit of 1,000"):
+        _import(session, small, folder)
+    assert _count(session, Image) == 0
+    assert _import(session, settings, folder).images_added == 3  # the default reads it
+
+
 def test_unknown_tag_format_is_refused_before_anything_is_written(
     session: Session, settings: Settings, folder: Path
 ) -> None:
