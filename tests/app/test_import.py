@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 from pycocotools import mask as mask_utils
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -394,6 +394,33 @@ def test_coco_rle_and_polygons_become_ground_truth(
     assert triangle[3, 36] and not triangle[18, 21]
     sources = set(session.scalars(select(MaskVersion.source)))
     assert sources == {MaskSource.GROUND_TRUTH}
+
+
+def test_coco_truths_past_the_kept_budget_are_read_back_to_open_their_targets(
+    session: Session, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The import keeps a bounded share of its masks at hand (every one was kept to the end);
+    the others' targets open from the stored truth, the same pyramids and gold."""
+    from app.models import Cell, Gold
+    from app.services import importer
+
+    def pyramids() -> list[tuple[int, int, int, int, bool | None]]:
+        rows = session.execute(
+            select(Cell.level, Cell.row, Cell.col, Gold.label.is_(True), Cell.label)
+            .outerjoin(Gold, Gold.cell_id == Cell.id)
+            .order_by(Cell.target_id, Cell.level, Cell.row, Cell.col)
+        )
+        return [tuple(r) for r in rows]  # type: ignore[misc]
+
+    src, _ = _coco(tmp_path)
+    kept = _import(session, settings, src)
+    with_kept = pyramids()
+    session.execute(delete(Project))
+    session.commit()
+    monkeypatch.setattr(importer, "TRUTHS_KEPT_BYTES", 0)
+    read_back = _import(session, settings, src)
+    assert read_back.targets_opened == kept.targets_opened > 0
+    assert pyramids() == with_kept
 
 
 def test_coco_with_bad_segmentation_names_the_annotation(
