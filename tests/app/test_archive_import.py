@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -312,3 +313,44 @@ def test_an_upload_over_the_limit_is_refused_by_its_length(live: Live, tmp_path:
         files={"archive": ("pets.zip", archive.read_bytes(), "application/zip")},
     )
     assert response.status_code == 413 and "TESSERA_MAX_UPLOAD_BYTES" in response.text
+
+
+def test_the_server_goes_on_serving_while_a_curator_imports(
+    live: Live, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The import ran on the event loop: a 16 s import held /healthz for 13.7 s."""
+    import threading
+    import time
+
+    from app.pages import curate_import
+
+    def slow_import(*_args: object, **_kwargs: object) -> None:
+        time.sleep(1.5)
+        raise InvalidInputError("stopped by the test")
+
+    monkeypatch.setattr(curate_import, "run_import", slow_import)
+    archive = write_zip(tmp_path / "pets.zip", good_members()).read_bytes()
+    # One client, one event loop (its portal) for both requests.
+    with TestClient(live.app, follow_redirects=False) as client:
+        logged = logged_in(live, Role.CURATOR)  # makes the account; its cookies are copied
+        client.cookies.update(logged.cookies)
+        token = csrf_of(client.get("/curate/import").text)
+        answers: list[int] = []
+
+        def upload() -> None:
+            response = client.post(
+                "/curate/import",
+                data={"csrf_token": token, "new_project": "slow"},
+                files={"archive": ("pets.zip", archive, "application/zip")},
+            )
+            answers.append(response.status_code)
+
+        importing = threading.Thread(target=upload)
+        importing.start()
+        time.sleep(0.3)
+        started = time.perf_counter()
+        assert client.get("/healthz").status_code == 200
+        waited = time.perf_counter() - started
+        importing.join()
+    assert answers == [422]
+    assert waited < 0.8, f"/healthz waited {waited:.2f} s behind the import"
