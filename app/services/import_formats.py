@@ -17,7 +17,7 @@ import csv
 import json
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -422,14 +422,18 @@ def _compressed_runs(text: str, where: str) -> list[int]:
     return runs
 
 
-def coco_masks(coco: CocoData, image: CocoImage) -> dict[str, np.ndarray]:
-    """The union of each category's annotations on one image, by category name."""
-    masks: dict[str, np.ndarray] = {}
+def coco_masks(coco: CocoData, image: CocoImage) -> Iterator[tuple[str, np.ndarray]]:
+    """The union of each category's annotations on one image, with the category's name, one
+    category at a time: all of them at once took 1.4 GB for 40 categories of a 36-megapixel
+    image."""
+    by_category: dict[int, list[tuple[Any, str]]] = defaultdict(list)
     for category_id, segmentation, where in coco.annotations.get(image.id, []):
-        name = coco.categories[category_id][0]
-        mask = _segmentation_mask(segmentation, image.height, image.width, where)
-        masks[name] = masks[name] | mask if name in masks else mask
-    return masks
+        by_category[category_id].append((segmentation, where))
+    for category_id, shapes in by_category.items():
+        mask = np.zeros((image.height, image.width), dtype=bool)
+        for segmentation, where in shapes:
+            mask |= _segmentation_mask(segmentation, image.height, image.width, where)
+        yield coco.categories[category_id][0], mask
 
 
 def find_first(folder: Path, names: Iterable[str]) -> Path | None:

@@ -278,15 +278,22 @@ class _Importer:
                 f"the file is {image.width}x{image.height}; its annotations were skipped"
             )
             return
-        own = {self._coco_tag(coco, c): m for c, m in coco_masks(coco, coco_image).items()}
         # A child implies its parent: a parent without its own annotation covers its children.
+        # Each category's mask is stored as it comes; only the parents' unions are held.
+        own: set[Tag] = set()
         derived: dict[Tag, np.ndarray] = {}
-        for tag, mask in own.items():
+        for category, mask in coco_masks(coco, coco_image):
+            tag = self._coco_tag(coco, category)
+            own.add(tag)
             for ancestor in self.resolver.with_ancestors(tag)[1:]:
-                if ancestor not in own:
-                    derived[ancestor] = derived.get(ancestor, np.zeros_like(mask)) | mask
-        for tag, mask in {**own, **derived}.items():
+                if ancestor in derived:
+                    derived[ancestor] |= mask
+                else:
+                    derived[ancestor] = mask.copy()
             self._add_ground_truth(image, tag, mask)
+        for tag, mask in derived.items():
+            if tag not in own:
+                self._add_ground_truth(image, tag, mask)
 
     def _coco_tag(self, coco: CocoData, category: str) -> Tag:
         supercategory = next((s for n, s in coco.categories.values() if n == category), None)
