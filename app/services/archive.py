@@ -10,8 +10,11 @@ names the member and the limit, and leaves nothing behind: the caller's folder i
 
 from __future__ import annotations
 
+import lzma
+import os
 import shutil
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -168,17 +171,69 @@ def _copy(source: IO[bytes], target: Path, budget: int, name: PurePosixPath) -> 
     return written
 
 
+def _zip_entries(path: Path, most: int) -> int:
+    """How many entries a zip's central directory holds, counted from its raw headers up to
+    ``most + 1`` before ``ZipFile`` builds an object for every one (a 57 MB zip of a million
+    entries took 850 MB before the member limit was checked). The count its end record declares
+    where the directory cannot be walked (ZipFile then says what is wrong)."""
+    with path.open("rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        fh.seek(max(0, size - (1 << 16) - 22))
+        tail = fh.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) < at + 22:
+            return 0
+        declared, _, start = struct.unpack("<HII", tail[at + 10 : at + 20])
+        locator = tail.rfind(b"PK\x06\x07", 0, at)
+        if locator >= 0 and len(tail) >= locator + 20:  # zip64: its own end record
+            fh.seek(min(struct.unpack("<Q", tail[locator + 8 : locator + 16])[0], size))
+            record = fh.read(56)
+            if record[:4] == b"PK\x06\x06" and len(record) == 56:
+                declared, _, start = struct.unpack("<QQQ", record[32:56])
+        fh.seek(min(start, size))
+        count = 0
+        while count <= most:
+            header = fh.read(46)
+            if len(header) < 46 or header[:4] != b"PK\x01\x02":
+                break
+            name, extra, comment = struct.unpack("<HHH", header[28:34])
+            fh.seek(name + extra + comment, os.SEEK_CUR)
+            count += 1
+        return max(count, min(int(declared), most + 1))
+
+
+# Damaged or unsupported archives surface as any of these, often only while inflating: zipfile
+# raises NotImplementedError for methods it lacks (deflate64, which Windows writes for large
+# files; AES) and UnicodeDecodeError for a name flagged UTF-8 that is not; lzma's error is no
+# OSError.
+_DAMAGED = (
+    zipfile.BadZipFile,
+    tarfile.TarError,
+    EOFError,
+    zlib.error,
+    lzma.LZMAError,
+    OSError,
+    NotImplementedError,
+    UnicodeDecodeError,
+)
+
+
 @contextmanager
 def _opened(path: Path, limits: ArchiveLimits) -> Iterator[tuple[list[_Member], object]]:
     try:
         if zipfile.is_zipfile(path):
+            if _zip_entries(path, limits.max_members) > limits.max_members:
+                raise InvalidInputError(
+                    f"the archive has more than {limits.max_members:,} members "
+                    "(TESSERA_MAX_ARCHIVE_MEMBERS)"
+                )
             with zipfile.ZipFile(path) as z:
                 yield _zip_members(z), z
             return
         with tarfile.open(path, tarinfo=_BoundedTarInfo) as t:
             yield _tar_members(t, limits), t
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-        # Corrupt or truncated data surfaces as any of these, often only while inflating.
+    except _DAMAGED as exc:
         raise InvalidInputError(f"{path.name}: the archive cannot be unpacked ({exc})") from exc
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import re
 import stat
+import struct
 import tarfile
 import zipfile
 from collections.abc import Callable
@@ -64,6 +65,41 @@ def tar_with_long_name(path: Path, fmt: int) -> Path:
         info.size = len(data)
         t.addfile(info, io.BytesIO(data))
     return path
+
+
+def zip_patched(path: Path, name: str, patch: Callable[[bytearray, int], None]) -> Path:
+    """A one-member zip whose bytes ``patch`` changes (given where the central entry starts)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(name, b"hello")
+    data = bytearray(buf.getvalue())
+    patch(data, data.rfind(b"PK\x01\x02"))
+    return _write(path, bytes(data))
+
+
+def _deflate64(data: bytearray, central: int) -> None:  # a method zipfile lacks (Windows')
+    data[central + 10 : central + 12] = struct.pack("<H", 9)
+    data[8:10] = struct.pack("<H", 9)
+
+
+def _bad_utf8_name(data: bytearray, central: int) -> None:  # flagged UTF-8, and it is not
+    data[central + 8 : central + 10] = struct.pack("<H", 0x800)
+    at = data.find(b"ab.png", central)
+    data[at : at + 2] = b"\xff\xfe"
+
+
+def corrupt_xz(path: Path) -> Path:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz") as t:
+        payload = bytes(range(256)) * 1200
+        for name in ("a.png", "b.png"):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            t.addfile(info, io.BytesIO(payload))
+    data = bytearray(buf.getvalue())
+    middle = len(data) // 2
+    data[middle : middle + 50] = b"\0" * 50
+    return _write(path, bytes(data))
 
 
 def zip_with_link(folder: Path) -> Path:
@@ -146,6 +182,16 @@ HOSTILE: dict[str, tuple[Callable[[Path], Path], str]] = {
         lambda d: tar_with_long_name(d / "x.tar.gz", tarfile.PAX_FORMAT),
         "extended header of 100,",
     ),
+    # These were server errors: zipfile and lzma raise what the unpacker did not catch.
+    "a compression method zipfile lacks": (
+        lambda d: zip_patched(d / "x.zip", "a.png", _deflate64),
+        "cannot be unpacked",
+    ),
+    "a name flagged UTF-8 that is not": (
+        lambda d: zip_patched(d / "x.zip", "ab.png", _bad_utf8_name),
+        "cannot be unpacked",
+    ),
+    "a corrupt xz stream": (lambda d: corrupt_xz(d / "x.tar.xz"), "cannot be unpacked"),
     "same name twice": (
         lambda d: write_zip(d / "x.zip", [*good_members(), ("pets/a.png", b"x")]),
         "appears twice",
