@@ -107,7 +107,7 @@ _EXTENDED = (
 )
 
 
-class _BoundedTarInfo(tarfile.TarInfo):
+class BoundedTarInfo(tarfile.TarInfo):
     """A tar header whose extended header is refused past ``MAX_TAR_HEADER_BYTES`` before it is
     read (``_proc_member`` is tarfile's documented point for subclasses to hook)."""
 
@@ -231,7 +231,7 @@ def _opened(path: Path, limits: ArchiveLimits) -> Iterator[tuple[list[_Member], 
             with zipfile.ZipFile(path) as z:
                 yield _zip_members(z), z
             return
-        with tarfile.open(path, tarinfo=_BoundedTarInfo) as t:
+        with tarfile.open(path, tarinfo=BoundedTarInfo) as t:
             yield _tar_members(t, limits), t
     except _DAMAGED as exc:
         raise InvalidInputError(f"{path.name}: the archive cannot be unpacked ({exc})") from exc

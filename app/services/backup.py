@@ -25,6 +25,7 @@ import gzip
 import io
 import json
 import os
+import re
 import tarfile
 import tempfile
 import zlib
@@ -35,12 +36,13 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sqlalchemy import Column, LargeBinary, Table, func, insert, select, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import Base
-from app.models import ModelVersion, Project
-from app.services.archive import safe_member_name
+from app.models import Image, MaskVersion, ModelVersion, Project
+from app.services.archive import BoundedTarInfo, safe_member_name
 from app.services.doctor import STORED_FOLDERS, is_stored, referenced_files
 from app.services.errors import ConflictError, InvalidInputError
 from app.services.files import held_files, models_key, remove_files
@@ -205,6 +207,10 @@ def _restore_files(tar: tarfile.TarFile, settings: Settings, added: list[str]) -
         if not info.isfile():
             raise InvalidInputError(f"backup member {info.name!r} is not a plain file")
         key = str(PurePosixPath(safe_member_name(info.name.removeprefix("files/"))))
+        if not key.startswith(STORED_FOLDERS):  # e.g. the signing key, a cached tile
+            raise InvalidInputError(
+                f"backup member {info.name!r} is not a stored file (images, masks, models)"
+            )
         count += 1
         if storage.exists(key):
             continue  # content-addressed or versioned: the same file
@@ -220,6 +226,32 @@ def _restore_files(tar: tarfile.TarFile, settings: Settings, added: list[str]) -
             Path(tmp_name).unlink(missing_ok=True)
         added.append(key)
     return count
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_keys(table: str, row: dict[str, Any]) -> None:
+    """Values that become paths in the data folder are what a backup writes: an image's content
+    hash, a mask's key under ``masks/``, a model's under ``models/`` (or an absolute checkpoint
+    the old instance was given, which is only ever read). A ``../`` there would send later
+    reads, tile writes and deletions out of the data folder."""
+    keys: list[tuple[str, Any]] = []
+    if table == Image.__tablename__:
+        if not isinstance(row.get("sha256"), str) or not _SHA256.fullmatch(row["sha256"]):
+            raise InvalidInputError(
+                f"an image row has a content hash that is not one: {row.get('id')!r}"
+            )
+    elif table == MaskVersion.__tablename__:
+        keys = [("masks/", row.get("hard_path"))] + (
+            [("masks/", row["soft_path"])] if row.get("soft_path") is not None else []
+        )
+    elif table == ModelVersion.__tablename__ and not Path(str(row.get("path"))).is_absolute():
+        keys = [("models/", row.get("path"))]
+    for folder, key in keys:
+        parts = PurePosixPath(key).parts if isinstance(key, str) else ()
+        if not isinstance(key, str) or not key.startswith(folder) or ".." in parts or "\0" in key:
+            raise InvalidInputError(f"a {table} row names a file outside {folder}: {key!r}")
 
 
 def _reset_sequences(session: Session) -> None:
@@ -242,10 +274,27 @@ def restore_backup(session: Session, *, settings: Settings, archive: Path) -> di
     added: list[str] = []
     try:
         try:
-            with tarfile.open(archive) as tar:
+            with tarfile.open(archive, tarinfo=BoundedTarInfo) as tar:
                 counts = _restore(session, settings, tar, added)
+        except (InvalidInputError, ConflictError):
+            raise
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
             raise InvalidInputError(f"{archive.name}: not a readable backup ({exc})") from exc
+        except (
+            SQLAlchemyError,
+            ValueError,
+            TypeError,
+            KeyError,
+            AttributeError,
+            RecursionError,
+        ) as exc:
+            # A manifest or a row that is not what a backup writes (a duplicate id, a broken
+            # date, a list for a row), or rows that meet ones already here (an account made
+            # before the restore): said in one line, not as a traceback.
+            raise InvalidInputError(
+                f"{archive.name}: damaged or not restorable here ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200] if str(exc) else ''})"
+            ) from exc
         session.commit()
     except BaseException:
         session.rollback()
@@ -272,6 +321,7 @@ def _restore(
         for row in _rows(tar, table):
             if table.name == ModelVersion.__tablename__ and row["id"] in models:
                 row["path"] = models[row["id"]]  # its key in this instance's storage
+            _check_keys(table.name, row)
             batch.append(row)
             if len(batch) >= BATCH:
                 session.execute(insert(table), batch)

@@ -125,3 +125,61 @@ def test_a_damaged_backup_restores_nothing(live: Live, tmp_path: Path) -> None:
     result = _run(target, "restore", str(junk))
     assert result.returncode == 2 and "nothing was restored" in result.stderr
     assert _run(source, "backup", str(tmp_path / "x.zip")).returncode == 2
+
+
+def _rewritten(backup: Path, out: Path, change: dict[str, bytes | None]) -> Path:
+    """A copy of ``backup`` with members replaced (bytes), removed (None) or added."""
+    import io
+    import tarfile
+
+    with tarfile.open(backup) as src, tarfile.open(out, "w") as dst:
+        for info in src.getmembers():
+            if info.name in change:
+                continue
+            handle = src.extractfile(info) if info.isfile() else None
+            dst.addfile(info, handle)
+        for name, data in change.items():
+            if data is not None:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                dst.addfile(info, io.BytesIO(data))
+    return out
+
+
+def test_a_backup_is_not_trusted_to_write_anywhere_or_say_anything(
+    live: Live, tmp_path: Path
+) -> None:
+    """A hostile backup planted the signing key (``files/secret_key``), could name files
+    outside the data folder in its rows, and malformed content ended in tracebacks."""
+    import json
+    import tarfile
+
+    source = tessera_env(live.settings.data_dir, live.settings.database_url)
+    backup = tmp_path / "tessera.tar"
+    assert _run(source, "backup", str(backup)).returncode == 0
+    with tarfile.open(backup) as tar:
+        handle = tar.extractfile("tables/mask_versions.jsonl")
+        assert handle is not None
+        masks = handle.read().decode().splitlines()
+    row = json.loads(masks[0])
+    row["hard_path"] = "masks/../../evil.png"
+    outside = "\n".join([json.dumps(row), *masks[1:]]).encode() + b"\n"
+    cases = {
+        "files/secret_key": (b"forged", "not a stored file"),
+        "tables/mask_versions.jsonl": (outside, "outside masks/"),
+        "tables/tags.jsonl": (b"{not json\n", "damaged or not restorable here"),
+        "manifest.json": (b"[1, 2]", "damaged or not restorable here"),
+    }
+    fresh = tmp_path / "fresh"
+    target = tessera_env(fresh, f"sqlite:///{tmp_path / 'empty.db'}")
+    for member, (data, message) in cases.items():
+        hostile = _rewritten(backup, tmp_path / "hostile.tar", {member: data})
+        result = _run(target, "restore", str(hostile))
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert "nothing was restored" in result.stderr
+        assert (
+            not (fresh / "secret_key").exists()
+            or b"forged" not in (fresh / "secret_key").read_bytes()
+        )
+        assert files_under(fresh / "images") == [] and files_under(fresh / "masks") == []
