@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     # A person answers a grid in 3 s or more: 2 requests each, so 180 leaves room to spare.
     rate_limit_volunteer_per_minute: int = Field(default=180, ge=0)
     rate_limit_address_per_minute: int = Field(default=1200, ge=0)
+    # New anonymous volunteers one address may make in an hour (each is a row and a cookie):
+    # without it a client that drops its cookie made one per request.
+    rate_limit_new_volunteers_per_hour: int = Field(default=120, ge=0)
     # Logins: wrong passwords per account name before it is locked for LOGIN_WINDOW_S (the
     # right password too: a guesser cannot tell), and attempts per client address.
     login_failures_per_account: int = Field(default=5, ge=0)

@@ -96,9 +96,10 @@ def current_volunteer(
     cookie: Annotated[str | None, Cookie(alias=VOLUNTEER_COOKIE)] = None,
 ) -> Volunteer:
     """The volunteer behind the signed cookie; a first visit gets a new anonymous identity."""
-    volunteer, created = get_or_create_volunteer(
-        session, public_id=signer.read_volunteer_cookie(cookie)
-    )
+    public_id = signer.read_volunteer_cookie(cookie)
+    if public_id is None:
+        limit_new_volunteers(request)
+    volunteer, created = get_or_create_volunteer(session, public_id=public_id)
     if created:
         _set_volunteer_cookie(request, response, signer, volunteer)
     return volunteer
@@ -129,6 +130,12 @@ def _set_volunteer_cookie(
 
 
 VolunteerDep = Annotated[Volunteer, Depends(current_volunteer)]
+
+
+def limit_new_volunteers(request: Request) -> None:
+    """Count a request that will make a new anonymous volunteer against its client address."""
+    limiter: RateLimiter = request.app.state.identity_limiter
+    limiter.hit(request.client.host if request.client else "unknown")
 
 
 def limit_address(request: Request) -> None:
@@ -187,6 +194,8 @@ async def task_caller(
     if public_id is not None:
         limiter: RateLimiter = request.app.state.volunteer_limiter
         limiter.hit(public_id)
+    else:
+        limit_new_volunteers(request)
     return TaskCaller(request, response, settings, signer, fuser, public_id)
 
 

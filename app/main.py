@@ -255,6 +255,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.signer = Signer(settings.resolved_secret_key())
     app.state.volunteer_limiter = RateLimiter(settings.rate_limit_volunteer_per_minute, "volunteer")
     app.state.address_limiter = RateLimiter(settings.rate_limit_address_per_minute, "address")
+    app.state.identity_limiter = RateLimiter(
+        settings.rate_limit_new_volunteers_per_hour,
+        "address",
+        window_s=3600.0,
+        refused="too many new volunteers from this {what}",
+    )
     app.state.login_limits = LoginLimits.from_settings(settings)
     app.state.pictures = Pictures(
         PictureCache(),

@@ -97,7 +97,8 @@ def demo_server(data_dir: Path, database_url: str, *, images: int) -> Iterator[s
         "TESSERA_DATA_DIR": str(data_dir),
         "TESSERA_DATABASE_URL": database_url,
         "TESSERA_CONSENSUS_INTERVAL_S": "0",  # no background pass in the middle of a phase
-        "TESSERA_RATE_LIMIT_VOLUNTEER_PER_MINUTE": "0",  # the no-think phase outpaces a person
+        "TESSERA_RATE_LIMIT_VOLUNTEER_PER_MINUTE": "0",
+        "TESSERA_RATE_LIMIT_NEW_VOLUNTEERS_PER_HOUR": "0",  # the no-think phase outpaces a person
     }
     tessera(env, "db", "upgrade")
     tessera(env, "demo", "--no-serve", "--images", str(images), "--seed", "5")

@@ -184,6 +184,7 @@ def _settings(folder: Path) -> Settings:
         fusion="inline",  # each answer fused as it is taken: results at once, in order
         rate_limit_volunteer_per_minute=0,  # simulated volunteers answer at machine speed
         rate_limit_address_per_minute=0,
+        rate_limit_new_volunteers_per_hour=0,
     )
 
 

@@ -505,6 +505,7 @@ def start_tessera(
     # A load test: every simulated volunteer comes from this one address, at machine speed.
     env |= {
         "TESSERA_RATE_LIMIT_VOLUNTEER_PER_MINUTE": "0",
+        "TESSERA_RATE_LIMIT_NEW_VOLUNTEERS_PER_HOUR": "0",
         "TESSERA_RATE_LIMIT_ADDRESS_PER_MINUTE": "0",
         "TESSERA_OPEN_TASKS_PER_ADDRESS": "0",
         "TESSERA_FUSION": fusion,

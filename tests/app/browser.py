@@ -74,7 +74,11 @@ def demo_env(data_dir: Path, database_url: str, *, images: int, **settings: str)
     return env
 
 
-UNLIMITED = {"rate_limit_volunteer_per_minute": "0", "rate_limit_address_per_minute": "0"}
+UNLIMITED = {
+    "rate_limit_volunteer_per_minute": "0",
+    "rate_limit_address_per_minute": "0",
+    "rate_limit_new_volunteers_per_hour": "0",
+}
 
 
 @contextmanager

@@ -43,6 +43,7 @@ def app_settings(data_dir: Path, database_url: str) -> Settings:
         # Simulated crowds answer far faster than people; the limits have tests of their own.
         rate_limit_volunteer_per_minute=0,
         rate_limit_address_per_minute=0,
+        rate_limit_new_volunteers_per_hour=0,
     )
 
 

@@ -105,6 +105,23 @@ def test_reading_ones_stats_makes_no_identity_and_counts_against_the_address(liv
     assert volunteer.client.get("/api/volunteers/me").json()["answers"] == 9
 
 
+def test_one_address_makes_a_bounded_number_of_new_volunteers(live: Live) -> None:
+    """Each request without a cookie made a volunteer row and a cookie: one address could make
+    1.7 million a day under the request limit alone."""
+    limited = create_app(live.settings.model_copy(update={"rate_limit_new_volunteers_per_hour": 3}))
+    url = f"/api/projects/{SLUG}/tasks/next"
+    statuses = [TestClient(limited).get(url).status_code for _ in range(5)]
+    assert statuses == [200, 200, 200, 429, 429]
+    refused = TestClient(limited).get(url)
+    assert "too many new volunteers" in refused.json()["detail"]
+    assert "retry-after" in refused.headers
+    assert live.count(Volunteer) == 3
+    # Volunteers who keep their cookie go on.
+    keeper = TestClient(limited)
+    keeper.cookies.update(TestClient(live.app).get(url).cookies)
+    assert keeper.get(url).status_code == 200
+
+
 @pytest.mark.parametrize("tag", ["<b>", "", "x" * 200, "' OR 1=1--", "\x00", "é" * 10])
 def test_a_tag_no_tag_could_have_is_not_found(live: Live, tag: str) -> None:
     client = TestClient(live.app, raise_server_exceptions=False)
