@@ -134,6 +134,17 @@ def _tar_members(archive: tarfile.TarFile, limits: ArchiveLimits) -> list[_Membe
                 "folders are imported"
             )
         members.append(_Member(safe_member_name(info.name), info.isdir(), info.size, info))
+    # tarfile ends its walk quietly at a damaged header after the first: the archive's end is
+    # a block of zeros, anything else is a member cut off (imported, the members before it
+    # would have landed alone, without a word).
+    fileobj = archive.fileobj
+    assert fileobj is not None
+    fileobj.seek(archive.offset)
+    if fileobj.read(tarfile.BLOCKSIZE).strip(b"\0"):
+        raise InvalidInputError(
+            f"the archive is damaged after its first {len(members):,} members (a header that "
+            "cannot be read)"
+        )
     return members
 
 
@@ -234,7 +245,9 @@ def _opened(path: Path, limits: ArchiveLimits) -> Iterator[tuple[list[_Member], 
         with tarfile.open(path, tarinfo=BoundedTarInfo) as t:
             yield _tar_members(t, limits), t
     except _DAMAGED as exc:
-        raise InvalidInputError(f"{path.name}: the archive cannot be unpacked ({exc})") from exc
+        # An OSError's own words, not its file name: that is a path in the server's scratch.
+        said = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise InvalidInputError(f"{path.name}: the archive cannot be unpacked ({said})") from exc
 
 
 def _open_member(archive: object, member: _Member) -> IO[bytes]:

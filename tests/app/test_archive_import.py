@@ -88,6 +88,22 @@ def _bad_utf8_name(data: bytearray, central: int) -> None:  # flagged UTF-8, and
     data[at : at + 2] = b"\xff\xfe"
 
 
+def tar_damaged_after_first(path: Path) -> Path:
+    """An uncompressed tar whose second member's header checksum is broken: tarfile stops
+    there without a word, and the first member alone would have been imported."""
+    buf = io.BytesIO()
+    members = good_members()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as t:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            t.addfile(info, io.BytesIO(payload))
+    data = bytearray(buf.getvalue())
+    second = 512 + -(-len(members[0][1]) // 512) * 512
+    data[second + 148 : second + 156] = b"99999999"
+    return _write(path, bytes(data))
+
+
 def corrupt_xz(path: Path) -> Path:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:xz") as t:
@@ -192,6 +208,10 @@ HOSTILE: dict[str, tuple[Callable[[Path], Path], str]] = {
         "cannot be unpacked",
     ),
     "a corrupt xz stream": (lambda d: corrupt_xz(d / "x.tar.xz"), "cannot be unpacked"),
+    "a damaged header after the first": (
+        lambda d: tar_damaged_after_first(d / "x.tar"),
+        "damaged after its first 1 members",
+    ),
     "same name twice": (
         lambda d: write_zip(d / "x.zip", [*good_members(), ("pets/a.png", b"x")]),
         "appears twice",
