@@ -132,16 +132,21 @@ def _set_volunteer_cookie(
 VolunteerDep = Annotated[Volunteer, Depends(current_volunteer)]
 
 
+def client_address(request: Request) -> str:
+    """The address the request came from (its proxy's forwarded one where trusted)."""
+    return request.client.host if request.client else "unknown"
+
+
 def limit_new_volunteers(request: Request) -> None:
     """Count a request that will make a new anonymous volunteer against its client address."""
     limiter: RateLimiter = request.app.state.identity_limiter
-    limiter.hit(request.client.host if request.client else "unknown")
+    limiter.hit(client_address(request))
 
 
 def limit_address(request: Request) -> None:
     """Count a task request against its client address (before any volunteer is made)."""
     limiter: RateLimiter = request.app.state.address_limiter
-    limiter.hit(request.client.host if request.client else "unknown")
+    limiter.hit(client_address(request))
 
 
 @dataclass(frozen=True)
@@ -165,7 +170,7 @@ class TaskCaller:
 
     def client(self) -> Client:
         """The caller's address, as a keyed hash, and its cap of open tasks."""
-        address = self.request.client.host if self.request.client else "unknown"
+        address = client_address(self.request)
         return Client(self.signer.client_key(address), self.settings.open_tasks_per_address)
 
     def volunteer(self, session: Session) -> Volunteer:

@@ -31,6 +31,7 @@ from app.deps import (
     SettingsDep,
     SignerDep,
     WriteSessionDep,
+    client_address,
     set_private_cookie,
     unit_of_work,
     with_csrf_cookie,
@@ -138,7 +139,7 @@ def login(
     limits: LoginLimits = request.app.state.login_limits
     name = name.strip()
     try:
-        limits.attempts.hit(request.client.host if request.client else "unknown")
+        limits.attempts.hit(client_address(request))
         limits.failures.check(name.lower())
         with unit_of_work(request.app.state.session_factory) as read:
             credentials = credentials_of(read, name=name)

@@ -243,9 +243,9 @@ def _check_keys(table: str, row: dict[str, Any]) -> None:
                 f"an image row has a content hash that is not one: {row.get('id')!r}"
             )
     elif table == MaskVersion.__tablename__:
-        keys = [("masks/", row.get("hard_path"))] + (
-            [("masks/", row["soft_path"])] if row.get("soft_path") is not None else []
-        )
+        keys = [("masks/", row.get("hard_path"))]
+        if row.get("soft_path") is not None:
+            keys.append(("masks/", row["soft_path"]))
     elif table == ModelVersion.__tablename__ and not Path(str(row.get("path"))).is_absolute():
         keys = [("models/", row.get("path"))]
     for folder, key in keys:

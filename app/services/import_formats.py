@@ -379,10 +379,7 @@ def clip_polygon(points: np.ndarray, box: tuple[float, float, float, float]) -> 
 
 def _check_size(segmentation: dict[str, Any], height: int, width: int, where: str) -> None:
     size = segmentation.get("size")
-    if not isinstance(size, list) or [int(v) for v in size if isinstance(v, int)] != [
-        height,
-        width,
-    ]:
+    if size != [height, width]:
         raise ImportFormatError(
             f"{where}: RLE size {size} differs from the image's {[height, width]}"
         )
