@@ -73,13 +73,17 @@ def test_a_curator_logs_in_fixes_cells_and_accepts_a_triage_item(
 ) -> None:
     add_curator(server, "curie")
     engine: Engine = make_engine(server.database_url)
-    with engine.begin() as conn:
+    with engine.connect() as conn:
         target_id = conn.scalar(
             select(Target.id)
             .where(Target.control.is_(False), HAS_PYRAMID)
             .order_by(Target.id)
             .limit(1)
         )
+    # A transaction of its own that starts by writing: one that read first cannot take SQLite's
+    # write lock once the running server has written meanwhile ("database is locked" at once,
+    # no busy wait), which a loaded CI machine met.
+    with engine.begin() as conn:
         conn.execute(
             update(Target)
             .where(Target.id == target_id)
